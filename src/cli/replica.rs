@@ -1,0 +1,79 @@
+//! `meshlb replica`: one server of the mesh, configured by flags or `MESHLB_*` variables.
+
+use super::UsageError;
+use crate::replica::{self, FaultConfig, ReplicaConfig, Users};
+use anyhow::Context;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address to listen on; port 0 picks a free one (printed as the first stdout line).
+    #[arg(long, env = "MESHLB_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Replica id sent as `x-replica-id` (default: the hostname, then the bound address).
+    #[arg(long, env = "MESHLB_ID")]
+    id: Option<String>,
+    /// The user database.
+    #[arg(long, env = "MESHLB_DATA", default_value = "replicas/users.json")]
+    data: PathBuf,
+    /// Latency added to every call, e.g. `20ms`.
+    #[arg(long, env = "MESHLB_LATENCY", value_parser = humantime::parse_duration, default_value = "0s")]
+    latency: Duration,
+    /// Up to this much more latency, at random.
+    #[arg(long, env = "MESHLB_JITTER", value_parser = humantime::parse_duration, default_value = "0s")]
+    jitter: Duration,
+    /// Share of calls answered with UNAVAILABLE, between 0 and 1.
+    #[arg(long, env = "MESHLB_FAIL_RATE", default_value_t = 0.0)]
+    fail_rate: f64,
+    /// How long to keep serving after going NOT_SERVING, so clients can move away.
+    #[arg(long, env = "MESHLB_DRAIN_GRACE", value_parser = humantime::parse_duration, default_value = "1s")]
+    drain_grace: Duration,
+    /// How long to wait for in-flight calls once the replica stops accepting.
+    #[arg(long, env = "MESHLB_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    drain_timeout: Duration,
+    /// Largest request message accepted, in bytes.
+    #[arg(long, env = "MESHLB_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
+    max_message_size: usize,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let users = Users::load(&args.data).map_err(|e| UsageError(e.to_string()))?;
+    let faults = FaultConfig {
+        latency: args.latency,
+        jitter: args.jitter,
+        fail_rate: args.fail_rate,
+    };
+    faults.validate().map_err(UsageError)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let bound = listener.local_addr()?;
+    // Tests and scripts read this line to learn the port, so it goes first and is flushed.
+    println!("listening on {bound}");
+    std::io::stdout().flush()?;
+
+    let id = args
+        .id
+        .filter(|id| !id.is_empty())
+        .or_else(|| gethostname::gethostname().into_string().ok())
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| bound.to_string());
+    let mut config = ReplicaConfig::new(id, users);
+    config.faults = faults;
+    config.drain_grace = args.drain_grace;
+    config.drain_timeout = args.drain_timeout;
+    config.max_message_size = args.max_message_size;
+    replica::run(listener, config, super::shutdown_signal())
+        .await
+        .map_err(|e| match e {
+            replica::ReplicaError::BadId(_) | replica::ReplicaError::BadFaults(_) => {
+                anyhow::Error::new(UsageError(e.to_string()))
+            }
+            other => other.into(),
+        })?;
+    Ok(ExitCode::SUCCESS)
+}

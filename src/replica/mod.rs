@@ -1,0 +1,72 @@
+//! The replica: one server process of the mesh. It serves `UserGuideService` over gRPC and
+//! REST/JSON on one port, reports its health over grpc.health.v1, answers server reflection, and
+//! drains gracefully. It knows nothing of the client side: no discovery, no balancing.
+//!
+//! ```text
+//!  TcpListener ──> hyper (HTTP/1 + HTTP/2) ──> route by content-type ──┬─ application/grpc* ─> tonic routes
+//!                                                                      │    UserGuide, Health, Reflection, Admin
+//!                                                                      └─ anything else ─────> REST routes
+//!  every response: x-replica-id: <id>
+//! ```
+//!
+//! Drain (on the `shutdown` future): health goes `NOT_SERVING` at once, the replica keeps serving
+//! for `drain_grace` so clients move away, then stops accepting and finishes in-flight calls for
+//! at most `drain_timeout`.
+
+pub mod data;
+pub mod faults;
+pub mod rest;
+mod server;
+pub mod service;
+
+pub use data::{DataError, UserRecord, Users};
+pub use faults::{FaultConfig, Faults};
+pub use server::run;
+pub use service::UserGuide;
+
+use std::time::Duration;
+
+/// Everything a replica needs besides its listener.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// Sent as `x-replica-id` on every response.
+    pub id: String,
+    /// The data it serves.
+    pub users: Users,
+    /// The fault knobs it starts with.
+    pub faults: FaultConfig,
+    /// How long to keep serving after going `NOT_SERVING`, so clients can move away.
+    pub drain_grace: Duration,
+    /// How long to wait for in-flight calls once accepting has stopped.
+    pub drain_timeout: Duration,
+    /// The largest request message accepted; larger ones get `RESOURCE_EXHAUSTED`.
+    pub max_message_size: usize,
+}
+
+impl ReplicaConfig {
+    /// A config with the defaults: no faults, 1 s grace, 10 s drain, 64 KiB messages.
+    pub fn new(id: impl Into<String>, users: Users) -> Self {
+        Self {
+            id: id.into(),
+            users,
+            faults: FaultConfig::default(),
+            drain_grace: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(10),
+            max_message_size: 64 * 1024,
+        }
+    }
+}
+
+/// Why a replica could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The replica id cannot be sent as a header value.
+    #[error("replica id {0:?} is not a valid header value")]
+    BadId(String),
+    /// The fault knobs are out of range.
+    #[error("{0}")]
+    BadFaults(String),
+    /// The listener failed.
+    #[error("listener error: {0}")]
+    Io(#[from] std::io::Error),
+}

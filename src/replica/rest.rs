@@ -1,0 +1,128 @@
+//! REST/JSON routes for callers that do not speak gRPC, served on the gRPC port (the server routes
+//! by content-type, as grpc-gateway does). Errors are JSON with the gRPC code name and the HTTP
+//! status grpc-gateway maps that code to.
+
+use super::service::UserGuide;
+use axum::extract::{Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use std::collections::HashMap;
+use tonic::{Code, Status};
+
+/// The REST routes: `GET /v1/points?name=&age=` and `GET /v1/users?points=`.
+pub fn router(service: UserGuide) -> Router {
+    Router::new()
+        .route("/v1/points", get(get_point))
+        .route("/v1/users", get(list_users))
+        .fallback(not_found)
+        .with_state(service)
+}
+
+type Params = Query<HashMap<String, String>>;
+
+async fn get_point(State(svc): State<UserGuide>, Query(q): Params) -> Response {
+    let result = async {
+        let name = required(&q, "name")?;
+        let age: i32 = number(&q, "age")?;
+        svc.points_of(name, age).await
+    }
+    .await;
+    match result {
+        Ok(value) => Json(json!({ "value": value })).into_response(),
+        Err(status) => error(&status),
+    }
+}
+
+async fn list_users(State(svc): State<UserGuide>, Query(q): Params) -> Response {
+    let result = async {
+        let points: i64 = number(&q, "points")?;
+        svc.users_with(points).await
+    }
+    .await;
+    match result {
+        Ok(users) => {
+            let users: Vec<_> = users
+                .iter()
+                .map(|u| {
+                    json!({
+                        "profile": { "name": u.name, "age": u.age },
+                        "cache": { "value": u.points },
+                    })
+                })
+                .collect();
+            Json(users).into_response()
+        }
+        Err(status) => error(&status),
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    error(&Status::not_found(format!("no route for {method} {}", uri.path())))
+}
+
+fn required<'a>(q: &'a HashMap<String, String>, key: &str) -> Result<&'a str, Status> {
+    q.get(key)
+        .map(String::as_str)
+        .ok_or_else(|| Status::invalid_argument(format!("query parameter {key:?} is required")))
+}
+
+fn number<T: std::str::FromStr>(q: &HashMap<String, String>, key: &str) -> Result<T, Status> {
+    let raw = required(q, key)?;
+    raw.parse().map_err(|_| {
+        Status::invalid_argument(format!("query parameter {key:?} must be an integer, got {raw:?}"))
+    })
+}
+
+/// The HTTP status grpc-gateway gives each gRPC code.
+pub fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The gRPC code's canonical name, e.g. `NOT_FOUND`.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn error(status: &Status) -> Response {
+    let body = Json(json!({
+        "code": code_name(status.code()),
+        "message": status.message(),
+    }));
+    (http_status(status.code()), body).into_response()
+}

@@ -1,0 +1,171 @@
+//! The `UserGuideService` and `AdminService` implementations. Both the gRPC handlers and the REST
+//! routes go through [`UserGuide`], so the two faces of a replica answer the same way.
+
+use super::data::{LookupError, UserRecord, Users};
+use super::faults::{FaultConfig, Faults, Injected};
+use crate::proto::admin::v1 as admin;
+use crate::proto::userguide::v1 as pb;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// The replica's logic: the data and the fault knobs.
+#[derive(Debug, Clone)]
+pub struct UserGuide {
+    users: Arc<Users>,
+    faults: Faults,
+}
+
+impl UserGuide {
+    /// A service over `users`, slowed and failed by `faults`.
+    pub fn new(users: Users, faults: Faults) -> Self {
+        Self {
+            users: Arc::new(users),
+            faults,
+        }
+    }
+
+    /// The points of one user, after the injected faults.
+    pub async fn points_of(&self, name: &str, age: i32) -> Result<i64, Status> {
+        self.inject().await?;
+        self.users.points_of(name, age).map_err(lookup_status)
+    }
+
+    /// The users with these points, after the injected faults.
+    pub async fn users_with(&self, points: i64) -> Result<Vec<UserRecord>, Status> {
+        self.inject().await?;
+        Ok(self.users.with_points(points).cloned().collect())
+    }
+
+    async fn inject(&self) -> Result<(), Status> {
+        match self.faults.apply().await {
+            Injected::Pass => Ok(()),
+            Injected::Fail => Err(Status::unavailable("injected failure (--fail-rate)")),
+        }
+    }
+}
+
+fn lookup_status(error: LookupError) -> Status {
+    match error {
+        LookupError::Invalid(m) => Status::invalid_argument(m),
+        LookupError::NotFound(m) => Status::not_found(m),
+    }
+}
+
+fn user_message(u: &UserRecord) -> pb::User {
+    pb::User {
+        profile: Some(pb::Profile {
+            age: u.age,
+            name: u.name.clone(),
+        }),
+        cache: Some(pb::Point { value: u.points }),
+    }
+}
+
+type UserStream = Pin<Box<dyn Stream<Item = Result<pb::ListUsersResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::user_guide_service_server::UserGuideService for UserGuide {
+    async fn get_point(
+        &self,
+        request: Request<pb::GetPointRequest>,
+    ) -> Result<Response<pb::GetPointResponse>, Status> {
+        let profile = request
+            .into_inner()
+            .profile
+            .ok_or_else(|| Status::invalid_argument("profile is required"))?;
+        let result = self.points_of(&profile.name, profile.age).await;
+        tracing::debug!(call = "GetPoint", name = %profile.name, age = profile.age, ok = result.is_ok());
+        let value = result?;
+        Ok(Response::new(pb::GetPointResponse {
+            point: Some(pb::Point { value }),
+        }))
+    }
+
+    type ListUsersStream = UserStream;
+
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<Self::ListUsersStream>, Status> {
+        let points = request
+            .into_inner()
+            .point
+            .ok_or_else(|| Status::invalid_argument("point is required"))?
+            .value;
+        let result = self.users_with(points).await;
+        tracing::debug!(call = "ListUsers", points, ok = result.is_ok());
+        let users = result?;
+        let stream = tokio_stream::iter(users.into_iter().map(|u| {
+            Ok(pb::ListUsersResponse {
+                user: Some(user_message(&u)),
+            })
+        }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+// === impl Admin ===
+
+/// The admin service: reads and changes the fault knobs.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    faults: Faults,
+}
+
+impl Admin {
+    /// An admin service over these knobs.
+    pub fn new(faults: Faults) -> Self {
+        Self { faults }
+    }
+}
+
+fn to_wire(c: FaultConfig) -> admin::Faults {
+    admin::Faults {
+        latency_us: c.latency.as_micros().try_into().unwrap_or(u64::MAX),
+        jitter_us: c.jitter.as_micros().try_into().unwrap_or(u64::MAX),
+        fail_rate: c.fail_rate,
+    }
+}
+
+fn from_wire(f: admin::Faults) -> FaultConfig {
+    FaultConfig {
+        latency: Duration::from_micros(f.latency_us),
+        jitter: Duration::from_micros(f.jitter_us),
+        fail_rate: f.fail_rate,
+    }
+}
+
+#[tonic::async_trait]
+impl admin::admin_service_server::AdminService for Admin {
+    async fn set_faults(
+        &self,
+        request: Request<admin::SetFaultsRequest>,
+    ) -> Result<Response<admin::SetFaultsResponse>, Status> {
+        let wanted = from_wire(request.into_inner().faults.unwrap_or_default());
+        wanted.validate().map_err(Status::invalid_argument)?;
+        let previous = self.faults.set(wanted);
+        tracing::info!(latency = ?wanted.latency, jitter = ?wanted.jitter, fail_rate = wanted.fail_rate, "fault knobs changed");
+        Ok(Response::new(admin::SetFaultsResponse {
+            previous: Some(to_wire(previous)),
+        }))
+    }
+
+    async fn get_faults(
+        &self,
+        _request: Request<admin::GetFaultsRequest>,
+    ) -> Result<Response<admin::GetFaultsResponse>, Status> {
+        Ok(Response::new(admin::GetFaultsResponse {
+            faults: Some(to_wire(self.faults.get())),
+        }))
+    }
+}
+
+/// Builds the wire form of fault knobs, for admin clients.
+pub fn faults_request(config: FaultConfig) -> admin::SetFaultsRequest {
+    admin::SetFaultsRequest {
+        faults: Some(to_wire(config)),
+    }
+}

@@ -1,0 +1,13 @@
+//! Logging setup: `tracing` to stderr, filtered by `RUST_LOG` (default `info`). Knows nothing of
+//! what is logged.
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber. Calling it twice is harmless (the second call does nothing).
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
