@@ -99,7 +99,9 @@ impl Users {
     /// The points of the user with exactly this name and age.
     pub fn points_of(&self, name: &str, age: i32) -> Result<i64, LookupError> {
         if name.is_empty() {
-            return Err(LookupError::Invalid("profile.name must not be empty".into()));
+            return Err(LookupError::Invalid(
+                "profile.name must not be empty".into(),
+            ));
         }
         if age < 0 {
             return Err(LookupError::Invalid(format!(
@@ -150,7 +152,10 @@ mod tests {
     #[test]
     fn rejects_empty_name_and_negative_age() {
         let users = talk_users();
-        assert!(matches!(users.points_of("", 3), Err(LookupError::Invalid(_))));
+        assert!(matches!(
+            users.points_of("", 3),
+            Err(LookupError::Invalid(_))
+        ));
         assert!(matches!(
             users.points_of("amy", -1),
             Err(LookupError::Invalid(_))
@@ -170,7 +175,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("meshlb-data-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("bad.json");
-        std::fs::write(&path, "[\n {\"name\": \"a\", \"age\": 1, \"points\": 2},\n {\"name\": }\n]").unwrap();
+        std::fs::write(
+            &path,
+            "[\n {\"name\": \"a\", \"age\": 1, \"points\": 2},\n {\"name\": }\n]",
+        )
+        .unwrap();
         let err = Users::load(&path).unwrap_err().to_string();
         assert!(err.contains("bad.json"), "{err}");
         assert!(err.contains("line 3"), "{err}");

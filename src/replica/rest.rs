@@ -60,7 +60,10 @@ async fn list_users(State(svc): State<UserGuide>, Query(q): Params) -> Response 
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {
-    error(&Status::not_found(format!("no route for {method} {}", uri.path())))
+    error(&Status::not_found(format!(
+        "no route for {method} {}",
+        uri.path()
+    )))
 }
 
 fn required<'a>(q: &'a HashMap<String, String>, key: &str) -> Result<&'a str, Status> {
@@ -72,7 +75,9 @@ fn required<'a>(q: &'a HashMap<String, String>, key: &str) -> Result<&'a str, St
 fn number<T: std::str::FromStr>(q: &HashMap<String, String>, key: &str) -> Result<T, Status> {
     let raw = required(q, key)?;
     raw.parse().map_err(|_| {
-        Status::invalid_argument(format!("query parameter {key:?} must be an integer, got {raw:?}"))
+        Status::invalid_argument(format!(
+            "query parameter {key:?} must be an integer, got {raw:?}"
+        ))
     })
 }
 

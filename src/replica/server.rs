@@ -25,7 +25,8 @@ pub async fn run(
     config: ReplicaConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ReplicaError> {
-    let id = HeaderValue::from_str(&config.id).map_err(|_| ReplicaError::BadId(config.id.clone()))?;
+    let id =
+        HeaderValue::from_str(&config.id).map_err(|_| ReplicaError::BadId(config.id.clone()))?;
     config.faults.validate().map_err(ReplicaError::BadFaults)?;
     let faults = Faults::new(config.faults);
     let userguide = UserGuide::new(config.users.clone(), faults.clone());
@@ -99,7 +100,9 @@ pub async fn run(
     health.clear_service_status(USERGUIDE_SERVICE).await;
     match tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("drained: every in-flight call finished"),
-        Err(_) => tracing::warn!(timeout = ?config.drain_timeout, "drain timed out; closing the remaining calls"),
+        Err(_) => {
+            tracing::warn!(timeout = ?config.drain_timeout, "drain timed out; closing the remaining calls")
+        }
     }
     Ok(())
 }
@@ -175,9 +178,10 @@ where
 fn too_large_is_resource_exhausted(response: &mut Response<Body>) {
     let headers = response.headers_mut();
     let out_of_range = headers.get("grpc-status").is_some_and(|s| s == "11");
-    let too_large = headers
-        .get("grpc-message")
-        .is_some_and(|m| m.to_str().is_ok_and(|m| m.contains("too%20large") || m.contains("too large")));
+    let too_large = headers.get("grpc-message").is_some_and(|m| {
+        m.to_str()
+            .is_ok_and(|m| m.contains("too%20large") || m.contains("too large"))
+    });
     if out_of_range && too_large {
         headers.insert("grpc-status", HeaderValue::from_static("8"));
     }

@@ -1,0 +1,176 @@
+//! Shared test helpers: replicas in-process or as real processes, and polling with a deadline.
+
+#![allow(dead_code)]
+
+use meshlb::replica::{self, FaultConfig, ReplicaConfig, Users};
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn users() -> Users {
+    Users::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/replicas/users.json"
+    )))
+    .expect("shipped data loads")
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A replica running in this process.
+pub struct Replica {
+    pub addr: SocketAddr,
+    pub id: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), replica::ReplicaError>>>,
+}
+
+impl Replica {
+    pub async fn start(ip: &str, id: &str, faults: FaultConfig) -> Self {
+        let mut config = ReplicaConfig::new(id, users());
+        config.faults = faults;
+        config.drain_grace = Duration::from_millis(200);
+        Self::start_with(ip, config).await
+    }
+
+    pub async fn start_with(ip: &str, config: ReplicaConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind((ip, 0))
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let id = config.id.clone();
+        let task = tokio::spawn(replica::run(listener, config, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            id,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts the drain and returns at once.
+    pub fn begin_drain(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Drains and waits for the replica to end.
+    pub async fn stop(mut self) {
+        self.begin_drain();
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("replica task")
+                .expect("replica ends cleanly");
+        }
+    }
+
+    /// Ends the replica abruptly, like a crash: connections are cut, nothing drains.
+    pub fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A replica as a real `meshlb replica` process.
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    pub fn spawn(ip: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_meshlb"))
+            .arg("replica")
+            .args(["--listen", &format!("{ip}:0")])
+            .args([
+                "--data",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/replicas/users.json"),
+            ])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn meshlb replica");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("address");
+        Self { child, addr }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill({signal}) failed");
+    }
+
+    /// Waits (polling, with the deadline) for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self) -> Option<i32> {
+        let child = &mut self.child;
+        let status = eventually("process exit", || {
+            let s = child.try_wait().expect("try_wait");
+            async move { s }
+        })
+        .await;
+        status.code()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 GET over a plain socket: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {raw:?}"));
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
