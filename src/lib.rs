@@ -17,7 +17,14 @@
 
 #![warn(missing_docs)]
 
+pub mod balance;
 pub mod cli;
+pub mod discovery;
+pub mod health;
 pub mod proto;
 pub mod replica;
+pub mod target;
 pub mod telemetry;
+
+pub use balance::{Balancer, Policy};
+pub use target::Target;

@@ -1,0 +1,219 @@
+//! One call through the balancer: its deadline, its retries and the retry budget.
+//!
+//! - The deadline is the balancer's default timeout, or the caller's `grpc-timeout` when shorter.
+//!   Past it the caller gets `DEADLINE_EXCEEDED`, never a hang.
+//! - A call of a retryable (idempotent) method that failed on the connection, or was answered
+//!   `UNAVAILABLE`, is sent again, at most `max_retries` more times, while the retry budget allows
+//!   (retries add at most `budget_percent` to the load, as Linkerd's budget does). A fail-fast
+//!   answer is not retried: nothing is ready to retry on.
+//! - Whatever happens, the caller gets a gRPC response; errors become a `grpc-status`.
+
+use super::endpoint::BoxError;
+use super::failfast::FailedFast;
+use super::Buffered;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::body::Body;
+use tonic::{Code, Status};
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Service, ServiceExt};
+
+/// How calls are bounded and retried.
+#[derive(Debug, Clone)]
+pub struct CallConfig {
+    /// Every call's deadline unless the caller sets a shorter `grpc-timeout`.
+    pub timeout: Duration,
+    /// How long a call may wait for any ready endpoint before failing with `UNAVAILABLE`.
+    pub ready_wait: Duration,
+    /// Extra tries after the first, for retryable methods.
+    pub max_retries: u32,
+    /// Retries may add at most this share of the call rate (0.2 = 20 %).
+    pub budget_percent: f32,
+    /// Retries always allowed per second, however few calls there are.
+    pub budget_min_per_sec: u32,
+    /// Path prefixes of the methods that are safe to retry (idempotent).
+    pub retry_methods: Vec<String>,
+}
+
+impl Default for CallConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            ready_wait: Duration::from_secs(3),
+            max_retries: 2,
+            budget_percent: 0.2,
+            budget_min_per_sec: 10,
+            retry_methods: vec![
+                format!("/{}/", crate::proto::USERGUIDE_SERVICE),
+                "/grpc.health.v1.Health/Check".into(),
+            ],
+        }
+    }
+}
+
+impl CallConfig {
+    pub(super) fn budget(&self) -> TpsBudget {
+        TpsBudget::new(
+            Duration::from_secs(10),
+            self.budget_min_per_sec,
+            self.budget_percent,
+        )
+    }
+
+    fn is_retryable(&self, path: &str) -> bool {
+        self.max_retries > 0 && self.retry_methods.iter().any(|p| path.starts_with(p))
+    }
+}
+
+/// Added to each response: how many tries it took (1 = no retry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempts(pub u32);
+
+/// Runs one call to completion of its response headers.
+pub(super) async fn run(
+    buffer: Buffered,
+    shared: Arc<super::Shared>,
+    request: http::Request<Body>,
+) -> Result<http::Response<Body>, BoxError> {
+    let config = &shared.config;
+    let deadline =
+        grpc_timeout(request.headers()).map_or(config.timeout, |t| t.min(config.timeout));
+    shared.budget.deposit();
+    let attempts = async {
+        if !config.is_retryable(request.uri().path()) {
+            let result = attempt(buffer, request).await;
+            return (result, 1);
+        }
+        let (parts, body) = request.into_parts();
+        let body = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(status) => return (Ok(status.into_http()), 1),
+        };
+        let mut tries = 1;
+        loop {
+            let result = attempt(buffer.clone(), rebuild(&parts, &body)).await;
+            let again = tries <= config.max_retries && worth_retrying(&result);
+            if !again || !shared.budget.withdraw() {
+                return (result, tries);
+            }
+            shared.registry.count_retry();
+            tracing::debug!(path = parts.uri.path(), tries, "retrying on the balancer");
+            tries += 1;
+        }
+    };
+    let (result, tries) = match tokio::time::timeout(deadline, attempts).await {
+        Ok(done) => done,
+        Err(_) => {
+            let status = Status::deadline_exceeded(format!(
+                "no answer from {} within {deadline:?}",
+                shared.registry.target()
+            ));
+            return Ok(status.into_http());
+        }
+    };
+    let mut response = match result {
+        Ok(response) => response,
+        Err(error) => Status::unavailable(format!(
+            "{}: connection failed: {error}",
+            shared.registry.target()
+        ))
+        .into_http(),
+    };
+    response.extensions_mut().insert(Attempts(tries));
+    Ok(response)
+}
+
+async fn attempt(
+    mut buffer: Buffered,
+    request: http::Request<Body>,
+) -> Result<http::Response<Body>, BoxError> {
+    buffer.ready().await?;
+    buffer.call(request).await
+}
+
+fn worth_retrying(result: &Result<http::Response<Body>, BoxError>) -> bool {
+    match result {
+        Err(_) => true,
+        Ok(response) => {
+            response.extensions().get::<FailedFast>().is_none()
+                && Status::from_header_map(response.headers())
+                    .is_some_and(|s| s.code() == Code::Unavailable)
+        }
+    }
+}
+
+fn rebuild(parts: &http::request::Parts, body: &Bytes) -> http::Request<Body> {
+    let mut request = http::Request::new(Body::new(Full::new(body.clone())));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    *request.extensions_mut() = parts.extensions.clone();
+    request
+}
+
+/// Parses gRPC's `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout() {
+        let mut h = http::HeaderMap::new();
+        for (v, want) in [
+            ("100m", Some(Duration::from_millis(100))),
+            ("2S", Some(Duration::from_secs(2))),
+            ("1H", Some(Duration::from_secs(3600))),
+            ("5u", Some(Duration::from_micros(5))),
+            ("12x", None),
+            ("m", None),
+            ("123456789S", None),
+        ] {
+            h.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&h), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn retries_only_listed_methods() {
+        let config = CallConfig::default();
+        assert!(config.is_retryable("/userguide.v1.UserGuideService/GetPoint"));
+        assert!(!config.is_retryable("/meshlb.admin.v1.AdminService/SetFaults"));
+        let off = CallConfig {
+            max_retries: 0,
+            ..CallConfig::default()
+        };
+        assert!(!off.is_retryable("/userguide.v1.UserGuideService/GetPoint"));
+    }
+
+    #[test]
+    fn unavailable_is_worth_retrying_but_fail_fast_and_not_found_are_not() {
+        let unavailable = Status::unavailable("x").into_http();
+        assert!(worth_retrying(&Ok(unavailable)));
+        let mut failed_fast = Status::unavailable("x").into_http();
+        failed_fast.extensions_mut().insert(FailedFast);
+        assert!(!worth_retrying(&Ok(failed_fast)));
+        assert!(!worth_retrying(&Ok(Status::not_found("x").into_http())));
+        assert!(worth_retrying(&Err("connection refused".into())));
+    }
+}

@@ -1,0 +1,454 @@
+//! One endpoint as the balancer sees it: a connection, the health gate in front of it, failure
+//! accrual (ejection with backoff, then one probe call), and the counters behind `endpoints()`.
+//!
+//! Its `poll_ready` never fails: a shut gate or an ejection is `Pending`, with a wake-up
+//! registered, so tower's ready cache keeps the endpoint instead of evicting it for good.
+
+use super::completion::{Completion, Outcome, TrackedBody};
+use crate::discovery::Refresh;
+use crate::health::{Gate, Health};
+use futures::task::AtomicWaker;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+use tonic::body::Body;
+use tonic::transport::Channel;
+use tower::Service;
+
+/// The error type of the balancer's inner services.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Added to each response: the address of the endpoint that served it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServedBy(pub SocketAddr);
+
+/// Failure accrual settings.
+#[derive(Debug, Clone, Copy)]
+pub struct AccrualConfig {
+    /// Consecutive failures (transport errors or `UNAVAILABLE`) that eject an endpoint.
+    pub threshold: u32,
+    /// The first ejection's length; doubles while the endpoint keeps failing its probes.
+    pub backoff_base: Duration,
+    /// The longest ejection.
+    pub backoff_max: Duration,
+}
+
+impl Default for AccrualConfig {
+    fn default() -> Self {
+        Self {
+            threshold: 5,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An endpoint's state as `endpoints()` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointState {
+    /// Healthy and offered to the balancer.
+    Ready,
+    /// Not answered its health watch yet, or reconnecting.
+    Connecting,
+    /// Says it is not serving.
+    Unhealthy,
+    /// Taken out by failure accrual until its backoff ends.
+    Ejected,
+}
+
+impl std::fmt::Display for EndpointState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EndpointState::Ready => "ready",
+            EndpointState::Connecting => "connecting",
+            EndpointState::Unhealthy => "unhealthy",
+            EndpointState::Ejected => "ejected",
+        })
+    }
+}
+
+/// A point-in-time view of one endpoint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointSnapshot {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its state.
+    pub state: EndpointState,
+    /// Calls started and not yet ended.
+    pub in_flight: u64,
+    /// Calls that got an answer (OK or a gRPC status).
+    pub served: u64,
+    /// Calls that ended with a non-OK status or a broken connection.
+    pub errors: u64,
+    /// Exponentially weighted moving average of call latency.
+    pub ewma_rtt: Duration,
+}
+
+// === impl Shared ===
+
+/// What the endpoint service, its calls and the registry share.
+#[derive(Debug)]
+pub struct Shared {
+    addr: SocketAddr,
+    gate: Arc<Gate>,
+    in_flight: AtomicU64,
+    served: AtomicU64,
+    errors: AtomicU64,
+    ewma_rtt_us: Mutex<f64>,
+    accrual: Mutex<Accrual>,
+    accrual_waker: AtomicWaker,
+}
+
+#[derive(Debug)]
+struct Accrual {
+    config: AccrualConfig,
+    consecutive: u32,
+    ejected_until: Option<Instant>,
+    backoff: Duration,
+    probing: bool,
+    probe_in_flight: bool,
+}
+
+/// What accrual allows right now.
+enum Admit {
+    Yes,
+    Probe,
+    EjectedUntil(Instant),
+    ProbeInFlight,
+}
+
+impl Accrual {
+    fn admit(&mut self, now: Instant) -> Admit {
+        if let Some(until) = self.ejected_until {
+            if now < until {
+                return Admit::EjectedUntil(until);
+            }
+            self.ejected_until = None;
+            self.probing = true;
+        }
+        match (self.probing, self.probe_in_flight) {
+            (false, _) => Admit::Yes,
+            (true, false) => Admit::Probe,
+            (true, true) => Admit::ProbeInFlight,
+        }
+    }
+
+    fn record(&mut self, outcome: Outcome, was_probe: bool, now: Instant) {
+        if was_probe {
+            self.probe_in_flight = false;
+        }
+        match outcome {
+            Outcome::Cancelled => {}
+            o if o.is_endpoint_failure() => {
+                self.consecutive = self.consecutive.saturating_add(1);
+                if was_probe {
+                    self.probing = false;
+                    self.backoff = (self.backoff * 2).min(self.config.backoff_max);
+                    self.ejected_until = Some(now + self.backoff);
+                } else if !self.probing
+                    && self.ejected_until.is_none()
+                    && self.consecutive >= self.config.threshold
+                {
+                    self.backoff = self.config.backoff_base;
+                    self.ejected_until = Some(now + self.backoff);
+                }
+            }
+            _ => {
+                self.consecutive = 0;
+                if was_probe {
+                    self.probing = false;
+                    self.backoff = self.config.backoff_base;
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// New shared state for an endpoint behind `gate`.
+    pub fn new(addr: SocketAddr, gate: Arc<Gate>, accrual: AccrualConfig) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            gate,
+            in_flight: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            ewma_rtt_us: Mutex::new(0.0),
+            accrual: Mutex::new(Accrual {
+                config: accrual,
+                consecutive: 0,
+                ejected_until: None,
+                backoff: accrual.backoff_base,
+                probing: false,
+                probe_in_flight: false,
+            }),
+            accrual_waker: AtomicWaker::new(),
+        })
+    }
+
+    /// The endpoint's health gate.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    /// A snapshot for `endpoints()`.
+    pub fn snapshot(&self) -> EndpointSnapshot {
+        let ejected = lock(&self.accrual)
+            .ejected_until
+            .is_some_and(|until| Instant::now() < until);
+        let state = if ejected {
+            EndpointState::Ejected
+        } else {
+            match self.gate.health() {
+                Health::Serving => EndpointState::Ready,
+                Health::Connecting => EndpointState::Connecting,
+                Health::NotServing => EndpointState::Unhealthy,
+            }
+        };
+        EndpointSnapshot {
+            addr: self.addr,
+            state,
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            served: self.served.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            ewma_rtt: Duration::from_micros(*lock(&self.ewma_rtt_us) as u64),
+        }
+    }
+
+    fn finish(&self, outcome: Outcome, elapsed: Duration, was_probe: bool) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match outcome {
+            Outcome::Ok => {
+                self.served.fetch_add(1, Ordering::Relaxed);
+                let mut ewma = lock(&self.ewma_rtt_us);
+                let sample = elapsed.as_micros() as f64;
+                // Plain EWMA for display; PeakEwma keeps its own, decaying one for balancing.
+                *ewma = if *ewma == 0.0 {
+                    sample
+                } else {
+                    *ewma * 0.8 + sample * 0.2
+                };
+            }
+            Outcome::Status(_) => {
+                self.served.fetch_add(1, Ordering::Relaxed);
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Broken => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Cancelled => {}
+        }
+        lock(&self.accrual).record(outcome, was_probe, Instant::now());
+        if was_probe || outcome.is_endpoint_failure() {
+            self.accrual_waker.wake();
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked mid-update of plain counters; the data is
+/// still usable, and the request path must not panic.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// === impl CallGuard ===
+
+/// Held by a call until it ends; records the outcome into the endpoint's counters and accrual.
+#[derive(Debug)]
+pub struct CallGuard {
+    shared: Arc<Shared>,
+    started: Instant,
+    outcome: Outcome,
+    probe: bool,
+}
+
+impl Completion for CallGuard {
+    fn record(&mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.shared
+            .finish(self.outcome, self.started.elapsed(), self.probe);
+    }
+}
+
+// === impl Endpoint ===
+
+/// The per-endpoint service the balancer picks from.
+pub struct Endpoint {
+    shared: Arc<Shared>,
+    channel: Channel,
+    refresh: Refresh,
+    ejection: Option<Pin<Box<Sleep>>>,
+    next_is_probe: bool,
+}
+
+impl Endpoint {
+    /// An endpoint over `channel`, gated by `shared`'s gate. `refresh` asks discovery to look again
+    /// when the connection fails.
+    pub fn new(shared: Arc<Shared>, channel: Channel, refresh: Refresh) -> Self {
+        Self {
+            shared,
+            channel,
+            refresh,
+            ejection: None,
+            next_is_probe: false,
+        }
+    }
+}
+
+impl Service<http::Request<Body>> for Endpoint {
+    type Response = http::Response<TrackedBody<Body, CallGuard>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Shut gate: not serving, or the connection is down. Pending, never an error.
+        ready!(self.shared.gate.poll_open(cx));
+        self.shared.accrual_waker.register(cx.waker());
+        let admit = lock(&self.shared.accrual).admit(Instant::now());
+        match admit {
+            Admit::Yes => self.next_is_probe = false,
+            Admit::Probe => self.next_is_probe = true,
+            Admit::ProbeInFlight => return Poll::Pending,
+            Admit::EjectedUntil(until) => {
+                let sleep = self
+                    .ejection
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                if sleep.deadline() != until {
+                    sleep.as_mut().reset(until);
+                }
+                ready!(sleep.as_mut().poll(cx));
+                self.ejection = None;
+                // The ejection just ended; poll again so accrual moves to probing.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+        }
+        match self.channel.poll_ready(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(error)) => {
+                tracing::debug!(addr = %self.shared.addr, %error, "connection not ready");
+                self.shared.gate.recheck();
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let probe = std::mem::take(&mut self.next_is_probe);
+        if probe {
+            lock(&self.shared.accrual).probe_in_flight = true;
+        }
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut guard = CallGuard {
+            shared: self.shared.clone(),
+            started: Instant::now(),
+            outcome: Outcome::Cancelled,
+            probe,
+        };
+        let addr = self.shared.addr;
+        let refresh = self.refresh.clone();
+        let call = self.channel.call(request);
+        Box::pin(async move {
+            match call.await {
+                Ok(response) => {
+                    let (mut parts, body) = response.into_parts();
+                    parts.extensions.insert(ServedBy(addr));
+                    let body = TrackedBody::new(body, guard, &parts.headers);
+                    Ok(http::Response::from_parts(parts, body))
+                }
+                Err(error) => {
+                    tracing::debug!(%addr, %error, "call failed on the connection");
+                    guard.record(Outcome::Broken);
+                    // The connection is suspect: shut the gate until health says SERVING again,
+                    // and ask discovery whether the address is still current.
+                    guard.shared.gate.recheck();
+                    refresh.request();
+                    Err(error.into())
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accrual() -> Accrual {
+        Accrual {
+            config: AccrualConfig {
+                threshold: 3,
+                backoff_base: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(8),
+            },
+            consecutive: 0,
+            ejected_until: None,
+            backoff: Duration::from_secs(1),
+            probing: false,
+            probe_in_flight: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejects_after_threshold_then_probes_and_doubles() {
+        let mut a = accrual();
+        let t0 = Instant::now();
+        let fail = Outcome::Status(tonic::Code::Unavailable);
+        a.record(fail, false, t0);
+        a.record(Outcome::Status(tonic::Code::NotFound), false, t0);
+        a.record(fail, false, t0);
+        assert!(matches!(a.admit(t0), Admit::Yes), "NOT_FOUND reset the run");
+        a.record(fail, false, t0);
+        a.record(fail, false, t0);
+        assert!(matches!(a.admit(t0), Admit::EjectedUntil(u) if u == t0 + Duration::from_secs(1)));
+
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(matches!(a.admit(t1), Admit::Probe));
+        a.probe_in_flight = true;
+        assert!(matches!(a.admit(t1), Admit::ProbeInFlight));
+        a.record(Outcome::Broken, true, t1);
+        assert!(matches!(a.admit(t1), Admit::EjectedUntil(u) if u == t1 + Duration::from_secs(2)));
+
+        let t2 = t1 + Duration::from_secs(2);
+        assert!(matches!(a.admit(t2), Admit::Probe));
+        a.probe_in_flight = true;
+        a.record(Outcome::Ok, true, t2);
+        assert!(matches!(a.admit(t2), Admit::Yes));
+        assert_eq!(
+            a.backoff,
+            Duration::from_secs(1),
+            "backoff resets on success"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_is_capped() {
+        let mut a = accrual();
+        let mut now = Instant::now();
+        for _ in 0..3 {
+            a.record(Outcome::Broken, false, now);
+        }
+        for _ in 0..10 {
+            let Admit::EjectedUntil(until) = a.admit(now) else {
+                panic!("expected ejection")
+            };
+            now = until;
+            assert!(matches!(a.admit(now), Admit::Probe));
+            a.probe_in_flight = true;
+            a.record(Outcome::Broken, true, now);
+        }
+        assert_eq!(a.backoff, Duration::from_secs(8));
+    }
+}

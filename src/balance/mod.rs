@@ -1,0 +1,397 @@
+//! The balanced client: a cloneable gRPC service over every healthy endpoint of a target.
+//!
+//! # The problem
+//! A client-side balancer must pick, for each call, an endpoint that will answer quickly. tonic's
+//! `Channel::balance_list` feeds tower's p2c a load of 0 for every endpoint, so its choice is
+//! random; it also offers endpoints whose connection failed, never asks grpc.health.v1, and only
+//! sees discovery changes when a call happens to poll it.
+//!
+//! # What this does
+//! ```text
+//!  discovery task ──Change<addr>──> registry task ──Change<addr, PeakEwma<Endpoint>>──> Balance (p2c)
+//!                                   (connect lazily,                                    or RoundRobin
+//!                                    start health watch)                                   │
+//!  caller ──> Balancer (deadline, retries) ──> Buffer ──> FailFast (bounded wait) ─────────┘
+//! ```
+//! - **p2c over peak-EWMA** (tower's `p2c::Balance` and `PeakEwma`): pick two ready endpoints at
+//!   random, send to the one with the lower cost, where cost is the peak-sensitive EWMA of latency
+//!   times (in-flight calls + 1). Latency is measured to the end of the response body
+//!   ([`completion`]), so a streaming call counts in full. Defaults follow linkerd2-proxy: default
+//!   RTT 30 ms, decay 10 s.
+//! - **Health gate**: an endpoint is offered only while its grpc.health.v1 watch says `SERVING`
+//!   ([`crate::health`]); its readiness is `Pending` otherwise, so the balancer never evicts it for
+//!   good and takes it back as soon as it recovers.
+//! - **Failure accrual**: N consecutive transport failures or `UNAVAILABLE`s eject an endpoint for a
+//!   doubling backoff, then one probe call decides ([`endpoint`]).
+//! - **Fail fast**: no ready endpoint within `ready_wait` → `UNAVAILABLE` saying why
+//!   ([`failfast`]); every call has a deadline; idempotent calls are retried within a budget
+//!   ([`call`]).
+//! - Discovery, connection and health checks run on their own tasks, so the endpoint set is warm
+//!   before the first call.
+//!
+//! # Example
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use meshlb::proto::userguide::v1::user_guide_service_client::UserGuideServiceClient;
+//! let lb = meshlb::Balancer::builder("dns:///users.mesh.svc.cluster.local:50051")
+//!     .health_service("userguide.v1.UserGuideService")
+//!     .build()
+//!     .await?;
+//! let mut client = UserGuideServiceClient::new(lb.clone());
+//! for endpoint in lb.endpoints() {
+//!     println!("{} {} served={}", endpoint.addr, endpoint.state, endpoint.served);
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod call;
+pub mod completion;
+pub mod endpoint;
+pub mod failfast;
+pub mod registry;
+pub mod round_robin;
+
+pub use call::{Attempts, CallConfig};
+pub use endpoint::{AccrualConfig, BoxError, EndpointSnapshot, EndpointState, ServedBy};
+pub use registry::ConnectConfig;
+
+use crate::discovery::{self, DiscoveryError, DnsConfig};
+use crate::health::HealthConfig;
+use crate::target::{Target, TargetError};
+use completion::BodyEnd;
+use endpoint::Endpoint;
+use failfast::FailFast;
+use futures::StreamExt;
+use registry::{EndpointSettings, Registry};
+use std::convert::Infallible;
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tonic::body::Body;
+use tower::balance::p2c::Balance;
+use tower::buffer::Buffer;
+use tower::load::PeakEwma;
+use tower::retry::budget::TpsBudget;
+use tower::util::BoxService;
+use tower::{Service, ServiceExt};
+
+/// How the balancer chooses among ready endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Power of two choices over peak-EWMA latency (the default).
+    #[default]
+    P2c,
+    /// Each ready endpoint in turn: the baseline for comparisons.
+    RoundRobin,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "p2c" | "p2c-ewma" | "peak-ewma" => Ok(Policy::P2c),
+            "round-robin" | "rr" => Ok(Policy::RoundRobin),
+            other => Err(format!(
+                "unknown policy {other:?}: expected p2c or round-robin"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::P2c => "p2c",
+            Policy::RoundRobin => "round-robin",
+        })
+    }
+}
+
+/// Peak-EWMA settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EwmaConfig {
+    /// The latency assumed for an endpoint before it has answered.
+    pub default_rtt: Duration,
+    /// How fast a latency peak decays back toward the average.
+    pub decay: Duration,
+}
+
+impl Default for EwmaConfig {
+    fn default() -> Self {
+        // linkerd2-proxy's defaults.
+        Self {
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a balancer could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The target string is malformed.
+    #[error("bad target {target:?}: {source}")]
+    Target {
+        /// The target as given.
+        target: String,
+        /// What is wrong with it.
+        source: TargetError,
+    },
+    /// Discovery could not start.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+}
+
+type Inner = BoxService<http::Request<Body>, http::Response<Body>, BoxError>;
+type Stack = FailFast<Inner>;
+pub(crate) type Buffered =
+    Buffer<http::Request<Body>, <Stack as Service<http::Request<Body>>>::Future>;
+
+// === impl Builder ===
+
+/// Configures a [`Balancer`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    target: String,
+    policy: Policy,
+    health: HealthConfig,
+    dns: DnsConfig,
+    ewma: EwmaConfig,
+    accrual: AccrualConfig,
+    connect: ConnectConfig,
+    call: CallConfig,
+    buffer: usize,
+}
+
+impl Builder {
+    /// The grpc.health.v1 service name each endpoint is watched for (default `""`: the server).
+    pub fn health_service(mut self, service: impl Into<String>) -> Self {
+        self.health.service = service.into();
+        self
+    }
+
+    /// The balancing policy (default p2c over peak-EWMA).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Every call's deadline, unless the caller's `grpc-timeout` is shorter (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.call.timeout = timeout;
+        self
+    }
+
+    /// How long a call waits for a ready endpoint before `UNAVAILABLE` (default 3 s).
+    pub fn ready_wait(mut self, wait: Duration) -> Self {
+        self.call.ready_wait = wait;
+        self
+    }
+
+    /// Retries after the first try for retryable methods (default 2; 0 turns retries off).
+    pub fn retries(mut self, max_retries: u32) -> Self {
+        self.call.max_retries = max_retries;
+        self
+    }
+
+    /// All call settings at once.
+    pub fn call_config(mut self, call: CallConfig) -> Self {
+        self.call = call;
+        self
+    }
+
+    /// DNS pacing (TTL floor and ceiling, backoff).
+    pub fn dns(mut self, dns: DnsConfig) -> Self {
+        self.dns = dns;
+        self
+    }
+
+    /// Peak-EWMA settings.
+    pub fn ewma(mut self, ewma: EwmaConfig) -> Self {
+        self.ewma = ewma;
+        self
+    }
+
+    /// Failure accrual settings.
+    pub fn accrual(mut self, accrual: AccrualConfig) -> Self {
+        self.accrual = accrual;
+        self
+    }
+
+    /// Connection settings (connect timeout, HTTP/2 keepalive).
+    pub fn connect(mut self, connect: ConnectConfig) -> Self {
+        self.connect = connect;
+        self
+    }
+
+    /// Health watch settings (service name, backoff).
+    pub fn health(mut self, health: HealthConfig) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// Builds the balancer and waits (up to the ready wait) until an endpoint is ready.
+    pub async fn build(self) -> Result<Balancer, BuildError> {
+        let wait = self.call.ready_wait;
+        let balancer = self.build_lazy()?;
+        balancer.wait_ready(wait).await;
+        Ok(balancer)
+    }
+
+    /// Builds the balancer without waiting; discovery and health checks start in the background.
+    /// Must be called inside a tokio runtime.
+    pub fn build_lazy(self) -> Result<Balancer, BuildError> {
+        let target: Target = self.target.parse().map_err(|source| BuildError::Target {
+            target: self.target.clone(),
+            source,
+        })?;
+        let discovery = discovery::spawn(&target, &self.dns)?;
+        let registry = Registry::new(self.target.clone());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let discover =
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
+
+        let ewma = self.ewma;
+        let decay_ns = ewma.decay.as_nanos() as f64;
+        let wrap =
+            move |endpoint: Endpoint| PeakEwma::new(endpoint, ewma.default_rtt, decay_ns, BodyEnd);
+        let settings = EndpointSettings {
+            connect: self.connect,
+            health: self.health,
+            accrual: self.accrual,
+        };
+        let manager = tokio::spawn(registry::manage(
+            discovery,
+            registry.clone(),
+            settings,
+            wrap,
+            tx,
+        ));
+
+        let inner: Inner = match self.policy {
+            Policy::P2c => BoxService::new(
+                Balance::new(discover).map_response(|r: http::Response<_>| r.map(Body::new)),
+            ),
+            Policy::RoundRobin => BoxService::new(
+                round_robin::RoundRobin::new(discover)
+                    .map_response(|r: http::Response<_>| r.map(Body::new)),
+            ),
+        };
+        let stack = FailFast::new(inner, self.call.ready_wait, registry.clone());
+        let buffer = Buffer::new(stack, self.buffer);
+        let budget = self.call.budget();
+        Ok(Balancer {
+            buffer,
+            shared: Arc::new(Shared {
+                registry,
+                policy: self.policy,
+                budget,
+                config: self.call,
+                manager,
+            }),
+        })
+    }
+}
+
+// === impl Balancer ===
+
+/// A balanced, health-aware gRPC service: hand it to any generated tonic client. Cheap to clone;
+/// every clone shares the same endpoints. Background tasks stop when the last clone is dropped.
+#[derive(Clone)]
+pub struct Balancer {
+    buffer: Buffered,
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    registry: Arc<Registry>,
+    policy: Policy,
+    budget: TpsBudget,
+    config: CallConfig,
+    manager: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.manager.abort();
+        self.registry.shutdown();
+    }
+}
+
+impl fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balancer")
+            .field("target", &self.target())
+            .field("policy", &self.shared.policy)
+            .finish()
+    }
+}
+
+impl Balancer {
+    /// Starts configuring a balancer for `target` (see [`crate::target`] for the syntax).
+    pub fn builder(target: impl Into<String>) -> Builder {
+        Builder {
+            target: target.into(),
+            policy: Policy::default(),
+            health: HealthConfig::default(),
+            dns: DnsConfig::default(),
+            ewma: EwmaConfig::default(),
+            accrual: AccrualConfig::default(),
+            connect: ConnectConfig::default(),
+            call: CallConfig::default(),
+            buffer: 1024,
+        }
+    }
+
+    /// A snapshot of every discovered endpoint, ordered by address.
+    pub fn endpoints(&self) -> Vec<EndpointSnapshot> {
+        self.shared.registry.snapshot()
+    }
+
+    /// Retries made so far, across all clones.
+    pub fn retries(&self) -> u64 {
+        self.shared.registry.retries()
+    }
+
+    /// The target, as given.
+    pub fn target(&self) -> &str {
+        self.shared.registry.target()
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> Policy {
+        self.shared.policy
+    }
+
+    /// Waits until at least one endpoint is ready, or `timeout` passes; says which.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.shared.registry.any_ready() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Service<http::Request<Body>> for Balancer {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<http::Response<Body>, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Readiness is awaited inside the call, under its deadline, so it can end in a status
+        // instead of a hang.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        Box::pin(call::run(self.buffer.clone(), self.shared.clone(), request))
+    }
+}

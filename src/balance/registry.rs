@@ -1,0 +1,205 @@
+//! The endpoint registry: which endpoints exist, their shared state for `endpoints()`, and the task
+//! that turns discovery's address changes into connected, health-watched endpoints for the
+//! balancer. This is the one place that joins discovery, health and balancing; each of those
+//! knows nothing of the others.
+
+use super::endpoint::{AccrualConfig, Endpoint, EndpointSnapshot, EndpointState, Shared};
+use crate::discovery::{Discovery, Update};
+use crate::health::{self, Gate, HealthConfig};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tower::discover::Change;
+
+/// How connections to endpoints are made.
+#[derive(Debug, Clone)]
+pub struct ConnectConfig {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// HTTP/2 keepalive ping interval; a peer that stops answering pings is cut off.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ConnectConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Entry {
+    shared: Arc<Shared>,
+    watch: JoinHandle<()>,
+}
+
+/// Every endpoint currently discovered.
+pub struct Registry {
+    target: String,
+    endpoints: Mutex<BTreeMap<SocketAddr, Entry>>,
+    retries: AtomicU64,
+}
+
+impl Registry {
+    /// An empty registry for `target` (used in messages).
+    pub fn new(target: String) -> Arc<Self> {
+        Arc::new(Self {
+            target,
+            endpoints: Mutex::new(BTreeMap::new()),
+            retries: AtomicU64::new(0),
+        })
+    }
+
+    /// The target, as given.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, Entry>> {
+        self.endpoints.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot of every endpoint, ordered by address.
+    pub fn snapshot(&self) -> Vec<EndpointSnapshot> {
+        self.lock().values().map(|e| e.shared.snapshot()).collect()
+    }
+
+    /// Counts a retry.
+    pub fn count_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Retries made so far.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Why no endpoint is ready, in words for an `UNAVAILABLE` message.
+    pub fn why_unavailable(&self) -> String {
+        let all = self.snapshot();
+        if all.is_empty() {
+            return format!("no endpoints for {}", self.target);
+        }
+        let count = |s| all.iter().filter(|e| e.state == s).count();
+        let n = all.len();
+        for (state, word) in [
+            (EndpointState::Unhealthy, "unhealthy"),
+            (EndpointState::Ejected, "ejected"),
+            (EndpointState::Connecting, "connecting or unreachable"),
+        ] {
+            if count(state) == n {
+                return format!("all {n} endpoints of {} are {word}", self.target);
+            }
+        }
+        format!(
+            "no ready endpoint for {}: {} unhealthy, {} ejected, {} connecting or unreachable, {} busy",
+            self.target,
+            count(EndpointState::Unhealthy),
+            count(EndpointState::Ejected),
+            count(EndpointState::Connecting),
+            count(EndpointState::Ready),
+        )
+    }
+
+    /// Whether any endpoint is ready.
+    pub fn any_ready(&self) -> bool {
+        self.lock()
+            .values()
+            .any(|e| e.shared.snapshot().state == EndpointState::Ready)
+    }
+
+    fn insert(&self, addr: SocketAddr, shared: Arc<Shared>, watch: JoinHandle<()>) {
+        if let Some(old) = self.lock().insert(addr, Entry { shared, watch }) {
+            old.watch.abort();
+        }
+    }
+
+    fn remove(&self, addr: &SocketAddr) {
+        if let Some(old) = self.lock().remove(addr) {
+            old.watch.abort();
+        }
+    }
+
+    /// Stops every health watch.
+    pub fn shutdown(&self) {
+        for (_, entry) in std::mem::take(&mut *self.lock()) {
+            entry.watch.abort();
+        }
+    }
+}
+
+/// What the manager needs to build an endpoint.
+#[derive(Debug, Clone)]
+pub struct EndpointSettings {
+    /// Connections.
+    pub connect: ConnectConfig,
+    /// The health watch.
+    pub health: HealthConfig,
+    /// Failure accrual.
+    pub accrual: AccrualConfig,
+}
+
+/// Consumes discovery updates until the balancer goes away: connects each new address lazily,
+/// starts its health watch, registers it and hands it to the balancer (through `wrap`, which adds
+/// the load measure).
+pub async fn manage<S>(
+    mut discovery: Discovery,
+    registry: Arc<Registry>,
+    settings: EndpointSettings,
+    wrap: impl Fn(Endpoint) -> S,
+    to_balancer: mpsc::UnboundedSender<Change<SocketAddr, S>>,
+) {
+    while let Some(update) = discovery.updates.recv().await {
+        let change = match update {
+            Update::Insert(addr, ()) => {
+                let channel = match connect_lazy(addr, &settings.connect) {
+                    Ok(channel) => channel,
+                    Err(error) => {
+                        tracing::warn!(%addr, %error, "cannot make a channel");
+                        continue;
+                    }
+                };
+                let gate = Gate::new();
+                let shared = Shared::new(addr, gate.clone(), settings.accrual);
+                let watch = health::spawn_watch(channel.clone(), settings.health.clone(), gate);
+                registry.insert(addr, shared.clone(), watch);
+                tracing::debug!(%addr, "endpoint added");
+                Change::Insert(
+                    addr,
+                    wrap(Endpoint::new(shared, channel, discovery.refresh.clone())),
+                )
+            }
+            Update::Remove(addr) => {
+                registry.remove(&addr);
+                tracing::debug!(%addr, "endpoint removed");
+                Change::Remove(addr)
+            }
+        };
+        if to_balancer.send(change).is_err() {
+            return;
+        }
+    }
+}
+
+fn connect_lazy(
+    addr: SocketAddr,
+    config: &ConnectConfig,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(config.connect_timeout)
+            .http2_keep_alive_interval(config.keepalive_interval)
+            .keep_alive_timeout(config.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    )
+}

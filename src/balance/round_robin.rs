@@ -1,0 +1,93 @@
+//! Round-robin over the ready endpoints: the baseline that peak-EWMA p2c is compared against.
+//! It uses the same discovery stream, the same health-gated endpoints and tower's `ReadyCache`,
+//! so the only difference in a comparison is the choice itself.
+
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tower::discover::{Change, Discover};
+use tower::ready_cache::ReadyCache;
+use tower::Service;
+
+use super::endpoint::BoxError;
+
+/// Picks the ready endpoints in turn.
+pub struct RoundRobin<D, Req>
+where
+    D: Discover,
+    D::Key: Hash,
+{
+    discover: D,
+    services: ReadyCache<D::Key, D::Service, Req>,
+    next: usize,
+    chosen: Option<usize>,
+}
+
+impl<D, Req> RoundRobin<D, Req>
+where
+    D: Discover,
+    D::Key: Hash,
+    D::Service: Service<Req>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+{
+    /// Balances over what `discover` yields.
+    pub fn new(discover: D) -> Self {
+        Self {
+            discover,
+            services: ReadyCache::default(),
+            next: 0,
+            chosen: None,
+        }
+    }
+}
+
+impl<D, Req> Service<Req> for RoundRobin<D, Req>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Clone,
+    D::Error: Into<BoxError>,
+    D::Service: Service<Req>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    <D::Service as Service<Req>>::Future: Send + 'static,
+    <D::Service as Service<Req>>::Response: 'static,
+{
+    type Response = <D::Service as Service<Req>>::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        while let Poll::Ready(Some(change)) = Pin::new(&mut self.discover).poll_discover(cx) {
+            match change.map_err(Into::into)? {
+                Change::Insert(key, svc) => self.services.push(key, svc),
+                Change::Remove(key) => {
+                    self.services.evict(&key);
+                }
+            }
+        }
+        // A failed endpoint is evicted by the cache; endpoints here never fail readiness.
+        let _ = self.services.poll_pending(cx);
+        loop {
+            let ready = self.services.ready_len();
+            if ready == 0 {
+                return Poll::Pending;
+            }
+            let index = self.next % ready;
+            self.next = self.next.wrapping_add(1);
+            if let Ok(true) = self.services.check_ready_index(cx, index) {
+                self.chosen = Some(index);
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        match self.chosen.take() {
+            Some(index) => {
+                let call = self.services.call_ready_index(index, request);
+                Box::pin(async move { call.await.map_err(Into::into) })
+            }
+            None => Box::pin(async { Err("round-robin called before it was ready".into()) }),
+        }
+    }
+}

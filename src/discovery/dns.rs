@@ -1,0 +1,192 @@
+//! DNS discovery: resolve, diff against the last answer, wait for the TTL (or a refresh request),
+//! repeat. A failing DNS server keeps the last good set and is retried with backoff; state changes
+//! are logged once, not per attempt.
+
+use super::{DiscoveryError, Refresh, Update};
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::{Resolver, TokioResolver};
+use rand::Rng;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tower::discover::Change;
+
+/// How DNS discovery paces itself.
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// Never re-resolve sooner than this after an answer, whatever its TTL.
+    pub ttl_floor: Duration,
+    /// Never keep an answer longer than this, whatever its TTL.
+    pub ttl_ceiling: Duration,
+    /// The longest wait between retries while the DNS server fails.
+    pub backoff_max: Duration,
+    /// How long one query may take before it counts as a failure.
+    pub query_timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            ttl_floor: Duration::from_secs(1),
+            ttl_ceiling: Duration::from_secs(30),
+            backoff_max: Duration::from_secs(10),
+            query_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Builds a resolver: the system's configuration, or the one server the target names.
+pub(super) fn resolver(
+    server: Option<SocketAddr>,
+    config: &DnsConfig,
+) -> Result<TokioResolver, DiscoveryError> {
+    let mut builder = match server {
+        Some(addr) => {
+            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+            for conn in &mut ns.connections {
+                conn.port = addr.port();
+            }
+            Resolver::builder_with_config(
+                ResolverConfig::from_name_servers(vec![ns]),
+                TokioRuntimeProvider::default(),
+            )
+        }
+        None => {
+            TokioResolver::builder_tokio().map_err(|e| DiscoveryError::Resolver(e.to_string()))?
+        }
+    };
+    let opts = builder.options_mut();
+    opts.timeout = config.query_timeout;
+    opts.attempts = 1;
+    builder
+        .build()
+        .map_err(|e| DiscoveryError::Resolver(e.to_string()))
+}
+
+/// The state of one DNS name being watched.
+pub(super) struct Watch {
+    resolver: TokioResolver,
+    host: String,
+    port: u16,
+    config: DnsConfig,
+    current: BTreeSet<SocketAddr>,
+    failures: u32,
+}
+
+/// What one lookup gave.
+enum Answer {
+    Records(BTreeSet<SocketAddr>, Duration),
+    Empty,
+    Failed(String),
+}
+
+impl Watch {
+    pub(super) fn new(resolver: TokioResolver, host: String, port: u16, config: DnsConfig) -> Self {
+        Self {
+            resolver,
+            host,
+            port,
+            config,
+            current: BTreeSet::new(),
+            failures: 0,
+        }
+    }
+
+    pub(super) async fn run(mut self, tx: mpsc::UnboundedSender<Update>, refresh: Refresh) {
+        loop {
+            let last_lookup = Instant::now();
+            let wait = match self.lookup().await {
+                Answer::Records(addrs, ttl) => {
+                    self.recovered();
+                    if !self.apply(addrs, &tx) {
+                        return;
+                    }
+                    ttl.clamp(self.config.ttl_floor, self.config.ttl_ceiling)
+                }
+                Answer::Empty => {
+                    self.recovered();
+                    if !self.current.is_empty() {
+                        tracing::warn!(host = %self.host, "DNS answered with no records: removing every endpoint");
+                    }
+                    if !self.apply(BTreeSet::new(), &tx) {
+                        return;
+                    }
+                    self.config.ttl_floor
+                }
+                Answer::Failed(error) => {
+                    if self.failures == 0 {
+                        tracing::warn!(host = %self.host, %error, kept = self.current.len(), "DNS lookup failed: keeping the last good set and retrying");
+                    }
+                    self.failures += 1;
+                    self.backoff()
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = refresh.requested() => {
+                    // Rate limit: a burst of failing endpoints asks many times.
+                    let earliest = last_lookup + self.config.ttl_floor;
+                    tokio::time::sleep_until(earliest).await;
+                    self.resolver.clear_cache();
+                }
+                () = tx.closed() => return,
+            }
+        }
+    }
+
+    async fn lookup(&self) -> Answer {
+        match self.resolver.lookup_ip(self.host.as_str()).await {
+            Ok(lookup) => {
+                let addrs: BTreeSet<_> = lookup
+                    .iter()
+                    .map(|ip| SocketAddr::new(ip, self.port))
+                    .collect();
+                if addrs.is_empty() {
+                    return Answer::Empty;
+                }
+                let ttl = lookup
+                    .valid_until()
+                    .saturating_duration_since(std::time::Instant::now());
+                Answer::Records(addrs, ttl)
+            }
+            Err(e) if e.is_no_records_found() || e.is_nx_domain() => Answer::Empty,
+            Err(e) => Answer::Failed(e.to_string()),
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(host = %self.host, failures = self.failures, "DNS lookups succeed again");
+            self.failures = 0;
+        }
+    }
+
+    fn backoff(&self) -> Duration {
+        let base = Duration::from_millis(250);
+        let exp = base.saturating_mul(1 << self.failures.min(10));
+        let capped = exp.min(self.config.backoff_max);
+        // Jitter so that many clients do not retry a recovering DNS server in lockstep.
+        capped.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+
+    /// Sends the difference between the current set and `next`; false when nobody listens.
+    fn apply(&mut self, next: BTreeSet<SocketAddr>, tx: &mpsc::UnboundedSender<Update>) -> bool {
+        for gone in self.current.difference(&next) {
+            tracing::info!(host = %self.host, addr = %gone, "endpoint left DNS");
+            if tx.send(Change::Remove(*gone)).is_err() {
+                return false;
+            }
+        }
+        for new in next.difference(&self.current) {
+            tracing::info!(host = %self.host, addr = %new, "endpoint found in DNS");
+            if tx.send(Change::Insert(*new, ())).is_err() {
+                return false;
+            }
+        }
+        self.current = next;
+        true
+    }
+}
