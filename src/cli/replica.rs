@@ -52,6 +52,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let bound = listener.local_addr()?;
+    let shutdown = super::shutdown_signal();
     // Tests and scripts read this line to learn the port, so it goes first and is flushed.
     println!("listening on {bound}");
     std::io::stdout().flush()?;
@@ -67,7 +68,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.drain_grace = args.drain_grace;
     config.drain_timeout = args.drain_timeout;
     config.max_message_size = args.max_message_size;
-    replica::run(listener, config, super::shutdown_signal())
+    replica::run(listener, config, shutdown)
         .await
         .map_err(|e| match e {
             replica::ReplicaError::BadId(_) | replica::ReplicaError::BadFaults(_) => {

@@ -3,7 +3,7 @@
 //! are logged once, not per attempt.
 
 use super::{DiscoveryError, Refresh, Update};
-use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
 use rand::Rng;
@@ -61,6 +61,8 @@ pub(super) fn resolver(
     let opts = builder.options_mut();
     opts.timeout = config.query_timeout;
     opts.attempts = 1;
+    // A headless Service answers A records; ask AAAA only when there are none.
+    opts.ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
     builder
         .build()
         .map_err(|e| DiscoveryError::Resolver(e.to_string()))

@@ -41,7 +41,7 @@ pub async fn run(
             UserGuideServiceServer::new(userguide.clone())
                 .max_decoding_message_size(config.max_message_size),
         )
-        .add_service(AdminServiceServer::new(Admin::new(faults)))
+        .add_service(AdminServiceServer::new(Admin::new(faults, health.clone())))
         .add_service(reflection_v1())
         .add_service(reflection_v1alpha());
     let router = ByContentType {

@@ -109,16 +109,17 @@ impl pb::user_guide_service_server::UserGuideService for UserGuide {
 
 // === impl Admin ===
 
-/// The admin service: reads and changes the fault knobs.
-#[derive(Debug, Clone)]
+/// The admin service: reads and changes the fault knobs and the reported health.
+#[derive(Clone)]
 pub struct Admin {
     faults: Faults,
+    health: tonic_health::server::HealthReporter,
 }
 
 impl Admin {
-    /// An admin service over these knobs.
-    pub fn new(faults: Faults) -> Self {
-        Self { faults }
+    /// An admin service over these knobs and this health reporter.
+    pub fn new(faults: Faults, health: tonic_health::server::HealthReporter) -> Self {
+        Self { faults, health }
     }
 }
 
@@ -151,6 +152,22 @@ impl admin::admin_service_server::AdminService for Admin {
         Ok(Response::new(admin::SetFaultsResponse {
             previous: Some(to_wire(previous)),
         }))
+    }
+
+    async fn set_serving(
+        &self,
+        request: Request<admin::SetServingRequest>,
+    ) -> Result<Response<admin::SetServingResponse>, Status> {
+        let status = if request.into_inner().serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        for service in ["", crate::proto::USERGUIDE_SERVICE] {
+            self.health.set_service_status(service, status).await;
+        }
+        tracing::info!(?status, "reported health changed by the admin service");
+        Ok(Response::new(admin::SetServingResponse {}))
     }
 
     async fn get_faults(

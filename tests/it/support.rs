@@ -53,7 +53,12 @@ impl Replica {
     }
 
     pub async fn start_with(ip: &str, config: ReplicaConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind((ip, 0))
+        Self::start_on(format!("{ip}:0").parse().unwrap(), config).await
+    }
+
+    /// Starts on exactly `addr` (to give several replicas one port on distinct IPs, like pods).
+    pub async fn start_on(addr: SocketAddr, config: ReplicaConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind loopback");
         let addr = listener.local_addr().unwrap();
@@ -107,9 +112,13 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(ip: &str, args: &[&str]) -> Self {
+        Self::spawn_on(&format!("{ip}:0"), args)
+    }
+
+    pub fn spawn_on(listen: &str, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_meshlb"))
             .arg("replica")
-            .args(["--listen", &format!("{ip}:0")])
+            .args(["--listen", listen])
             .args([
                 "--data",
                 concat!(env!("CARGO_MANIFEST_DIR"), "/replicas/users.json"),
@@ -173,4 +182,113 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_else(|| panic!("not an HTTP response: {raw:?}"));
     let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     (status, body)
+}
+
+/// Calls made through a balancer, counted by the replica that answered.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub by_replica: std::collections::BTreeMap<String, usize>,
+    pub errors: Vec<tonic::Status>,
+}
+
+impl Tally {
+    pub fn ok(&self) -> usize {
+        self.by_replica.values().sum()
+    }
+
+    pub fn of(&self, id: &str) -> usize {
+        self.by_replica.get(id).copied().unwrap_or(0)
+    }
+
+    pub fn share(&self, id: &str) -> f64 {
+        self.of(id) as f64 / self.ok().max(1) as f64
+    }
+}
+
+pub fn get_point_request() -> meshlb::proto::userguide::v1::GetPointRequest {
+    meshlb::proto::userguide::v1::GetPointRequest {
+        profile: Some(meshlb::proto::userguide::v1::Profile {
+            age: 26,
+            name: "james".into(),
+        }),
+    }
+}
+
+/// Makes `calls` GetPoint calls through `lb`, `concurrency` at a time.
+pub async fn drive(lb: &meshlb::Balancer, calls: usize, concurrency: usize) -> Tally {
+    use futures::StreamExt;
+    use meshlb::proto::userguide::v1::user_guide_service_client::UserGuideServiceClient;
+    let results: Vec<_> = futures::stream::iter(0..calls)
+        .map(|_| {
+            let mut client = UserGuideServiceClient::new(lb.clone());
+            async move {
+                client.get_point(get_point_request()).await.map(|r| {
+                    r.metadata()
+                        .get("x-replica-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("?")
+                        .to_owned()
+                })
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let mut tally = Tally::default();
+    for r in results {
+        match r {
+            Ok(id) => *tally.by_replica.entry(id).or_default() += 1,
+            Err(status) => tally.errors.push(status),
+        }
+    }
+    tally
+}
+
+async fn admin(
+    addr: SocketAddr,
+) -> meshlb::proto::admin::v1::admin_service_client::AdminServiceClient<tonic::transport::Channel> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to admin");
+    meshlb::proto::admin::v1::admin_service_client::AdminServiceClient::new(ch)
+}
+
+/// Changes a replica's fault knobs at run time.
+pub async fn set_faults(addr: SocketAddr, faults: FaultConfig) {
+    admin(addr)
+        .await
+        .set_faults(meshlb::replica::service::faults_request(faults))
+        .await
+        .expect("set faults");
+}
+
+/// Makes a replica report SERVING or NOT_SERVING.
+pub async fn set_serving(addr: SocketAddr, serving: bool) {
+    admin(addr)
+        .await
+        .set_serving(meshlb::proto::admin::v1::SetServingRequest { serving })
+        .await
+        .expect("set serving");
+}
+
+/// The state the balancer reports for `addr`, if it knows it.
+pub fn state_of(lb: &meshlb::Balancer, addr: SocketAddr) -> Option<meshlb::balance::EndpointState> {
+    lb.endpoints()
+        .into_iter()
+        .find(|e| e.addr == addr)
+        .map(|e| e.state)
+}
+
+pub fn latency(ms: u64) -> FaultConfig {
+    FaultConfig {
+        latency: Duration::from_millis(ms),
+        ..Default::default()
+    }
+}
+
+pub fn ipv4_target(addrs: &[SocketAddr]) -> String {
+    let list: Vec<_> = addrs.iter().map(ToString::to_string).collect();
+    format!("ipv4:{}", list.join(","))
 }

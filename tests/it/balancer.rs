@@ -1,0 +1,305 @@
+//! The balanced client against real replicas on loopback: distribution, latency awareness, the
+//! health gate, killed and frozen replicas, fail-fast.
+
+use crate::support::{
+    drive, eventually, ipv4_target, latency, set_faults, set_serving, state_of, Process, Replica,
+};
+use meshlb::balance::{ConnectConfig, EndpointState, EwmaConfig};
+use meshlb::health::HealthConfig;
+use meshlb::replica::FaultConfig;
+use meshlb::{Balancer, Policy};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::Code;
+
+const SERVICE: &str = meshlb::proto::USERGUIDE_SERVICE;
+
+async fn three(faults: [FaultConfig; 3]) -> Vec<Replica> {
+    let mut replicas = Vec::new();
+    for (i, f) in faults.into_iter().enumerate() {
+        let ip = format!("127.0.0.{}", i + 2);
+        replicas.push(Replica::start(&ip, &format!("r{}", i + 1), f).await);
+    }
+    replicas
+}
+
+fn target(replicas: &[Replica]) -> String {
+    ipv4_target(&replicas.iter().map(|r| r.addr).collect::<Vec<_>>())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spreads_calls_over_three_replicas() {
+    let replicas = three(Default::default()).await;
+    let lb = Balancer::builder(target(&replicas))
+        .health_service(SERVICE)
+        .build()
+        .await
+        .unwrap();
+    let tally = drive(&lb, 300, 6).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(tally.ok(), 300);
+    for r in &replicas {
+        assert!(tally.of(&r.id) >= 30, "{} got {:?}", r.id, tally.by_replica);
+    }
+    let endpoints = lb.endpoints();
+    assert_eq!(endpoints.len(), 3);
+    assert!(endpoints.iter().all(|e| e.state == EndpointState::Ready));
+    assert_eq!(endpoints.iter().map(|e| e.served).sum::<u64>(), 300);
+    assert!(endpoints.iter().all(|e| e.in_flight == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_replica_gets_a_small_share_and_recovers_when_fixed() {
+    let replicas = three([latency(50), latency(0), latency(0)]).await;
+    let slow = &replicas[0];
+
+    // The baseline gives the slow replica its third, whatever its latency.
+    let rr = Balancer::builder(target(&replicas))
+        .policy(Policy::RoundRobin)
+        .build()
+        .await
+        .unwrap();
+    let baseline = drive(&rr, 150, 6).await;
+    assert!(baseline.errors.is_empty());
+    assert!(baseline.share(&slow.id) > 0.25, "{:?}", baseline.by_replica);
+
+    let lb = Balancer::builder(target(&replicas))
+        .health_service(SERVICE)
+        // A short decay so the recovery below is seen within the test's deadline.
+        .ewma(EwmaConfig {
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(1),
+        })
+        .build()
+        .await
+        .unwrap();
+    let tally = drive(&lb, 400, 6).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert!(
+        tally.share(&slow.id) < 0.10,
+        "slow replica got {:?}",
+        tally.by_replica
+    );
+
+    set_faults(slow.addr, FaultConfig::default()).await;
+    eventually("the fixed replica gets its share back", || async {
+        let window = drive(&lb, 90, 6).await;
+        (window.share(&slow.id) > 0.15).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_serving_replica_gets_no_calls_until_it_serves_again() {
+    let replicas = three(Default::default()).await;
+    let lb = Balancer::builder(target(&replicas))
+        .health_service(SERVICE)
+        .build()
+        .await
+        .unwrap();
+    let sick = &replicas[1];
+    set_serving(sick.addr, false).await;
+    eventually("the gate shuts", || async {
+        (state_of(&lb, sick.addr) == Some(EndpointState::Unhealthy)).then_some(())
+    })
+    .await;
+    let tally = drive(&lb, 120, 6).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(tally.of(&sick.id), 0, "{:?}", tally.by_replica);
+
+    set_serving(sick.addr, true).await;
+    eventually("calls come back", || async {
+        (drive(&lb, 60, 6).await.of(&sick.id) > 0).then_some(())
+    })
+    .await;
+}
+
+/// Runs calls in the background until stopped; returns the tally.
+fn background_load(
+    lb: Balancer,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<crate::support::Tally> {
+    tokio::spawn(async move {
+        let mut total = crate::support::Tally::default();
+        while !stop.load(Ordering::Relaxed) {
+            let t = drive(&lb, 16, 4).await;
+            for (id, n) in t.by_replica {
+                *total.by_replica.entry(id).or_default() += n;
+            }
+            total.errors.extend(t.errors);
+        }
+        total
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_replica_is_routed_around_and_no_call_fails() {
+    let mut procs: Vec<Process> = (0..3)
+        .map(|i| {
+            Process::spawn(
+                &format!("127.0.0.{}", i + 2),
+                &["--id", &format!("p{}", i + 1), "--latency", "5ms"],
+            )
+        })
+        .collect();
+    let lb = Balancer::builder(ipv4_target(
+        &procs.iter().map(|p| p.addr).collect::<Vec<_>>(),
+    ))
+    .health_service(SERVICE)
+    .build()
+    .await
+    .unwrap();
+    assert!(drive(&lb, 30, 3).await.errors.is_empty());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = background_load(lb.clone(), stop.clone());
+    let victim = procs[0].addr;
+    eventually("load is flowing to the victim", || async {
+        lb.endpoints()
+            .iter()
+            .any(|e| e.addr == victim && e.served > 30)
+            .then_some(())
+    })
+    .await;
+    procs[0].child.kill().unwrap(); // SIGKILL
+    procs[0].child.wait().unwrap();
+    eventually("the killed replica leaves rotation", || async {
+        (state_of(&lb, victim) != Some(EndpointState::Ready)).then_some(())
+    })
+    .await;
+    let after_kill = drive(&lb, 60, 4).await;
+    stop.store(true, Ordering::Relaxed);
+    let during = load.await.unwrap();
+
+    assert!(
+        during.errors.is_empty(),
+        "calls failed: {:?}",
+        during.errors
+    );
+    assert!(after_kill.errors.is_empty(), "{:?}", after_kill.errors);
+    assert_eq!(after_kill.of("p1"), 0);
+    assert_eq!(after_kill.ok(), 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_replica_is_detected_by_keepalive_and_returns_after_sigcont() {
+    let procs: Vec<Process> = (0..3)
+        .map(|i| {
+            Process::spawn(
+                &format!("127.0.0.{}", i + 2),
+                &["--id", &format!("f{}", i + 1)],
+            )
+        })
+        .collect();
+    let lb = Balancer::builder(ipv4_target(
+        &procs.iter().map(|p| p.addr).collect::<Vec<_>>(),
+    ))
+    .health_service(SERVICE)
+    .connect(ConnectConfig {
+        connect_timeout: Duration::from_millis(500),
+        keepalive_interval: Duration::from_millis(300),
+        keepalive_timeout: Duration::from_millis(300),
+    })
+    .health(HealthConfig {
+        service: SERVICE.into(),
+        answer_timeout: Duration::from_millis(800),
+        ..HealthConfig::default()
+    })
+    .timeout(Duration::from_secs(5))
+    .build()
+    .await
+    .unwrap();
+    assert!(drive(&lb, 30, 3).await.errors.is_empty());
+
+    let frozen = &procs[0];
+    frozen.signal(libc::SIGSTOP);
+    eventually("keepalive notices the frozen replica", || async {
+        (state_of(&lb, frozen.addr) != Some(EndpointState::Ready)).then_some(())
+    })
+    .await;
+    let tally = drive(&lb, 60, 4).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(tally.of("f1"), 0);
+
+    frozen.signal(libc::SIGCONT);
+    eventually("the thawed replica is ready again", || async {
+        (state_of(&lb, frozen.addr) == Some(EndpointState::Ready)).then_some(())
+    })
+    .await;
+    eventually("and gets calls", || async {
+        (drive(&lb, 60, 4).await.of("f1") > 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_unhealthy_fails_fast_with_the_reason() {
+    let replicas = three(Default::default()).await;
+    let lb = Balancer::builder(target(&replicas))
+        .health_service(SERVICE)
+        .ready_wait(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    for r in &replicas {
+        set_serving(r.addr, false).await;
+    }
+    eventually("every gate shuts", || async {
+        lb.endpoints()
+            .iter()
+            .all(|e| e.state == EndpointState::Unhealthy)
+            .then_some(())
+    })
+    .await;
+    let tally = tokio::time::timeout(crate::support::DEADLINE, drive(&lb, 3, 3))
+        .await
+        .expect("calls end instead of hanging");
+    assert_eq!(tally.errors.len(), 3);
+    for status in &tally.errors {
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("all 3 endpoints") && status.message().contains("unhealthy"),
+            "{}",
+            status.message()
+        );
+    }
+    // A recovered replica ends fail-fast.
+    set_serving(replicas[2].addr, true).await;
+    eventually("calls succeed again", || async {
+        drive(&lb, 3, 3).await.errors.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_target_is_a_clear_error() {
+    let err = Balancer::builder("ipv4:not-an-ip:50051")
+        .build_lazy()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not-an-ip"), "{err}");
+    let err = Balancer::builder("users.local")
+        .build_lazy()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing port"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_bounds_a_call_to_a_slow_replica() {
+    let replicas = three([latency(2000), latency(2000), latency(2000)]).await;
+    let lb = Balancer::builder(target(&replicas))
+        .timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let tally = tokio::time::timeout(crate::support::DEADLINE, drive(&lb, 2, 2))
+        .await
+        .expect("no hang");
+    assert_eq!(tally.errors.len(), 2);
+    assert!(tally
+        .errors
+        .iter()
+        .all(|s| s.code() == Code::DeadlineExceeded));
+}
