@@ -20,9 +20,12 @@
 pub mod balance;
 pub mod cli;
 pub mod discovery;
+pub mod fleet;
 pub mod health;
+pub mod load;
 pub mod proto;
 pub mod replica;
+pub mod report;
 pub mod target;
 pub mod telemetry;
 

@@ -1,7 +1,12 @@
 //! The `meshlb` commands. Each subcommand is a module holding its clap arguments and a `run`
 //! that calls into the library; nothing here implements balancing or serving itself.
 
+mod call;
+mod client;
+mod demo;
+mod faults;
 mod replica;
+mod up;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -16,8 +21,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the local fleet, p2c vs round-robin, side by side: the one-command demo.
+    Demo(demo::Args),
     /// Run one replica of the UserGuide service (gRPC + REST on one port).
     Replica(replica::Args),
+    /// Start a local fleet of replicas until Ctrl-C.
+    Up(up::Args),
+    /// Drive load through the balancer and show the per-replica distribution.
+    Client(client::Args),
+    /// Make one balanced call and show which replica served it.
+    Call(call::Args),
+    /// Change a running replica's latency or failure rate.
+    Faults(faults::Args),
 }
 
 /// A failure the user caused (bad flag, target or file): exit code 2.
@@ -39,7 +54,12 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Demo(args) => demo::run(args).await,
             Command::Replica(args) => replica::run(args).await,
+            Command::Up(args) => up::run(args).await,
+            Command::Client(args) => client::run(args).await,
+            Command::Call(args) => call::run(args).await,
+            Command::Faults(args) => faults::run(args).await,
         }
     });
     match result {

@@ -1,0 +1,124 @@
+//! `meshlb call`: one balanced call, printing the answer and which replica served it.
+
+use super::client::balancer;
+use crate::balance::ServedBy;
+use crate::proto::userguide::v1::{
+    user_guide_service_client::UserGuideServiceClient, GetPointRequest, ListUsersRequest, Point,
+    Profile,
+};
+use crate::Policy;
+use serde_json::json;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Where the replicas are (same syntax as `client --target`).
+    #[arg(long, env = "MESHLB_TARGET")]
+    target: String,
+    /// Deadline of the call.
+    #[arg(long, env = "MESHLB_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    timeout: Duration,
+    #[command(subcommand)]
+    method: Method,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Method {
+    /// GetPoint: the points of one user.
+    GetPoint {
+        /// The user's name.
+        #[arg(long)]
+        name: String,
+        /// The user's age.
+        #[arg(long, allow_negative_numbers = true)]
+        age: i32,
+    },
+    /// ListUsers: every user with these points (server streaming).
+    ListUsers {
+        /// The points to match.
+        #[arg(long, allow_negative_numbers = true)]
+        points: i64,
+    },
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let lb = balancer(
+        &args.target,
+        Policy::P2c,
+        args.timeout,
+        crate::proto::USERGUIDE_SERVICE,
+    )?;
+    lb.wait_ready(args.timeout).await;
+    let mut client = UserGuideServiceClient::new(lb);
+    let served = |metadata: &tonic::metadata::MetadataMap, ext: &http::Extensions| {
+        let id = metadata
+            .get("x-replica-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_owned();
+        match ext.get::<ServedBy>() {
+            Some(ServedBy(addr)) => format!("served by {id} ({addr})"),
+            None => format!("served by {id}"),
+        }
+    };
+    let result = match args.method {
+        Method::GetPoint { name, age } => {
+            let request = GetPointRequest {
+                profile: Some(Profile { age, name }),
+            };
+            client.get_point(request).await.map(|r| {
+                let by = served(r.metadata(), r.extensions());
+                let value = r.into_inner().point.map_or(0, |p| p.value);
+                println!("{}", json!({ "value": value }));
+                println!("{by}");
+            })
+        }
+        Method::ListUsers { points } => {
+            let request = ListUsersRequest {
+                point: Some(Point { value: points }),
+            };
+            match client.list_users(request).await {
+                Ok(response) => {
+                    let by = served(response.metadata(), response.extensions());
+                    let mut stream = response.into_inner();
+                    let mut result = Ok(());
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(msg)) => {
+                                let user = msg.user.unwrap_or_default();
+                                let profile = user.profile.unwrap_or_default();
+                                println!(
+                                    "{}",
+                                    json!({
+                                        "profile": { "name": profile.name, "age": profile.age },
+                                        "cache": { "value": user.cache.map_or(0, |c| c.value) },
+                                    })
+                                );
+                            }
+                            Ok(None) => break,
+                            Err(status) => {
+                                result = Err(status);
+                                break;
+                            }
+                        }
+                    }
+                    println!("{by}");
+                    result
+                }
+                Err(status) => Err(status),
+            }
+        }
+    };
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(status) => {
+            eprintln!(
+                "error: {}: {}",
+                crate::replica::rest::code_name(status.code()),
+                status.message()
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

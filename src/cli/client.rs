@@ -1,0 +1,221 @@
+//! `meshlb client`: load through the balancer, a progress bar or a live view, then the
+//! per-replica table (or JSON).
+
+use super::UsageError;
+use crate::load::{self, CallKind, LoadSpec, Recorder, Stop};
+use crate::report::{self, Report};
+use crate::{Balancer, Policy};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Where the replicas are: dns:///host:port, dns://DNS_IP:PORT/host:port, ipv4:a:p,b:p, host:port.
+    #[arg(long, env = "MESHLB_TARGET")]
+    pub target: String,
+    /// Stop after this many calls (default 1000 unless --duration is given).
+    #[arg(long, env = "MESHLB_REQUESTS", conflicts_with = "duration")]
+    pub requests: Option<u64>,
+    /// Stop after this long, e.g. `10s`.
+    #[arg(long, env = "MESHLB_DURATION", value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Calls in flight at once.
+    #[arg(long, env = "MESHLB_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub concurrency: u32,
+    /// Open loop: this many calls per second (latency counts from when each call was due).
+    #[arg(long, env = "MESHLB_RATE")]
+    pub rate: Option<f64>,
+    /// Which call: get-point, list-users or mix.
+    #[arg(long, env = "MESHLB_CALL", default_value = "get-point")]
+    pub call: CallKind,
+    /// Balancing policy: p2c (peak-EWMA) or round-robin.
+    #[arg(long, env = "MESHLB_POLICY", default_value = "p2c")]
+    pub policy: Policy,
+    /// Deadline of each call.
+    #[arg(long, env = "MESHLB_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub timeout: Duration,
+    /// Output: a table, or one JSON object.
+    #[arg(long, env = "MESHLB_FORMAT", value_enum, default_value = "table")]
+    pub format: Format,
+    /// Live view refreshed every second: distribution, latency and endpoint states.
+    #[arg(long, env = "MESHLB_WATCH")]
+    pub watch: bool,
+    /// The grpc.health.v1 service name to watch on each endpoint.
+    #[arg(long, env = "MESHLB_HEALTH_SERVICE", default_value = crate::proto::USERGUIDE_SERVICE)]
+    pub health_service: String,
+}
+
+impl Args {
+    fn spec(&self) -> Result<LoadSpec, UsageError> {
+        if let Some(rate) = self.rate {
+            if !(rate > 0.0 && rate.is_finite()) {
+                return Err(UsageError(format!(
+                    "--rate must be a positive number, got {rate}"
+                )));
+            }
+        }
+        let stop = match (self.requests, self.duration) {
+            (Some(n), _) => Stop::Requests(n),
+            (None, Some(d)) => Stop::Duration(d),
+            (None, None) => Stop::Requests(1000),
+        };
+        Ok(LoadSpec {
+            stop,
+            concurrency: self.concurrency as usize,
+            rate: self.rate,
+            call: self.call,
+        })
+    }
+}
+
+/// Builds the balancer a command runs over; a bad target is a usage error.
+pub fn balancer(
+    target: &str,
+    policy: Policy,
+    timeout: Duration,
+    health: &str,
+) -> anyhow::Result<Balancer> {
+    Balancer::builder(target)
+        .policy(policy)
+        .timeout(timeout)
+        .health_service(health)
+        .build_lazy()
+        .map_err(|e| UsageError(e.to_string()).into())
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let spec = args.spec()?;
+    let lb = balancer(
+        &args.target,
+        args.policy,
+        args.timeout,
+        &args.health_service,
+    )?;
+    lb.wait_ready(Duration::from_secs(3)).await;
+    let report = drive(&lb, &spec, args.watch, args.format == Format::Table).await;
+    match args.format {
+        Format::Table => print!("{}", report.table()),
+        Format::Json => println!("{}", serde_json::to_string(&report)?),
+    }
+    Ok(if report.ok == report.calls {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs the load with a progress bar (on a terminal) or the live view, stopping early on Ctrl-C.
+pub async fn drive(lb: &Balancer, spec: &LoadSpec, watch: bool, progress: bool) -> Report {
+    let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
+    let interrupted = tokio::spawn({
+        let signal = super::shutdown_signal();
+        async move {
+            signal.await;
+            let _ = cancel_tx.send(true);
+        }
+    });
+    let recorder = Recorder::default();
+    let started = tokio::time::Instant::now();
+    let bar = (progress && !watch && std::io::stdout().is_terminal()).then(|| progress_bar(spec));
+    let view = {
+        let (lb, recorder, bar, stop) = (lb.clone(), recorder.clone(), bar.clone(), spec.stop);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(if watch {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(100)
+            });
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if watch {
+                    print!("{}", live_frame(&lb, &recorder, started.elapsed()));
+                } else if let Some(bar) = &bar {
+                    // The bar counts calls for --requests and milliseconds for --duration.
+                    bar.set_position(match stop {
+                        Stop::Requests(_) => recorder.started(),
+                        Stop::Duration(_) => started.elapsed().as_millis() as u64,
+                    });
+                }
+            }
+        })
+    };
+    let recorder = load::run(lb, spec, recorder, cancel).await;
+    view.abort();
+    interrupted.abort();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Report::new(
+        lb.target(),
+        &lb.policy().to_string(),
+        &recorder.total(),
+        lb.retries(),
+        started.elapsed(),
+    )
+}
+
+fn progress_bar(spec: &LoadSpec) -> ProgressBar {
+    let (len, unit) = match spec.stop {
+        Stop::Requests(n) => (n, "calls"),
+        Stop::Duration(d) => (d.as_millis() as u64, "ms"),
+    };
+    let bar = ProgressBar::new(len);
+    let template = format!("{{bar:40}} {{pos}}/{{len}} {unit}  {{elapsed}}");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// One frame of the live view: the last second's distribution and every endpoint's state.
+fn live_frame(lb: &Balancer, recorder: &Recorder, elapsed: Duration) -> String {
+    let window = recorder.take_window();
+    let second = Report::new(
+        lb.target(),
+        &lb.policy().to_string(),
+        &window,
+        lb.retries(),
+        Duration::from_secs(1),
+    );
+    let mut out = String::new();
+    if std::io::stdout().is_terminal() {
+        out.push_str("\x1b[2J\x1b[H");
+    }
+    let _ = writeln!(
+        out,
+        "meshlb client --watch  {}  policy {}  t={:.0}s  (Ctrl-C for the final table)",
+        lb.target(),
+        lb.policy(),
+        elapsed.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "{:<22} {:<11} {:>8} {:>9} {:>9} {:>6}",
+        "endpoint", "state", "in-flight", "served", "errors", "ewma"
+    );
+    for e in lb.endpoints() {
+        let _ = writeln!(
+            out,
+            "{:<22} {:<11} {:>8} {:>9} {:>9} {:>6}",
+            e.addr.to_string(),
+            e.state.to_string(),
+            e.in_flight,
+            e.served,
+            e.errors,
+            report::ms(e.ewma_rtt.as_secs_f64() * 1000.0)
+        );
+    }
+    let _ = writeln!(out, "\nlast second:");
+    out.push_str(&second.table());
+    out
+}

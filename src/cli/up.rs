@@ -1,0 +1,97 @@
+//! `meshlb up`: a local fleet of replicas, until Ctrl-C.
+
+use super::UsageError;
+use crate::fleet::{FleetSpec, Launch, RunningFleet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The fleet description.
+    #[arg(long, env = "MESHLB_FLEET", default_value = "replicas/fleet.toml")]
+    fleet: PathBuf,
+    /// How many replicas (more than the file lists get no faults; fewer drops the last ones).
+    #[arg(long, env = "MESHLB_REPLICAS", value_parser = clap::value_parser!(u16).range(1..=200))]
+    replicas: Option<u16>,
+    /// First port (replica i gets base+i); 0 gives each a free port.
+    #[arg(long, env = "MESHLB_BASE_PORT")]
+    base_port: Option<u16>,
+    /// The data file every replica loads.
+    #[arg(long, env = "MESHLB_DATA", default_value = "replicas/users.json")]
+    data: PathBuf,
+}
+
+/// Reads the fleet file and applies the overrides; problems are usage errors.
+pub fn load_spec(
+    path: &std::path::Path,
+    replicas: Option<u16>,
+    base_port: Option<u16>,
+) -> anyhow::Result<FleetSpec> {
+    let mut spec = FleetSpec::load(path).map_err(|e| UsageError(e.to_string()))?;
+    if let Some(n) = replicas {
+        spec = spec.with_replicas(n as usize);
+    }
+    if let Some(port) = base_port {
+        spec = spec.with_base_port(port);
+    }
+    if spec.members.is_empty() {
+        return Err(UsageError(format!("{}: the fleet has no replicas", path.display())).into());
+    }
+    Ok(spec)
+}
+
+/// How to start replicas, checking the data file first so its absence is one clear line.
+pub fn launch(data: PathBuf) -> anyhow::Result<Launch> {
+    crate::replica::Users::load(&data).map_err(|e| UsageError(e.to_string()))?;
+    let mut launch = Launch::this_binary()?;
+    launch.data = data;
+    if std::env::var_os("RUST_LOG").is_none() {
+        launch.log = "info".into();
+    }
+    Ok(launch)
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let spec = load_spec(&args.fleet, args.replicas, args.base_port)?;
+    let launch = launch(args.data)?;
+    let shutdown = super::shutdown_signal();
+    let mut fleet = RunningFleet::start(&spec, &launch).await?;
+    for m in &fleet.members {
+        println!(
+            "{:<10} {:<22} SERVING  latency={} jitter={} fail-rate={}",
+            m.id,
+            m.addr.to_string(),
+            humantime::format_duration(m.faults.latency),
+            humantime::format_duration(m.faults.jitter),
+            m.faults.fail_rate
+        );
+    }
+    println!("target: {}", fleet.target());
+    println!(
+        "try:    meshlb client --target {} --watch --duration 60s",
+        fleet.target()
+    );
+    std::io::stdout().flush()?;
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            (id, status) = fleet.next_exit() => {
+                // Reported, not restarted: a person watching the demo should see the failure.
+                eprintln!("replica {id} exited ({status}); not restarting it");
+            }
+        }
+    }
+    eprintln!("draining {} replicas", fleet.members.len());
+    for (id, status) in fleet.drain(Duration::from_secs(15)).await {
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => eprintln!("replica {id} ended with {s}"),
+            None => eprintln!("replica {id} did not drain in time and was killed"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

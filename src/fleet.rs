@@ -1,0 +1,469 @@
+//! A local fleet: replicas as child processes of this binary (`meshlb replica`), described by
+//! `replicas/fleet.toml`, started, waited for until `SERVING`, watched, and drained together.
+//! Used by `meshlb up`, `meshlb demo` and `meshlb bench`. Knows nothing of balancing.
+
+use crate::proto::admin::v1::admin_service_client::AdminServiceClient;
+use crate::replica::FaultConfig;
+use serde::Deserialize;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+
+/// Why a fleet could not be described or started.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// The fleet file could not be read.
+    #[error("cannot read fleet file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The fleet file is not valid.
+    #[error("malformed fleet file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line.
+        message: String,
+    },
+    /// A replica could not be started or did not become ready.
+    #[error("replica {id}: {message}")]
+    Replica {
+        /// Its id.
+        id: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetFile {
+    #[serde(default)]
+    fleet: FleetSection,
+    #[serde(default)]
+    replica: Vec<ReplicaEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetSection {
+    #[serde(default = "default_host")]
+    host: IpAddr,
+    #[serde(default = "default_port")]
+    base_port: u16,
+}
+
+impl Default for FleetSection {
+    fn default() -> Self {
+        Self {
+            host: default_host(),
+            base_port: default_port(),
+        }
+    }
+}
+
+fn default_host() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+
+fn default_port() -> u16 {
+    50051
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplicaEntry {
+    id: Option<String>,
+    listen: Option<SocketAddr>,
+    latency: Option<String>,
+    jitter: Option<String>,
+    fail_rate: Option<f64>,
+}
+
+/// One replica of a fleet, before it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    /// Its id (`x-replica-id`).
+    pub id: String,
+    /// Where it listens (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Its fault knobs.
+    pub faults: FaultConfig,
+}
+
+/// A fleet description.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetSpec {
+    /// The replicas, in order.
+    pub members: Vec<Member>,
+    host: IpAddr,
+    base_port: u16,
+}
+
+impl FleetSpec {
+    /// Reads a fleet file.
+    pub fn load(path: &Path) -> Result<Self, FleetError> {
+        let text = std::fs::read_to_string(path).map_err(|source| FleetError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| FleetError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses the text of a fleet file.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: FleetFile = toml::from_str(text).map_err(|e| e.to_string().trim().to_owned())?;
+        let mut spec = Self {
+            members: Vec::new(),
+            host: file.fleet.host,
+            base_port: file.fleet.base_port,
+        };
+        for (i, entry) in file.replica.into_iter().enumerate() {
+            let duration = |field: &str, v: Option<String>| -> Result<Duration, String> {
+                v.map_or(Ok(Duration::ZERO), |s| {
+                    humantime::parse_duration(&s)
+                        .map_err(|e| format!("replica {}: {field} {s:?}: {e}", i + 1))
+                })
+            };
+            let faults = FaultConfig {
+                latency: duration("latency", entry.latency)?,
+                jitter: duration("jitter", entry.jitter)?,
+                fail_rate: entry.fail_rate.unwrap_or(0.0),
+            };
+            faults
+                .validate()
+                .map_err(|e| format!("replica {}: {e}", i + 1))?;
+            spec.members.push(Member {
+                id: entry.id.unwrap_or_else(|| format!("users-{}", i + 1)),
+                listen: entry.listen.unwrap_or_else(|| spec.slot(i)),
+                faults,
+            });
+        }
+        Ok(spec)
+    }
+
+    /// A fleet of `n` replicas with these knobs, on free ports of `host`.
+    pub fn uniform(host: IpAddr, faults: &[FaultConfig]) -> Self {
+        let mut spec = Self {
+            members: Vec::new(),
+            host,
+            base_port: 0,
+        };
+        for (i, f) in faults.iter().enumerate() {
+            spec.members.push(Member {
+                id: format!("users-{}", i + 1),
+                listen: spec.slot(i),
+                faults: *f,
+            });
+        }
+        spec
+    }
+
+    fn slot(&self, i: usize) -> SocketAddr {
+        let port = if self.base_port == 0 {
+            0
+        } else {
+            self.base_port.saturating_add(i as u16)
+        };
+        SocketAddr::new(self.host, port)
+    }
+
+    /// Resizes to `n` replicas: extra ones have no faults, and the cut ones are dropped.
+    pub fn with_replicas(mut self, n: usize) -> Self {
+        self.members.truncate(n);
+        while self.members.len() < n {
+            let i = self.members.len();
+            self.members.push(Member {
+                id: format!("users-{}", i + 1),
+                listen: self.slot(i),
+                faults: FaultConfig::default(),
+            });
+        }
+        self
+    }
+
+    /// Moves every replica to consecutive ports from `base_port` (0: free ports).
+    pub fn with_base_port(mut self, base_port: u16) -> Self {
+        self.base_port = base_port;
+        for i in 0..self.members.len() {
+            self.members[i].listen = self.slot(i);
+        }
+        self
+    }
+}
+
+/// A started replica.
+#[derive(Debug)]
+pub struct Running {
+    /// Its id.
+    pub id: String,
+    /// The address it bound.
+    pub addr: SocketAddr,
+    /// Its starting knobs.
+    pub faults: FaultConfig,
+    child: Child,
+    _stdout: BufReader<ChildStdout>,
+    exited: Option<ExitStatus>,
+}
+
+/// A started fleet. Dropping it kills whatever is still running; [`RunningFleet::drain`] stops
+/// it gracefully.
+#[derive(Debug)]
+pub struct RunningFleet {
+    /// The replicas, in order.
+    pub members: Vec<Running>,
+}
+
+/// How to start replica processes.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The `meshlb` binary.
+    pub exe: PathBuf,
+    /// The data file each replica loads.
+    pub data: PathBuf,
+    /// `RUST_LOG` for the replicas.
+    pub log: String,
+    /// How long each may take to print its address and say `SERVING`.
+    pub ready_timeout: Duration,
+}
+
+impl Launch {
+    /// This same binary, `replicas/users.json`, warnings only.
+    pub fn this_binary() -> std::io::Result<Self> {
+        Ok(Self {
+            exe: std::env::current_exe()?,
+            data: PathBuf::from("replicas/users.json"),
+            log: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            ready_timeout: Duration::from_secs(15),
+        })
+    }
+}
+
+impl RunningFleet {
+    /// Starts every member and waits until each says `SERVING`.
+    pub async fn start(spec: &FleetSpec, launch: &Launch) -> Result<Self, FleetError> {
+        let mut fleet = RunningFleet {
+            members: Vec::new(),
+        };
+        for member in &spec.members {
+            let running = start_one(member, launch).await?;
+            fleet.members.push(running);
+        }
+        for m in &fleet.members {
+            wait_serving(m, launch.ready_timeout).await?;
+        }
+        Ok(fleet)
+    }
+
+    /// The `ipv4:`/`ipv6:` target listing every replica.
+    pub fn target(&self) -> String {
+        let addrs: Vec<SocketAddr> = self.members.iter().map(|m| m.addr).collect();
+        crate::Target::Static(addrs).to_string()
+    }
+
+    /// Resolves when a replica that was running exits; gives its id and status. Pending forever
+    /// when none is left running.
+    pub async fn next_exit(&mut self) -> (String, ExitStatus) {
+        loop {
+            let waits: Vec<_> = self
+                .members
+                .iter_mut()
+                .filter(|m| m.exited.is_none())
+                .map(|m| Box::pin(async move { (m.child.wait().await, m) }))
+                .collect();
+            if waits.is_empty() {
+                return std::future::pending().await;
+            }
+            let ((result, member), _, _) = futures::future::select_all(waits).await;
+            if let Ok(status) = result {
+                member.exited = Some(status);
+                return (member.id.clone(), status);
+            }
+        }
+    }
+
+    /// Sends SIGTERM to every running replica and waits for each to finish draining (killing
+    /// any that takes longer than `timeout`).
+    pub async fn drain(mut self, timeout: Duration) -> Vec<(String, Option<ExitStatus>)> {
+        for m in &self.members {
+            if m.exited.is_none() {
+                if let Some(pid) = m.child.id() {
+                    // SAFETY: kill(2) on our own child's pid has no memory effects.
+                    unsafe {
+                        libc::kill(pid as i32, libc::SIGTERM);
+                    }
+                }
+            }
+        }
+        let mut statuses = Vec::new();
+        for m in &mut self.members {
+            let status = match m.exited {
+                Some(s) => Some(s),
+                None => match tokio::time::timeout(timeout, m.child.wait()).await {
+                    Ok(Ok(s)) => Some(s),
+                    _ => {
+                        let _ = m.child.kill().await;
+                        None
+                    }
+                },
+            };
+            statuses.push((m.id.clone(), status));
+        }
+        statuses
+    }
+}
+
+async fn start_one(member: &Member, launch: &Launch) -> Result<Running, FleetError> {
+    let fail = |message: String| FleetError::Replica {
+        id: member.id.clone(),
+        message,
+    };
+    let mut child = Command::new(&launch.exe)
+        .arg("replica")
+        .args(["--listen", &member.listen.to_string()])
+        .args(["--id", &member.id])
+        .args([
+            "--latency",
+            &humantime::format_duration(member.faults.latency).to_string(),
+        ])
+        .args([
+            "--jitter",
+            &humantime::format_duration(member.faults.jitter).to_string(),
+        ])
+        .args(["--fail-rate", &member.faults.fail_rate.to_string()])
+        .arg("--data")
+        .arg(&launch.data)
+        .env("RUST_LOG", &launch.log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {}: {e}", launch.exe.display())))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| fail("no stdout pipe".into()))?;
+    let mut stdout = BufReader::new(stdout);
+    let mut line = String::new();
+    let read = tokio::time::timeout(launch.ready_timeout, stdout.read_line(&mut line)).await;
+    let addr = match read {
+        Ok(Ok(n)) if n > 0 => line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| fail(format!("unexpected first line {line:?}")))?,
+        Ok(_) => {
+            let status = child.wait().await.ok();
+            return Err(fail(format!(
+                "exited before listening ({})",
+                status.map_or("unknown status".into(), |s| s.to_string())
+            )));
+        }
+        Err(_) => return Err(fail("did not start listening in time".into())),
+    };
+    Ok(Running {
+        id: member.id.clone(),
+        addr,
+        faults: member.faults,
+        child,
+        _stdout: stdout,
+        exited: None,
+    })
+}
+
+async fn wait_serving(member: &Running, timeout: Duration) -> Result<(), FleetError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if health_of(member.addr).await == Some(ServingStatus::Serving) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(FleetError::Replica {
+                id: member.id.clone(),
+                message: format!("not SERVING after {timeout:?}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One grpc.health.v1 Check of the whole server at `addr`.
+pub async fn health_of(addr: SocketAddr) -> Option<ServingStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .ok()?;
+    let response = HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(response.into_inner().status).ok()
+}
+
+/// Changes the fault knobs of the replica at `addr` at run time; returns the previous ones.
+pub async fn set_faults(addr: SocketAddr, faults: FaultConfig) -> Result<(), tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {addr}: {e}")))?;
+    AdminServiceClient::new(channel)
+        .set_faults(crate::replica::service::faults_request(faults))
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_shipped_fleet() {
+        let spec = FleetSpec::parse(include_str!("../replicas/fleet.toml")).unwrap();
+        assert_eq!(spec.members.len(), 3);
+        assert_eq!(spec.members[0].listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(spec.members[2].listen, "127.0.0.1:50053".parse().unwrap());
+        assert_eq!(spec.members[2].faults.latency, Duration::from_millis(40));
+        assert!(spec.members[..2]
+            .iter()
+            .all(|m| m.faults == FaultConfig::default()));
+    }
+
+    #[test]
+    fn resizes_and_moves_ports() {
+        let spec = FleetSpec::parse(include_str!("../replicas/fleet.toml"))
+            .unwrap()
+            .with_replicas(5)
+            .with_base_port(0);
+        assert_eq!(spec.members.len(), 5);
+        assert_eq!(spec.members[4].id, "users-5");
+        assert!(spec.members.iter().all(|m| m.listen.port() == 0));
+        assert_eq!(spec.clone().with_replicas(1).members.len(), 1);
+    }
+
+    #[test]
+    fn bad_fleet_files_say_what_is_wrong() {
+        let err = FleetSpec::parse("[[replica]]\nlatency = \"fast\"\n").unwrap_err();
+        assert!(err.contains("latency") && err.contains("fast"), "{err}");
+        let err = FleetSpec::parse("[[replica]]\nfail_rate = 3.0\n").unwrap_err();
+        assert!(err.contains("fail rate"), "{err}");
+        let err = FleetSpec::parse("[[replica]]\nlatncy = \"1ms\"\n").unwrap_err();
+        assert!(err.contains("latncy"), "{err}");
+    }
+}

@@ -1,0 +1,391 @@
+//! Load generation: drives `UserGuideService` calls through a [`Balancer`] (closed loop at a fixed
+//! concurrency, or open loop at a fixed rate) and records what came back: latency histograms
+//! (HDR) overall and per replica, errors by status code. Knows nothing of how results are shown.
+
+use crate::balance::{Attempts, ServedBy};
+use crate::proto::userguide::v1::{
+    user_guide_service_client::UserGuideServiceClient, GetPointRequest, ListUsersRequest, Point,
+    Profile,
+};
+use crate::Balancer;
+use hdrhistogram::Histogram;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::{Code, Status};
+
+/// Which call to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CallKind {
+    /// Unary `GetPoint`.
+    #[default]
+    GetPoint,
+    /// Server-streaming `ListUsers`, read to its end.
+    ListUsers,
+    /// Alternating between the two.
+    Mix,
+}
+
+impl std::str::FromStr for CallKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "get-point" => Ok(CallKind::GetPoint),
+            "list-users" => Ok(CallKind::ListUsers),
+            "mix" => Ok(CallKind::Mix),
+            other => Err(format!(
+                "unknown call {other:?}: expected get-point, list-users or mix"
+            )),
+        }
+    }
+}
+
+/// When a run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// After this many calls.
+    Requests(u64),
+    /// After this long.
+    Duration(Duration),
+}
+
+/// What load to make.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// When to stop.
+    pub stop: Stop,
+    /// Calls in flight at once (closed loop), or at most in flight (open loop).
+    pub concurrency: usize,
+    /// Calls per second for an open loop; `None` for a closed loop.
+    pub rate: Option<f64>,
+    /// Which call.
+    pub call: CallKind,
+}
+
+/// Latency and error counts for one set of calls.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// Latency of successful calls, in microseconds.
+    pub latency: Histogram<u64>,
+    /// Calls that ended with a status, by code name.
+    pub errors: BTreeMap<&'static str, u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            // 1 µs to 1 h at 3 significant figures: the bounds are constants, so this cannot fail.
+            latency: Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("constant histogram bounds are valid"),
+            errors: BTreeMap::new(),
+        }
+    }
+}
+
+impl Stats {
+    fn ok(&mut self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.latency.saturating_record(us);
+    }
+
+    fn error(&mut self, code: Code) {
+        *self
+            .errors
+            .entry(crate::replica::rest::code_name(code))
+            .or_default() += 1;
+    }
+
+    fn merge(&mut self, other: &Stats) {
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.latency.add(&other.latency);
+        for (code, n) in &other.errors {
+            *self.errors.entry(code).or_default() += n;
+        }
+    }
+
+    /// Successful calls.
+    pub fn ok_count(&self) -> u64 {
+        self.latency.len()
+    }
+
+    /// Failed calls.
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// Everything recorded for one replica.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaStats {
+    /// The address it was reached at, when known.
+    pub addr: Option<SocketAddr>,
+    /// Its calls.
+    pub stats: Stats,
+}
+
+/// What a run recorded: totals and per replica (keyed by `x-replica-id`).
+#[derive(Debug, Clone, Default)]
+pub struct Recording {
+    /// All calls.
+    pub total: Stats,
+    /// Calls per replica id.
+    pub replicas: BTreeMap<String, ReplicaStats>,
+    /// Calls that took more than one try.
+    pub retried_calls: u64,
+}
+
+impl Recording {
+    fn record(&mut self, outcome: &CallOutcome, latency: Duration) {
+        let replica = outcome.replica.as_ref().map(|id| {
+            let entry = self.replicas.entry(id.clone()).or_default();
+            if entry.addr.is_none() {
+                entry.addr = outcome.addr;
+            }
+            entry
+        });
+        match outcome.code {
+            None => {
+                self.total.ok(latency);
+                if let Some(r) = replica {
+                    r.stats.ok(latency);
+                }
+            }
+            Some(code) => {
+                self.total.error(code);
+                if let Some(r) = replica {
+                    r.stats.error(code);
+                }
+            }
+        }
+        if outcome.attempts > 1 {
+            self.retried_calls += 1;
+        }
+    }
+
+    /// Adds another recording into this one.
+    pub fn merge(&mut self, other: &Recording) {
+        self.total.merge(&other.total);
+        for (id, r) in &other.replicas {
+            let entry = self.replicas.entry(id.clone()).or_default();
+            entry.addr = entry.addr.or(r.addr);
+            entry.stats.merge(&r.stats);
+        }
+        self.retried_calls += other.retried_calls;
+    }
+}
+
+/// The shared recorder: the whole run, and the window since the last [`Recorder::take_window`].
+#[derive(Debug, Clone, Default)]
+pub struct Recorder {
+    inner: Arc<Mutex<(Recording, Recording)>>,
+    started: Arc<AtomicU64>,
+}
+
+impl Recorder {
+    fn record(&self, outcome: &CallOutcome, latency: Duration) {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0.record(outcome, latency);
+        guard.1.record(outcome, latency);
+    }
+
+    /// The whole run so far.
+    pub fn total(&self) -> Recording {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// The calls since the previous call to this, and starts a new window.
+    pub fn take_window(&self) -> Recording {
+        std::mem::take(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()).1)
+    }
+
+    /// Calls started so far.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+}
+
+struct CallOutcome {
+    replica: Option<String>,
+    addr: Option<SocketAddr>,
+    code: Option<Code>,
+    attempts: u32,
+}
+
+const USERS: [(&str, i32); 5] = [
+    ("james", 26),
+    ("jake", 27),
+    ("molly", 26),
+    ("amy", 24),
+    ("robert", 24),
+];
+
+fn replica_of(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get("x-replica-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Makes call number `n` of the run.
+async fn one_call(
+    client: &mut UserGuideServiceClient<Balancer>,
+    kind: CallKind,
+    n: u64,
+) -> CallOutcome {
+    let list = match kind {
+        CallKind::GetPoint => false,
+        CallKind::ListUsers => true,
+        CallKind::Mix => n % 2 == 1,
+    };
+    let failed = |status: Status| CallOutcome {
+        replica: replica_of(status.metadata()),
+        addr: None,
+        code: Some(status.code()),
+        attempts: 1,
+    };
+    let served = |metadata: &tonic::metadata::MetadataMap, ext: &http::Extensions| CallOutcome {
+        replica: replica_of(metadata),
+        addr: ext.get::<ServedBy>().map(|s| s.0),
+        code: None,
+        attempts: ext.get::<Attempts>().map_or(1, |a| a.0),
+    };
+    if list {
+        let points = if n % 4 < 2 { 1000 } else { 800 };
+        let request = ListUsersRequest {
+            point: Some(Point { value: points }),
+        };
+        let response = match client.list_users(request).await {
+            Ok(r) => r,
+            Err(status) => return failed(status),
+        };
+        let mut outcome = served(response.metadata(), response.extensions());
+        let mut stream = response.into_inner();
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return outcome,
+                Err(status) => {
+                    outcome.code = Some(status.code());
+                    return outcome;
+                }
+            }
+        }
+    } else {
+        let (name, age) = USERS[(n % USERS.len() as u64) as usize];
+        let request = GetPointRequest {
+            profile: Some(Profile {
+                age,
+                name: name.into(),
+            }),
+        };
+        match client.get_point(request).await {
+            Ok(r) => served(r.metadata(), r.extensions()),
+            Err(status) => failed(status),
+        }
+    }
+}
+
+/// Runs `spec` through `lb` until it is done or `cancel` turns true; returns the recorder.
+pub async fn run(
+    lb: &Balancer,
+    spec: &LoadSpec,
+    recorder: Recorder,
+    mut cancel: watch::Receiver<bool>,
+) -> Recorder {
+    let start = Instant::now();
+    let deadline = match spec.stop {
+        Stop::Duration(d) => Some(start + d),
+        Stop::Requests(_) => None,
+    };
+    let limit = match spec.stop {
+        Stop::Requests(n) => n,
+        Stop::Duration(_) => u64::MAX,
+    };
+    let tickets = Arc::new(AtomicU64::new(0));
+    let take_ticket = {
+        let tickets = tickets.clone();
+        move || {
+            let n = tickets.fetch_add(1, Ordering::Relaxed);
+            let in_time = deadline.is_none_or(|d| Instant::now() < d);
+            (n < limit && in_time).then_some(n)
+        }
+    };
+    let work = async {
+        match spec.rate {
+            None => closed_loop(lb, spec, &recorder, take_ticket).await,
+            Some(rate) => open_loop(lb, spec, rate, &recorder, take_ticket).await,
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        _ = cancel.wait_for(|stop| *stop) => {}
+    }
+    recorder
+}
+
+async fn closed_loop(
+    lb: &Balancer,
+    spec: &LoadSpec,
+    recorder: &Recorder,
+    take_ticket: impl Fn() -> Option<u64> + Clone,
+) {
+    let workers = (0..spec.concurrency.max(1)).map(|_| {
+        let mut client = UserGuideServiceClient::new(lb.clone());
+        let take_ticket = take_ticket.clone();
+        let recorder = recorder.clone();
+        let kind = spec.call;
+        async move {
+            while let Some(n) = take_ticket() {
+                recorder.started.fetch_add(1, Ordering::Relaxed);
+                let sent = Instant::now();
+                let outcome = one_call(&mut client, kind, n).await;
+                recorder.record(&outcome, sent.elapsed());
+            }
+        }
+    });
+    futures::future::join_all(workers).await;
+}
+
+async fn open_loop(
+    lb: &Balancer,
+    spec: &LoadSpec,
+    rate: f64,
+    recorder: &Recorder,
+    take_ticket: impl Fn() -> Option<u64>,
+) {
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let limit = Arc::new(tokio::sync::Semaphore::new(spec.concurrency.max(1)));
+    let mut calls = tokio::task::JoinSet::new();
+    while let Some(n) = take_ticket() {
+        // Latency counts from when the call was due, not when a slot freed up, so a slow system
+        // is not hidden by waiting to send (coordinated omission).
+        let due = ticker.tick().await;
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        recorder.started.fetch_add(1, Ordering::Relaxed);
+        let mut client = UserGuideServiceClient::new(lb.clone());
+        let recorder = recorder.clone();
+        let kind = spec.call;
+        calls.spawn(async move {
+            let outcome = one_call(&mut client, kind, n).await;
+            recorder.record(&outcome, due.elapsed());
+            drop(permit);
+        });
+        while calls.try_join_next().is_some() {}
+    }
+    while calls.join_next().await.is_some() {}
+}
