@@ -1,7 +1,8 @@
 //! One call through the balancer: its deadline, its retries and the retry budget.
 //!
 //! - The deadline is the balancer's default timeout, or the caller's `grpc-timeout` when shorter.
-//!   Past it the caller gets `DEADLINE_EXCEEDED`, never a hang.
+//!   Past it the caller gets `DEADLINE_EXCEEDED` (or `UNAVAILABLE` with the reason, when no
+//!   endpoint is ready at all), never a hang.
 //! - A call of a retryable (idempotent) method that failed on the connection, or was answered
 //!   `UNAVAILABLE`, is sent again, at most `max_retries` more times, while the retry budget allows
 //!   (retries add at most `budget_percent` to the load, as Linkerd's budget does). A fail-fast
@@ -106,10 +107,16 @@ pub(super) async fn run(
     let (result, tries) = match tokio::time::timeout(deadline, attempts).await {
         Ok(done) => done,
         Err(_) => {
-            let status = Status::deadline_exceeded(format!(
-                "no answer from {} within {deadline:?}",
-                shared.registry.target()
-            ));
+            // Still no ready endpoint when the deadline hit: the reason is worth more to the
+            // caller than the timeout.
+            let status = if shared.registry.any_ready() {
+                Status::deadline_exceeded(format!(
+                    "no answer from {} within {deadline:?}",
+                    shared.registry.target()
+                ))
+            } else {
+                Status::unavailable(shared.registry.why_unavailable())
+            };
             return Ok(status.into_http());
         }
     };

@@ -279,7 +279,9 @@ impl Builder {
                     .map_response(|r: http::Response<_>| r.map(Body::new)),
             ),
         };
-        let stack = FailFast::new(inner, self.call.ready_wait, registry.clone());
+        // The wait for a ready endpoint is never longer than a call's deadline.
+        let ready_wait = self.call.ready_wait.min(self.call.timeout);
+        let stack = FailFast::new(inner, ready_wait, registry.clone());
         let buffer = Buffer::new(stack, self.buffer);
         let budget = self.call.budget();
         Ok(Balancer {

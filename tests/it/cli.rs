@@ -1,0 +1,211 @@
+//! The real `meshlb` binary: up, client, call, demo, and bad usage.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+fn meshlb() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+/// `meshlb up` on free ports; returns the child and the target it printed.
+fn up(replicas: &str) -> (Child, String) {
+    let mut child = meshlb()
+        .args(["up", "--replicas", replicas, "--base-port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut serving = 0;
+    let target = loop {
+        let line = lines
+            .next()
+            .expect("up printed its target before exiting")
+            .unwrap();
+        if line.contains("SERVING") {
+            serving += 1;
+        }
+        if let Some(t) = line.strip_prefix("target: ") {
+            break t.to_owned();
+        }
+    };
+    assert_eq!(serving.to_string(), replicas);
+    // Keep draining stdout so `up` never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, target)
+}
+
+fn stop(mut child: Child) {
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "up exited with {status}");
+}
+
+fn json_client(target: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+    let out = meshlb()
+        .args(["client", "--target", target, "--format", "json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, json)
+}
+
+#[test]
+fn up_then_client_json_counts_add_up_and_round_robin_is_even() {
+    let (child, target) = up("3");
+    assert!(target.starts_with("ipv4:"), "{target}");
+
+    let (out, report) = json_client(&target, &["--requests", "300", "--concurrency", "4"]);
+    assert_eq!(out.status.code(), Some(0));
+    for key in [
+        "target",
+        "policy",
+        "calls",
+        "ok",
+        "errors",
+        "retries",
+        "duration_s",
+        "rps",
+        "latency_ms",
+        "replicas",
+    ] {
+        assert!(report.get(key).is_some(), "missing {key}: {report}");
+    }
+    assert_eq!(report["calls"], 300);
+    assert_eq!(report["ok"], 300);
+    let replicas = report["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 3);
+    let sum: u64 = replicas.iter().map(|r| r["calls"].as_u64().unwrap()).sum();
+    assert_eq!(sum, 300);
+    for key in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(report["latency_ms"][key].as_f64().unwrap() > 0.0, "{key}");
+    }
+
+    let (_, rr) = json_client(
+        &target,
+        &[
+            "--requests",
+            "300",
+            "--concurrency",
+            "3",
+            "--policy",
+            "round-robin",
+            "--call",
+            "list-users",
+        ],
+    );
+    assert_eq!(rr["policy"], "round-robin");
+    assert_eq!(rr["ok"], 300);
+    for r in rr["replicas"].as_array().unwrap() {
+        let calls = r["calls"].as_u64().unwrap();
+        assert!((80..=120).contains(&calls), "uneven round-robin: {rr}");
+    }
+
+    let call = meshlb()
+        .args([
+            "call",
+            "--target",
+            &target,
+            "get-point",
+            "--name",
+            "james",
+            "--age",
+            "26",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&call.stdout);
+    assert!(call.status.success());
+    assert!(stdout.contains(r#"{"value":1000}"#), "{stdout}");
+    assert!(stdout.contains("served by users-"), "{stdout}");
+
+    let missing = meshlb()
+        .args([
+            "call",
+            "--target",
+            &target,
+            "get-point",
+            "--name",
+            "nobody",
+            "--age",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NOT_FOUND"));
+    stop(child);
+}
+
+#[test]
+fn failed_calls_exit_1_and_still_print_the_report() {
+    // Nothing listens there: every call fails fast.
+    let (out, report) = json_client("ipv4:127.0.0.1:1", &["--requests", "3", "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(report["ok"], 0);
+    assert_eq!(report["errors"]["UNAVAILABLE"], 3);
+}
+
+fn assert_usage_error(args: &[&str], mentions: &str) {
+    let out = meshlb().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(stderr.contains(mentions), "{args:?}: {stderr}");
+    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines[0].starts_with("error:"),
+        "{args:?}: first line should be the error: {stderr}"
+    );
+}
+
+#[test]
+fn bad_usage_exits_2_with_one_clear_line() {
+    assert_usage_error(&["client", "--target", "ipv4:nope:1"], "nope");
+    assert_usage_error(&["client", "--target", "users.local"], "missing port");
+    assert_usage_error(
+        &["client", "--target", "x:1", "--frobnicate"],
+        "--frobnicate",
+    );
+    assert_usage_error(
+        &["client", "--target", "x:1", "--policy", "fastest"],
+        "fastest",
+    );
+    assert_usage_error(
+        &["up", "--fleet", "/nonexistent/fleet.toml"],
+        "/nonexistent/fleet.toml",
+    );
+    assert_usage_error(&["replica", "--fail-rate", "7"], "fail rate");
+}
+
+#[test]
+fn demo_finishes_with_both_tables() {
+    let out = meshlb()
+        .args(["demo", "--duration", "1s", "--concurrency", "4"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("policy p2c"), "{stdout}");
+    assert!(stdout.contains("policy round-robin"), "{stdout}");
+    assert!(stdout.contains("conclusion:"), "{stdout}");
+    assert!(stdout.contains("users-3"), "{stdout}");
+    assert!(stdout.contains("fleet drained"), "{stdout}");
+}
