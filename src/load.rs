@@ -1,4 +1,4 @@
-//! Load generation: drives `UserGuideService` calls through a [`Balancer`] (closed loop at a fixed
+//! Load generation: drives `UserGuideService` calls through a [`crate::Balancer`] (closed loop at a fixed
 //! concurrency, or open loop at a fixed rate) and records what came back: latency histograms
 //! (HDR) overall and per replica, errors by status code. Knows nothing of how results are shown.
 
@@ -7,7 +7,6 @@ use crate::proto::userguide::v1::{
     user_guide_service_client::UserGuideServiceClient, GetPointRequest, ListUsersRequest, Point,
     Profile,
 };
-use crate::Balancer;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -237,9 +236,43 @@ fn replica_of(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Any gRPC transport the generated client runs over: the [`crate::Balancer`], or (for comparisons) a
+/// plain tonic `Channel`.
+pub trait Transport:
+    tonic::client::GrpcService<
+        tonic::body::Body,
+        ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<StdError> + Send>
+                          + Send
+                          + 'static,
+        Error: Into<StdError>,
+        Future: Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Transport for T where
+    T: tonic::client::GrpcService<
+            tonic::body::Body,
+            ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<StdError> + Send>
+                              + Send
+                              + 'static,
+            Error: Into<StdError>,
+            Future: Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+type StdError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Makes call number `n` of the run.
-async fn one_call(
-    client: &mut UserGuideServiceClient<Balancer>,
+async fn one_call<T: Transport>(
+    client: &mut UserGuideServiceClient<T>,
     kind: CallKind,
     n: u64,
 ) -> CallOutcome {
@@ -297,8 +330,8 @@ async fn one_call(
 }
 
 /// Runs `spec` through `lb` until it is done or `cancel` turns true; returns the recorder.
-pub async fn run(
-    lb: &Balancer,
+pub async fn run<T: Transport>(
+    lb: &T,
     spec: &LoadSpec,
     recorder: Recorder,
     mut cancel: watch::Receiver<bool>,
@@ -334,8 +367,8 @@ pub async fn run(
     recorder
 }
 
-async fn closed_loop(
-    lb: &Balancer,
+async fn closed_loop<T: Transport>(
+    lb: &T,
     spec: &LoadSpec,
     recorder: &Recorder,
     take_ticket: impl Fn() -> Option<u64> + Clone,
@@ -357,8 +390,8 @@ async fn closed_loop(
     futures::future::join_all(workers).await;
 }
 
-async fn open_loop(
-    lb: &Balancer,
+async fn open_loop<T: Transport>(
+    lb: &T,
     spec: &LoadSpec,
     rate: f64,
     recorder: &Recorder,

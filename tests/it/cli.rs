@@ -166,10 +166,8 @@ fn assert_usage_error(args: &[&str], mentions: &str) {
     assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
     assert!(stderr.contains(mentions), "{args:?}: {stderr}");
     let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(
-        lines[0].starts_with("error:"),
-        "{args:?}: first line should be the error: {stderr}"
-    );
+    assert_eq!(lines.len(), 1, "{args:?}: one line, got {stderr}");
+    assert!(lines[0].starts_with("error:"), "{args:?}: {stderr}");
 }
 
 #[test]
