@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod balance;
+pub mod bench;
 pub mod cli;
 pub mod discovery;
 pub mod fleet;

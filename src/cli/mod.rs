@@ -1,6 +1,7 @@
 //! The `meshlb` commands. Each subcommand is a module holding its clap arguments and a `run`
 //! that calls into the library; nothing here implements balancing or serving itself.
 
+mod bench;
 mod call;
 mod client;
 mod demo;
@@ -33,6 +34,8 @@ enum Command {
     Call(call::Args),
     /// Change a running replica's latency or failure rate.
     Faults(faults::Args),
+    /// Compare meshlb p2c, round-robin, tonic balance_list and a direct channel, scenario by scenario.
+    Bench(bench::Args),
 }
 
 /// A failure the user caused (bad flag, target or file): exit code 2.
@@ -74,6 +77,7 @@ pub fn main() -> ExitCode {
             Command::Client(args) => client::run(args).await,
             Command::Call(args) => call::run(args).await,
             Command::Faults(args) => faults::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {

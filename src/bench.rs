@@ -1,0 +1,591 @@
+//! Benchmarks: the same load against the same local fleet through each contender, scenario by
+//! scenario, so the numbers are comparable within one run. Contenders: meshlb p2c (peak-EWMA),
+//! meshlb round-robin, tonic's `Channel::balance_list` (what a tonic user gets today), and a single
+//! direct `Channel` to one healthy replica (the floor). Knows nothing of how results are printed
+//! beyond producing rows; [`Scenario::markdown`] and [`Scenario::table`] render them.
+
+use crate::fleet::{FleetSpec, Launch, RunningFleet};
+use crate::load::{self, CallKind, LoadSpec, Recorder, Recording, Stop, Transport};
+use crate::replica::FaultConfig;
+use crate::report::{ms, Latency};
+use crate::{Balancer, Policy};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+/// The scenarios, each over three replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScenarioKind {
+    /// All at 5 ms: the balancer's overhead.
+    Uniform,
+    /// One replica 50 ms slower: the headline.
+    OneSlow,
+    /// 1, 10 and 100 ms.
+    Spread,
+    /// Uniform, one replica turned slow for the middle third of the run.
+    Degrade,
+    /// No injected latency: maximum throughput and the balancer's own CPU cost.
+    NoLatency,
+}
+
+impl ScenarioKind {
+    /// Every scenario, in report order.
+    pub const ALL: [ScenarioKind; 5] = [
+        ScenarioKind::Uniform,
+        ScenarioKind::OneSlow,
+        ScenarioKind::Spread,
+        ScenarioKind::Degrade,
+        ScenarioKind::NoLatency,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ScenarioKind::Uniform => "uniform",
+            ScenarioKind::OneSlow => "one-slow",
+            ScenarioKind::Spread => "spread",
+            ScenarioKind::Degrade => "degrade",
+            ScenarioKind::NoLatency => "no-latency",
+        }
+    }
+
+    fn latencies_ms(self) -> [u64; 3] {
+        match self {
+            ScenarioKind::Uniform | ScenarioKind::Degrade => [5, 5, 5],
+            ScenarioKind::OneSlow => [5, 5, 55],
+            ScenarioKind::Spread => [1, 10, 100],
+            ScenarioKind::NoLatency => [0, 0, 0],
+        }
+    }
+
+    fn has_direct(self) -> bool {
+        matches!(
+            self,
+            ScenarioKind::Uniform | ScenarioKind::OneSlow | ScenarioKind::NoLatency
+        )
+    }
+}
+
+impl std::str::FromStr for ScenarioKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                format!("unknown scenario {s:?}: expected uniform, one-slow, spread, degrade or no-latency")
+            })
+    }
+}
+
+/// Who is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Contender {
+    /// meshlb, p2c over peak-EWMA.
+    MeshlbP2c,
+    /// meshlb, round-robin.
+    MeshlbRoundRobin,
+    /// tonic's `Channel::balance_list`.
+    TonicBalanceList,
+    /// One `Channel` to the first (fast) replica.
+    Direct,
+}
+
+impl Contender {
+    fn label(self) -> &'static str {
+        match self {
+            Contender::MeshlbP2c => "meshlb p2c",
+            Contender::MeshlbRoundRobin => "meshlb round-robin",
+            Contender::TonicBalanceList => "tonic balance_list",
+            Contender::Direct => "direct channel",
+        }
+    }
+}
+
+/// How the benchmark runs.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Scenarios to run.
+    pub scenarios: Vec<ScenarioKind>,
+    /// Measured time per contender and round.
+    pub duration: Duration,
+    /// Unmeasured load before each measurement.
+    pub warmup: Duration,
+    /// Calls in flight.
+    pub concurrency: usize,
+    /// Rounds; each figure is the median over rounds.
+    pub rounds: usize,
+}
+
+/// One contender's figures in one scenario (medians over rounds).
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Who.
+    pub contender: Contender,
+    /// Calls per second.
+    pub rps: f64,
+    /// Latency percentiles, ms.
+    pub latency_ms: Latency,
+    /// Failed calls (summed over rounds).
+    pub errors: u64,
+    /// Share of calls per replica, in fleet order.
+    pub shares: Vec<f64>,
+    /// Client CPU time per call, µs (user + system, this process).
+    pub cpu_us_per_call: f64,
+    /// This p99 over meshlb p2c's p99 in the uniform scenario.
+    pub p99_vs_uniform_p2c: Option<f64>,
+    /// Degrade only: p99 per phase (before, slow, after).
+    pub phase_p99_ms: Option<[f64; 3]>,
+    /// Degrade only: ms from the change until the slow replica's share in a 100 ms window fell
+    /// under 5 %.
+    pub ms_until_share_below_5pct: Option<f64>,
+}
+
+/// One scenario's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    /// Which.
+    pub kind: ScenarioKind,
+    /// Injected latency per replica, ms.
+    pub latencies_ms: [u64; 3],
+    /// Rows, one per contender.
+    pub rows: Vec<Row>,
+}
+
+/// Runs every configured scenario; `progress` is told what is being measured.
+pub async fn run(
+    config: &BenchConfig,
+    launch: &Launch,
+    progress: impl Fn(&str),
+) -> anyhow::Result<Vec<Scenario>> {
+    let mut results: Vec<Scenario> = Vec::new();
+    for &kind in &config.scenarios {
+        let faults: Vec<FaultConfig> = kind
+            .latencies_ms()
+            .iter()
+            .map(|&ms| FaultConfig {
+                latency: Duration::from_millis(ms),
+                ..Default::default()
+            })
+            .collect();
+        let spec = FleetSpec::uniform(IpAddr::V4(Ipv4Addr::LOCALHOST), &faults);
+        let fleet = RunningFleet::start(&spec, launch).await?;
+        let addrs: Vec<SocketAddr> = fleet.members.iter().map(|m| m.addr).collect();
+        let ids: Vec<String> = fleet.members.iter().map(|m| m.id.clone()).collect();
+        let mut contenders = vec![
+            Contender::MeshlbP2c,
+            Contender::MeshlbRoundRobin,
+            Contender::TonicBalanceList,
+        ];
+        if kind.has_direct() {
+            contenders.push(Contender::Direct);
+        }
+        let mut rows = Vec::new();
+        for contender in contenders {
+            let mut rounds = Vec::new();
+            for round in 0..config.rounds {
+                progress(&format!(
+                    "{} / {} / round {}",
+                    kind.name(),
+                    contender.label(),
+                    round + 1
+                ));
+                rounds.push(measure(kind, contender, &addrs, &ids, config).await?);
+            }
+            rows.push(median_row(contender, rounds));
+        }
+        let _ = fleet.drain(Duration::from_secs(10)).await;
+        results.push(Scenario {
+            kind,
+            latencies_ms: kind.latencies_ms(),
+            rows,
+        });
+    }
+    let uniform_p2c = results
+        .iter()
+        .find(|s| s.kind == ScenarioKind::Uniform)
+        .and_then(|s| s.rows.iter().find(|r| r.contender == Contender::MeshlbP2c))
+        .map(|r| r.latency_ms.p99);
+    if let Some(base) = uniform_p2c.filter(|b| *b > 0.0) {
+        for row in results.iter_mut().flat_map(|s| s.rows.iter_mut()) {
+            row.p99_vs_uniform_p2c = Some(row.latency_ms.p99 / base);
+        }
+    }
+    Ok(results)
+}
+
+/// One round of one contender.
+struct Round {
+    rps: f64,
+    latency: Latency,
+    errors: u64,
+    shares: Vec<f64>,
+    cpu_us_per_call: f64,
+    phase_p99_ms: Option<[f64; 3]>,
+    ms_until_below: Option<f64>,
+}
+
+async fn measure(
+    kind: ScenarioKind,
+    contender: Contender,
+    addrs: &[SocketAddr],
+    ids: &[String],
+    config: &BenchConfig,
+) -> anyhow::Result<Round> {
+    let target = crate::Target::Static(addrs.to_vec()).to_string();
+    match contender {
+        Contender::MeshlbP2c | Contender::MeshlbRoundRobin => {
+            let policy = if contender == Contender::MeshlbP2c {
+                Policy::P2c
+            } else {
+                Policy::RoundRobin
+            };
+            let lb = Balancer::builder(target)
+                .policy(policy)
+                .health_service(crate::proto::USERGUIDE_SERVICE)
+                .build()
+                .await?;
+            Ok(measure_on(&lb, kind, addrs, ids, config).await)
+        }
+        Contender::TonicBalanceList => {
+            let endpoints = addrs
+                .iter()
+                .map(|a| tonic::transport::Endpoint::from_shared(format!("http://{a}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
+            Ok(measure_on(&channel, kind, addrs, ids, config).await)
+        }
+        Contender::Direct => {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", addrs[0]))?
+                .connect()
+                .await?;
+            Ok(measure_on(&channel, kind, addrs, ids, config).await)
+        }
+    }
+}
+
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct we hand it; a zeroed rusage is a valid initial value.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+async fn measure_on<T: Transport>(
+    transport: &T,
+    kind: ScenarioKind,
+    addrs: &[SocketAddr],
+    ids: &[String],
+    config: &BenchConfig,
+) -> Round {
+    let spec = |d| LoadSpec {
+        stop: Stop::Duration(d),
+        concurrency: config.concurrency,
+        rate: None,
+        call: CallKind::GetPoint,
+    };
+    let (_never, cancel) = tokio::sync::watch::channel(false);
+    load::run(
+        transport,
+        &spec(config.warmup),
+        Recorder::default(),
+        cancel.clone(),
+    )
+    .await;
+
+    let recorder = Recorder::default();
+    let degrade = (kind == ScenarioKind::Degrade).then(|| {
+        let (slow, d) = (addrs[2], config.duration);
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            // 100 ms windows, and the slow replica's knob turned at 1/3 and back at 2/3.
+            let mut windows = Vec::new();
+            let start = tokio::time::Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut turned = (false, false);
+            loop {
+                tick.tick().await;
+                let t = start.elapsed();
+                windows.push((t, recorder.take_window()));
+                if !turned.0 && t >= d / 3 {
+                    turned.0 = true;
+                    let _ = crate::fleet::set_faults(slow, slow_faults(55)).await;
+                }
+                if !turned.1 && t >= d * 2 / 3 {
+                    turned.1 = true;
+                    let _ = crate::fleet::set_faults(slow, slow_faults(5)).await;
+                }
+                if t >= d {
+                    return windows;
+                }
+            }
+        })
+    });
+    let cpu_before = cpu_time();
+    let started = tokio::time::Instant::now();
+    let recorder = load::run(transport, &spec(config.duration), recorder, cancel).await;
+    let elapsed = started.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu_before);
+    let total = recorder.total();
+    let calls = total.total.ok_count() + total.total.error_count();
+    let answered: u64 = total
+        .replicas
+        .values()
+        .map(|r| r.stats.ok_count() + r.stats.error_count())
+        .sum();
+    let shares = ids
+        .iter()
+        .map(|id| {
+            total.replicas.get(id).map_or(0.0, |r| {
+                (r.stats.ok_count() + r.stats.error_count()) as f64 / answered.max(1) as f64
+            })
+        })
+        .collect();
+    let (phase_p99_ms, ms_until_below) = match degrade {
+        Some(task) => match task.await {
+            Ok(windows) => phases(&windows, config.duration, &ids[2]),
+            Err(_) => (None, None),
+        },
+        None => (None, None),
+    };
+    Round {
+        rps: calls as f64 / elapsed.as_secs_f64().max(1e-9),
+        latency: Latency::of(&total.total),
+        errors: total.total.error_count(),
+        shares,
+        cpu_us_per_call: cpu.as_secs_f64() * 1e6 / calls.max(1) as f64,
+        phase_p99_ms,
+        ms_until_below,
+    }
+}
+
+fn slow_faults(ms: u64) -> FaultConfig {
+    FaultConfig {
+        latency: Duration::from_millis(ms),
+        ..Default::default()
+    }
+}
+
+/// p99 of each third of the run, and how long after the change the slow replica's share in a
+/// window first fell under 5 %.
+fn phases(
+    windows: &[(Duration, Recording)],
+    d: Duration,
+    slow_id: &str,
+) -> (Option<[f64; 3]>, Option<f64>) {
+    let mut parts = [
+        Recording::default(),
+        Recording::default(),
+        Recording::default(),
+    ];
+    for (t, w) in windows {
+        let i = if *t <= d / 3 {
+            0
+        } else if *t <= d * 2 / 3 {
+            1
+        } else {
+            2
+        };
+        parts[i].merge(w);
+    }
+    let p99 = parts.each_ref().map(|p| Latency::of(&p.total).p99);
+    let below = windows
+        .iter()
+        .filter(|(t, _)| *t > d / 3 && *t <= d * 2 / 3)
+        .find(|(_, w)| {
+            let all: u64 = w.replicas.values().map(|r| r.stats.ok_count()).sum();
+            let slow = w.replicas.get(slow_id).map_or(0, |r| r.stats.ok_count());
+            all > 0 && (slow as f64) < 0.05 * all as f64
+        })
+        .map(|(t, _)| (t.saturating_sub(d / 3)).as_secs_f64() * 1000.0);
+    (Some(p99), below)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn median_row(contender: Contender, rounds: Vec<Round>) -> Row {
+    let m = |f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+    let n_shares = rounds.first().map_or(0, |r| r.shares.len());
+    Row {
+        contender,
+        rps: m(|r| r.rps),
+        latency_ms: Latency {
+            p50: m(|r| r.latency.p50),
+            p90: m(|r| r.latency.p90),
+            p99: m(|r| r.latency.p99),
+            p999: m(|r| r.latency.p999),
+            max: m(|r| r.latency.max),
+        },
+        errors: rounds.iter().map(|r| r.errors).sum(),
+        shares: (0..n_shares)
+            .map(|i| median(rounds.iter().map(|r| r.shares[i]).collect()))
+            .collect(),
+        cpu_us_per_call: m(|r| r.cpu_us_per_call),
+        p99_vs_uniform_p2c: None,
+        phase_p99_ms: rounds.iter().all(|r| r.phase_p99_ms.is_some()).then(|| {
+            [0, 1, 2].map(|i| {
+                median(
+                    rounds
+                        .iter()
+                        .filter_map(|r| r.phase_p99_ms.map(|p| p[i]))
+                        .collect(),
+                )
+            })
+        }),
+        ms_until_share_below_5pct: {
+            let v: Vec<f64> = rounds.iter().filter_map(|r| r.ms_until_below).collect();
+            (!v.is_empty()).then(|| median(v))
+        },
+    }
+}
+
+impl Scenario {
+    fn header(&self) -> String {
+        let lat: Vec<String> = self
+            .latencies_ms
+            .iter()
+            .map(|l| format!("{l} ms"))
+            .collect();
+        let mut h = format!("{} (replicas at {})", self.kind.name(), lat.join(", "));
+        if self.kind == ScenarioKind::Degrade {
+            h.push_str("; the third replica at 55 ms during the middle third of the run");
+        }
+        h
+    }
+
+    /// A terminal table.
+    pub fn table(&self) -> String {
+        let mut out = format!("\n{}\n", self.header());
+        let _ = writeln!(
+            out,
+            "{:<19} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>20} {:>8} {:>9}",
+            "contender",
+            "calls/s",
+            "p50",
+            "p90",
+            "p99",
+            "p99.9",
+            "max",
+            "errors",
+            "share per replica",
+            "p99/uni",
+            "cpu/call"
+        );
+        for r in &self.rows {
+            let l = &r.latency_ms;
+            let shares: Vec<String> = r
+                .shares
+                .iter()
+                .map(|s| format!("{:.1}%", s * 100.0))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{:<19} {:>9.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>20} {:>8} {:>7.1}µs",
+                r.contender.label(),
+                r.rps,
+                ms(l.p50),
+                ms(l.p90),
+                ms(l.p99),
+                ms(l.p999),
+                ms(l.max),
+                r.errors,
+                shares.join(" "),
+                r.p99_vs_uniform_p2c
+                    .map_or("-".into(), |x| format!("{x:.2}x")),
+                r.cpu_us_per_call,
+            );
+            if let Some([a, b, c]) = r.phase_p99_ms {
+                let _ = writeln!(
+                    out,
+                    "{:<19} p99 before/slow/after: {} / {} / {}; slow share under 5% after {}",
+                    "",
+                    ms(a),
+                    ms(b),
+                    ms(c),
+                    r.ms_until_share_below_5pct
+                        .map_or("never".into(), |t| format!("{t:.0} ms"))
+                );
+            }
+        }
+        out
+    }
+
+    /// A Markdown section for BENCHMARKS.md.
+    pub fn markdown(&self) -> String {
+        let mut out = format!("### {}\n\n", self.header());
+        out.push_str("| contender | calls/s | p50 | p90 | p99 | p99.9 | max | errors | share per replica | p99 / uniform p2c p99 | client CPU per call |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        for r in &self.rows {
+            let l = &r.latency_ms;
+            let shares: Vec<String> = r
+                .shares
+                .iter()
+                .map(|s| format!("{:.1}%", s * 100.0))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} µs |",
+                r.contender.label(),
+                r.rps,
+                ms(l.p50),
+                ms(l.p90),
+                ms(l.p99),
+                ms(l.p999),
+                ms(l.max),
+                r.errors,
+                shares.join(" / "),
+                r.p99_vs_uniform_p2c
+                    .map_or("-".into(), |x| format!("{x:.2}x")),
+                r.cpu_us_per_call,
+            );
+        }
+        for r in &self.rows {
+            if let Some([a, b, c]) = r.phase_p99_ms {
+                let _ = writeln!(
+                    out,
+                    "\n{}: p99 before / during / after the slowdown: {} / {} / {}; the slow replica's share fell under 5 % (100 ms windows) {}.",
+                    r.contender.label(),
+                    ms(a),
+                    ms(b),
+                    ms(c),
+                    r.ms_until_share_below_5pct
+                        .map_or("never during the slow phase".into(), |t| format!("{t:.0} ms after the change"))
+                );
+            }
+        }
+        out.push('\n');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0]), 4.0);
+        assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn scenario_names_round_trip() {
+        for k in ScenarioKind::ALL {
+            assert_eq!(k.name().parse::<ScenarioKind>(), Ok(k));
+        }
+        assert!("fast".parse::<ScenarioKind>().is_err());
+    }
+}

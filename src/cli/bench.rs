@@ -1,0 +1,79 @@
+//! `meshlb bench`: every contender against the same local fleet, scenario by scenario; tables on
+//! stdout, the same as JSON and as a Markdown section for BENCHMARKS.md.
+
+use super::up::launch;
+use crate::bench::{self, BenchConfig, ScenarioKind};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Scenarios, comma-separated: uniform, one-slow, spread, degrade, no-latency.
+    #[arg(
+        long,
+        env = "MESHLB_SCENARIOS",
+        value_delimiter = ',',
+        default_value = "uniform,one-slow,spread,degrade,no-latency"
+    )]
+    scenarios: Vec<ScenarioKind>,
+    /// Measured time per contender and round.
+    #[arg(long, env = "MESHLB_DURATION", value_parser = humantime::parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// Unmeasured load before each measurement.
+    #[arg(long, env = "MESHLB_WARMUP", value_parser = humantime::parse_duration, default_value = "1s")]
+    warmup: Duration,
+    /// Calls in flight.
+    #[arg(long, env = "MESHLB_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    concurrency: u32,
+    /// Rounds; every figure is the median over rounds.
+    #[arg(long, env = "MESHLB_ROUNDS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
+    /// Where bench.json and bench.md go.
+    #[arg(long, env = "MESHLB_OUT", default_value = "target/bench")]
+    out: PathBuf,
+    /// The data file every replica loads.
+    #[arg(long, env = "MESHLB_DATA", default_value = "replicas/users.json")]
+    data: PathBuf,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut launch = launch(args.data)?;
+    if std::env::var_os("RUST_LOG").is_none() {
+        launch.log = "warn".into();
+    }
+    let config = BenchConfig {
+        scenarios: args.scenarios,
+        duration: args.duration,
+        warmup: args.warmup,
+        concurrency: args.concurrency as usize,
+        rounds: args.rounds as usize,
+    };
+    let results = bench::run(&config, &launch, |what| eprintln!("measuring {what}")).await?;
+    let mut markdown = format!(
+        "Command: `meshlb bench --duration {} --warmup {} --concurrency {} --rounds {}` ({} build); \
+         closed loop, GetPoint; every figure is the median of {} rounds.\n\n",
+        humantime::format_duration(config.duration),
+        humantime::format_duration(config.warmup),
+        config.concurrency,
+        config.rounds,
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        config.rounds,
+    );
+    for scenario in &results {
+        print!("{}", scenario.table());
+        markdown.push_str(&scenario.markdown());
+    }
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        args.out.join("bench.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(args.out.join("bench.md"), markdown)?;
+    println!(
+        "\nwrote {} and {}",
+        args.out.join("bench.json").display(),
+        args.out.join("bench.md").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
