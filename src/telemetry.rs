@@ -1,13 +1,200 @@
-//! Logging setup: `tracing` to stderr, filtered by `RUST_LOG` (default `info`). Knows nothing of
-//! what is logged.
+//! Logs and traces. `tracing` to stderr (filtered by `RUST_LOG`), and, when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, every meshlb span bridged by `tracing-opentelemetry` to
+//! OpenTelemetry and exported over OTLP/gRPC (batched, off the request path). The standard
+//! variables work: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
+//! `OTEL_TRACES_SAMPLER_ARG`. W3C Trace Context (`traceparent`, `tracestate`) crosses every hop in
+//! gRPC metadata: [`inject`] on the way out, [`extract`] on the way in.
+//!
+//! Knows nothing of what is traced; the balancer and the replica open their own spans.
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
-/// Installs the global subscriber. Calling it twice is harmless (the second call does nothing).
-pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// The exporter, if one runs. [`Telemetry::shutdown`] flushes pending spans.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Flushes pending spans and stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            if let Err(error) = provider.shutdown() {
+                tracing::warn!(%error, "could not flush spans");
+            }
+        }
+    }
+}
+
+/// Installs logging, and tracing export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+/// `default_service` names the service unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES`
+/// does. Must run inside a tokio runtime (the exporter's channel lives there). Calling it twice
+/// keeps the first setup.
+pub fn init(default_service: &str) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let logs = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_filter(logs);
+
+    let endpoint_set = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+    let provider = if endpoint_set {
+        match exporter_provider(default_service) {
+            Ok(p) => Some(p),
+            Err(error) => {
+                eprintln!("warning: tracing export disabled: {error}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let otel = provider.as_ref().map(|p| {
+        // Only our spans, plus p2c's choice (an event at TRACE in tower::balance), so the
+        // exporter's own h2/hyper/tonic spans never feed back into it.
+        let ours = Targets::new()
+            .with_target("meshlb", LevelFilter::INFO)
+            .with_target("tower::balance::p2c", LevelFilter::TRACE);
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("meshlb"))
+            .with_filter(ours)
+    });
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
         .try_init();
+    Telemetry { provider }
+}
+
+fn exporter_provider(default_service: &str) -> Result<SdkTracerProvider, String> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let named_by_env = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|attrs| {
+            attrs
+                .split(',')
+                .any(|kv| kv.trim().starts_with("service.name="))
+        });
+    let mut resource = Resource::builder();
+    if !named_by_env {
+        resource = resource.with_service_name(default_service.to_owned());
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::header::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// Writes `span`'s trace context into outgoing request headers (gRPC metadata).
+pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return;
+    }
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut HeaderInjector(headers));
+    });
+}
+
+/// Makes `span` continue the trace named in incoming request headers, if any.
+pub fn extract(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The trace id of `span`, when it is exported and sampled.
+pub fn sampled_trace_id(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    (sc.is_valid() && sc.is_sampled()).then(|| sc.trace_id().to_string())
+}
+
+/// `(service, method)` of a gRPC path such as `/userguide.v1.UserGuideService/GetPoint`.
+pub fn rpc_names(path: &str) -> (&str, &str) {
+    let trimmed = path.trim_start_matches('/');
+    trimmed.split_once('/').unwrap_or((trimmed, ""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_grpc_paths() {
+        assert_eq!(
+            rpc_names("/userguide.v1.UserGuideService/GetPoint"),
+            ("userguide.v1.UserGuideService", "GetPoint")
+        );
+        assert_eq!(rpc_names("/odd"), ("odd", ""));
+    }
+
+    #[test]
+    fn extract_then_inject_round_trips_a_foreign_traceparent() {
+        // Without an exporter there is no OTel span to carry it; the propagator itself must still
+        // read and write the W3C format.
+        let propagator = TraceContextPropagator::new();
+        let mut incoming = http::HeaderMap::new();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        incoming.insert("traceparent", tp.parse().unwrap());
+        let cx = opentelemetry::propagation::TextMapPropagator::extract(
+            &propagator,
+            &HeaderExtractor(&incoming),
+        );
+        let mut outgoing = http::HeaderMap::new();
+        opentelemetry::propagation::TextMapPropagator::inject_context(
+            &propagator,
+            &cx,
+            &mut HeaderInjector(&mut outgoing),
+        );
+        assert_eq!(outgoing.get("traceparent").unwrap(), tp);
+    }
 }

@@ -9,9 +9,10 @@
 //!   answer is not retried: nothing is ready to retry on.
 //! - Whatever happens, the caller gets a gRPC response; errors become a `grpc-status`.
 
-use super::endpoint::BoxError;
+use super::endpoint::{BoxError, EndpointError, ServedBy};
 use super::failfast::FailedFast;
 use super::Buffered;
+use crate::telemetry;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
@@ -20,6 +21,8 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceExt};
+use tracing::field::Empty;
+use tracing::Instrument;
 
 /// How calls are bounded and retried.
 #[derive(Debug, Clone)]
@@ -72,19 +75,53 @@ impl CallConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attempts(pub u32);
 
-/// Runs one call to completion of its response headers.
+/// Runs one call to completion of its response headers, inside a span for the logical call with
+/// one child span per attempt (the replica's server span is a child of the attempt that reached it).
 pub(super) async fn run(
     buffer: Buffered,
     shared: Arc<super::Shared>,
     request: http::Request<Body>,
 ) -> Result<http::Response<Body>, BoxError> {
+    let (service, method) = telemetry::rpc_names(request.uri().path());
+    let span = tracing::info_span!(
+        "grpc.call",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "internal",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        meshlb.target = %shared.registry.target(),
+        meshlb.policy = %shared.policy,
+        meshlb.attempts = Empty,
+        rpc.grpc.status_code = Empty,
+        otel.status_code = Empty,
+    );
+    let response = run_in_span(buffer, &shared, request)
+        .instrument(span.clone())
+        .await;
+    let code = status_of(&response);
+    span.record("rpc.grpc.status_code", code as i32);
+    if code != Code::Ok {
+        span.record("otel.status_code", "ERROR");
+    }
+    if let Some(Attempts(n)) = response.extensions().get::<Attempts>() {
+        span.record("meshlb.attempts", n);
+    }
+    Ok(response)
+}
+
+async fn run_in_span(
+    buffer: Buffered,
+    shared: &super::Shared,
+    request: http::Request<Body>,
+) -> http::Response<Body> {
     let config = &shared.config;
     let deadline =
         grpc_timeout(request.headers()).map_or(config.timeout, |t| t.min(config.timeout));
     shared.budget.deposit();
     let attempts = async {
         if !config.is_retryable(request.uri().path()) {
-            let result = attempt(buffer, request).await;
+            let result = attempt(buffer, request, 1).await;
             return (result, 1);
         }
         let (parts, body) = request.into_parts();
@@ -94,7 +131,7 @@ pub(super) async fn run(
         };
         let mut tries = 1;
         loop {
-            let result = attempt(buffer.clone(), rebuild(&parts, &body)).await;
+            let result = attempt(buffer.clone(), rebuild(&parts, &body), tries).await;
             let again = tries <= config.max_retries && worth_retrying(&result);
             if !again || !shared.budget.withdraw() {
                 return (result, tries);
@@ -117,7 +154,7 @@ pub(super) async fn run(
             } else {
                 Status::unavailable(shared.registry.why_unavailable())
             };
-            return Ok(status.into_http());
+            return status.into_http();
         }
     };
     let mut response = match result {
@@ -129,15 +166,59 @@ pub(super) async fn run(
         .into_http(),
     };
     response.extensions_mut().insert(Attempts(tries));
-    Ok(response)
+    response
 }
 
+/// One try, in its own client span, with the trace context in the request's metadata.
 async fn attempt(
     mut buffer: Buffered,
-    request: http::Request<Body>,
+    mut request: http::Request<Body>,
+    number: u32,
 ) -> Result<http::Response<Body>, BoxError> {
-    buffer.ready().await?;
-    buffer.call(request).await
+    let (service, method) = telemetry::rpc_names(request.uri().path());
+    let span = tracing::info_span!(
+        "grpc.attempt",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        meshlb.attempt = number,
+        server.address = Empty,
+        server.port = Empty,
+        rpc.grpc.status_code = Empty,
+        otel.status_code = Empty,
+    );
+    telemetry::inject(&span, request.headers_mut());
+    let result = async {
+        buffer.ready().await?;
+        buffer.call(request).await
+    }
+    .instrument(span.clone())
+    .await;
+    let served_by = match &result {
+        Ok(response) => response.extensions().get::<ServedBy>().map(|s| s.0),
+        Err(error) => error.downcast_ref::<EndpointError>().map(|e| e.addr),
+    };
+    if let Some(addr) = served_by {
+        span.record("server.address", tracing::field::display(addr.ip()));
+        span.record("server.port", addr.port());
+    }
+    let code = match &result {
+        Ok(response) => status_of(response),
+        Err(_) => Code::Unavailable,
+    };
+    span.record("rpc.grpc.status_code", code as i32);
+    if code != Code::Ok {
+        span.record("otel.status_code", "ERROR");
+    }
+    result
+}
+
+/// The status a response carries in its headers (a trailers-only answer); OK otherwise, since a
+/// streaming answer's final status comes later, in its trailers.
+fn status_of(response: &http::Response<Body>) -> Code {
+    Status::from_header_map(response.headers()).map_or(Code::Ok, |s| s.code())
 }
 
 fn worth_retrying(result: &Result<http::Response<Body>, BoxError>) -> bool {

@@ -23,6 +23,16 @@ use tower::Service;
 /// The error type of the balancer's inner services.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A call that failed on an endpoint's connection, naming the endpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("{addr}: {source}")]
+pub struct EndpointError {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// What failed.
+    pub source: BoxError,
+}
+
 /// Added to each response: the address of the endpoint that served it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServedBy(pub SocketAddr);
@@ -375,7 +385,10 @@ impl Service<http::Request<Body>> for Endpoint {
                     // and ask discovery whether the address is still current.
                     guard.shared.gate.recheck();
                     refresh.request();
-                    Err(error.into())
+                    Err(Box::new(EndpointError {
+                        addr,
+                        source: error.into(),
+                    }) as BoxError)
                 }
             }
         })

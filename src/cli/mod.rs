@@ -61,7 +61,6 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    crate::telemetry::init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(error) => {
@@ -69,8 +68,14 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
+    let service = match cli.command {
+        Command::Replica(_) => "meshlb-replica",
+        Command::Up(_) => "meshlb-up",
+        _ => "meshlb-client",
+    };
+    let (result, telemetry) = runtime.block_on(async {
+        let telemetry = crate::telemetry::init(service);
+        let result = match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Replica(args) => replica::run(args).await,
             Command::Up(args) => up::run(args).await,
@@ -78,8 +83,11 @@ pub fn main() -> ExitCode {
             Command::Call(args) => call::run(args).await,
             Command::Faults(args) => faults::run(args).await,
             Command::Bench(args) => bench::run(args).await,
-        }
+        };
+        (result, telemetry)
     });
+    // Flush spans while the runtime (which carries the exporter's connection) is still up.
+    telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(error) => {

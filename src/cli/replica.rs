@@ -35,6 +35,10 @@ pub struct Args {
     /// How long to wait for in-flight calls once the replica stops accepting.
     #[arg(long, env = "MESHLB_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     drain_timeout: Duration,
+    /// Answer GetPoint by asking this target (a back tier) through the balancer, so a trace spans
+    /// client -> this replica -> the back replica.
+    #[arg(long, env = "MESHLB_UPSTREAM")]
+    upstream: Option<String>,
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "MESHLB_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
     max_message_size: usize,
@@ -68,6 +72,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.drain_grace = args.drain_grace;
     config.drain_timeout = args.drain_timeout;
     config.max_message_size = args.max_message_size;
+    if let Some(target) = &args.upstream {
+        config.upstream = Some(upstream(target)?);
+    }
     replica::run(listener, config, shutdown)
         .await
         .map_err(|e| match e {
@@ -77,4 +84,26 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             other => other.into(),
         })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// GetPoint through a balanced client to `target`.
+fn upstream(target: &str) -> anyhow::Result<replica::Upstream> {
+    use crate::proto::userguide::v1::{
+        user_guide_service_client::UserGuideServiceClient, GetPointRequest, Profile,
+    };
+    let lb = crate::Balancer::builder(target)
+        .health_service(crate::proto::USERGUIDE_SERVICE)
+        .build_lazy()
+        .map_err(|e| UsageError(format!("--upstream: {e}")))?;
+    let client = UserGuideServiceClient::new(lb);
+    Ok(std::sync::Arc::new(move |name: String, age: i32| {
+        let mut client = client.clone();
+        Box::pin(async move {
+            let request = GetPointRequest {
+                profile: Some(Profile { age, name }),
+            };
+            let response = client.get_point(request).await?;
+            Ok(response.into_inner().point.map_or(0, |p| p.value))
+        })
+    }))
 }

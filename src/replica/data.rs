@@ -121,6 +121,21 @@ impl Users {
     }
 }
 
+/// Checks a lookup key: a non-empty name and a non-negative age.
+pub fn validate_profile(name: &str, age: i32) -> Result<(), LookupError> {
+    if name.is_empty() {
+        return Err(LookupError::Invalid(
+            "profile.name must not be empty".into(),
+        ));
+    }
+    if age < 0 {
+        return Err(LookupError::Invalid(format!(
+            "profile.age must not be negative, got {age}"
+        )));
+    }
+    Ok(())
+}
+
 /// serde_json appends " at line L column C"; the error already says where, once.
 fn strip_position(message: &str) -> String {
     match message.rfind(" at line ") {

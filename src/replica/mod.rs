@@ -27,7 +27,7 @@ pub use service::UserGuide;
 use std::time::Duration;
 
 /// Everything a replica needs besides its listener.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReplicaConfig {
     /// Sent as `x-replica-id` on every response.
     pub id: String,
@@ -41,7 +41,17 @@ pub struct ReplicaConfig {
     pub drain_timeout: Duration,
     /// The largest request message accepted; larger ones get `RESOURCE_EXHAUSTED`.
     pub max_message_size: usize,
+    /// Where GetPoint asks instead of the local data (a front tier over a back tier).
+    pub upstream: Option<Upstream>,
 }
+
+/// A GetPoint answered elsewhere: `(name, age) -> points`. The replica only calls it; whoever
+/// builds the replica decides how (the CLI uses a balanced client).
+pub type Upstream = std::sync::Arc<
+    dyn Fn(String, i32) -> futures::future::BoxFuture<'static, Result<i64, tonic::Status>>
+        + Send
+        + Sync,
+>;
 
 impl ReplicaConfig {
     /// A config with the defaults: no faults, 1 s grace, 10 s drain, 64 KiB messages.
@@ -53,7 +63,19 @@ impl ReplicaConfig {
             drain_grace: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             max_message_size: 64 * 1024,
+            upstream: None,
         }
+    }
+}
+
+impl std::fmt::Debug for ReplicaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaConfig")
+            .field("id", &self.id)
+            .field("users", &self.users.len())
+            .field("faults", &self.faults)
+            .field("upstream", &self.upstream.is_some())
+            .finish()
     }
 }
 

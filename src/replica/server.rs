@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 use tower::{Service, ServiceExt};
+use tracing::Instrument;
 
 /// Serves on `listener` until `shutdown` resolves, then drains and returns.
 pub async fn run(
@@ -29,7 +30,10 @@ pub async fn run(
         HeaderValue::from_str(&config.id).map_err(|_| ReplicaError::BadId(config.id.clone()))?;
     config.faults.validate().map_err(ReplicaError::BadFaults)?;
     let faults = Faults::new(config.faults);
-    let userguide = UserGuide::new(config.users.clone(), faults.clone());
+    let mut userguide = UserGuide::new(config.users.clone(), faults.clone());
+    if let Some(upstream) = config.upstream.clone() {
+        userguide = userguide.with_upstream(upstream);
+    }
 
     let (mut health, health_service) = tonic_health::server::health_reporter();
     health
@@ -162,15 +166,60 @@ where
             self.rest.clone()
         };
         let id = self.id.clone();
+        let span = if is_grpc {
+            server_span(&req, &id)
+        } else {
+            tracing::Span::none()
+        };
         Box::pin(async move {
-            let mut response = router.oneshot(req.map(Body::new)).await?;
+            let mut response = router
+                .oneshot(req.map(Body::new))
+                .instrument(span.clone())
+                .await?;
             if is_grpc {
                 too_large_is_resource_exhausted(&mut response);
+                let code = tonic::Status::from_header_map(response.headers())
+                    .map_or(tonic::Code::Ok, |s| s.code());
+                span.record("rpc.grpc.status_code", code as i32);
+                if matches!(
+                    code,
+                    tonic::Code::Unknown
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unimplemented
+                        | tonic::Code::Internal
+                        | tonic::Code::Unavailable
+                        | tonic::Code::DataLoss
+                ) {
+                    span.record("otel.status_code", "ERROR");
+                }
             }
             response.headers_mut().insert("x-replica-id", id);
             Ok(response)
         })
     }
+}
+
+/// The server span of one gRPC call, continuing the caller's trace. Health checks get none: every
+/// client watches every replica, and those spans would bury the calls.
+fn server_span<B>(req: &Request<B>, id: &HeaderValue) -> tracing::Span {
+    let path = req.uri().path();
+    if path.starts_with("/grpc.health.v1.Health/") {
+        return tracing::Span::none();
+    }
+    let (service, method) = crate::telemetry::rpc_names(path);
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        meshlb.replica_id = %id.to_str().unwrap_or("?"),
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    crate::telemetry::extract(&span, req.headers());
+    span
 }
 
 /// tonic answers an oversized message with OUT_OF_RANGE; the gRPC spec says RESOURCE_EXHAUSTED,

@@ -11,11 +11,21 @@ use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-/// The replica's logic: the data and the fault knobs.
-#[derive(Debug, Clone)]
+/// The replica's logic: the data, the fault knobs, and optionally an upstream tier.
+#[derive(Clone)]
 pub struct UserGuide {
     users: Arc<Users>,
     faults: Faults,
+    upstream: Option<super::Upstream>,
+}
+
+impl std::fmt::Debug for UserGuide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserGuide")
+            .field("users", &self.users.len())
+            .field("upstream", &self.upstream.is_some())
+            .finish()
+    }
 }
 
 impl UserGuide {
@@ -24,13 +34,28 @@ impl UserGuide {
         Self {
             users: Arc::new(users),
             faults,
+            upstream: None,
         }
+    }
+
+    /// Answers GetPoint by asking `upstream` instead of the local data.
+    pub fn with_upstream(mut self, upstream: super::Upstream) -> Self {
+        self.upstream = Some(upstream);
+        self
     }
 
     /// The points of one user, after the injected faults.
     pub async fn points_of(&self, name: &str, age: i32) -> Result<i64, Status> {
         self.inject().await?;
-        self.users.points_of(name, age).map_err(lookup_status)
+        // Validate here too, so a bad request never costs an upstream call.
+        super::data::validate_profile(name, age).map_err(lookup_status)?;
+        match &self.upstream {
+            // A fresh status: the upstream's metadata (its x-replica-id) must not leak out as ours.
+            Some(upstream) => upstream(name.to_owned(), age)
+                .await
+                .map_err(|s| Status::new(s.code(), s.message().to_owned())),
+            None => self.users.points_of(name, age).map_err(lookup_status),
+        }
     }
 
     /// The users with these points, after the injected faults.

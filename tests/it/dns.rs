@@ -96,3 +96,109 @@ async fn follows_dns_answers_and_survives_a_dns_outage() {
         );
     }
 }
+
+/// The cluster shape without a cluster: pods on 127.0.0.2-4 behind one DNS name, then a rolling
+/// restart the way a Deployment does it (surge one new pod, add it to DNS, drain an old one,
+/// remove it from DNS), under steady load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_under_load_fails_no_call() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let first = Replica::start("127.0.0.2", "old-2", Default::default()).await;
+    let port = first.addr.port();
+    let start_pod = |ip: [u8; 4], id: String| async move {
+        let mut config = ReplicaConfig::new(id, crate::support::users());
+        config.drain_grace = Duration::from_millis(1500);
+        Replica::start_on(SocketAddr::from((ip, port)), config).await
+    };
+    let mut old = vec![first];
+    for last in [3u8, 4] {
+        old.push(start_pod([127, 0, 0, last], format!("old-{last}")).await);
+    }
+    let mut records: Vec<Ipv4Addr> = (2..=4).map(|l| Ipv4Addr::new(127, 0, 0, l)).collect();
+    let dns = DnsServer::start(Mode::Records(records.clone())).await;
+    let lb = Balancer::builder(format!(
+        "dns://{}/users.meshlb.svc.cluster.local:{port}",
+        dns.addr
+    ))
+    .health_service(meshlb::proto::USERGUIDE_SERVICE)
+    .dns(dns_config())
+    .build()
+    .await
+    .unwrap();
+    eventually("all three pods are ready", || async {
+        (lb.endpoints().len() == 3).then_some(())
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (lb, stop) = (lb.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut calls = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let t = drive(&lb, 12, 4).await;
+                calls += t.ok() + t.errors.len();
+                failures.extend(t.errors);
+            }
+            (calls, failures)
+        })
+    };
+
+    let mut new_ids = Vec::new();
+    let mut new_pods = Vec::new();
+    for (i, old_pod) in old.into_iter().enumerate() {
+        // Surge: the replacement starts, turns ready and enters DNS...
+        let last = 5 + i as u8;
+        let id = format!("new-{last}");
+        let replacement = start_pod([127, 0, 0, last], id.clone()).await;
+        records.push(Ipv4Addr::new(127, 0, 0, last));
+        dns.set(Mode::Records(records.clone()));
+        eventually("the replacement is discovered and ready", || async {
+            (crate::support::state_of(&lb, replacement.addr)
+                == Some(meshlb::balance::EndpointState::Ready))
+            .then_some(())
+        })
+        .await;
+        // ...then the old pod drains (NOT_SERVING first) and leaves DNS, as the endpoints
+        // controller removes a terminating pod.
+        let old_ip = match old_pod.addr.ip() {
+            std::net::IpAddr::V4(v4) => v4,
+            other => panic!("unexpected {other}"),
+        };
+        records.retain(|ip| *ip != old_ip);
+        dns.set(Mode::Records(records.clone()));
+        old_pod.stop().await;
+        new_ids.push(id);
+        new_pods.push(replacement);
+    }
+    eventually("only the new pods remain", || async {
+        (lb.endpoints().len() == 3).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (calls, failures) = load.await.unwrap();
+    assert!(calls > 100, "load ran: {calls} calls");
+    assert!(
+        failures.is_empty(),
+        "{} of {calls} calls failed: {:?}",
+        failures.len(),
+        failures.first()
+    );
+
+    let after = drive(&lb, 60, 4).await;
+    assert!(after.errors.is_empty());
+    assert_eq!(after.ok(), 60);
+    for id in after.by_replica.keys() {
+        assert!(
+            new_ids.contains(id),
+            "an old pod still served: {:?}",
+            after.by_replica
+        );
+    }
+    for pod in new_pods {
+        pod.stop().await;
+    }
+}

@@ -4,5 +4,7 @@ mod balancer;
 mod cli;
 mod dns;
 mod dns_server;
+mod manifests;
 mod replica;
 mod support;
+mod tracing;

@@ -116,7 +116,13 @@ impl Process {
     }
 
     pub fn spawn_on(listen: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_meshlb"))
+        Self::spawn_with(listen, args, |_| {})
+    }
+
+    pub fn spawn_with(listen: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
+        configure(&mut cmd);
+        let mut child = cmd
             .arg("replica")
             .args(["--listen", listen])
             .args([

@@ -1,0 +1,159 @@
+//! The Kubernetes manifests agree with the code: container args are flags the binary accepts, the
+//! probes and Services point at the port the replica listens on, the client Job targets the
+//! headless Service's DNS name, and pods get longer to stop than a replica takes to drain.
+//! Reads `k8s/*.yaml` directly (no kubectl needed; `.ci/run` also renders and validates them).
+
+use clap::Parser;
+use serde_yaml::Value;
+use std::time::Duration;
+
+fn documents(file: &str) -> Vec<Value> {
+    let path = format!("{}/k8s/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}")))
+        .collect()
+}
+
+use serde::Deserialize;
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+fn args(container: &Value) -> Vec<String> {
+    container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .map(|i| args[i + 1].as_str())
+}
+
+fn namespace() -> String {
+    documents("kustomization.yaml")[0]["namespace"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn replica_tiers_agree_with_the_binary() {
+    for file in ["users.yaml", "front.yaml"] {
+        let docs = documents(file);
+        let deployment = of_kind(&docs, "Deployment");
+        let pod = &deployment["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let args = args(container);
+        meshlb::cli::Cli::try_parse_from(std::iter::once("meshlb".to_owned()).chain(args.clone()))
+            .unwrap_or_else(|e| panic!("{file}: the binary rejects {args:?}: {e}"));
+
+        let listen: std::net::SocketAddr = flag(&args, "--listen").unwrap().parse().unwrap();
+        let port = container["ports"][0]["containerPort"].as_u64().unwrap();
+        assert_eq!(u64::from(listen.port()), port, "{file}");
+        assert_eq!(
+            container["readinessProbe"]["grpc"]["port"].as_u64(),
+            Some(port)
+        );
+        assert_eq!(
+            container["livenessProbe"]["grpc"]["port"].as_u64(),
+            Some(port)
+        );
+
+        let service = of_kind(&docs, "Service");
+        assert_eq!(service["spec"]["clusterIP"], "None", "{file}: headless");
+        assert_eq!(
+            service["spec"]["ports"][0]["targetPort"],
+            container["ports"][0]["name"]
+        );
+        assert_eq!(
+            service["spec"]["selector"],
+            deployment["spec"]["template"]["metadata"]["labels"]
+        );
+
+        let grace = Duration::from_secs(pod["terminationGracePeriodSeconds"].as_u64().unwrap());
+        let drain = humantime::parse_duration(flag(&args, "--drain-grace").unwrap()).unwrap()
+            + humantime::parse_duration(flag(&args, "--drain-timeout").unwrap()).unwrap();
+        assert!(
+            grace > drain,
+            "{file}: grace {grace:?} must exceed the drain {drain:?}"
+        );
+
+        let env = container["env"].as_sequence().unwrap();
+        let id = env.iter().find(|e| e["name"] == "MESHLB_ID").unwrap();
+        assert_eq!(id["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+        let sc = &container["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    }
+}
+
+#[test]
+fn the_client_and_the_front_discover_the_headless_service() {
+    let users = documents("users.yaml");
+    let service = of_kind(&users, "Service");
+    let name = service["metadata"]["name"].as_str().unwrap();
+    let port = service["spec"]["ports"][0]["port"].as_u64().unwrap();
+    let expected = format!("dns:///{name}.{}.svc.cluster.local:{port}", namespace());
+
+    let job = documents("client-job.yaml");
+    let container = &of_kind(&job, "Job")["spec"]["template"]["spec"]["containers"][0];
+    let args = args(container);
+    meshlb::cli::Cli::try_parse_from(std::iter::once("meshlb".to_owned()).chain(args.clone()))
+        .unwrap_or_else(|e| panic!("the binary rejects {args:?}: {e}"));
+    assert_eq!(flag(&args, "--target"), Some(expected.as_str()));
+    expected.parse::<meshlb::Target>().unwrap();
+
+    let front = documents("front.yaml");
+    let front_args = args_of_deployment(&front);
+    assert_eq!(flag(&front_args, "--upstream"), Some(expected.as_str()));
+}
+
+fn args_of_deployment(docs: &[Value]) -> Vec<String> {
+    args(&of_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+}
+
+#[test]
+fn traces_go_to_the_jaeger_service() {
+    let jaeger = documents("jaeger.yaml");
+    let service = of_kind(&jaeger, "Service");
+    let otlp = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "otlp-grpc")
+        .unwrap();
+    let expected = format!(
+        "http://{}:{}",
+        service["metadata"]["name"].as_str().unwrap(),
+        otlp["port"].as_u64().unwrap()
+    );
+    for file in ["users.yaml", "front.yaml", "client-job.yaml"] {
+        let docs = documents(file);
+        let workload = docs
+            .iter()
+            .find(|d| d["kind"] == "Deployment" || d["kind"] == "Job")
+            .unwrap();
+        let env = workload["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_sequence()
+            .unwrap();
+        let endpoint = env
+            .iter()
+            .find(|e| e["name"] == "OTEL_EXPORTER_OTLP_ENDPOINT")
+            .unwrap();
+        assert_eq!(
+            endpoint["value"].as_str(),
+            Some(expected.as_str()),
+            "{file}"
+        );
+    }
+}

@@ -1,0 +1,300 @@
+//! Traces across hops, asserted on what the real OTLP exporter sends to an in-process receiver:
+//! client -> front replica -> back replica in one trace with the right parent links and RPC
+//! attributes, a retry as two attempt spans on two replicas, and a foreign traceparent continued.
+
+use crate::support::{eventually, Process};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    trace_service_server::{TraceService, TraceServiceServer},
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value::Value, KeyValue};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone)]
+struct Span {
+    service: String,
+    name: String,
+    kind: i32,
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    attrs: HashMap<String, String>,
+}
+
+impl Span {
+    fn attr(&self, key: &str) -> &str {
+        self.attrs.get(key).map_or("", String::as_str)
+    }
+}
+
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn text(kv: &KeyValue) -> String {
+    match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut out = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|kv| kv.key == "service.name")
+                .map(text)
+                .unwrap_or_default();
+            for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                out.push(Span {
+                    service: service.clone(),
+                    name: span.name,
+                    kind: span.kind,
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent: hex(&span.parent_span_id),
+                    attrs: span
+                        .attributes
+                        .iter()
+                        .map(|kv| (kv.key.clone(), text(kv)))
+                        .collect(),
+                });
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Receiver {
+    async fn start() -> (Self, SocketAddr) {
+        let receiver = Receiver::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = TraceServiceServer::new(receiver.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (receiver, addr)
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.spans.lock().unwrap().clone()
+    }
+}
+
+const SPAN_SERVER: i32 = 2;
+const SPAN_CLIENT: i32 = 3;
+
+fn otel_env(cmd: &mut Command, collector: SocketAddr, service: &str) {
+    cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"))
+        .env("OTEL_SERVICE_NAME", service)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+}
+
+fn replica(collector: SocketAddr, service: &str, args: &[&str]) -> Process {
+    Process::spawn_with("127.0.0.1:0", args, |cmd| otel_env(cmd, collector, service))
+}
+
+fn meshlb(collector: SocketAddr, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
+    otel_env(&mut cmd, collector, "client");
+    let out = cmd.args(args).output().unwrap();
+    assert!(
+        out.status.code().is_some(),
+        "meshlb {args:?} was killed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_across_client_front_and_back() {
+    let (receiver, collector) = Receiver::start().await;
+    let back = replica(collector, "back", &["--id", "back-1"]);
+    let back_target = format!("ipv4:{}", back.addr);
+    let front = replica(
+        collector,
+        "front",
+        &["--id", "front-1", "--upstream", &back_target],
+    );
+    let out = meshlb(
+        collector,
+        &[
+            "call",
+            "--target",
+            &format!("ipv4:{}", front.addr),
+            "get-point",
+            "--name",
+            "james",
+            "--age",
+            "26",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(r#"{"value":1000}"#));
+
+    let by_service = |spans: &[Span], service: &str, name: &str, kind: i32| {
+        spans
+            .iter()
+            .find(|s| s.service == service && s.name == name && s.kind == kind)
+            .cloned()
+    };
+    let method = "userguide.v1.UserGuideService/GetPoint";
+    let spans = eventually("spans from all three processes", || {
+        let spans = receiver.spans();
+        async move {
+            let ok = by_service(&spans, "back", method, SPAN_SERVER).is_some()
+                && by_service(&spans, "front", method, SPAN_CLIENT).is_some()
+                && by_service(&spans, "client", method, SPAN_CLIENT).is_some();
+            ok.then_some(spans)
+        }
+    })
+    .await;
+    let client_attempt = by_service(&spans, "client", method, SPAN_CLIENT).unwrap();
+    let front_server = by_service(&spans, "front", method, SPAN_SERVER).unwrap();
+    let front_attempt = by_service(&spans, "front", method, SPAN_CLIENT).unwrap();
+    let back_server = by_service(&spans, "back", method, SPAN_SERVER).unwrap();
+
+    let trace = &client_attempt.trace_id;
+    for s in [&front_server, &front_attempt, &back_server] {
+        assert_eq!(&s.trace_id, trace, "one trace id across hops: {s:?}");
+    }
+    // client attempt -> front server -> (front call) -> front attempt -> back server
+    assert_eq!(front_server.parent, client_attempt.span_id);
+    let front_call = spans
+        .iter()
+        .find(|s| s.span_id == front_attempt.parent)
+        .expect("the front's attempt has its logical call as parent");
+    assert_eq!(front_call.parent, front_server.span_id);
+    assert_eq!(back_server.parent, front_attempt.span_id);
+    let client_call = spans
+        .iter()
+        .find(|s| s.span_id == client_attempt.parent)
+        .expect("the client's attempt has its logical call as parent");
+    assert_eq!(client_call.service, "client");
+    assert_eq!(client_call.attr("meshlb.policy"), "p2c");
+
+    for s in [&client_attempt, &front_server, &front_attempt, &back_server] {
+        assert_eq!(s.attr("rpc.system"), "grpc", "{s:?}");
+        assert_eq!(s.attr("rpc.service"), "userguide.v1.UserGuideService");
+        assert_eq!(s.attr("rpc.method"), "GetPoint");
+        assert_eq!(s.attr("rpc.grpc.status_code"), "0", "{s:?}");
+    }
+    assert_eq!(client_attempt.attr("server.address"), "127.0.0.1");
+    assert_eq!(
+        client_attempt.attr("server.port"),
+        front.addr.port().to_string()
+    );
+    assert_eq!(
+        front_attempt.attr("server.port"),
+        back.addr.port().to_string()
+    );
+    assert_eq!(back_server.attr("meshlb.replica_id"), "back-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_two_attempt_spans_on_two_replicas() {
+    let (receiver, collector) = Receiver::start().await;
+    let failing = replica(collector, "failing", &["--id", "bad", "--fail-rate", "1"]);
+    let healthy = replica(collector, "healthy", &["--id", "good"]);
+    let target = format!("ipv4:{},{}", failing.addr, healthy.addr);
+    let out = meshlb(
+        collector,
+        &[
+            "client",
+            "--target",
+            &target,
+            "--requests",
+            "20",
+            "--concurrency",
+            "1",
+            "--format",
+            "json",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["retries"].as_u64().unwrap() > 0, "{report}");
+
+    let (first, second) = eventually("a retried call's two attempts", || {
+        let spans = receiver.spans();
+        async move {
+            let attempts: Vec<&Span> = spans
+                .iter()
+                .filter(|s| s.service == "client" && s.kind == SPAN_CLIENT)
+                .collect();
+            attempts.iter().find_map(|second| {
+                let first = attempts.iter().find(|f| {
+                    f.parent == second.parent
+                        && f.attr("meshlb.attempt") == "1"
+                        && second.attr("meshlb.attempt") == "2"
+                })?;
+                Some(((*first).clone(), (*second).clone()))
+            })
+        }
+    })
+    .await;
+    assert_eq!(first.trace_id, second.trace_id);
+    assert_eq!(first.attr("server.port"), failing.addr.port().to_string());
+    assert_eq!(first.attr("rpc.grpc.status_code"), "14");
+    assert_eq!(second.attr("server.port"), healthy.addr.port().to_string());
+    assert_eq!(second.attr("rpc.grpc.status_code"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_traceparent_is_continued() {
+    use meshlb::proto::userguide::v1::user_guide_service_client::UserGuideServiceClient;
+    let (receiver, collector) = Receiver::start().await;
+    let r = replica(collector, "lone", &["--id", "lone-1"]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", r.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let mut request = tonic::Request::new(crate::support::get_point_request());
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{parent}-01").parse().unwrap(),
+    );
+    UserGuideServiceClient::new(channel)
+        .get_point(request)
+        .await
+        .unwrap();
+    let server = eventually("the replica's server span", || {
+        let spans = receiver.spans();
+        async move {
+            spans
+                .into_iter()
+                .find(|s| s.service == "lone" && s.kind == SPAN_SERVER)
+        }
+    })
+    .await;
+    assert_eq!(server.trace_id, trace_id);
+    assert_eq!(server.parent, parent);
+}
