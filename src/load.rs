@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 /// Which call to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -185,6 +186,7 @@ impl Recording {
 pub struct Recorder {
     inner: Arc<Mutex<(Recording, Recording)>>,
     started: Arc<AtomicU64>,
+    trace_id: Arc<Mutex<Option<String>>>,
 }
 
 impl Recorder {
@@ -211,6 +213,33 @@ impl Recorder {
     /// Calls started so far.
     pub fn started(&self) -> u64 {
         self.started.load(Ordering::Relaxed)
+    }
+
+    /// The trace id of one sampled call, when spans are exported.
+    pub fn trace_id(&self) -> Option<String> {
+        self.trace_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A root span for the next call while no sampled trace id is known yet; none otherwise, so
+    /// the load generator costs nothing extra once it has one.
+    fn call_span(&self, n: u64) -> tracing::Span {
+        if crate::telemetry::exporting() && self.trace_id().is_none() {
+            tracing::info_span!("meshlb.load.call", call = n)
+        } else {
+            tracing::Span::none()
+        }
+    }
+
+    fn note_trace(&self, span: &tracing::Span) {
+        if let Some(id) = crate::telemetry::sampled_trace_id(span) {
+            self.trace_id
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(id);
+        }
     }
 }
 
@@ -381,9 +410,13 @@ async fn closed_loop<T: Transport>(
         async move {
             while let Some(n) = take_ticket() {
                 recorder.started.fetch_add(1, Ordering::Relaxed);
+                let span = recorder.call_span(n);
                 let sent = Instant::now();
-                let outcome = one_call(&mut client, kind, n).await;
+                let outcome = one_call(&mut client, kind, n)
+                    .instrument(span.clone())
+                    .await;
                 recorder.record(&outcome, sent.elapsed());
+                recorder.note_trace(&span);
             }
         }
     });
@@ -414,8 +447,12 @@ async fn open_loop<T: Transport>(
         let recorder = recorder.clone();
         let kind = spec.call;
         calls.spawn(async move {
-            let outcome = one_call(&mut client, kind, n).await;
+            let span = recorder.call_span(n);
+            let outcome = one_call(&mut client, kind, n)
+                .instrument(span.clone())
+                .await;
             recorder.record(&outcome, due.elapsed());
+            recorder.note_trace(&span);
             drop(permit);
         });
         while calls.try_join_next().is_some() {}

@@ -80,6 +80,9 @@ pub struct Report {
     pub latency_ms: Latency,
     /// Per replica, ordered by id.
     pub replicas: Vec<ReplicaRow>,
+    /// The trace id of one sampled call, when spans were exported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 impl Report {
@@ -125,6 +128,7 @@ impl Report {
             rps: (calls as f64 / secs * 10.0).round() / 10.0,
             latency_ms: Latency::of(&recording.total),
             replicas,
+            trace_id: None,
         }
     }
 

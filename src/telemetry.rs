@@ -18,6 +18,13 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process exports spans (so a span's trace id means something to a trace UI).
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The exporter, if one runs. [`Telemetry::shutdown`] flushes pending spans.
 #[derive(Debug, Default)]
 pub struct Telemetry {
@@ -78,10 +85,15 @@ pub fn init(default_service: &str) -> Telemetry {
             .with_tracer(p.tracer("meshlb"))
             .with_filter(ours)
     });
-    let _ = tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
-        .try_init();
+        .try_init()
+        .is_ok();
+    EXPORTING.store(
+        installed && provider.is_some(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     Telemetry { provider }
 }
 

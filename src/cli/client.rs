@@ -49,6 +49,13 @@ pub struct Args {
     /// Live view refreshed every second: distribution, latency and endpoint states.
     #[arg(long, env = "MESHLB_WATCH")]
     pub watch: bool,
+    /// Base URL of the Jaeger UI, for the link to a sampled trace.
+    #[arg(
+        long,
+        env = "MESHLB_JAEGER_UI",
+        default_value = "http://localhost:16686"
+    )]
+    pub jaeger_ui: String,
     /// The grpc.health.v1 service name to watch on each endpoint.
     #[arg(long, env = "MESHLB_HEALTH_SERVICE", default_value = crate::proto::USERGUIDE_SERVICE)]
     pub health_service: String,
@@ -103,7 +110,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     lb.wait_ready(Duration::from_secs(3)).await;
     let report = drive(&lb, &spec, args.watch, args.format == Format::Table).await;
     match args.format {
-        Format::Table => print!("{}", report.table()),
+        Format::Table => {
+            print!("{}", report.table());
+            if let Some(id) = &report.trace_id {
+                println!(
+                    "trace {id}  {}/trace/{id}",
+                    args.jaeger_ui.trim_end_matches('/')
+                );
+            }
+        }
         Format::Json => println!("{}", serde_json::to_string(&report)?),
     }
     Ok(if report.ok == report.calls {
@@ -155,13 +170,15 @@ pub async fn drive(lb: &Balancer, spec: &LoadSpec, watch: bool, progress: bool) 
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    Report::new(
+    let mut report = Report::new(
         lb.target(),
         &lb.policy().to_string(),
         &recorder.total(),
         lb.retries(),
         started.elapsed(),
-    )
+    );
+    report.trace_id = recorder.trace_id();
+    report
 }
 
 fn progress_bar(spec: &LoadSpec) -> ProgressBar {

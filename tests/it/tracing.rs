@@ -239,6 +239,16 @@ async fn a_retry_is_two_attempt_spans_on_two_replicas() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["retries"].as_u64().unwrap() > 0, "{report}");
+    let sampled = report["trace_id"]
+        .as_str()
+        .expect("a sampled trace id")
+        .to_owned();
+    eventually("the reported trace reaches the collector", || {
+        let spans = receiver.spans();
+        let sampled = sampled.clone();
+        async move { spans.iter().any(|s| s.trace_id == sampled).then_some(()) }
+    })
+    .await;
 
     let (first, second) = eventually("a retried call's two attempts", || {
         let spans = receiver.spans();
