@@ -22,6 +22,7 @@ struct Span {
     span_id: String,
     parent: String,
     attrs: HashMap<String, String>,
+    events: Vec<(String, HashMap<String, String>)>,
 }
 
 impl Span {
@@ -76,6 +77,14 @@ impl TraceService for Receiver {
                         .attributes
                         .iter()
                         .map(|kv| (kv.key.clone(), text(kv)))
+                        .collect(),
+                    events: span
+                        .events
+                        .iter()
+                        .map(|e| {
+                            let attrs = e.attributes.iter().map(|kv| (kv.key.clone(), text(kv)));
+                            (e.name.clone(), attrs.collect())
+                        })
                         .collect(),
                 });
             }
@@ -273,6 +282,19 @@ async fn a_retry_is_two_attempt_spans_on_two_replicas() {
     assert_eq!(first.attr("rpc.grpc.status_code"), "14");
     assert_eq!(second.attr("server.port"), healthy.addr.port().to_string());
     assert_eq!(second.attr("rpc.grpc.status_code"), "0");
+    // With two ready endpoints, tower's p2c records its choice on the attempt span.
+    let p2c_events: Vec<_> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| s.service == "client" && s.kind == SPAN_CLIENT)
+        .flat_map(|s| s.events)
+        .filter(|(name, _)| name == "p2c")
+        .collect();
+    assert!(!p2c_events.is_empty(), "no p2c decision recorded");
+    let (_, attrs) = &p2c_events[0];
+    for key in ["a.load", "b.load", "chosen"] {
+        assert!(attrs.contains_key(key), "{key} missing in {attrs:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
