@@ -70,6 +70,8 @@ pub enum EndpointState {
     Unhealthy,
     /// Taken out by failure accrual until its backoff ends.
     Ejected,
+    /// Taken out as a latency outlier until its backoff ends.
+    EjectedLatency,
 }
 
 impl std::fmt::Display for EndpointState {
@@ -79,6 +81,7 @@ impl std::fmt::Display for EndpointState {
             EndpointState::Connecting => "connecting",
             EndpointState::Unhealthy => "unhealthy",
             EndpointState::Ejected => "ejected",
+            EndpointState::EjectedLatency => "ejected (latency)",
         })
     }
 }
@@ -113,6 +116,15 @@ pub struct Shared {
     ewma_rtt_us: Mutex<f64>,
     accrual: Mutex<Accrual>,
     accrual_waker: AtomicWaker,
+    /// Set by the outlier detector: a probe slower than this keeps a latency ejection going.
+    latency_threshold_us: AtomicU64,
+}
+
+/// Why an endpoint is out of rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Failures,
+    Latency,
 }
 
 #[derive(Debug)]
@@ -123,6 +135,7 @@ struct Accrual {
     backoff: Duration,
     probing: bool,
     probe_in_flight: bool,
+    reason: Option<Reason>,
 }
 
 /// What accrual allows right now.
@@ -149,7 +162,20 @@ impl Accrual {
         }
     }
 
-    fn record(&mut self, outcome: Outcome, was_probe: bool, now: Instant) {
+    /// Takes the endpoint out: for the base backoff, or for twice the last one after a failed probe.
+    fn eject(&mut self, now: Instant, reason: Reason, again: bool) {
+        self.backoff = if again {
+            (self.backoff * 2).min(self.config.backoff_max)
+        } else {
+            self.config.backoff_base
+        };
+        self.ejected_until = Some(now + self.backoff);
+        self.probing = false;
+        self.reason = Some(reason);
+    }
+
+    /// `probe_too_slow`: the call was slower than the fleet's outlier threshold.
+    fn record(&mut self, outcome: Outcome, was_probe: bool, probe_too_slow: bool, now: Instant) {
         if was_probe {
             self.probe_in_flight = false;
         }
@@ -158,25 +184,31 @@ impl Accrual {
             o if o.is_endpoint_failure() => {
                 self.consecutive = self.consecutive.saturating_add(1);
                 if was_probe {
-                    self.probing = false;
-                    self.backoff = (self.backoff * 2).min(self.config.backoff_max);
-                    self.ejected_until = Some(now + self.backoff);
+                    self.eject(now, Reason::Failures, true);
                 } else if !self.probing
                     && self.ejected_until.is_none()
                     && self.consecutive >= self.config.threshold
                 {
-                    self.backoff = self.config.backoff_base;
-                    self.ejected_until = Some(now + self.backoff);
+                    self.eject(now, Reason::Failures, false);
                 }
             }
             _ => {
                 self.consecutive = 0;
                 if was_probe {
-                    self.probing = false;
-                    self.backoff = self.config.backoff_base;
+                    if probe_too_slow && self.reason == Some(Reason::Latency) {
+                        self.eject(now, Reason::Latency, true);
+                    } else {
+                        self.probing = false;
+                        self.backoff = self.config.backoff_base;
+                        self.reason = None;
+                    }
                 }
             }
         }
+    }
+
+    fn is_out(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|until| now < until)
     }
 }
 
@@ -197,9 +229,44 @@ impl Shared {
                 backoff: accrual.backoff_base,
                 probing: false,
                 probe_in_flight: false,
+                reason: None,
             }),
             accrual_waker: AtomicWaker::new(),
+            latency_threshold_us: AtomicU64::new(0),
         })
+    }
+
+    /// The endpoint's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its latency estimate and how many calls it has answered: what outlier detection reads.
+    pub fn latency(&self) -> (Duration, u64) {
+        let ewma = Duration::from_micros(*lock(&self.ewma_rtt_us) as u64);
+        (ewma, self.served.load(Ordering::Relaxed))
+    }
+
+    /// Whether it is offered to the balancer now (serving and not ejected, probing or not).
+    pub fn in_rotation(&self) -> bool {
+        self.gate.health() == Health::Serving && !lock(&self.accrual).is_out(Instant::now())
+    }
+
+    /// Records the fleet's current outlier threshold, against which a latency probe is judged.
+    pub fn set_latency_threshold(&self, threshold: Duration) {
+        let us = u64::try_from(threshold.as_micros()).unwrap_or(u64::MAX);
+        self.latency_threshold_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Ejects the endpoint as a latency outlier, unless it is already out or being probed.
+    pub fn eject_for_latency(&self) -> bool {
+        let mut accrual = lock(&self.accrual);
+        let now = Instant::now();
+        if accrual.is_out(now) || accrual.probing {
+            return false;
+        }
+        accrual.eject(now, Reason::Latency, false);
+        true
     }
 
     /// The endpoint's health gate.
@@ -209,11 +276,16 @@ impl Shared {
 
     /// A snapshot for `endpoints()`.
     pub fn snapshot(&self) -> EndpointSnapshot {
-        let ejected = lock(&self.accrual)
-            .ejected_until
-            .is_some_and(|until| Instant::now() < until);
-        let state = if ejected {
-            EndpointState::Ejected
+        let ejected = {
+            let accrual = lock(&self.accrual);
+            accrual.is_out(Instant::now()).then_some(accrual.reason)
+        };
+        let state = if let Some(reason) = ejected {
+            if reason == Some(Reason::Latency) {
+                EndpointState::EjectedLatency
+            } else {
+                EndpointState::Ejected
+            }
         } else {
             match self.gate.health() {
                 Health::Serving => EndpointState::Ready,
@@ -233,13 +305,15 @@ impl Shared {
 
     fn finish(&self, outcome: Outcome, elapsed: Duration, was_probe: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let sample = elapsed.as_micros() as f64;
         match outcome {
             Outcome::Ok => {
                 self.served.fetch_add(1, Ordering::Relaxed);
                 let mut ewma = lock(&self.ewma_rtt_us);
-                let sample = elapsed.as_micros() as f64;
-                // Plain EWMA for display; PeakEwma keeps its own, decaying one for balancing.
-                *ewma = if *ewma == 0.0 {
+                // A plain EWMA, for display and outlier detection (PeakEwma keeps its own,
+                // decaying one for balancing). A probe restarts it: the old estimate is from
+                // before the ejection and says nothing about now.
+                *ewma = if *ewma == 0.0 || was_probe {
                     sample
                 } else {
                     *ewma * 0.8 + sample * 0.2
@@ -254,10 +328,21 @@ impl Shared {
             }
             Outcome::Cancelled => {}
         }
-        lock(&self.accrual).record(outcome, was_probe, Instant::now());
+        let threshold = self.latency_threshold_us.load(Ordering::Relaxed);
+        let too_slow = threshold > 0 && sample > threshold as f64;
+        lock(&self.accrual).record(outcome, was_probe, too_slow, Instant::now());
         if was_probe || outcome.is_endpoint_failure() {
             self.accrual_waker.wake();
         }
+    }
+}
+
+#[cfg(test)]
+impl Shared {
+    /// Records one successful call of `latency`, as a finished call would.
+    pub(crate) fn test_finish_ok(&self, latency: Duration) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.finish(Outcome::Ok, latency, false);
     }
 }
 
@@ -411,7 +496,36 @@ mod tests {
             backoff: Duration::from_secs(1),
             probing: false,
             probe_in_flight: false,
+            reason: None,
         }
+    }
+
+    impl Accrual {
+        fn record_plain(&mut self, outcome: Outcome, was_probe: bool, now: Instant) {
+            self.record(outcome, was_probe, false, now);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_probe_keeps_a_latency_ejection_and_a_fast_one_ends_it() {
+        let mut a = accrual();
+        let t0 = Instant::now();
+        a.eject(t0, Reason::Latency, false);
+        assert!(matches!(a.admit(t0), Admit::EjectedUntil(_)));
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(matches!(a.admit(t1), Admit::Probe));
+        a.probe_in_flight = true;
+        a.record(Outcome::Ok, true, true, t1);
+        assert!(
+            matches!(a.admit(t1), Admit::EjectedUntil(u) if u == t1 + Duration::from_secs(2)),
+            "a slow probe doubles the ejection"
+        );
+        let t2 = t1 + Duration::from_secs(2);
+        assert!(matches!(a.admit(t2), Admit::Probe));
+        a.probe_in_flight = true;
+        a.record(Outcome::Ok, true, false, t2);
+        assert!(matches!(a.admit(t2), Admit::Yes));
+        assert_eq!(a.reason, None);
     }
 
     #[tokio::test(start_paused = true)]
@@ -419,25 +533,25 @@ mod tests {
         let mut a = accrual();
         let t0 = Instant::now();
         let fail = Outcome::Status(tonic::Code::Unavailable);
-        a.record(fail, false, t0);
-        a.record(Outcome::Status(tonic::Code::NotFound), false, t0);
-        a.record(fail, false, t0);
+        a.record_plain(fail, false, t0);
+        a.record_plain(Outcome::Status(tonic::Code::NotFound), false, t0);
+        a.record_plain(fail, false, t0);
         assert!(matches!(a.admit(t0), Admit::Yes), "NOT_FOUND reset the run");
-        a.record(fail, false, t0);
-        a.record(fail, false, t0);
+        a.record_plain(fail, false, t0);
+        a.record_plain(fail, false, t0);
         assert!(matches!(a.admit(t0), Admit::EjectedUntil(u) if u == t0 + Duration::from_secs(1)));
 
         let t1 = t0 + Duration::from_secs(1);
         assert!(matches!(a.admit(t1), Admit::Probe));
         a.probe_in_flight = true;
         assert!(matches!(a.admit(t1), Admit::ProbeInFlight));
-        a.record(Outcome::Broken, true, t1);
+        a.record_plain(Outcome::Broken, true, t1);
         assert!(matches!(a.admit(t1), Admit::EjectedUntil(u) if u == t1 + Duration::from_secs(2)));
 
         let t2 = t1 + Duration::from_secs(2);
         assert!(matches!(a.admit(t2), Admit::Probe));
         a.probe_in_flight = true;
-        a.record(Outcome::Ok, true, t2);
+        a.record_plain(Outcome::Ok, true, t2);
         assert!(matches!(a.admit(t2), Admit::Yes));
         assert_eq!(
             a.backoff,
@@ -451,7 +565,7 @@ mod tests {
         let mut a = accrual();
         let mut now = Instant::now();
         for _ in 0..3 {
-            a.record(Outcome::Broken, false, now);
+            a.record_plain(Outcome::Broken, false, now);
         }
         for _ in 0..10 {
             let Admit::EjectedUntil(until) = a.admit(now) else {
@@ -460,7 +574,7 @@ mod tests {
             now = until;
             assert!(matches!(a.admit(now), Admit::Probe));
             a.probe_in_flight = true;
-            a.record(Outcome::Broken, true, now);
+            a.record_plain(Outcome::Broken, true, now);
         }
         assert_eq!(a.backoff, Duration::from_secs(8));
     }

@@ -23,6 +23,8 @@
 //!   good and takes it back as soon as it recovers.
 //! - **Failure accrual**: N consecutive transport failures or `UNAVAILABLE`s eject an endpoint for a
 //!   doubling backoff, then one probe call decides ([`endpoint`]).
+//! - **Latency-outlier ejection**: an endpoint far slower than the rest of the fleet for a while is
+//!   taken out the same way, never below half of the fleet ([`outlier`]).
 //! - **Fail fast**: no ready endpoint within `ready_wait` → `UNAVAILABLE` saying why
 //!   ([`failfast`]); every call has a deadline; idempotent calls are retried within a budget
 //!   ([`call`]).
@@ -48,11 +50,13 @@ pub mod call;
 pub mod completion;
 pub mod endpoint;
 pub mod failfast;
+pub mod outlier;
 pub mod registry;
 pub mod round_robin;
 
 pub use call::{Attempts, CallConfig};
 pub use endpoint::{AccrualConfig, BoxError, EndpointSnapshot, EndpointState, ServedBy};
+pub use outlier::OutlierConfig;
 pub use registry::ConnectConfig;
 
 use crate::discovery::{self, DiscoveryError, DnsConfig};
@@ -162,10 +166,18 @@ pub struct Builder {
     accrual: AccrualConfig,
     connect: ConnectConfig,
     call: CallConfig,
+    outlier: Option<OutlierConfig>,
     buffer: usize,
 }
 
 impl Builder {
+    /// Latency-outlier ejection settings. Unset, it is on for p2c and off for round-robin, so the
+    /// baseline stays a plain baseline; `enabled: false` turns it off.
+    pub fn outlier(mut self, outlier: OutlierConfig) -> Self {
+        self.outlier = Some(outlier);
+        self
+    }
+
     /// The grpc.health.v1 service name each endpoint is watched for (default `""`: the server).
     pub fn health_service(mut self, service: impl Into<String>) -> Self {
         self.health.service = service.into();
@@ -270,6 +282,14 @@ impl Builder {
             tx,
         ));
 
+        let outlier = self.outlier.unwrap_or(OutlierConfig {
+            enabled: self.policy == Policy::P2c,
+            ..OutlierConfig::default()
+        });
+        let detector = outlier
+            .enabled
+            .then(|| tokio::spawn(outlier::detect(Arc::downgrade(&registry), outlier)));
+
         let inner: Inner = match self.policy {
             Policy::P2c => BoxService::new(
                 Balance::new(discover).map_response(|r: http::Response<_>| r.map(Body::new)),
@@ -292,6 +312,7 @@ impl Builder {
                 budget,
                 config: self.call,
                 manager,
+                detector,
             }),
         })
     }
@@ -313,11 +334,15 @@ pub(crate) struct Shared {
     budget: TpsBudget,
     config: CallConfig,
     manager: tokio::task::JoinHandle<()>,
+    detector: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         self.manager.abort();
+        if let Some(detector) = &self.detector {
+            detector.abort();
+        }
         self.registry.shutdown();
     }
 }
@@ -343,6 +368,7 @@ impl Balancer {
             accrual: AccrualConfig::default(),
             connect: ConnectConfig::default(),
             call: CallConfig::default(),
+            outlier: None,
             buffer: 1024,
         }
     }

@@ -90,12 +90,16 @@ impl Registry {
         }
         let count = |s| all.iter().filter(|e| e.state == s).count();
         let n = all.len();
-        for (state, word) in [
-            (EndpointState::Unhealthy, "unhealthy"),
-            (EndpointState::Ejected, "ejected"),
-            (EndpointState::Connecting, "connecting or unreachable"),
+        let ejected = count(EndpointState::Ejected) + count(EndpointState::EjectedLatency);
+        for (k, word) in [
+            (count(EndpointState::Unhealthy), "unhealthy"),
+            (ejected, "ejected"),
+            (
+                count(EndpointState::Connecting),
+                "connecting or unreachable",
+            ),
         ] {
-            if count(state) == n {
+            if k == n {
                 return format!("all {n} endpoints of {} are {word}", self.target);
             }
         }
@@ -103,10 +107,15 @@ impl Registry {
             "no ready endpoint for {}: {} unhealthy, {} ejected, {} connecting or unreachable, {} busy",
             self.target,
             count(EndpointState::Unhealthy),
-            count(EndpointState::Ejected),
+            ejected,
             count(EndpointState::Connecting),
             count(EndpointState::Ready),
         )
+    }
+
+    /// The shared state of every endpoint.
+    pub fn shared_endpoints(&self) -> Vec<Arc<Shared>> {
+        self.lock().values().map(|e| e.shared.clone()).collect()
     }
 
     /// Whether any endpoint is ready.

@@ -81,6 +81,14 @@ async fn slow_replica_gets_a_small_share_and_recovers_when_fixed() {
         "slow replica got {:?}",
         tally.by_replica
     );
+    eventually(
+        "the slow replica is ejected as a latency outlier",
+        || async {
+            drive(&lb, 30, 6).await;
+            (state_of(&lb, slow.addr) == Some(EndpointState::EjectedLatency)).then_some(())
+        },
+    )
+    .await;
 
     set_faults(slow.addr, FaultConfig::default()).await;
     eventually("the fixed replica gets its share back", || async {
