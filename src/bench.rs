@@ -4,6 +4,7 @@
 //! direct `Channel` to one healthy replica (the floor). Knows nothing of how results are printed
 //! beyond producing rows; [`Scenario::markdown`] and [`Scenario::table`] render them.
 
+use crate::balance::{HedgeConfig, HedgeDelay, OutlierConfig};
 use crate::fleet::{FleetSpec, Launch, RunningFleet};
 use crate::load::{self, CallKind, LoadSpec, Recorder, Recording, Stop, Transport};
 use crate::replica::FaultConfig;
@@ -82,8 +83,12 @@ impl std::str::FromStr for ScenarioKind {
 /// Who is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Contender {
-    /// meshlb, p2c over peak-EWMA.
+    /// meshlb as shipped: p2c over peak-EWMA, latency-outlier ejection, hedging.
     MeshlbP2c,
+    /// meshlb p2c with outlier ejection but no hedging.
+    MeshlbP2cNoHedge,
+    /// meshlb p2c over plain peak-EWMA (measured to the end of the body): no ejection, no hedging.
+    MeshlbP2cPlain,
     /// meshlb, round-robin.
     MeshlbRoundRobin,
     /// tonic's `Channel::balance_list`.
@@ -96,6 +101,8 @@ impl Contender {
     fn label(self) -> &'static str {
         match self {
             Contender::MeshlbP2c => "meshlb p2c",
+            Contender::MeshlbP2cNoHedge => "p2c, no hedging",
+            Contender::MeshlbP2cPlain => "p2c, plain EWMA",
             Contender::MeshlbRoundRobin => "meshlb round-robin",
             Contender::TonicBalanceList => "tonic balance_list",
             Contender::Direct => "direct channel",
@@ -175,6 +182,8 @@ pub async fn run(
         let ids: Vec<String> = fleet.members.iter().map(|m| m.id.clone()).collect();
         let mut contenders = vec![
             Contender::MeshlbP2c,
+            Contender::MeshlbP2cNoHedge,
+            Contender::MeshlbP2cPlain,
             Contender::MeshlbRoundRobin,
             Contender::TonicBalanceList,
         ];
@@ -235,17 +244,37 @@ async fn measure(
 ) -> anyhow::Result<Round> {
     let target = crate::Target::Static(addrs.to_vec()).to_string();
     match contender {
-        Contender::MeshlbP2c | Contender::MeshlbRoundRobin => {
-            let policy = if contender == Contender::MeshlbP2c {
-                Policy::P2c
-            } else {
+        Contender::MeshlbP2c
+        | Contender::MeshlbP2cNoHedge
+        | Contender::MeshlbP2cPlain
+        | Contender::MeshlbRoundRobin => {
+            let policy = if contender == Contender::MeshlbRoundRobin {
                 Policy::RoundRobin
+            } else {
+                Policy::P2c
             };
-            let lb = Balancer::builder(target)
+            let mut builder = Balancer::builder(target)
                 .policy(policy)
-                .health_service(crate::proto::USERGUIDE_SERVICE)
-                .build()
-                .await?;
+                .health_service(crate::proto::USERGUIDE_SERVICE);
+            let no_hedge = HedgeConfig {
+                delay: HedgeDelay::Off,
+                ..HedgeConfig::default()
+            };
+            if matches!(
+                contender,
+                Contender::MeshlbP2cNoHedge
+                    | Contender::MeshlbP2cPlain
+                    | Contender::MeshlbRoundRobin
+            ) {
+                builder = builder.hedge(no_hedge);
+            }
+            if contender == Contender::MeshlbP2cPlain {
+                builder = builder.outlier(OutlierConfig {
+                    enabled: false,
+                    ..OutlierConfig::default()
+                });
+            }
+            let lb = builder.build().await?;
             Ok(measure_on(&lb, kind, addrs, ids, config).await)
         }
         Contender::TonicBalanceList => {

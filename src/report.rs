@@ -72,6 +72,10 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     /// Retries the balancer made.
     pub retries: u64,
+    /// Hedged calls sent.
+    pub hedges: u64,
+    /// Hedged calls that answered before the original.
+    pub hedge_wins: u64,
     /// Length of the run in seconds.
     pub duration_s: f64,
     /// Calls per second.
@@ -124,6 +128,8 @@ impl Report {
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
             retries,
+            hedges: 0,
+            hedge_wins: 0,
             duration_s: (secs * 1000.0).round() / 1000.0,
             rps: (calls as f64 / secs * 10.0).round() / 10.0,
             latency_ms: Latency::of(&recording.total),
@@ -177,8 +183,15 @@ impl Report {
         let l = &self.latency_ms;
         let _ = writeln!(
             out,
-            "calls {}  ok {}  errors {}  retries {}  {:.1} calls/s over {:.1} s",
-            self.calls, self.ok, errors, self.retries, self.rps, self.duration_s
+            "calls {}  ok {}  errors {}  retries {}  hedges {} (won {})  {:.1} calls/s over {:.1} s",
+            self.calls,
+            self.ok,
+            errors,
+            self.retries,
+            self.hedges,
+            self.hedge_wins,
+            self.rps,
+            self.duration_s
         );
         let _ = writeln!(
             out,

@@ -7,10 +7,13 @@
 //!   `UNAVAILABLE`, is sent again, at most `max_retries` more times, while the retry budget allows
 //!   (retries add at most `budget_percent` to the load, as Linkerd's budget does). A fail-fast
 //!   answer is not retried: nothing is ready to retry on.
+//! - A hedgeable call (GetPoint by default) that has not answered after the fleet's recent p95 is
+//!   sent once more; the first useful answer wins ([`super::hedge`]). Hedges share the retry budget.
 //! - Whatever happens, the caller gets a gRPC response; errors become a `grpc-status`.
 
 use super::endpoint::{BoxError, EndpointError, ServedBy};
 use super::failfast::FailedFast;
+use super::hedge::{HedgeConfig, HedgeDelay};
 use super::Buffered;
 use crate::telemetry;
 use bytes::Bytes;
@@ -39,6 +42,8 @@ pub struct CallConfig {
     pub budget_min_per_sec: u32,
     /// Path prefixes of the methods that are safe to retry (idempotent).
     pub retry_methods: Vec<String>,
+    /// Which calls are hedged, and when.
+    pub hedge: HedgeConfig,
 }
 
 impl Default for CallConfig {
@@ -53,6 +58,7 @@ impl Default for CallConfig {
                 format!("/{}/", crate::proto::USERGUIDE_SERVICE),
                 "/grpc.health.v1.Health/Check".into(),
             ],
+            hedge: HedgeConfig::default(),
         }
     }
 }
@@ -68,6 +74,11 @@ impl CallConfig {
 
     fn is_retryable(&self, path: &str) -> bool {
         self.max_retries > 0 && self.retry_methods.iter().any(|p| path.starts_with(p))
+    }
+
+    /// Whether calls to `path` have their body buffered (to be sent more than once).
+    fn buffers(&self, path: &str) -> bool {
+        self.is_retryable(path) || self.hedge.applies_to(path)
     }
 }
 
@@ -119,9 +130,10 @@ async fn run_in_span(
     let deadline =
         grpc_timeout(request.headers()).map_or(config.timeout, |t| t.min(config.timeout));
     shared.budget.deposit();
+    let path = request.uri().path().to_owned();
     let attempts = async {
-        if !config.is_retryable(request.uri().path()) {
-            let result = attempt(buffer, request, 1).await;
+        if !config.buffers(&path) {
+            let result = attempt(buffer, request, 1, false, shared).await;
             return (result, 1);
         }
         let (parts, body) = request.into_parts();
@@ -129,10 +141,20 @@ async fn run_in_span(
             Ok(collected) => collected.to_bytes(),
             Err(status) => return (Ok(status.into_http()), 1),
         };
+        let hedge_delay = config
+            .hedge
+            .applies_to(&path)
+            .then(|| shared.latency.delay(config.hedge.delay))
+            .flatten();
+        let max_retries = if config.is_retryable(&path) {
+            config.max_retries
+        } else {
+            0
+        };
         let mut tries = 1;
         loop {
-            let result = attempt(buffer.clone(), rebuild(&parts, &body), tries).await;
-            let again = tries <= config.max_retries && worth_retrying(&result);
+            let result = hedged(&buffer, &parts, &body, tries, hedge_delay, shared).await;
+            let again = tries <= max_retries && worth_retrying(&result);
             if !again || !shared.budget.withdraw() {
                 return (result, tries);
             }
@@ -169,11 +191,54 @@ async fn run_in_span(
     response
 }
 
+/// One try, hedged after `delay` when there is one: the first useful answer wins and the other
+/// attempt is cancelled.
+async fn hedged(
+    buffer: &Buffered,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    number: u32,
+    delay: Option<Duration>,
+    shared: &super::Shared,
+) -> Result<http::Response<Body>, BoxError> {
+    let first = attempt(buffer.clone(), rebuild(parts, body), number, false, shared);
+    let Some(delay) = delay else {
+        return first.await;
+    };
+    tokio::pin!(first);
+    tokio::select! {
+        result = &mut first => return result,
+        () = tokio::time::sleep(delay) => {}
+    }
+    if !shared.budget.withdraw() {
+        return first.await;
+    }
+    shared.registry.count_hedge(false);
+    tracing::info!(delay_ms = delay.as_secs_f64() * 1000.0, "hedge");
+    let second = attempt(buffer.clone(), rebuild(parts, body), number, true, shared);
+    tokio::pin!(second);
+    tokio::select! {
+        result = &mut first => {
+            if worth_retrying(&result) { second.await } else { result }
+        }
+        result = &mut second => {
+            if worth_retrying(&result) {
+                first.await
+            } else {
+                shared.registry.count_hedge(true);
+                result
+            }
+        }
+    }
+}
+
 /// One try, in its own client span, with the trace context in the request's metadata.
 async fn attempt(
     mut buffer: Buffered,
     mut request: http::Request<Body>,
     number: u32,
+    hedge: bool,
+    shared: &super::Shared,
 ) -> Result<http::Response<Body>, BoxError> {
     let (service, method) = telemetry::rpc_names(request.uri().path());
     let span = tracing::info_span!(
@@ -184,12 +249,14 @@ async fn attempt(
         rpc.service = %service,
         rpc.method = %method,
         meshlb.attempt = number,
+        meshlb.hedge = hedge,
         server.address = Empty,
         server.port = Empty,
         rpc.grpc.status_code = Empty,
         otel.status_code = Empty,
     );
     telemetry::inject(&span, request.headers_mut());
+    let started = tokio::time::Instant::now();
     let result = async {
         buffer.ready().await?;
         buffer.call(request).await
@@ -211,6 +278,8 @@ async fn attempt(
     span.record("rpc.grpc.status_code", code as i32);
     if code != Code::Ok {
         span.record("otel.status_code", "ERROR");
+    } else if let HedgeDelay::Quantile { quantile, .. } = shared.config.hedge.delay {
+        shared.latency.record(started.elapsed(), quantile);
     }
     result
 }

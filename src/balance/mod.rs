@@ -50,12 +50,14 @@ pub mod call;
 pub mod completion;
 pub mod endpoint;
 pub mod failfast;
+pub mod hedge;
 pub mod outlier;
 pub mod registry;
 pub mod round_robin;
 
 pub use call::{Attempts, CallConfig};
 pub use endpoint::{AccrualConfig, BoxError, EndpointSnapshot, EndpointState, ServedBy};
+pub use hedge::{HedgeConfig, HedgeDelay};
 pub use outlier::OutlierConfig;
 pub use registry::ConnectConfig;
 
@@ -208,6 +210,12 @@ impl Builder {
         self
     }
 
+    /// Which calls are hedged, and when (`HedgeDelay::Off` turns hedging off).
+    pub fn hedge(mut self, hedge: HedgeConfig) -> Self {
+        self.call.hedge = hedge;
+        self
+    }
+
     /// All call settings at once.
     pub fn call_config(mut self, call: CallConfig) -> Self {
         self.call = call;
@@ -311,6 +319,7 @@ impl Builder {
                 policy: self.policy,
                 budget,
                 config: self.call,
+                latency: hedge::LatencyWindow::default(),
                 manager,
                 detector,
             }),
@@ -333,6 +342,7 @@ pub(crate) struct Shared {
     policy: Policy,
     budget: TpsBudget,
     config: CallConfig,
+    latency: hedge::LatencyWindow,
     manager: tokio::task::JoinHandle<()>,
     detector: Option<tokio::task::JoinHandle<()>>,
 }
@@ -376,6 +386,16 @@ impl Balancer {
     /// A snapshot of every discovered endpoint, ordered by address.
     pub fn endpoints(&self) -> Vec<EndpointSnapshot> {
         self.shared.registry.snapshot()
+    }
+
+    /// Hedges sent and hedges that answered first, across all clones.
+    pub fn hedges(&self) -> (u64, u64) {
+        self.shared.registry.hedges()
+    }
+
+    /// Hedging settings (GetPoint after the fleet's recent p95 by default).
+    pub fn hedge_config(&self) -> &HedgeConfig {
+        &self.shared.config.hedge
     }
 
     /// Retries made so far, across all clones.

@@ -46,6 +46,8 @@ pub struct Registry {
     target: String,
     endpoints: Mutex<BTreeMap<SocketAddr, Entry>>,
     retries: AtomicU64,
+    hedges: AtomicU64,
+    hedge_wins: AtomicU64,
 }
 
 impl Registry {
@@ -55,6 +57,8 @@ impl Registry {
             target,
             endpoints: Mutex::new(BTreeMap::new()),
             retries: AtomicU64::new(0),
+            hedges: AtomicU64::new(0),
+            hedge_wins: AtomicU64::new(0),
         })
     }
 
@@ -75,6 +79,20 @@ impl Registry {
     /// Counts a retry.
     pub fn count_retry(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a hedge sent, and whether it won.
+    pub fn count_hedge(&self, won: bool) {
+        let counter = if won { &self.hedge_wins } else { &self.hedges };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Hedges sent and hedges that answered first, so far.
+    pub fn hedges(&self) -> (u64, u64) {
+        (
+            self.hedges.load(Ordering::Relaxed),
+            self.hedge_wins.load(Ordering::Relaxed),
+        )
     }
 
     /// Retries made so far.

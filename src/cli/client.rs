@@ -178,6 +178,7 @@ pub async fn drive(lb: &Balancer, spec: &LoadSpec, watch: bool, progress: bool) 
         started.elapsed(),
     );
     report.trace_id = recorder.trace_id();
+    (report.hedges, report.hedge_wins) = lb.hedges();
     report
 }
 

@@ -311,3 +311,40 @@ async fn deadline_bounds_a_call_to_a_slow_replica() {
         .iter()
         .all(|s| s.code() == Code::DeadlineExceeded));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_call_is_hedged_to_another_replica_within_the_budget() {
+    use meshlb::balance::{HedgeConfig, HedgeDelay, OutlierConfig};
+    let replicas = three([latency(0), latency(0), latency(400)]).await;
+    let lb = Balancer::builder(target(&replicas))
+        .health_service(SERVICE)
+        // Hedging alone: no outlier ejection to take the slow replica out first.
+        .outlier(OutlierConfig {
+            enabled: false,
+            ..OutlierConfig::default()
+        })
+        .hedge(HedgeConfig {
+            delay: HedgeDelay::Fixed(Duration::from_millis(30)),
+            ..HedgeConfig::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let tally = drive(&lb, 200, 4).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    let (hedges, wins) = lb.hedges();
+    assert!(wins > 0, "hedges {hedges}, wins {wins}");
+    // Every hedge draws on the retry budget: at most 20 % of calls plus 10 per second.
+    assert!(hedges <= 200 / 5 + 10 * 10, "{hedges} hedges for 200 calls");
+
+    let off = Balancer::builder(target(&replicas))
+        .hedge(HedgeConfig {
+            delay: HedgeDelay::Off,
+            ..HedgeConfig::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    drive(&off, 50, 4).await;
+    assert_eq!(off.hedges(), (0, 0));
+}
