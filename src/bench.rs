@@ -4,7 +4,7 @@
 //! direct `Channel` to one healthy replica (the floor). Knows nothing of how results are printed
 //! beyond producing rows; [`Scenario::markdown`] and [`Scenario::table`] render them.
 
-use crate::balance::{HedgeConfig, HedgeDelay, OutlierConfig};
+use crate::balance::{HedgeConfig, OutlierConfig};
 use crate::fleet::{FleetSpec, Launch, RunningFleet};
 use crate::load::{self, CallKind, LoadSpec, Recorder, Recording, Stop, Transport};
 use crate::replica::FaultConfig;
@@ -83,10 +83,10 @@ impl std::str::FromStr for ScenarioKind {
 /// Who is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Contender {
-    /// meshlb as shipped: p2c over peak-EWMA, latency-outlier ejection, hedging.
+    /// meshlb as shipped: p2c over peak-EWMA with latency-outlier ejection.
     MeshlbP2c,
-    /// meshlb p2c with outlier ejection but no hedging.
-    MeshlbP2cNoHedge,
+    /// meshlb p2c with hedging at the p95 on top.
+    MeshlbP2cHedged,
     /// meshlb p2c over plain peak-EWMA (measured to the end of the body): no ejection, no hedging.
     MeshlbP2cPlain,
     /// meshlb, round-robin.
@@ -101,7 +101,7 @@ impl Contender {
     fn label(self) -> &'static str {
         match self {
             Contender::MeshlbP2c => "meshlb p2c",
-            Contender::MeshlbP2cNoHedge => "p2c, no hedging",
+            Contender::MeshlbP2cHedged => "p2c + hedging",
             Contender::MeshlbP2cPlain => "p2c, plain EWMA",
             Contender::MeshlbRoundRobin => "meshlb round-robin",
             Contender::TonicBalanceList => "tonic balance_list",
@@ -182,7 +182,7 @@ pub async fn run(
         let ids: Vec<String> = fleet.members.iter().map(|m| m.id.clone()).collect();
         let mut contenders = vec![
             Contender::MeshlbP2c,
-            Contender::MeshlbP2cNoHedge,
+            Contender::MeshlbP2cHedged,
             Contender::MeshlbP2cPlain,
             Contender::MeshlbRoundRobin,
             Contender::TonicBalanceList,
@@ -245,7 +245,7 @@ async fn measure(
     let target = crate::Target::Static(addrs.to_vec()).to_string();
     match contender {
         Contender::MeshlbP2c
-        | Contender::MeshlbP2cNoHedge
+        | Contender::MeshlbP2cHedged
         | Contender::MeshlbP2cPlain
         | Contender::MeshlbRoundRobin => {
             let policy = if contender == Contender::MeshlbRoundRobin {
@@ -256,17 +256,8 @@ async fn measure(
             let mut builder = Balancer::builder(target)
                 .policy(policy)
                 .health_service(crate::proto::USERGUIDE_SERVICE);
-            let no_hedge = HedgeConfig {
-                delay: HedgeDelay::Off,
-                ..HedgeConfig::default()
-            };
-            if matches!(
-                contender,
-                Contender::MeshlbP2cNoHedge
-                    | Contender::MeshlbP2cPlain
-                    | Contender::MeshlbRoundRobin
-            ) {
-                builder = builder.hedge(no_hedge);
+            if contender == Contender::MeshlbP2cHedged {
+                builder = builder.hedge(HedgeConfig::p95());
             }
             if contender == Contender::MeshlbP2cPlain {
                 builder = builder.outlier(OutlierConfig {

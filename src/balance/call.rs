@@ -95,6 +95,7 @@ pub(super) async fn run(
 ) -> Result<http::Response<Body>, BoxError> {
     let (service, method) = telemetry::rpc_names(request.uri().path());
     let span = tracing::info_span!(
+        target: crate::telemetry::RPC_SPANS,
         "grpc.call",
         otel.name = %format_args!("{service}/{method}"),
         otel.kind = "internal",
@@ -242,6 +243,7 @@ async fn attempt(
 ) -> Result<http::Response<Body>, BoxError> {
     let (service, method) = telemetry::rpc_names(request.uri().path());
     let span = tracing::info_span!(
+        target: crate::telemetry::RPC_SPANS,
         "grpc.attempt",
         otel.name = %format_args!("{service}/{method}"),
         otel.kind = "client",

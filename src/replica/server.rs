@@ -208,6 +208,7 @@ fn server_span<B>(req: &Request<B>, id: &HeaderValue) -> tracing::Span {
     }
     let (service, method) = crate::telemetry::rpc_names(path);
     let span = tracing::info_span!(
+        target: crate::telemetry::RPC_SPANS,
         "grpc.server",
         otel.name = %format_args!("{service}/{method}"),
         otel.kind = "server",
