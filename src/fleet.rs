@@ -73,6 +73,8 @@ fn default_host() -> IpAddr {
     IpAddr::V4(Ipv4Addr::LOCALHOST)
 }
 
+const DEFAULT_TIER: &str = "users";
+
 fn default_port() -> u16 {
     50051
 }
@@ -81,6 +83,8 @@ fn default_port() -> u16 {
 #[serde(deny_unknown_fields)]
 struct ReplicaEntry {
     id: Option<String>,
+    tier: Option<String>,
+    upstream: Option<String>,
     listen: Option<SocketAddr>,
     latency: Option<String>,
     jitter: Option<String>,
@@ -92,6 +96,10 @@ struct ReplicaEntry {
 pub struct Member {
     /// Its id (`x-replica-id`).
     pub id: String,
+    /// The tier it belongs to (default `users`).
+    pub tier: String,
+    /// The tier it asks for GetPoint (`--upstream`), if it is a front tier.
+    pub upstream: Option<String>,
     /// Where it listens (port 0: any free port).
     pub listen: SocketAddr,
     /// Its fault knobs.
@@ -145,9 +153,26 @@ impl FleetSpec {
                 .map_err(|e| format!("replica {}: {e}", i + 1))?;
             spec.members.push(Member {
                 id: entry.id.unwrap_or_else(|| format!("users-{}", i + 1)),
+                tier: entry.tier.unwrap_or_else(|| DEFAULT_TIER.to_owned()),
+                upstream: entry.upstream,
                 listen: entry.listen.unwrap_or_else(|| spec.slot(i)),
                 faults,
             });
+        }
+        for m in &spec.members {
+            if let Some(up) = &m.upstream {
+                if up == &m.tier
+                    || !spec
+                        .members
+                        .iter()
+                        .any(|o| &o.tier == up && o.upstream.is_none())
+                {
+                    return Err(format!(
+                        "replica {}: upstream tier {up:?} must be another tier, of replicas without an upstream",
+                        m.id
+                    ));
+                }
+            }
         }
         Ok(spec)
     }
@@ -162,6 +187,8 @@ impl FleetSpec {
         for (i, f) in faults.iter().enumerate() {
             spec.members.push(Member {
                 id: format!("users-{}", i + 1),
+                tier: DEFAULT_TIER.to_owned(),
+                upstream: None,
                 listen: spec.slot(i),
                 faults: *f,
             });
@@ -185,6 +212,8 @@ impl FleetSpec {
             let i = self.members.len();
             self.members.push(Member {
                 id: format!("users-{}", i + 1),
+                tier: DEFAULT_TIER.to_owned(),
+                upstream: None,
                 listen: self.slot(i),
                 faults: FaultConfig::default(),
             });
@@ -207,6 +236,10 @@ impl FleetSpec {
 pub struct Running {
     /// Its id.
     pub id: String,
+    /// Its tier.
+    pub tier: String,
+    /// The tier it asks, if any.
+    pub upstream: Option<String>,
     /// The address it bound.
     pub addr: SocketAddr,
     /// Its starting knobs.
@@ -255,8 +288,19 @@ impl RunningFleet {
         let mut fleet = RunningFleet {
             members: Vec::new(),
         };
-        for member in &spec.members {
-            let running = start_one(member, launch).await?;
+        // Back tiers first, so a front tier's --upstream can name their addresses.
+        let (back, front): (Vec<&Member>, Vec<&Member>) =
+            spec.members.iter().partition(|m| m.upstream.is_none());
+        for member in back {
+            let running = start_one(member, None, launch).await?;
+            fleet.members.push(running);
+        }
+        for member in front {
+            let upstream = member
+                .upstream
+                .as_deref()
+                .map(|tier| fleet.tier_target(tier));
+            let running = start_one(member, upstream.as_deref(), launch).await?;
             fleet.members.push(running);
         }
         for m in &fleet.members {
@@ -265,10 +309,36 @@ impl RunningFleet {
         Ok(fleet)
     }
 
+    /// The tiers, entry tier first (the one no other tier asks), then the rest in file order.
+    pub fn tiers(&self) -> Vec<String> {
+        let mut tiers: Vec<String> = Vec::new();
+        for m in &self.members {
+            if !tiers.contains(&m.tier) {
+                tiers.push(m.tier.clone());
+            }
+        }
+        let asked = |t: &String| self.members.iter().any(|m| m.upstream.as_ref() == Some(t));
+        tiers.sort_by_key(asked);
+        tiers
+    }
+
+    /// The `ipv4:` target of one tier.
+    pub fn tier_target(&self, tier: &str) -> String {
+        let addrs: Vec<SocketAddr> = self
+            .members
+            .iter()
+            .filter(|m| m.tier == tier)
+            .map(|m| m.addr)
+            .collect();
+        crate::Target::Static(addrs).to_string()
+    }
+
     /// The `ipv4:`/`ipv6:` target listing every replica.
     pub fn target(&self) -> String {
-        let addrs: Vec<SocketAddr> = self.members.iter().map(|m| m.addr).collect();
-        crate::Target::Static(addrs).to_string()
+        match self.tiers().first() {
+            Some(entry) => self.tier_target(entry),
+            None => String::new(),
+        }
     }
 
     /// Resolves when a replica that was running exits; gives its id and status. Pending forever
@@ -323,7 +393,11 @@ impl RunningFleet {
     }
 }
 
-async fn start_one(member: &Member, launch: &Launch) -> Result<Running, FleetError> {
+async fn start_one(
+    member: &Member,
+    upstream: Option<&str>,
+    launch: &Launch,
+) -> Result<Running, FleetError> {
     let fail = |message: String| FleetError::Replica {
         id: member.id.clone(),
         message,
@@ -341,6 +415,7 @@ async fn start_one(member: &Member, launch: &Launch) -> Result<Running, FleetErr
             &humantime::format_duration(member.faults.jitter).to_string(),
         ])
         .args(["--fail-rate", &member.faults.fail_rate.to_string()])
+        .args(upstream.map(|u| ["--upstream", u]).into_iter().flatten())
         .arg("--data")
         .arg(&launch.data)
         .env("RUST_LOG", &launch.log)
@@ -374,6 +449,8 @@ async fn start_one(member: &Member, launch: &Launch) -> Result<Running, FleetErr
     };
     Ok(Running {
         id: member.id.clone(),
+        tier: member.tier.clone(),
+        upstream: member.upstream.clone(),
         addr,
         faults: member.faults,
         child,
@@ -455,6 +532,18 @@ mod tests {
         assert_eq!(spec.members[4].id, "users-5");
         assert!(spec.members.iter().all(|m| m.listen.port() == 0));
         assert_eq!(spec.clone().with_replicas(1).members.len(), 1);
+    }
+
+    #[test]
+    fn parses_the_two_tier_fleet() {
+        let spec = FleetSpec::parse(include_str!("../replicas/two-tier.toml")).unwrap();
+        let fronts: Vec<_> = spec.members.iter().filter(|m| m.tier == "front").collect();
+        assert_eq!(fronts.len(), 2);
+        assert!(fronts
+            .iter()
+            .all(|m| m.upstream.as_deref() == Some("users")));
+        let err = FleetSpec::parse("[[replica]]\ntier = \"a\"\nupstream = \"nope\"\n").unwrap_err();
+        assert!(err.contains("nope"), "{err}");
     }
 
     #[test]

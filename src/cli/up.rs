@@ -59,14 +59,26 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let shutdown = super::shutdown_signal();
     let mut fleet = RunningFleet::start(&spec, &launch).await?;
     for m in &fleet.members {
+        let upstream = m
+            .upstream
+            .as_ref()
+            .map(|t| format!(" upstream={t}"))
+            .unwrap_or_default();
         println!(
-            "{:<10} {:<22} SERVING  latency={} jitter={} fail-rate={}",
+            "{:<10} {:<22} SERVING  tier={} latency={} jitter={} fail-rate={}{upstream}",
             m.id,
             m.addr.to_string(),
+            m.tier,
             humantime::format_duration(m.faults.latency),
             humantime::format_duration(m.faults.jitter),
             m.faults.fail_rate
         );
+    }
+    let tiers = fleet.tiers();
+    if tiers.len() > 1 {
+        for tier in &tiers {
+            println!("tier {tier}: {}", fleet.tier_target(tier));
+        }
     }
     println!("target: {}", fleet.target());
     println!(

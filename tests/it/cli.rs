@@ -12,8 +12,13 @@ fn meshlb() -> Command {
 
 /// `meshlb up` on free ports; returns the child and the target it printed.
 fn up(replicas: &str) -> (Child, String) {
+    up_with(&["--replicas", replicas], replicas.parse().unwrap())
+}
+
+fn up_with(args: &[&str], replicas: usize) -> (Child, String) {
     let mut child = meshlb()
-        .args(["up", "--replicas", replicas, "--base-port", "0"])
+        .args(["up", "--base-port", "0"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -33,7 +38,7 @@ fn up(replicas: &str) -> (Child, String) {
             break t.to_owned();
         }
     };
-    assert_eq!(serving.to_string(), replicas);
+    assert_eq!(serving, replicas);
     // Keep draining stdout so `up` never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     (child, target)
@@ -206,4 +211,46 @@ fn demo_finishes_with_both_tables() {
     assert!(stdout.contains("conclusion:"), "{stdout}");
     assert!(stdout.contains("users-3"), "{stdout}");
     assert!(stdout.contains("fleet drained"), "{stdout}");
+}
+
+#[test]
+fn a_two_tier_fleet_answers_through_the_front() {
+    let (child, front) = up_with(&["--fleet", "replicas/two-tier.toml"], 5);
+    assert_eq!(
+        front.split(',').count(),
+        2,
+        "the entry tier is the front: {front}"
+    );
+    let call = meshlb()
+        .args([
+            "call",
+            "--target",
+            &front,
+            "get-point",
+            "--name",
+            "amy",
+            "--age",
+            "24",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&call.stdout);
+    assert!(call.status.success(), "{stdout}");
+    assert!(stdout.contains(r#"{"value":1000}"#), "{stdout}");
+    assert!(stdout.contains("served by front-"), "{stdout}");
+    let missing = meshlb()
+        .args([
+            "call",
+            "--target",
+            &front,
+            "get-point",
+            "--name",
+            "amy",
+            "--age",
+            "99",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NOT_FOUND"));
+    stop(child);
 }
