@@ -268,6 +268,10 @@ pub struct Launch {
     pub log: String,
     /// How long each may take to print its address and say `SERVING`.
     pub ready_timeout: Duration,
+    /// More flags for every replica (e.g. TLS).
+    pub extra_args: Vec<String>,
+    /// How to reach the replicas when they serve TLS.
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Launch {
@@ -278,6 +282,8 @@ impl Launch {
             data: PathBuf::from("replicas/users.json"),
             log: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             ready_timeout: Duration::from_secs(15),
+            extra_args: Vec::new(),
+            client_tls: None,
         })
     }
 }
@@ -304,7 +310,7 @@ impl RunningFleet {
             fleet.members.push(running);
         }
         for m in &fleet.members {
-            wait_serving(m, launch.ready_timeout).await?;
+            wait_serving(m, launch).await?;
         }
         Ok(fleet)
     }
@@ -418,6 +424,7 @@ async fn start_one(
         .args(upstream.map(|u| ["--upstream", u]).into_iter().flatten())
         .arg("--data")
         .arg(&launch.data)
+        .args(&launch.extra_args)
         .env("RUST_LOG", &launch.log)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -459,10 +466,12 @@ async fn start_one(
     })
 }
 
-async fn wait_serving(member: &Running, timeout: Duration) -> Result<(), FleetError> {
+async fn wait_serving(member: &Running, launch: &Launch) -> Result<(), FleetError> {
+    let timeout = launch.ready_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if health_of(member.addr).await == Some(ServingStatus::Serving) {
+        if health_of(member.addr, launch.client_tls.as_ref()).await == Some(ServingStatus::Serving)
+        {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
@@ -475,14 +484,19 @@ async fn wait_serving(member: &Running, timeout: Duration) -> Result<(), FleetEr
     }
 }
 
-/// One grpc.health.v1 Check of the whole server at `addr`.
-pub async fn health_of(addr: SocketAddr) -> Option<ServingStatus> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+/// One grpc.health.v1 Check of the whole server at `addr` (over TLS when `tls` is given).
+pub async fn health_of(
+    addr: SocketAddr,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Option<ServingStatus> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .ok()?
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .ok()?;
+        .connect_timeout(Duration::from_secs(1));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone()).ok()?;
+    }
+    let channel = endpoint.connect().await.ok()?;
     let response = HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),

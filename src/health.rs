@@ -51,6 +51,7 @@ pub struct Gate {
     health: AtomicU8,
     waker: AtomicWaker,
     recheck: Notify,
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Gate {
@@ -62,6 +63,19 @@ impl Gate {
     /// The current health.
     pub fn health(&self) -> Health {
         Health::from_u8(self.health.load(Ordering::Acquire))
+    }
+
+    /// Why the last health watch failed (a refused connection, a TLS handshake error), until the
+    /// endpoint answers again.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
     }
 
     /// Records a new health and wakes the reader if it changed.
@@ -186,17 +200,20 @@ async fn watch_once(
             Ok(Err(status)) if status.code() == Code::Unimplemented => return Ended::Unimplemented,
             Ok(Err(status)) => {
                 let health = if status.code() == Code::NotFound { Health::NotServing } else { Health::Connecting };
+                gate.set_error(Some(error_chain(&status)));
                 gate.set(health);
                 tracing::debug!(%status, "health watch failed");
                 return Ended::WithoutAnswer;
             }
             Err(_) => {
+                gate.set_error(Some(format!("no health answer within {:?}", config.answer_timeout)));
                 gate.set(Health::Connecting);
                 return Ended::WithoutAnswer;
             }
         },
         () = gate.recheck.notified() => return Ended::Recheck,
     };
+    gate.set_error(None);
     let mut next = first;
     loop {
         match next {
@@ -223,6 +240,22 @@ async fn watch_once(
             () = gate.recheck.notified() => return Ended::Recheck,
         };
     }
+}
+
+/// A status with its whole chain of causes: tonic's "transport error" alone says nothing, the TLS
+/// or connection error under it does.
+fn error_chain(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

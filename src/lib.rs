@@ -29,6 +29,7 @@ pub mod replica;
 pub mod report;
 pub mod target;
 pub mod telemetry;
+pub mod tls;
 
 pub use balance::{Balancer, Policy};
 pub use target::Target;

@@ -101,6 +101,8 @@ pub struct EndpointSnapshot {
     pub errors: u64,
     /// Exponentially weighted moving average of call latency.
     pub ewma_rtt: Duration,
+    /// Why its connection or health watch last failed, while it is not ready.
+    pub last_error: Option<String>,
 }
 
 // === impl Shared ===
@@ -300,6 +302,11 @@ impl Shared {
             served: self.served.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             ewma_rtt: Duration::from_micros(*lock(&self.ewma_rtt_us) as u64),
+            last_error: if state == EndpointState::Ready {
+                None
+            } else {
+                self.gate.last_error()
+            },
         }
     }
 

@@ -148,6 +148,9 @@ pub enum BuildError {
     /// Discovery could not start.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// The TLS files are missing or wrong.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 type Inner = BoxService<http::Request<Body>, http::Response<Body>, BoxError>;
@@ -169,10 +172,17 @@ pub struct Builder {
     connect: ConnectConfig,
     call: CallConfig,
     outlier: Option<OutlierConfig>,
+    tls: Option<crate::tls::ClientTls>,
     buffer: usize,
 }
 
 impl Builder {
+    /// Connect to the endpoints over TLS (and mTLS, with a client identity).
+    pub fn tls(mut self, tls: crate::tls::ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Latency-outlier ejection settings. Unset, it is on for p2c and off for round-robin, so the
     /// baseline stays a plain baseline; `enabled: false` turns it off.
     pub fn outlier(mut self, outlier: OutlierConfig) -> Self {
@@ -267,6 +277,10 @@ impl Builder {
             target: self.target.clone(),
             source,
         })?;
+        let mut connect = self.connect;
+        if let Some(tls) = &self.tls {
+            connect.tls = Some(tls.config()?);
+        }
         let discovery = discovery::spawn(&target, &self.dns)?;
         let registry = Registry::new(self.target.clone());
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -278,7 +292,7 @@ impl Builder {
         let wrap =
             move |endpoint: Endpoint| PeakEwma::new(endpoint, ewma.default_rtt, decay_ns, BodyEnd);
         let settings = EndpointSettings {
-            connect: self.connect,
+            connect,
             health: self.health,
             accrual: self.accrual,
         };
@@ -379,6 +393,7 @@ impl Balancer {
             connect: ConnectConfig::default(),
             call: CallConfig::default(),
             outlier: None,
+            tls: None,
             buffer: 1024,
         }
     }

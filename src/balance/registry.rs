@@ -24,6 +24,8 @@ pub struct ConnectConfig {
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered.
     pub keepalive_timeout: Duration,
+    /// TLS towards the endpoints (`https`), if set.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for ConnectConfig {
@@ -32,6 +34,7 @@ impl Default for ConnectConfig {
             connect_timeout: Duration::from_secs(2),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -109,6 +112,15 @@ impl Registry {
         let count = |s| all.iter().filter(|e| e.state == s).count();
         let n = all.len();
         let ejected = count(EndpointState::Ejected) + count(EndpointState::EjectedLatency);
+        // One concrete cause (a refused connection, a TLS handshake error) beats a count.
+        let cause = all
+            .iter()
+            .find_map(|e| {
+                e.last_error
+                    .as_ref()
+                    .map(|err| format!("; {}: {err}", e.addr))
+            })
+            .unwrap_or_default();
         for (k, word) in [
             (count(EndpointState::Unhealthy), "unhealthy"),
             (ejected, "ejected"),
@@ -118,7 +130,7 @@ impl Registry {
             ),
         ] {
             if k == n {
-                return format!("all {n} endpoints of {} are {word}", self.target);
+                return format!("all {n} endpoints of {} are {word}{cause}", self.target);
             }
         }
         format!(
@@ -128,7 +140,7 @@ impl Registry {
             ejected,
             count(EndpointState::Connecting),
             count(EndpointState::Ready),
-        )
+        ) + &cause
     }
 
     /// The shared state of every endpoint.
@@ -220,13 +232,19 @@ fn connect_lazy(
     addr: SocketAddr,
     config: &ConnectConfig,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(config.connect_timeout)
-            .http2_keep_alive_interval(config.keepalive_interval)
-            .keep_alive_timeout(config.keepalive_timeout)
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
-            .connect_lazy(),
-    )
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?
+        .connect_timeout(config.connect_timeout)
+        .http2_keep_alive_interval(config.keepalive_interval)
+        .keep_alive_timeout(config.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    if let Some(tls) = &config.tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
+    Ok(endpoint.connect_lazy())
 }

@@ -19,6 +19,8 @@ pub struct Args {
     /// Deadline of the call.
     #[arg(long, env = "MESHLB_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     timeout: Duration,
+    #[command(flatten)]
+    tls: super::client::TlsArgs,
     #[command(subcommand)]
     method: Method,
 }
@@ -48,6 +50,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Policy::P2c,
         args.timeout,
         crate::proto::USERGUIDE_SERVICE,
+        &args.tls,
     )?;
     lb.wait_ready(args.timeout).await;
     let mut client = UserGuideServiceClient::new(lb);

@@ -17,6 +17,34 @@ pub enum Format {
     Json,
 }
 
+/// TLS towards the replicas.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Connect with TLS, trusting this CA (PEM).
+    #[arg(long, env = "MESHLB_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate for mTLS (PEM); needs --tls-key.
+    #[arg(long, env = "MESHLB_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "MESHLB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The name to verify in the replicas' certificates (endpoints are IP addresses).
+    #[arg(long, env = "MESHLB_TLS_SERVER_NAME", requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    fn client_tls(&self) -> Option<crate::tls::ClientTls> {
+        let ca = self.tls_ca.clone()?;
+        Some(crate::tls::ClientTls {
+            ca,
+            identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+            server_name: self.tls_server_name.clone(),
+        })
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Where the replicas are: dns:///host:port, dns://DNS_IP:PORT/host:port, ipv4:a:p,b:p, host:port.
@@ -59,6 +87,8 @@ pub struct Args {
     /// The grpc.health.v1 service name to watch on each endpoint.
     #[arg(long, env = "MESHLB_HEALTH_SERVICE", default_value = crate::proto::USERGUIDE_SERVICE)]
     pub health_service: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl Args {
@@ -84,17 +114,22 @@ impl Args {
     }
 }
 
-/// Builds the balancer a command runs over; a bad target is a usage error.
+/// Builds the balancer a command runs over; a bad target or TLS file is a usage error.
 pub fn balancer(
     target: &str,
     policy: Policy,
     timeout: Duration,
     health: &str,
+    tls: &TlsArgs,
 ) -> anyhow::Result<Balancer> {
-    Balancer::builder(target)
+    let mut builder = Balancer::builder(target)
         .policy(policy)
         .timeout(timeout)
-        .health_service(health)
+        .health_service(health);
+    if let Some(tls) = tls.client_tls() {
+        builder = builder.tls(tls);
+    }
+    builder
         .build_lazy()
         .map_err(|e| UsageError(e.to_string()).into())
 }
@@ -106,6 +141,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.policy,
         args.timeout,
         &args.health_service,
+        &args.tls,
     )?;
     lb.wait_ready(Duration::from_secs(3)).await;
     let report = drive(&lb, &spec, args.watch, args.format == Format::Table).await;

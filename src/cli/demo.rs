@@ -75,6 +75,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             policy,
             Duration::from_secs(10),
             crate::proto::USERGUIDE_SERVICE,
+            &Default::default(),
         )?;
         lb.wait_ready(Duration::from_secs(5)).await;
         let report = drive(&lb, &load, false, true).await;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod call;
+mod certs;
 mod client;
 mod demo;
 mod faults;
@@ -34,6 +35,8 @@ enum Command {
     Call(call::Args),
     /// Change a running replica's latency or failure rate.
     Faults(faults::Args),
+    /// Make throw-away TLS certificates (CA, server, client) for demos and tests.
+    Certs(certs::Args),
     /// Compare meshlb p2c, round-robin, tonic balance_list and a direct channel, scenario by scenario.
     Bench(bench::Args),
 }
@@ -83,6 +86,7 @@ pub fn main() -> ExitCode {
             Command::Call(args) => call::run(args).await,
             Command::Faults(args) => faults::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Certs(args) => certs::run(args).await,
         };
         (result, telemetry)
     });

@@ -39,6 +39,18 @@ pub struct Args {
     /// client -> this replica -> the back replica.
     #[arg(long, env = "MESHLB_UPSTREAM")]
     upstream: Option<String>,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "MESHLB_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "MESHLB_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mTLS).
+    #[arg(long, env = "MESHLB_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Also answer grpc.health.v1 in plaintext on this address (Kubernetes' gRPC probe cannot speak TLS).
+    #[arg(long, env = "MESHLB_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "MESHLB_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
     max_message_size: usize,
@@ -46,6 +58,17 @@ pub struct Args {
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let users = Users::load(&args.data).map_err(|e| UsageError(e.to_string()))?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = crate::tls::ServerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            };
+            Some(tls.config().map_err(|e| UsageError(e.to_string()))?)
+        }
+        _ => None,
+    };
     let faults = FaultConfig {
         latency: args.latency,
         jitter: args.jitter,
@@ -72,6 +95,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.drain_grace = args.drain_grace;
     config.drain_timeout = args.drain_timeout;
     config.max_message_size = args.max_message_size;
+    config.tls = tls;
+    config.health_listen = args.health_listen;
     if let Some(target) = &args.upstream {
         config.upstream = Some(upstream(target)?);
     }

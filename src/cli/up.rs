@@ -21,6 +21,12 @@ pub struct Args {
     /// The data file every replica loads.
     #[arg(long, env = "MESHLB_DATA", default_value = "replicas/users.json")]
     data: PathBuf,
+    /// Serve TLS with throw-away certificates (written to a temporary directory).
+    #[arg(long, env = "MESHLB_TLS")]
+    tls: bool,
+    /// With --tls: also require client certificates (mTLS).
+    #[arg(long, env = "MESHLB_MTLS", requires = "tls")]
+    mtls: bool,
 }
 
 /// Reads the fleet file and applies the overrides; problems are usage errors.
@@ -55,7 +61,37 @@ pub fn launch(data: PathBuf) -> anyhow::Result<Launch> {
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let spec = load_spec(&args.fleet, args.replicas, args.base_port)?;
-    let launch = launch(args.data)?;
+    let mut launch = launch(args.data)?;
+    let client_flags = if args.tls {
+        let dir = std::env::temp_dir().join(format!("meshlb-up-certs-{}", std::process::id()));
+        let paths = crate::tls::write_certs(&dir, &super::certs::default_names())?;
+        launch.extra_args = vec![
+            "--tls-cert".into(),
+            paths.server_cert.display().to_string(),
+            "--tls-key".into(),
+            paths.server_key.display().to_string(),
+        ];
+        let mut client = crate::tls::ClientTls {
+            ca: paths.ca.clone(),
+            identity: None,
+            server_name: None,
+        };
+        let mut flags = format!(" --tls-ca {}", paths.ca.display());
+        if args.mtls {
+            launch.extra_args.push("--tls-client-ca".into());
+            launch.extra_args.push(paths.ca.display().to_string());
+            client.identity = Some((paths.client_cert.clone(), paths.client_key.clone()));
+            flags.push_str(&format!(
+                " --tls-cert {} --tls-key {}",
+                paths.client_cert.display(),
+                paths.client_key.display()
+            ));
+        }
+        launch.client_tls = Some(client.config()?);
+        flags
+    } else {
+        String::new()
+    };
     let shutdown = super::shutdown_signal();
     let mut fleet = RunningFleet::start(&spec, &launch).await?;
     for m in &fleet.members {
@@ -82,7 +118,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     println!("target: {}", fleet.target());
     println!(
-        "try:    meshlb client --target {} --watch --duration 60s",
+        "try:    meshlb client --target {} --watch --duration 60s{client_flags}",
         fleet.target()
     );
     std::io::stdout().flush()?;

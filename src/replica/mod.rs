@@ -43,6 +43,10 @@ pub struct ReplicaConfig {
     pub max_message_size: usize,
     /// Where GetPoint asks instead of the local data (a front tier over a back tier).
     pub upstream: Option<Upstream>,
+    /// Serve TLS (and mTLS, if the config verifies clients) instead of plaintext.
+    pub tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Also answer grpc.health.v1 in plaintext here (for Kubernetes probes when serving TLS).
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 /// A GetPoint answered elsewhere: `(name, age) -> points`. The replica only calls it; whoever
@@ -64,6 +68,8 @@ impl ReplicaConfig {
             drain_timeout: Duration::from_secs(10),
             max_message_size: 64 * 1024,
             upstream: None,
+            tls: None,
+            health_listen: None,
         }
     }
 }
@@ -75,6 +81,8 @@ impl std::fmt::Debug for ReplicaConfig {
             .field("users", &self.users.len())
             .field("faults", &self.faults)
             .field("upstream", &self.upstream.is_some())
+            .field("tls", &self.tls.is_some())
+            .field("health_listen", &self.health_listen)
             .finish()
     }
 }

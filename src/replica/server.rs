@@ -20,6 +20,8 @@ use tonic_health::ServingStatus;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves on `listener` until `shutdown` resolves, then drains and returns.
 pub async fn run(
     listener: TcpListener,
@@ -40,6 +42,27 @@ pub async fn run(
         .set_service_status(USERGUIDE_SERVICE, ServingStatus::Serving)
         .await;
 
+    let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    // Kubernetes' gRPC probe cannot speak TLS: a replica serving TLS can also answer health in
+    // plaintext on a port of its own.
+    let (health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
+    let health_server = match config.health_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "plaintext health on its own port");
+            Some(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(health_service.clone())
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        async {
+                            let _ = health_stopped.await;
+                        },
+                    ),
+            ))
+        }
+        None => None,
+    };
     let routes = tonic::service::Routes::new(health_service)
         .add_service(
             UserGuideServiceServer::new(userguide.clone())
@@ -86,10 +109,34 @@ pub async fn run(
                 };
                 let _ = stream.set_nodelay(true);
                 let service = TowerToHyperService::new(router.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
+                let watcher = graceful.watcher();
+                let builder = builder.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = conn.await {
+                    let result = match tls {
+                        None => {
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Some(acceptor) => {
+                            let peer = stream.peer_addr().ok();
+                            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                            let stream = match handshake.await {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(error)) => {
+                                    tracing::warn!(peer = ?peer, %error, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::warn!(peer = ?peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                    };
+                    if let Err(error) = result {
                         tracing::debug!(%error, "connection closed with an error");
                     }
                 });
@@ -107,6 +154,10 @@ pub async fn run(
         Err(_) => {
             tracing::warn!(timeout = ?config.drain_timeout, "drain timed out; closing the remaining calls")
         }
+    }
+    let _ = health_stop.send(());
+    if let Some(server) = health_server {
+        let _ = server.await;
     }
     Ok(())
 }

@@ -208,6 +208,7 @@ async fn frozen_replica_is_detected_by_keepalive_and_returns_after_sigcont() {
         connect_timeout: Duration::from_millis(500),
         keepalive_interval: Duration::from_millis(300),
         keepalive_timeout: Duration::from_millis(300),
+        tls: None,
     })
     .health(HealthConfig {
         service: SERVICE.into(),

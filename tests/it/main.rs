@@ -7,4 +7,5 @@ mod dns_server;
 mod manifests;
 mod replica;
 mod support;
+mod tls;
 mod tracing;
