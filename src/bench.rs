@@ -123,6 +123,9 @@ pub struct BenchConfig {
     pub concurrency: usize,
     /// Rounds; each figure is the median over rounds.
     pub rounds: usize,
+    /// Every fleet serves TLS and every contender connects with it (certificates are made for
+    /// the run).
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// One contender's figures in one scenario (medians over rounds).
@@ -265,24 +268,42 @@ async fn measure(
                     ..OutlierConfig::default()
                 });
             }
+            if let Some(tls) = &config.tls {
+                builder = builder.tls(tls.clone());
+            }
             let lb = builder.build().await?;
             Ok(measure_on(&lb, kind, addrs, ids, config).await)
         }
         Contender::TonicBalanceList => {
             let endpoints = addrs
                 .iter()
-                .map(|a| tonic::transport::Endpoint::from_shared(format!("http://{a}")))
-                .collect::<Result<Vec<_>, _>>()?;
+                .map(|a| tonic_endpoint(*a, config))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
             Ok(measure_on(&channel, kind, addrs, ids, config).await)
         }
         Contender::Direct => {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", addrs[0]))?
-                .connect()
-                .await?;
+            let channel = tonic_endpoint(addrs[0], config)?.connect().await?;
             Ok(measure_on(&channel, kind, addrs, ids, config).await)
         }
     }
+}
+
+/// A plain tonic endpoint, with the run's TLS if any.
+fn tonic_endpoint(
+    addr: SocketAddr,
+    config: &BenchConfig,
+) -> anyhow::Result<tonic::transport::Endpoint> {
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(tls) = &config.tls {
+        endpoint = endpoint.tls_config(tls.config()?)?;
+    }
+    Ok(endpoint)
 }
 
 fn cpu_time() -> Duration {

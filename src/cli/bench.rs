@@ -32,6 +32,9 @@ pub struct Args {
     /// Where bench.json and bench.md go.
     #[arg(long, env = "MESHLB_OUT", default_value = "target/bench")]
     out: PathBuf,
+    /// Serve and connect with TLS (throw-away certificates), to compare with a plaintext run.
+    #[arg(long, env = "MESHLB_TLS")]
+    tls: bool,
     /// The data file every replica loads.
     #[arg(long, env = "MESHLB_DATA", default_value = "replicas/users.json")]
     data: PathBuf,
@@ -42,21 +45,42 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if std::env::var_os("RUST_LOG").is_none() {
         launch.log = "warn".into();
     }
+    let tls = if args.tls {
+        let dir = std::env::temp_dir().join(format!("meshlb-bench-certs-{}", std::process::id()));
+        let paths = crate::tls::write_certs(&dir, &super::certs::default_names())?;
+        launch.extra_args = vec![
+            "--tls-cert".into(),
+            paths.server_cert.display().to_string(),
+            "--tls-key".into(),
+            paths.server_key.display().to_string(),
+        ];
+        let client = crate::tls::ClientTls {
+            ca: paths.ca,
+            identity: None,
+            server_name: None,
+        };
+        launch.client_tls = Some(client.config()?);
+        Some(client)
+    } else {
+        None
+    };
     let config = BenchConfig {
         scenarios: args.scenarios,
         duration: args.duration,
         warmup: args.warmup,
         concurrency: args.concurrency as usize,
         rounds: args.rounds as usize,
+        tls,
     };
     let results = bench::run(&config, &launch, |what| eprintln!("measuring {what}")).await?;
     let mut markdown = format!(
-        "Command: `meshlb bench --duration {} --warmup {} --concurrency {} --rounds {}` ({} build); \
+        "Command: `meshlb bench --duration {} --warmup {} --concurrency {} --rounds {}{}` ({} build); \
          closed loop, GetPoint; every figure is the median of {} rounds.\n\n",
         humantime::format_duration(config.duration),
         humantime::format_duration(config.warmup),
         config.concurrency,
         config.rounds,
+        if config.tls.is_some() { " --tls" } else { "" },
         if cfg!(debug_assertions) { "debug" } else { "release" },
         config.rounds,
     );
