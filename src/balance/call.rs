@@ -215,7 +215,8 @@ async fn hedged(
         return first.await;
     }
     shared.registry.count_hedge(false);
-    tracing::info!(delay_ms = delay.as_secs_f64() * 1000.0, "hedge");
+    // An event on the call's span for traces, not a log line per hedge.
+    tracing::info!(target: telemetry::RPC_SPANS, delay_ms = delay.as_secs_f64() * 1000.0, "hedge");
     let second = attempt(buffer.clone(), rebuild(parts, body), number, true, shared);
     tokio::pin!(second);
     tokio::select! {
