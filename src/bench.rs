@@ -492,6 +492,44 @@ fn median_row(contender: Contender, rounds: Vec<Round>) -> Row {
     }
 }
 
+const COLUMNS: [&str; 11] = [
+    "contender",
+    "calls/s",
+    "p50",
+    "p90",
+    "p99",
+    "p99.9",
+    "max",
+    "errors",
+    "share per replica",
+    "p99 / uniform p2c p99",
+    "client CPU per call",
+];
+
+/// One row's cells, in [`COLUMNS`] order.
+fn cells(r: &Row, share_separator: &str) -> Vec<String> {
+    let l = &r.latency_ms;
+    let shares: Vec<String> = r
+        .shares
+        .iter()
+        .map(|s| format!("{:.1}%", s * 100.0))
+        .collect();
+    vec![
+        r.contender.label().to_owned(),
+        format!("{:.0}", r.rps),
+        ms(l.p50),
+        ms(l.p90),
+        ms(l.p99),
+        ms(l.p999),
+        ms(l.max),
+        r.errors.to_string(),
+        shares.join(share_separator),
+        r.p99_vs_uniform_p2c
+            .map_or("-".into(), |x| format!("{x:.2}x")),
+        format!("{:.1}µs", r.cpu_us_per_call),
+    ]
+}
+
 impl Scenario {
     fn header(&self) -> String {
         let lat: Vec<String> = self
@@ -509,44 +547,29 @@ impl Scenario {
     /// A terminal table.
     pub fn table(&self) -> String {
         let mut out = format!("\n{}\n", self.header());
-        let _ = writeln!(
-            out,
-            "{:<19} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>20} {:>8} {:>9}",
-            "contender",
-            "calls/s",
-            "p50",
-            "p90",
-            "p99",
-            "p99.9",
-            "max",
-            "errors",
-            "share per replica",
-            "p99/uni",
-            "cpu/call"
-        );
+        let line = |cells: &[String]| {
+            format!(
+                "{:<19} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>20} {:>8} {:>9}\n",
+                cells[0],
+                cells[1],
+                cells[2],
+                cells[3],
+                cells[4],
+                cells[5],
+                cells[6],
+                cells[7],
+                cells[8],
+                cells[9],
+                cells[10]
+            )
+        };
+        // The long Markdown headings would not fit a terminal's columns.
+        let mut short = COLUMNS.map(String::from);
+        short[9] = "p99/uni".into();
+        short[10] = "cpu/call".into();
+        out.push_str(&line(&short));
         for r in &self.rows {
-            let l = &r.latency_ms;
-            let shares: Vec<String> = r
-                .shares
-                .iter()
-                .map(|s| format!("{:.1}%", s * 100.0))
-                .collect();
-            let _ = writeln!(
-                out,
-                "{:<19} {:>9.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>20} {:>8} {:>7.1}µs",
-                r.contender.label(),
-                r.rps,
-                ms(l.p50),
-                ms(l.p90),
-                ms(l.p99),
-                ms(l.p999),
-                ms(l.max),
-                r.errors,
-                shares.join(" "),
-                r.p99_vs_uniform_p2c
-                    .map_or("-".into(), |x| format!("{x:.2}x")),
-                r.cpu_us_per_call,
-            );
+            out.push_str(&line(&cells(r, " ")));
             if let Some([a, b, c]) = r.phase_p99_ms {
                 let _ = writeln!(
                     out,
@@ -565,32 +588,10 @@ impl Scenario {
 
     /// A Markdown section for BENCHMARKS.md.
     pub fn markdown(&self) -> String {
-        let mut out = format!("### {}\n\n", self.header());
-        out.push_str("| contender | calls/s | p50 | p90 | p99 | p99.9 | max | errors | share per replica | p99 / uniform p2c p99 | client CPU per call |\n");
-        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        let mut out = format!("### {}\n\n| {} |\n", self.header(), COLUMNS.join(" | "));
+        out.push_str(&format!("|{}\n", "---|".repeat(COLUMNS.len())));
         for r in &self.rows {
-            let l = &r.latency_ms;
-            let shares: Vec<String> = r
-                .shares
-                .iter()
-                .map(|s| format!("{:.1}%", s * 100.0))
-                .collect();
-            let _ = writeln!(
-                out,
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} µs |",
-                r.contender.label(),
-                r.rps,
-                ms(l.p50),
-                ms(l.p90),
-                ms(l.p99),
-                ms(l.p999),
-                ms(l.max),
-                r.errors,
-                shares.join(" / "),
-                r.p99_vs_uniform_p2c
-                    .map_or("-".into(), |x| format!("{x:.2}x")),
-                r.cpu_us_per_call,
-            );
+            let _ = writeln!(out, "| {} |", cells(r, " / ").join(" | "));
         }
         for r in &self.rows {
             if let Some([a, b, c]) = r.phase_p99_ms {

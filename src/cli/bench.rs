@@ -46,21 +46,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         launch.log = "warn".into();
     }
     let tls = if args.tls {
-        let dir = std::env::temp_dir().join(format!("meshlb-bench-certs-{}", std::process::id()));
-        let paths = crate::tls::write_certs(&dir, &super::certs::default_names())?;
-        launch.extra_args = vec![
-            "--tls-cert".into(),
-            paths.server_cert.display().to_string(),
-            "--tls-key".into(),
-            paths.server_key.display().to_string(),
-        ];
-        let client = crate::tls::ClientTls {
-            ca: paths.ca,
-            identity: None,
-            server_name: None,
-        };
-        launch.client_tls = Some(client.config()?);
-        Some(client)
+        Some(super::up::with_tls(&mut launch, "bench", false)?.0)
     } else {
         None
     };

@@ -59,35 +59,47 @@ pub fn launch(data: PathBuf) -> anyhow::Result<Launch> {
     Ok(launch)
 }
 
+/// Makes throw-away certificates for a local fleet and sets `launch` to serve TLS (mTLS with
+/// `mtls`) and to check readiness over it. Returns the client's TLS settings and the matching
+/// client flags.
+pub fn with_tls(
+    launch: &mut Launch,
+    purpose: &str,
+    mtls: bool,
+) -> anyhow::Result<(crate::tls::ClientTls, String)> {
+    let dir = std::env::temp_dir().join(format!("meshlb-{purpose}-certs-{}", std::process::id()));
+    let paths = crate::tls::write_certs(&dir, &super::certs::default_names())?;
+    launch.extra_args = vec![
+        "--tls-cert".into(),
+        paths.server_cert.display().to_string(),
+        "--tls-key".into(),
+        paths.server_key.display().to_string(),
+    ];
+    let mut client = crate::tls::ClientTls {
+        ca: paths.ca.clone(),
+        identity: None,
+        server_name: None,
+    };
+    let mut flags = format!(" --tls-ca {}", paths.ca.display());
+    if mtls {
+        launch.extra_args.push("--tls-client-ca".into());
+        launch.extra_args.push(paths.ca.display().to_string());
+        client.identity = Some((paths.client_cert.clone(), paths.client_key.clone()));
+        flags.push_str(&format!(
+            " --tls-cert {} --tls-key {}",
+            paths.client_cert.display(),
+            paths.client_key.display()
+        ));
+    }
+    launch.client_tls = Some(client.config()?);
+    Ok((client, flags))
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let spec = load_spec(&args.fleet, args.replicas, args.base_port)?;
     let mut launch = launch(args.data)?;
     let client_flags = if args.tls {
-        let dir = std::env::temp_dir().join(format!("meshlb-up-certs-{}", std::process::id()));
-        let paths = crate::tls::write_certs(&dir, &super::certs::default_names())?;
-        launch.extra_args = vec![
-            "--tls-cert".into(),
-            paths.server_cert.display().to_string(),
-            "--tls-key".into(),
-            paths.server_key.display().to_string(),
-        ];
-        let mut client = crate::tls::ClientTls {
-            ca: paths.ca.clone(),
-            identity: None,
-            server_name: None,
-        };
-        let mut flags = format!(" --tls-ca {}", paths.ca.display());
-        if args.mtls {
-            launch.extra_args.push("--tls-client-ca".into());
-            launch.extra_args.push(paths.ca.display().to_string());
-            client.identity = Some((paths.client_cert.clone(), paths.client_key.clone()));
-            flags.push_str(&format!(
-                " --tls-cert {} --tls-key {}",
-                paths.client_cert.display(),
-                paths.client_key.display()
-            ));
-        }
-        launch.client_tls = Some(client.config()?);
+        let (_, flags) = with_tls(&mut launch, "up", args.mtls)?;
         flags
     } else {
         String::new()
