@@ -13,7 +13,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -81,14 +81,18 @@ pub fn init(default_service: &str) -> Telemetry {
         None
     };
     let otel = provider.as_ref().map(|p| {
-        // Only our spans, plus p2c's choice (an event at TRACE in tower::balance), so the
-        // exporter's own h2/hyper/tonic spans never feed back into it.
+        // Only our spans, plus p2c's choice (the TRACE event in tower::balance that carries
+        // `chosen`; its other events fire on every poll and would only cost), so the exporter's
+        // own h2/hyper/tonic spans never feed back into it.
         let ours = Targets::new()
             .with_target("meshlb", LevelFilter::INFO)
             .with_target("tower::balance::p2c", LevelFilter::TRACE);
+        let only_the_choice = filter_fn(|meta| {
+            !meta.target().starts_with("tower::") || meta.fields().field("chosen").is_some()
+        });
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("meshlb"))
-            .with_filter(ours)
+            .with_filter(ours.and(only_the_choice))
     });
     let installed = tracing_subscriber::registry()
         .with(fmt)
