@@ -39,6 +39,22 @@ pub struct Args {
     /// client -> this replica -> the back replica.
     #[arg(long, env = "MESHLB_UPSTREAM")]
     upstream: Option<String>,
+    /// Reach --upstream over TLS, trusting this CA (PEM).
+    #[arg(long, env = "MESHLB_UPSTREAM_TLS_CA", requires = "upstream")]
+    upstream_tls_ca: Option<PathBuf>,
+    /// Client certificate towards --upstream, for mTLS (PEM); needs --upstream-tls-key.
+    #[arg(long, env = "MESHLB_UPSTREAM_TLS_CERT", requires_all = ["upstream_tls_key", "upstream_tls_ca"])]
+    upstream_tls_cert: Option<PathBuf>,
+    /// The private key of --upstream-tls-cert (PEM).
+    #[arg(long, env = "MESHLB_UPSTREAM_TLS_KEY", requires = "upstream_tls_cert")]
+    upstream_tls_key: Option<PathBuf>,
+    /// The name to verify in the upstream replicas' certificates.
+    #[arg(
+        long,
+        env = "MESHLB_UPSTREAM_TLS_SERVER_NAME",
+        requires = "upstream_tls_ca"
+    )]
+    upstream_tls_server_name: Option<String>,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "MESHLB_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -98,7 +114,18 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.tls = tls;
     config.health_listen = args.health_listen;
     if let Some(target) = &args.upstream {
-        config.upstream = Some(upstream(target)?);
+        let tls = args
+            .upstream_tls_ca
+            .clone()
+            .map(|ca| crate::tls::ClientTls {
+                ca,
+                identity: args
+                    .upstream_tls_cert
+                    .clone()
+                    .zip(args.upstream_tls_key.clone()),
+                server_name: args.upstream_tls_server_name.clone(),
+            });
+        config.upstream = Some(upstream(target, tls)?);
     }
     replica::run(listener, config, shutdown)
         .await
@@ -112,12 +139,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// GetPoint through a balanced client to `target`.
-fn upstream(target: &str) -> anyhow::Result<replica::Upstream> {
+fn upstream(target: &str, tls: Option<crate::tls::ClientTls>) -> anyhow::Result<replica::Upstream> {
     use crate::proto::userguide::v1::{
         user_guide_service_client::UserGuideServiceClient, GetPointRequest, Profile,
     };
-    let lb = crate::Balancer::builder(target)
-        .health_service(crate::proto::USERGUIDE_SERVICE)
+    let mut builder =
+        crate::Balancer::builder(target).health_service(crate::proto::USERGUIDE_SERVICE);
+    if let Some(tls) = tls {
+        builder = builder.tls(tls);
+    }
+    let lb = builder
         .build_lazy()
         .map_err(|e| UsageError(format!("--upstream: {e}")))?;
     let client = UserGuideServiceClient::new(lb);

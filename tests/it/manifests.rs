@@ -1,7 +1,8 @@
 //! The Kubernetes manifests agree with the code: container args are flags the binary accepts, the
 //! probes and Services point at the port the replica listens on, the client Job targets the
 //! headless Service's DNS name, and pods get longer to stop than a replica takes to drain.
-//! Reads `k8s/*.yaml` directly (no kubectl needed; `.ci/run` also renders and validates them).
+//! Reads `k8s/base/*.yaml` and `k8s/tls/*.yaml` directly (no kubectl needed; `.ci/run` also renders
+//! and validates them).
 
 use clap::Parser;
 use serde_yaml::Value;
@@ -9,6 +10,11 @@ use std::time::Duration;
 
 fn documents(file: &str) -> Vec<Value> {
     let path = format!("{}/k8s/{file}", env!("CARGO_MANIFEST_DIR"));
+    let path = if std::path::Path::new(&path).exists() {
+        path
+    } else {
+        format!("{}/k8s/base/{file}", env!("CARGO_MANIFEST_DIR"))
+    };
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     serde_yaml::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}")))
@@ -39,7 +45,7 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 }
 
 fn namespace() -> String {
-    documents("kustomization.yaml")[0]["namespace"]
+    documents("base/kustomization.yaml")[0]["namespace"]
         .as_str()
         .unwrap()
         .to_owned()
@@ -155,5 +161,39 @@ fn traces_go_to_the_jaeger_service() {
             Some(expected.as_str()),
             "{file}"
         );
+    }
+}
+
+#[test]
+fn the_tls_overlay_passes_flags_the_binary_accepts() {
+    for file in [
+        "tls/users-tls.yaml",
+        "tls/front-tls.yaml",
+        "tls/client-tls.yaml",
+    ] {
+        let docs = documents(file);
+        let workload = &docs[0];
+        let pod = &workload["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let args = args(container);
+        meshlb::cli::Cli::try_parse_from(std::iter::once("meshlb".to_owned()).chain(args.clone()))
+            .unwrap_or_else(|e| panic!("{file}: the binary rejects {args:?}: {e}"));
+        let mount = container["volumeMounts"][0]["mountPath"].as_str().unwrap();
+        for path in args.iter().filter(|a| a.starts_with('/')) {
+            assert!(
+                path.starts_with(mount),
+                "{file}: {path} is not under the Secret's mount {mount}"
+            );
+        }
+        if workload["kind"] == "Deployment" {
+            let health: std::net::SocketAddr =
+                flag(&args, "--health-listen").unwrap().parse().unwrap();
+            let probe = container["readinessProbe"]["grpc"]["port"].as_u64();
+            assert_eq!(
+                probe,
+                Some(u64::from(health.port())),
+                "{file}: probes ask the plaintext health port"
+            );
+        }
     }
 }
