@@ -254,3 +254,38 @@ fn a_two_tier_fleet_answers_through_the_front() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NOT_FOUND"));
     stop(child);
 }
+
+#[test]
+fn watch_shows_live_states_and_ctrl_c_prints_the_final_table() {
+    let (fleet, target) = up("3");
+    let mut watch = meshlb()
+        .args(["client", "--target", &target, "--watch", "--duration", "120s", "--concurrency", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    // A live frame lists every endpoint with its state.
+    let mut ready = 0;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains(" ready ") {
+            ready += 1;
+        }
+        if ready >= 2 && line.starts_with("last second:") {
+            break;
+        }
+    }
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe {
+        libc::kill(watch.id() as i32, libc::SIGINT);
+    }
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = watch.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    let last = rest.iter().rev().take(4).cloned().collect::<Vec<_>>().join("\n");
+    assert!(last.contains("latency p50"), "final table expected, got: {last}");
+    assert!(rest.iter().any(|l| l.starts_with("calls ")), "totals line");
+    stop(fleet);
+}
