@@ -90,8 +90,13 @@ pub fn init(default_service: &str) -> Telemetry {
         let only_the_choice = filter_fn(|meta| {
             !meta.target().starts_with("tower::") || meta.fields().field("chosen").is_some()
         });
+        // Busy/idle timing, thread and source-location attributes cost a clock read or an
+        // allocation on every poll or span, on the request path, and say nothing a trace needs.
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("meshlb"))
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
             .with_filter(ours.and(only_the_choice))
     });
     let installed = tracing_subscriber::registry()

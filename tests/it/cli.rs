@@ -259,7 +259,16 @@ fn a_two_tier_fleet_answers_through_the_front() {
 fn watch_shows_live_states_and_ctrl_c_prints_the_final_table() {
     let (fleet, target) = up("3");
     let mut watch = meshlb()
-        .args(["client", "--target", &target, "--watch", "--duration", "120s", "--concurrency", "2"])
+        .args([
+            "client",
+            "--target",
+            &target,
+            "--watch",
+            "--duration",
+            "120s",
+            "--concurrency",
+            "2",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -284,8 +293,17 @@ fn watch_shows_live_states_and_ctrl_c_prints_the_final_table() {
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = watch.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{rest:?}");
-    let last = rest.iter().rev().take(4).cloned().collect::<Vec<_>>().join("\n");
-    assert!(last.contains("latency p50"), "final table expected, got: {last}");
+    let last = rest
+        .iter()
+        .rev()
+        .take(4)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        last.contains("latency p50"),
+        "final table expected, got: {last}"
+    );
     assert!(rest.iter().any(|l| l.starts_with("calls ")), "totals line");
     stop(fleet);
 }
