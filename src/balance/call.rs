@@ -7,8 +7,9 @@
 //!   `UNAVAILABLE`, is sent again, at most `max_retries` more times, while the retry budget allows
 //!   (retries add at most `budget_percent` to the load, as Linkerd's budget does). A fail-fast
 //!   answer is not retried: nothing is ready to retry on.
-//! - A hedgeable call (GetPoint by default) that has not answered after the fleet's recent p95 is
-//!   sent once more; the first useful answer wins ([`super::hedge`]). Hedges share the retry budget.
+//! - With hedging on (opt-in, [`super::hedge`]), a hedgeable call that has not answered after the
+//!   fleet's recent p95 is sent once more; the first useful answer wins. Hedges share the retry
+//!   budget.
 //! - Whatever happens, the caller gets a gRPC response; errors become a `grpc-status`.
 
 use super::endpoint::{BoxError, EndpointError, ServedBy};

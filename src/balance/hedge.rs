@@ -1,4 +1,4 @@
-//! Hedged calls: when an idempotent call has not answered after the fleet's recent p95 latency,
+//! Hedged calls (opt-in): when an idempotent call has not answered after the fleet's recent p95 latency,
 //! send the same call again (the balancer will most likely pick another endpoint: the first one
 //! now has a call in flight, which raises its peak-EWMA cost) and take whichever answers first,
 //! cancelling the other. Hedges draw on the same budget as retries, so an overloaded fleet is not

@@ -27,7 +27,7 @@
 //!   taken out the same way, never below half of the fleet ([`outlier`]).
 //! - **Fail fast**: no ready endpoint within `ready_wait` → `UNAVAILABLE` saying why
 //!   ([`failfast`]); every call has a deadline; idempotent calls are retried within a budget
-//!   ([`call`]).
+//!   ([`call`]), and can be hedged ([`hedge`], opt-in: it measured worse than ejection alone).
 //! - Discovery, connection and health checks run on their own tasks, so the endpoint set is warm
 //!   before the first call.
 //!
