@@ -10,8 +10,11 @@
 //! - With hedging on (opt-in, [`super::hedge`]), a hedgeable call that has not answered after the
 //!   fleet's recent p95 is sent once more; the first useful answer wins. Hedges share the retry
 //!   budget.
+//! - The remaining time goes to the replica as `grpc-timeout`, and a streaming answer that stalls
+//!   past the deadline ends with `DEADLINE_EXCEEDED` ([`super::deadline`]).
 //! - Whatever happens, the caller gets a gRPC response; errors become a `grpc-status`.
 
+use super::deadline::DeadlineBody;
 use super::endpoint::{BoxError, EndpointError, ServedBy};
 use super::failfast::FailedFast;
 use super::hedge::{HedgeConfig, HedgeDelay};
@@ -131,11 +134,12 @@ async fn run_in_span(
     let config = &shared.config;
     let deadline =
         grpc_timeout(request.headers()).map_or(config.timeout, |t| t.min(config.timeout));
+    let expires = tokio::time::Instant::now() + deadline;
     shared.budget.deposit();
     let path = request.uri().path().to_owned();
     let attempts = async {
         if !config.buffers(&path) {
-            let result = attempt(buffer, request, 1, false, shared).await;
+            let result = attempt(buffer, request, 1, false, expires, shared).await;
             return (result, 1);
         }
         let (parts, body) = request.into_parts();
@@ -155,7 +159,7 @@ async fn run_in_span(
         };
         let mut tries = 1;
         loop {
-            let result = hedged(&buffer, &parts, &body, tries, hedge_delay, shared).await;
+            let result = hedged(&buffer, &parts, &body, tries, hedge_delay, expires, shared).await;
             let again = tries <= max_retries && worth_retrying(&result);
             if !again || !shared.budget.withdraw() {
                 return (result, tries);
@@ -190,7 +194,11 @@ async fn run_in_span(
         .into_http(),
     };
     response.extensions_mut().insert(Attempts(tries));
-    response
+    if Status::from_header_map(response.headers()).is_some() {
+        // A trailers-only answer is complete already.
+        return response;
+    }
+    response.map(|body| Body::new(DeadlineBody::new(body, expires)))
 }
 
 /// One try, hedged after `delay` when there is one: the first useful answer wins and the other
@@ -201,9 +209,17 @@ async fn hedged(
     body: &Bytes,
     number: u32,
     delay: Option<Duration>,
+    expires: tokio::time::Instant,
     shared: &super::Shared,
 ) -> Result<http::Response<Body>, BoxError> {
-    let first = attempt(buffer.clone(), rebuild(parts, body), number, false, shared);
+    let first = attempt(
+        buffer.clone(),
+        rebuild(parts, body),
+        number,
+        false,
+        expires,
+        shared,
+    );
     let Some(delay) = delay else {
         return first.await;
     };
@@ -218,7 +234,14 @@ async fn hedged(
     shared.registry.count_hedge(false);
     // An event on the call's span for traces, not a log line per hedge.
     tracing::info!(target: telemetry::RPC_SPANS, delay_ms = delay.as_secs_f64() * 1000.0, "hedge");
-    let second = attempt(buffer.clone(), rebuild(parts, body), number, true, shared);
+    let second = attempt(
+        buffer.clone(),
+        rebuild(parts, body),
+        number,
+        true,
+        expires,
+        shared,
+    );
     tokio::pin!(second);
     tokio::select! {
         result = &mut first => {
@@ -241,8 +264,15 @@ async fn attempt(
     mut request: http::Request<Body>,
     number: u32,
     hedge: bool,
+    expires: tokio::time::Instant,
     shared: &super::Shared,
 ) -> Result<http::Response<Body>, BoxError> {
+    // The replica learns how long the caller still waits, as gRPC servers expect.
+    let left = expires.saturating_duration_since(tokio::time::Instant::now());
+    let millis = left.as_millis().clamp(1, 99_999_999);
+    if let Ok(value) = http::HeaderValue::from_str(&format!("{millis}m")) {
+        request.headers_mut().insert("grpc-timeout", value);
+    }
     let (service, method) = telemetry::rpc_names(request.uri().path());
     let span = tracing::info_span!(
         target: crate::telemetry::RPC_SPANS,

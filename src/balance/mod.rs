@@ -48,6 +48,7 @@
 
 pub mod call;
 pub mod completion;
+pub mod deadline;
 pub mod endpoint;
 pub mod failfast;
 pub mod hedge;
