@@ -33,7 +33,7 @@
 //! - [`load`]: load generation through any tonic transport; [`report`]: its tables and JSON.
 //! - [`bench`](mod@bench): contenders compared scenario by scenario.
 //! - [`cli`]: the `meshlb` commands; the binary is a thin shell over it.
-//! - [`proto`]: generated code.
+//! - [`proto`]: generated code; [`grpc`]: wire conventions both sides share.
 
 #![warn(missing_docs)]
 
@@ -42,6 +42,7 @@ pub mod bench;
 pub mod cli;
 pub mod discovery;
 pub mod fleet;
+pub mod grpc;
 pub mod health;
 pub mod load;
 pub mod proto;

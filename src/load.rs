@@ -96,10 +96,7 @@ impl Stats {
     }
 
     fn error(&mut self, code: Code) {
-        *self
-            .errors
-            .entry(crate::replica::rest::code_name(code))
-            .or_default() += 1;
+        *self.errors.entry(crate::grpc::code_name(code)).or_default() += 1;
     }
 
     fn merge(&mut self, other: &Stats) {

@@ -133,7 +133,7 @@ async fn run_in_span(
 ) -> http::Response<Body> {
     let config = &shared.config;
     let deadline =
-        grpc_timeout(request.headers()).map_or(config.timeout, |t| t.min(config.timeout));
+        crate::grpc::timeout(request.headers()).map_or(config.timeout, |t| t.min(config.timeout));
     let expires = tokio::time::Instant::now() + deadline;
     shared.budget.deposit();
     let path = request.uri().path().to_owned();
@@ -269,10 +269,9 @@ async fn attempt(
 ) -> Result<http::Response<Body>, BoxError> {
     // The replica learns how long the caller still waits, as gRPC servers expect.
     let left = expires.saturating_duration_since(tokio::time::Instant::now());
-    let millis = left.as_millis().clamp(1, 99_999_999);
-    if let Ok(value) = http::HeaderValue::from_str(&format!("{millis}m")) {
-        request.headers_mut().insert("grpc-timeout", value);
-    }
+    request
+        .headers_mut()
+        .insert("grpc-timeout", crate::grpc::timeout_value(left));
     let (service, method) = telemetry::rpc_names(request.uri().path());
     let span = tracing::info_span!(
         target: crate::telemetry::RPC_SPANS,
@@ -345,45 +344,9 @@ fn rebuild(parts: &http::request::Parts, body: &Bytes) -> http::Request<Body> {
     request
 }
 
-/// Parses gRPC's `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).
-fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_grpc_timeout() {
-        let mut h = http::HeaderMap::new();
-        for (v, want) in [
-            ("100m", Some(Duration::from_millis(100))),
-            ("2S", Some(Duration::from_secs(2))),
-            ("1H", Some(Duration::from_secs(3600))),
-            ("5u", Some(Duration::from_micros(5))),
-            ("12x", None),
-            ("m", None),
-            ("123456789S", None),
-        ] {
-            h.insert("grpc-timeout", v.parse().unwrap());
-            assert_eq!(grpc_timeout(&h), want, "{v}");
-        }
-    }
 
     #[test]
     fn retries_only_listed_methods() {

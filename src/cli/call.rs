@@ -118,7 +118,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(status) => {
             eprintln!(
                 "error: {}: {}",
-                crate::replica::rest::code_name(status.code()),
+                crate::grpc::code_name(status.code()),
                 status.message()
             );
             Ok(ExitCode::FAILURE)

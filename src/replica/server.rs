@@ -222,11 +222,25 @@ where
         } else {
             tracing::Span::none()
         };
+        // The caller's deadline bounds the handler, as tonic's own server does: past it, the
+        // caller has given up and the work is wasted.
+        let deadline = if is_grpc {
+            crate::grpc::timeout(req.headers())
+        } else {
+            None
+        };
         Box::pin(async move {
-            let mut response = router
-                .oneshot(req.map(Body::new))
-                .instrument(span.clone())
-                .await?;
+            let call = router.oneshot(req.map(Body::new)).instrument(span.clone());
+            let mut response = match deadline {
+                None => call.await?,
+                Some(limit) => match tokio::time::timeout(limit, call).await {
+                    Ok(response) => response?,
+                    Err(_) => tonic::Status::deadline_exceeded(format!(
+                        "the caller's deadline ({limit:?}, grpc-timeout) passed in the replica"
+                    ))
+                    .into_http::<Body>(),
+                },
+            };
             if is_grpc {
                 too_large_is_resource_exhausted(&mut response);
                 let code = tonic::Status::from_header_map(response.headers())

@@ -342,3 +342,41 @@ async fn missing_data_file_is_one_clear_line_and_exit_2() {
     assert!(stderr.contains("/nonexistent/users.json"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+#[tokio::test]
+async fn the_callers_grpc_timeout_bounds_the_handler() {
+    use http_body_util::BodyExt;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use prost::Message;
+    let r = Replica::start("127.0.0.1", "r-deadline", crate::support::latency(3000)).await;
+    // A plain HTTP/2 client, so only the replica can enforce the header.
+    let client: Client<_, http_body_util::Full<bytes::Bytes>> =
+        Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let payload = get_point("james", 26).encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "{}/userguide.v1.UserGuideService/GetPoint",
+            r.url()
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "200m")
+        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+        .unwrap();
+    let response = tokio::time::timeout(crate::support::DEADLINE, client.request(request))
+        .await
+        .expect("the replica answers before its 3 s latency")
+        .unwrap();
+    let status = tonic::Status::from_header_map(response.headers()).expect("a status");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("grpc-timeout"), "{status:?}");
+    let _ = response.into_body().collect().await;
+    r.stop().await;
+}
