@@ -303,14 +303,27 @@ async fn deadline_bounds_a_call_to_a_slow_replica() {
         .build()
         .await
         .unwrap();
+    // With no endpoint ready yet, the deadline would rightly answer UNAVAILABLE with the reason;
+    // this test is about ready endpoints that answer too slowly.
+    eventually("every endpoint is ready", || async {
+        lb.endpoints()
+            .iter()
+            .all(|e| e.state == EndpointState::Ready)
+            .then_some(())
+    })
+    .await;
     let tally = tokio::time::timeout(crate::support::DEADLINE, drive(&lb, 2, 2))
         .await
         .expect("no hang");
     assert_eq!(tally.errors.len(), 2);
-    assert!(tally
-        .errors
-        .iter()
-        .all(|s| s.code() == Code::DeadlineExceeded));
+    assert!(
+        tally
+            .errors
+            .iter()
+            .all(|s| s.code() == Code::DeadlineExceeded),
+        "{:?}",
+        tally.errors
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
