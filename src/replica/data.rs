@@ -98,16 +98,7 @@ impl Users {
 
     /// The points of the user with exactly this name and age.
     pub fn points_of(&self, name: &str, age: i32) -> Result<i64, LookupError> {
-        if name.is_empty() {
-            return Err(LookupError::Invalid(
-                "profile.name must not be empty".into(),
-            ));
-        }
-        if age < 0 {
-            return Err(LookupError::Invalid(format!(
-                "profile.age must not be negative, got {age}"
-            )));
-        }
+        validate_profile(name, age)?;
         self.records
             .iter()
             .find(|u| u.name == name && u.age == age)

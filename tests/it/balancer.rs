@@ -123,6 +123,11 @@ async fn not_serving_replica_gets_no_calls_until_it_serves_again() {
     .await;
 }
 
+/// Whether every endpoint the balancer knows is in `state`.
+fn all_in(lb: &Balancer, state: EndpointState) -> bool {
+    lb.endpoints().iter().all(|e| e.state == state)
+}
+
 /// Runs calls in the background until stopped; returns the tally.
 fn background_load(
     lb: Balancer,
@@ -255,10 +260,7 @@ async fn all_unhealthy_fails_fast_with_the_reason() {
         set_serving(r.addr, false).await;
     }
     eventually("every gate shuts", || async {
-        lb.endpoints()
-            .iter()
-            .all(|e| e.state == EndpointState::Unhealthy)
-            .then_some(())
+        all_in(&lb, EndpointState::Unhealthy).then_some(())
     })
     .await;
     let tally = tokio::time::timeout(crate::support::DEADLINE, drive(&lb, 3, 3))
@@ -306,10 +308,7 @@ async fn deadline_bounds_a_call_to_a_slow_replica() {
     // With no endpoint ready yet, the deadline would rightly answer UNAVAILABLE with the reason;
     // this test is about ready endpoints that answer too slowly.
     eventually("every endpoint is ready", || async {
-        lb.endpoints()
-            .iter()
-            .all(|e| e.state == EndpointState::Ready)
-            .then_some(())
+        all_in(&lb, EndpointState::Ready).then_some(())
     })
     .await;
     let tally = tokio::time::timeout(crate::support::DEADLINE, drive(&lb, 2, 2))

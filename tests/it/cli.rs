@@ -44,6 +44,23 @@ fn up_with(args: &[&str], replicas: usize) -> (Child, String) {
     (child, target)
 }
 
+/// `meshlb call --target TARGET get-point --name NAME --age AGE`.
+fn get_point(target: &str, name: &str, age: &str) -> Output {
+    meshlb()
+        .args([
+            "call",
+            "--target",
+            target,
+            "get-point",
+            "--name",
+            name,
+            "--age",
+            age,
+        ])
+        .output()
+        .unwrap()
+}
+
 fn stop(mut child: Child) {
     // SAFETY: kill(2) on our own child's pid has no memory effects.
     unsafe {
@@ -120,37 +137,13 @@ fn up_then_client_json_counts_add_up_and_round_robin_is_even() {
         assert!((80..=120).contains(&calls), "uneven round-robin: {rr}");
     }
 
-    let call = meshlb()
-        .args([
-            "call",
-            "--target",
-            &target,
-            "get-point",
-            "--name",
-            "james",
-            "--age",
-            "26",
-        ])
-        .output()
-        .unwrap();
+    let call = get_point(&target, "james", "26");
     let stdout = String::from_utf8_lossy(&call.stdout);
     assert!(call.status.success());
     assert!(stdout.contains(r#"{"value":1000}"#), "{stdout}");
     assert!(stdout.contains("served by users-"), "{stdout}");
 
-    let missing = meshlb()
-        .args([
-            "call",
-            "--target",
-            &target,
-            "get-point",
-            "--name",
-            "nobody",
-            "--age",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let missing = get_point(&target, "nobody", "1");
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NOT_FOUND"));
     stop(child);
@@ -221,36 +214,12 @@ fn a_two_tier_fleet_answers_through_the_front() {
         2,
         "the entry tier is the front: {front}"
     );
-    let call = meshlb()
-        .args([
-            "call",
-            "--target",
-            &front,
-            "get-point",
-            "--name",
-            "amy",
-            "--age",
-            "24",
-        ])
-        .output()
-        .unwrap();
+    let call = get_point(&front, "amy", "24");
     let stdout = String::from_utf8_lossy(&call.stdout);
     assert!(call.status.success(), "{stdout}");
     assert!(stdout.contains(r#"{"value":1000}"#), "{stdout}");
     assert!(stdout.contains("served by front-"), "{stdout}");
-    let missing = meshlb()
-        .args([
-            "call",
-            "--target",
-            &front,
-            "get-point",
-            "--name",
-            "amy",
-            "--age",
-            "99",
-        ])
-        .output()
-        .unwrap();
+    let missing = get_point(&front, "amy", "99");
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NOT_FOUND"));
     stop(child);
 }

@@ -16,6 +16,26 @@ fn get_point(name: &str, age: i32) -> pb::GetPointRequest {
     }
 }
 
+/// One gRPC message frame: no compression, a 4-byte length, the payload.
+fn grpc_frame(payload: &[u8]) -> bytes::Bytes {
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame.into()
+}
+
+/// A hand-made GetPoint request to `r`, for what a generated client would never send.
+fn raw_get_point(r: &Replica) -> http::request::Builder {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "{}/userguide.v1.UserGuideService/GetPoint",
+            r.url()
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+}
+
 async fn channel(r: &Replica) -> Channel {
     Channel::from_shared(r.url())
         .unwrap()
@@ -217,20 +237,9 @@ async fn malformed_protobuf_gets_a_status_not_a_crash() {
     let r = Replica::start("127.0.0.1", "r-garbage", FaultConfig::default()).await;
     let ch = channel(&r).await;
     // A gRPC frame whose payload is not a valid GetPointRequest (field 1, wire type 7 is invalid).
-    let payload: &[u8] = &[0x0f, 0xff, 0xff, 0xff];
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    frame.extend_from_slice(payload);
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!(
-            "{}/userguide.v1.UserGuideService/GetPoint",
-            r.url()
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
+    let request = raw_get_point(&r)
         .body(tonic::body::Body::new(http_body_util::Full::new(
-            bytes::Bytes::from(frame),
+            grpc_frame(&[0x0f, 0xff, 0xff, 0xff]),
         )))
         .unwrap();
     let response = ch.clone().oneshot(request).await.unwrap();
@@ -356,19 +365,9 @@ async fn the_callers_grpc_timeout_bounds_the_handler() {
             .http2_only(true)
             .build_http();
     let payload = get_point("james", 26).encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&payload);
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!(
-            "{}/userguide.v1.UserGuideService/GetPoint",
-            r.url()
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
+    let request = raw_get_point(&r)
         .header("grpc-timeout", "200m")
-        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+        .body(http_body_util::Full::new(grpc_frame(&payload)))
         .unwrap();
     let response = tokio::time::timeout(crate::support::DEADLINE, client.request(request))
         .await
