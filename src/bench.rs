@@ -4,6 +4,7 @@
 //! direct `Channel` to one healthy replica (the floor). Knows nothing of how results are printed
 //! beyond producing rows; [`Scenario::markdown`] and [`Scenario::table`] render them.
 
+use crate::admin_client::AdminAddr;
 use crate::balance::{HedgeConfig, OutlierConfig};
 use crate::fleet::{FleetSpec, Launch, RunningFleet};
 use crate::load::{self, CallKind, LoadSpec, Recorder, Recording, Stop, Transport};
@@ -183,6 +184,7 @@ pub async fn run(
         let fleet = RunningFleet::start(&spec, launch).await?;
         let addrs: Vec<SocketAddr> = fleet.members.iter().map(|m| m.addr).collect();
         let ids: Vec<String> = fleet.members.iter().map(|m| m.id.clone()).collect();
+        let slow_admin = fleet.members.get(2).map(|m| m.admin.clone());
         let mut contenders = vec![
             Contender::MeshlbP2c,
             Contender::MeshlbP2cHedged,
@@ -203,7 +205,9 @@ pub async fn run(
                     contender.label(),
                     round + 1
                 ));
-                rounds.push(measure(kind, contender, &addrs, &ids, config).await?);
+                rounds.push(
+                    measure(kind, contender, &addrs, &ids, slow_admin.as_ref(), config).await?,
+                );
             }
             rows.push(median_row(contender, rounds));
         }
@@ -243,6 +247,7 @@ async fn measure(
     contender: Contender,
     addrs: &[SocketAddr],
     ids: &[String],
+    slow_admin: Option<&AdminAddr>,
     config: &BenchConfig,
 ) -> anyhow::Result<Round> {
     let target = crate::Target::Static(addrs.to_vec()).to_string();
@@ -272,7 +277,7 @@ async fn measure(
                 builder = builder.tls(tls.clone());
             }
             let lb = builder.build().await?;
-            Ok(measure_on(&lb, kind, addrs, ids, config).await)
+            measure_on(&lb, kind, ids, slow_admin, config).await
         }
         Contender::TonicBalanceList => {
             let endpoints = addrs
@@ -280,11 +285,11 @@ async fn measure(
                 .map(|a| tonic_endpoint(*a, config))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
-            Ok(measure_on(&channel, kind, addrs, ids, config).await)
+            measure_on(&channel, kind, ids, slow_admin, config).await
         }
         Contender::Direct => {
             let channel = tonic_endpoint(addrs[0], config)?.connect().await?;
-            Ok(measure_on(&channel, kind, addrs, ids, config).await)
+            measure_on(&channel, kind, ids, slow_admin, config).await
         }
     }
 }
@@ -320,10 +325,10 @@ fn cpu_time() -> Duration {
 async fn measure_on<T: Transport>(
     transport: &T,
     kind: ScenarioKind,
-    addrs: &[SocketAddr],
     ids: &[String],
+    slow_admin: Option<&AdminAddr>,
     config: &BenchConfig,
-) -> Round {
+) -> anyhow::Result<Round> {
     let spec = |d| LoadSpec {
         stop: Stop::Duration(d),
         concurrency: config.concurrency,
@@ -340,8 +345,16 @@ async fn measure_on<T: Transport>(
     .await;
 
     let recorder = Recorder::default();
-    let degrade = (kind == ScenarioKind::Degrade).then(|| {
-        let (slow, d) = (addrs[2], config.duration);
+    let degrade = if kind == ScenarioKind::Degrade {
+        let slow = slow_admin
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("the degrade scenario needs a third replica"))?;
+        Some(slow)
+    } else {
+        None
+    };
+    let degrade = degrade.map(|slow| {
+        let d = config.duration;
         let recorder = recorder.clone();
         tokio::spawn(async move {
             // 100 ms windows, and the slow replica's knob turned at 1/3 and back at 2/3.
@@ -355,14 +368,19 @@ async fn measure_on<T: Transport>(
                 windows.push((t, recorder.take_window()));
                 if !turned.0 && t >= d / 3 {
                     turned.0 = true;
-                    let _ = crate::fleet::set_faults(slow, slow_faults(55)).await;
+                    // A fault change that fails would make this row measure a uniform fleet.
+                    slow.set_faults(slow_faults(55)).await.map_err(|s| {
+                        anyhow::anyhow!("degrade: cannot slow {}: {}", slow.addr, s.message())
+                    })?;
                 }
                 if !turned.1 && t >= d * 2 / 3 {
                     turned.1 = true;
-                    let _ = crate::fleet::set_faults(slow, slow_faults(5)).await;
+                    slow.set_faults(slow_faults(5)).await.map_err(|s| {
+                        anyhow::anyhow!("degrade: cannot restore {}: {}", slow.addr, s.message())
+                    })?;
                 }
                 if t >= d {
-                    return windows;
+                    return Ok::<_, anyhow::Error>(windows);
                 }
             }
         })
@@ -388,13 +406,15 @@ async fn measure_on<T: Transport>(
         })
         .collect();
     let (phase_p99_ms, ms_until_below) = match degrade {
-        Some(task) => match task.await {
-            Ok(windows) => phases(&windows, config.duration, &ids[2]),
-            Err(_) => (None, None),
-        },
+        Some(task) => {
+            let windows = task
+                .await
+                .map_err(|e| anyhow::anyhow!("degrade: the fault task failed: {e}"))??;
+            phases(&windows, config.duration, &ids[2])
+        }
         None => (None, None),
     };
-    Round {
+    Ok(Round {
         rps: calls as f64 / elapsed.as_secs_f64().max(1e-9),
         latency: Latency::of(&total.total),
         errors: total.total.error_count(),
@@ -402,7 +422,7 @@ async fn measure_on<T: Transport>(
         cpu_us_per_call: cpu.as_secs_f64() * 1e6 / calls.max(1) as f64,
         phase_p99_ms,
         ms_until_below,
-    }
+    })
 }
 
 fn slow_faults(ms: u64) -> FaultConfig {

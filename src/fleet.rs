@@ -2,7 +2,7 @@
 //! `replicas/fleet.toml`, started, waited for until `SERVING`, watched, and drained together.
 //! Used by `meshlb up`, `meshlb demo` and `meshlb bench`. Knows nothing of balancing.
 
-use crate::proto::admin::v1::admin_service_client::AdminServiceClient;
+use crate::admin_client::AdminAddr;
 use crate::replica::FaultConfig;
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -244,6 +244,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Its starting knobs.
     pub faults: FaultConfig,
+    /// Its admin service.
+    pub admin: AdminAddr,
     child: Child,
     _stdout: BufReader<ChildStdout>,
     exited: Option<ExitStatus>,
@@ -272,6 +274,9 @@ pub struct Launch {
     pub extra_args: Vec<String>,
     /// How to reach the replicas when they serve TLS.
     pub client_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// How to reach their admin listeners when they serve TLS (with the admin identity under
+    /// mTLS).
+    pub admin_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Launch {
@@ -284,7 +289,15 @@ impl Launch {
             ready_timeout: Duration::from_secs(15),
             extra_args: Vec::new(),
             client_tls: None,
+            admin_tls: None,
         })
+    }
+}
+
+impl Running {
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 }
 
@@ -421,6 +434,10 @@ async fn start_one(
             &humantime::format_duration(member.faults.jitter).to_string(),
         ])
         .args(["--fail-rate", &member.faults.fail_rate.to_string()])
+        .args([
+            "--admin-listen",
+            &SocketAddr::new(member.listen.ip(), 0).to_string(),
+        ])
         .args(upstream.map(|u| ["--upstream", u]).into_iter().flatten())
         .arg("--data")
         .arg(&launch.data)
@@ -437,29 +454,36 @@ async fn start_one(
         .take()
         .ok_or_else(|| fail("no stdout pipe".into()))?;
     let mut stdout = BufReader::new(stdout);
-    let mut line = String::new();
-    let read = tokio::time::timeout(launch.ready_timeout, stdout.read_line(&mut line)).await;
-    let addr = match read {
-        Ok(Ok(n)) if n > 0 => line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| fail(format!("unexpected first line {line:?}")))?,
-        Ok(_) => {
-            let status = child.wait().await.ok();
-            return Err(fail(format!(
-                "exited before listening ({})",
-                status.map_or("unknown status".into(), |s| s.to_string())
-            )));
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        let mut line = String::new();
+        let read = tokio::time::timeout(launch.ready_timeout, stdout.read_line(&mut line)).await;
+        match read {
+            Ok(Ok(n)) if n > 0 => lines.push(line),
+            Ok(_) => {
+                let status = child.wait().await.ok();
+                return Err(fail(format!(
+                    "exited before listening ({})",
+                    status.map_or("unknown status".into(), |s| s.to_string())
+                )));
+            }
+            Err(_) => return Err(fail("did not start listening in time".into())),
         }
-        Err(_) => return Err(fail("did not start listening in time".into())),
-    };
+    }
+    let addr = parse_line(&lines[0], "listening on ")
+        .ok_or_else(|| fail(format!("unexpected first line {:?}", lines[0])))?;
+    let admin = parse_line(&lines[1], "admin on ")
+        .ok_or_else(|| fail(format!("unexpected second line {:?}", lines[1])))?;
     Ok(Running {
         id: member.id.clone(),
         tier: member.tier.clone(),
         upstream: member.upstream.clone(),
         addr,
         faults: member.faults,
+        admin: AdminAddr {
+            addr: admin,
+            tls: launch.admin_tls.clone(),
+        },
         child,
         _stdout: stdout,
         exited: None,
@@ -506,18 +530,8 @@ pub async fn health_of(
     ServingStatus::try_from(response.into_inner().status).ok()
 }
 
-/// Changes the fault knobs of the replica at `addr` at run time; returns the previous ones.
-pub async fn set_faults(addr: SocketAddr, faults: FaultConfig) -> Result<(), tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot connect to {addr}: {e}")))?;
-    AdminServiceClient::new(channel)
-        .set_faults(crate::replica::service::faults_request(faults))
-        .await?;
-    Ok(())
+fn parse_line(line: &str, prefix: &str) -> Option<SocketAddr> {
+    line.trim().strip_prefix(prefix)?.parse().ok()
 }
 
 #[cfg(test)]

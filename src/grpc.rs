@@ -1,26 +1,51 @@
-//! gRPC wire conventions that both sides use: the `grpc-timeout` header and the canonical names of
-//! status codes. No client or server logic here.
+//! gRPC wire conventions that both sides use: the `grpc-timeout` header, the canonical names of
+//! status codes, and how much caller input a message may repeat. No client or server logic here.
 
 use std::time::Duration;
 use tonic::Code;
 
-/// Parses a `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).
-pub fn timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+/// A `grpc-timeout` header that is present but not what the spec allows (1 to 8 ASCII digits and
+/// one unit of H M S m u n). gRPC servers answer such a call with `INTERNAL`, as grpc-go does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed grpc-timeout {0:?}: expected 1 to 8 digits and a unit (H, M, S, m, u or n)")]
+pub struct MalformedTimeout(pub String);
+
+/// Parses a `grpc-timeout` header: `None` when there is none.
+pub fn timeout(headers: &http::HeaderMap) -> Result<Option<Duration>, MalformedTimeout> {
+    let Some(raw) = headers.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let malformed = || {
+        let shown = String::from_utf8_lossy(raw.as_bytes());
+        MalformedTimeout(crate::grpc::bounded(&shown, 32))
+    };
+    let value = raw.to_str().map_err(|_| malformed())?;
     if value.len() < 2 || value.len() > 9 {
-        return None;
+        return Err(malformed());
     }
     let (digits, unit) = value.split_at(value.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(malformed());
+    }
+    let n: u64 = digits.parse().map_err(|_| malformed())?;
+    Ok(Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
         "M" => Duration::from_secs(n.saturating_mul(60)),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
         "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+        _ => return Err(malformed()),
+    }))
+}
+
+/// Caller input cut to at most `max` characters (with an ellipsis), for messages that repeat it:
+/// an answer's `grpc-message` must stay far below the header-size limits clients enforce.
+pub fn bounded(input: &str, max: usize) -> String {
+    match input.char_indices().nth(max) {
+        None => input.to_owned(),
+        Some((end, _)) => format!("{}…", &input[..end]),
+    }
 }
 
 /// Encodes a `grpc-timeout` header value, in milliseconds (at least 1).
@@ -61,26 +86,56 @@ mod tests {
     #[test]
     fn parses_grpc_timeout() {
         let mut h = http::HeaderMap::new();
+        assert_eq!(timeout(&h), Ok(None));
         for (v, want) in [
-            ("100m", Some(Duration::from_millis(100))),
-            ("2S", Some(Duration::from_secs(2))),
-            ("1H", Some(Duration::from_secs(3600))),
-            ("5u", Some(Duration::from_micros(5))),
-            ("12x", None),
-            ("m", None),
-            ("123456789S", None),
+            ("100m", Duration::from_millis(100)),
+            ("2S", Duration::from_secs(2)),
+            ("1H", Duration::from_secs(3600)),
+            ("5u", Duration::from_micros(5)),
+            ("99999999n", Duration::from_nanos(99_999_999)),
         ] {
             h.insert("grpc-timeout", v.parse().unwrap());
-            assert_eq!(timeout(&h), want, "{v}");
+            assert_eq!(timeout(&h), Ok(Some(want)), "{v}");
         }
+    }
+
+    #[test]
+    fn rejects_malformed_grpc_timeouts() {
+        let mut h = http::HeaderMap::new();
+        for v in [
+            "12x",
+            "m",
+            "123456789S",
+            "99999999999999H",
+            "-1S",
+            "+1S",
+            "abc",
+            "1.5S",
+            " 1S",
+        ] {
+            h.insert("grpc-timeout", v.parse().unwrap());
+            let err = timeout(&h).unwrap_err();
+            assert!(err.to_string().contains("malformed grpc-timeout"), "{v}");
+        }
+    }
+
+    #[test]
+    fn bounds_echoed_input() {
+        assert_eq!(bounded("james", 128), "james");
+        let long = "x".repeat(17_000);
+        let cut = bounded(&long, 128);
+        assert_eq!(cut.chars().count(), 129);
+        assert!(cut.ends_with('…'));
+        // Never splits a character.
+        assert_eq!(bounded("ééé", 2), "éé…");
     }
 
     #[test]
     fn encodes_what_it_parses() {
         let mut h = http::HeaderMap::new();
         h.insert("grpc-timeout", timeout_value(Duration::from_millis(250)));
-        assert_eq!(timeout(&h), Some(Duration::from_millis(250)));
+        assert_eq!(timeout(&h), Ok(Some(Duration::from_millis(250))));
         h.insert("grpc-timeout", timeout_value(Duration::ZERO));
-        assert_eq!(timeout(&h), Some(Duration::from_millis(1)));
+        assert_eq!(timeout(&h), Ok(Some(Duration::from_millis(1))));
     }
 }

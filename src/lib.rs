@@ -29,7 +29,7 @@
 //!
 //! The server and the tools built on it:
 //! - [`replica`]: the server every replica runs (gRPC + REST, health, reflection, drain, faults).
-//! - [`fleet`]: a local fleet of replica processes.
+//! - [`fleet`]: a local fleet of replica processes; [`admin_client`]: a replica's admin service.
 //! - [`load`]: load generation through any tonic transport; [`report`]: its tables and JSON.
 //! - [`bench`](mod@bench): contenders compared scenario by scenario.
 //! - [`cli`]: the `meshlb` commands; the binary is a thin shell over it.
@@ -37,6 +37,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admin_client;
 pub mod balance;
 pub mod bench;
 pub mod cli;

@@ -174,10 +174,33 @@ pub struct CertPaths {
     pub client_cert: PathBuf,
     /// The client key.
     pub client_key: PathBuf,
+    /// The admin client certificate (its name is [`ADMIN_IDENTITY`]).
+    pub admin_cert: PathBuf,
+    /// The admin client key.
+    pub admin_key: PathBuf,
 }
 
-/// Makes a throw-away CA, a server certificate valid for `names` (DNS names or IP addresses) and a
-/// client certificate, and writes them as PEM files into `dir` (keys readable by the owner only).
+/// The subject alternative name of the admin certificate [`write_certs`] makes: what a replica's
+/// `--admin-allow` names so that only this certificate may reconfigure it.
+pub const ADMIN_IDENTITY: &str = "meshlb-admin";
+
+impl CertPaths {
+    /// The files `write_certs` writes into `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+            admin_cert: dir.join("admin.pem"),
+            admin_key: dir.join("admin.key"),
+        }
+    }
+}
+
+/// Makes a throw-away CA, a server certificate valid for `names` (DNS names or IP addresses), a
+/// client certificate and an admin client certificate, and writes them as PEM files into `dir` (keys readable by the owner only).
 pub fn write_certs(dir: &Path, names: &[String]) -> Result<CertPaths, TlsError> {
     let g = |e: rcgen::Error| TlsError::Generate(e.to_string());
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(g)?;
@@ -208,21 +231,23 @@ pub fn write_certs(dir: &Path, names: &[String]) -> Result<CertPaths, TlsError> 
         ExtendedKeyUsagePurpose::ClientAuth,
     )?;
 
+    let (admin_pem, admin_key) = leaf(
+        vec![ADMIN_IDENTITY.into()],
+        "meshlb admin",
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
+
     std::fs::create_dir_all(dir)
         .map_err(|e| TlsError::Generate(format!("{}: {e}", dir.display())))?;
-    let paths = CertPaths {
-        ca: dir.join("ca.pem"),
-        server_cert: dir.join("server.pem"),
-        server_key: dir.join("server.key"),
-        client_cert: dir.join("client.pem"),
-        client_key: dir.join("client.key"),
-    };
+    let paths = CertPaths::in_dir(dir);
     for (path, contents, secret) in [
         (&paths.ca, ca.pem(), false),
         (&paths.server_cert, server_pem, false),
         (&paths.server_key, server_key, true),
         (&paths.client_cert, client_pem, false),
         (&paths.client_key, client_key, true),
+        (&paths.admin_cert, admin_pem, false),
+        (&paths.admin_key, admin_key, true),
     ] {
         write_file(path, &contents, secret)?;
     }

@@ -132,8 +132,10 @@ async fn run_in_span(
     request: http::Request<Body>,
 ) -> http::Response<Body> {
     let config = &shared.config;
-    let deadline =
-        crate::grpc::timeout(request.headers()).map_or(config.timeout, |t| t.min(config.timeout));
+    let deadline = crate::grpc::timeout(request.headers())
+        .ok()
+        .flatten()
+        .map_or(config.timeout, |t| t.min(config.timeout));
     let expires = tokio::time::Instant::now() + deadline;
     shared.budget.deposit();
     let path = request.uri().path().to_owned();

@@ -45,8 +45,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if std::env::var_os("RUST_LOG").is_none() {
         launch.log = "warn".into();
     }
+    let mut _temp_certs = None;
     let tls = if args.tls {
-        Some(super::up::with_tls(&mut launch, "bench", false)?.0)
+        let (paths, temp) = super::up::fleet_certs(None, "bench")?;
+        _temp_certs = temp;
+        Some(super::up::with_tls(&mut launch, &paths, false)?.0)
     } else {
         None
     };

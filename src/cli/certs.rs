@@ -1,12 +1,12 @@
 //! `meshlb certs`: throw-away certificates for demos and tests (a CA, a server certificate, a
-//! client certificate). For production, use cert-manager or your own PKI.
+//! client certificate, an admin client certificate). For production, use cert-manager or your own PKI.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Where to write ca.pem, server.pem, server.key, client.pem and client.key.
+    /// Where to write ca.pem, server.pem, server.key, client.pem, client.key, admin.pem and admin.key.
     #[arg(long, env = "MESHLB_CERTS_OUT", default_value = "certs")]
     out: PathBuf,
     /// Names and addresses the server certificate is valid for, comma-separated
@@ -43,12 +43,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         paths.client_cert.display(),
         paths.client_key.display()
     );
+    println!(
+        "admin        {} {}  (name {}, for --admin-allow)",
+        paths.admin_cert.display(),
+        paths.admin_key.display(),
+        crate::tls::ADMIN_IDENTITY
+    );
     println!("valid for    {}", names.join(", "));
     println!(
-        "replica:     meshlb replica --tls-cert {} --tls-key {} [--tls-client-ca {}]",
+        "replica:     meshlb replica --tls-cert {} --tls-key {} [--tls-client-ca {} --admin-allow {}]",
         paths.server_cert.display(),
         paths.server_key.display(),
-        paths.ca.display()
+        paths.ca.display(),
+        crate::tls::ADMIN_IDENTITY
     );
     println!(
         "client:      meshlb client --target ... --tls-ca {} [--tls-cert {} --tls-key {}]",

@@ -35,7 +35,7 @@ pub struct TlsArgs {
 }
 
 impl TlsArgs {
-    fn client_tls(&self) -> Option<crate::tls::ClientTls> {
+    pub(super) fn client_tls(&self) -> Option<crate::tls::ClientTls> {
         let ca = self.tls_ca.clone()?;
         Some(crate::tls::ClientTls {
             ca,

@@ -1,5 +1,9 @@
-//! `meshlb faults`: change a running replica's latency or failure rate, to watch traffic move.
+//! `meshlb faults`: read or change a running replica's latency, failure rate and reported health
+//! through its admin listener, to watch traffic move. Knobs not named keep their values.
 
+use super::client::TlsArgs;
+use super::UsageError;
+use crate::admin_client::AdminAddr;
 use crate::replica::FaultConfig;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -7,32 +11,63 @@ use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The replica's address.
-    #[arg(long)]
+    /// The replica's admin address (`admin on ADDR`, its second output line; `meshlb up` lists them).
+    #[arg(long, env = "MESHLB_ADMIN_ADDR")]
     addr: SocketAddr,
-    /// Latency added to every call.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
-    latency: Duration,
+    /// Latency added to every call, e.g. `50ms`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    latency: Option<Duration>,
     /// Up to this much more latency, at random.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
-    jitter: Duration,
-    /// Share of calls answered with UNAVAILABLE.
-    #[arg(long, default_value_t = 0.0)]
-    fail_rate: f64,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    jitter: Option<Duration>,
+    /// Share of calls answered with UNAVAILABLE, between 0 and 1.
+    #[arg(long)]
+    fail_rate: Option<f64>,
+    /// Report SERVING over grpc.health.v1.
+    #[arg(long, conflicts_with = "not_serving")]
+    serving: bool,
+    /// Report NOT_SERVING (calls are still answered; balancers move away).
+    #[arg(long)]
+    not_serving: bool,
+    /// TLS towards the admin listener (under mTLS, with a certificate --admin-allow names).
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let faults = FaultConfig {
-        latency: args.latency,
-        jitter: args.jitter,
-        fail_rate: args.fail_rate,
+    let tls = match args.tls.client_tls() {
+        Some(tls) => Some(tls.config().map_err(|e| UsageError(e.to_string()))?),
+        None => None,
     };
-    faults.validate().map_err(super::UsageError)?;
-    crate::fleet::set_faults(args.addr, faults)
-        .await
-        .map_err(|s| anyhow::anyhow!("{}: {}", args.addr, s.message()))?;
+    let admin = AdminAddr {
+        addr: args.addr,
+        tls,
+    };
+    let fail = |s: tonic::Status| anyhow::anyhow!("{}: {}", args.addr, s.message());
+    let mut faults = admin.get_faults().await.map_err(fail)?;
+    let changes = args.latency.is_some() || args.jitter.is_some() || args.fail_rate.is_some();
+    if changes {
+        let wanted = FaultConfig {
+            latency: args.latency.unwrap_or(faults.latency),
+            jitter: args.jitter.unwrap_or(faults.jitter),
+            fail_rate: args.fail_rate.unwrap_or(faults.fail_rate),
+        };
+        wanted.validate().map_err(UsageError)?;
+        admin.set_faults(wanted).await.map_err(fail)?;
+        faults = wanted;
+    }
+    let serving = if args.serving || args.not_serving {
+        admin.set_serving(args.serving).await.map_err(fail)?;
+        if args.serving {
+            " serving"
+        } else {
+            " not-serving"
+        }
+    } else {
+        ""
+    };
     println!(
-        "{}: latency={} jitter={} fail-rate={}",
+        "{}: latency={} jitter={} fail-rate={}{serving}",
         args.addr,
         humantime::format_duration(faults.latency),
         humantime::format_duration(faults.jitter),

@@ -26,14 +26,14 @@ enum Command {
     /// Run the local fleet, p2c vs round-robin, side by side: the one-command demo.
     Demo(demo::Args),
     /// Run one replica of the UserGuide service (gRPC + REST on one port).
-    Replica(replica::Args),
+    Replica(Box<replica::Args>),
     /// Start a local fleet of replicas until Ctrl-C.
     Up(up::Args),
     /// Drive load through the balancer and show the per-replica distribution.
     Client(client::Args),
     /// Make one balanced call and show which replica served it.
     Call(call::Args),
-    /// Change a running replica's latency or failure rate.
+    /// Read or change a running replica's latency, failure rate or reported health (admin listener).
     Faults(faults::Args),
     /// Make throw-away TLS certificates (CA, server, client) for demos and tests.
     Certs(certs::Args),
@@ -80,7 +80,7 @@ pub fn main() -> ExitCode {
         let telemetry = crate::telemetry::init(service);
         let result = match cli.command {
             Command::Demo(args) => demo::run(args).await,
-            Command::Replica(args) => replica::run(args).await,
+            Command::Replica(args) => replica::run(*args).await,
             Command::Up(args) => up::run(args).await,
             Command::Client(args) => client::run(args).await,
             Command::Call(args) => call::run(args).await,

@@ -1,7 +1,7 @@
 //! `meshlb replica`: one server of the mesh, configured by flags or `MESHLB_*` variables.
 
 use super::UsageError;
-use crate::replica::{self, FaultConfig, ReplicaConfig, Users};
+use crate::replica::{self, Allow, ConnLimits, FaultConfig, ReplicaConfig, Users};
 use anyhow::Context;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -70,6 +70,65 @@ pub struct Args {
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "MESHLB_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
     max_message_size: usize,
+    /// Where the admin service (fault knobs, reported health) listens, `none` for no admin
+    /// service; never on the serving port. Port 0 picks a free one (printed as the second line).
+    #[arg(long, env = "MESHLB_ADMIN_LISTEN", default_value = "127.0.0.1:0", value_parser = parse_admin_listen)]
+    admin_listen: AdminListen,
+    /// Under mTLS (--tls-client-ca), the client certificate names (DNS or IP subject alternative
+    /// names) allowed to call the admin service, comma-separated; other certificates are refused.
+    #[arg(
+        long,
+        env = "MESHLB_ADMIN_ALLOW",
+        value_delimiter = ',',
+        requires = "tls_client_ca"
+    )]
+    admin_allow: Vec<String>,
+    /// Open connections beyond this are closed at once (0: no cap).
+    #[arg(long, env = "MESHLB_MAX_CONNECTIONS", default_value_t = ConnLimits::default().max_connections)]
+    max_connections: usize,
+    /// A connection must send its first request (after TLS) within this, and an HTTP/1 request
+    /// its headers.
+    #[arg(long, env = "MESHLB_HEADER_READ_TIMEOUT", value_parser = positive_duration, default_value = "10s")]
+    header_read_timeout: Duration,
+    /// A connection with no open call for this long is closed.
+    #[arg(long, env = "MESHLB_IDLE_TIMEOUT", value_parser = positive_duration, default_value = "5m")]
+    idle_timeout: Duration,
+    /// HTTP/2 keepalive: ping a connection silent this long; drop it when the ping goes unanswered
+    /// for --keepalive-timeout.
+    #[arg(long, env = "MESHLB_KEEPALIVE_INTERVAL", value_parser = positive_duration, default_value = "30s")]
+    keepalive_interval: Duration,
+    /// See --keepalive-interval.
+    #[arg(long, env = "MESHLB_KEEPALIVE_TIMEOUT", value_parser = positive_duration, default_value = "10s")]
+    keepalive_timeout: Duration,
+    /// The longest a call may run when its caller sets no shorter deadline (health watches
+    /// excepted); past it the call ends with DEADLINE_EXCEEDED. `0s`: unbounded.
+    #[arg(long, env = "MESHLB_MAX_CALL_DURATION", value_parser = humantime::parse_duration, default_value = "5m")]
+    max_call_duration: Duration,
+}
+
+/// `--admin-listen`: an address, or no admin service.
+#[derive(Debug, Clone, Copy)]
+enum AdminListen {
+    Off,
+    On(SocketAddr),
+}
+
+fn parse_admin_listen(value: &str) -> Result<AdminListen, String> {
+    if value.eq_ignore_ascii_case("none") {
+        return Ok(AdminListen::Off);
+    }
+    value
+        .parse()
+        .map(AdminListen::On)
+        .map_err(|_| format!("{value:?} is neither an address (127.0.0.1:9901) nor `none`"))
+}
+
+fn positive_duration(value: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(d) if d.is_zero() => Err("must be more than 0s".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -91,21 +150,53 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         fail_rate: args.fail_rate,
     };
     faults.validate().map_err(UsageError)?;
+    let id = match args.id.filter(|id| !id.is_empty()) {
+        Some(id) => id,
+        None => gethostname::gethostname()
+            .into_string()
+            .ok()
+            .filter(|id| !id.is_empty())
+            .unwrap_or_default(),
+    };
+    // Checked before anything is printed: scripts read "listening on" as "started".
+    if !id.is_empty() && http::HeaderValue::from_str(&id).is_err() {
+        return Err(UsageError(format!(
+            "--id {id:?} cannot be sent as a header value (no control characters)"
+        ))
+        .into());
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let bound = listener.local_addr()?;
+    let admin = match args.admin_listen {
+        AdminListen::Off => None,
+        AdminListen::On(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?,
+        ),
+    };
+    let mtls = args.tls_client_ca.is_some();
+    if let Some(admin) = &admin {
+        let addr = admin.local_addr()?;
+        if !addr.ip().is_loopback() && !mtls {
+            tracing::warn!(%addr, "the admin service is reachable beyond this host without client certificates; anyone who reaches it can reconfigure this replica");
+        }
+        if mtls && args.admin_allow.is_empty() {
+            tracing::warn!("mTLS without --admin-allow: every admin call will be refused");
+        }
+    }
     let shutdown = super::shutdown_signal();
-    // Tests and scripts read this line to learn the port, so it goes first and is flushed.
+    // Tests and scripts read these lines to learn the ports, so they go first and are flushed.
     println!("listening on {bound}");
+    match &admin {
+        Some(admin) => println!("admin on {}", admin.local_addr()?),
+        None => println!("admin off"),
+    }
     std::io::stdout().flush()?;
 
-    let id = args
-        .id
-        .filter(|id| !id.is_empty())
-        .or_else(|| gethostname::gethostname().into_string().ok())
-        .filter(|id| !id.is_empty())
-        .unwrap_or_else(|| bound.to_string());
+    let id = if id.is_empty() { bound.to_string() } else { id };
     let mut config = ReplicaConfig::new(id, users);
     config.faults = faults;
     config.drain_grace = args.drain_grace;
@@ -113,6 +204,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.max_message_size = args.max_message_size;
     config.tls = tls;
     config.health_listen = args.health_listen;
+    config.admin_allow = if mtls {
+        Allow::Certified(args.admin_allow.clone())
+    } else {
+        Allow::Reachable
+    };
+    config.limits = ConnLimits {
+        max_connections: args.max_connections,
+        header_read_timeout: args.header_read_timeout,
+        idle_timeout: args.idle_timeout,
+        keepalive_interval: args.keepalive_interval,
+        keepalive_timeout: args.keepalive_timeout,
+    };
+    config.max_call_duration = Some(args.max_call_duration).filter(|d| !d.is_zero());
     if let Some(target) = &args.upstream {
         let tls = args
             .upstream_tls_ca
@@ -127,7 +231,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             });
         config.upstream = Some(upstream(target, tls)?);
     }
-    replica::run(listener, config, shutdown)
+    let listeners = replica::Listeners {
+        serving: listener,
+        admin,
+    };
+    replica::run(listeners, config, shutdown)
         .await
         .map_err(|e| match e {
             replica::ReplicaError::BadId(_) | replica::ReplicaError::BadFaults(_) => {

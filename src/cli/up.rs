@@ -21,9 +21,13 @@ pub struct Args {
     /// The data file every replica loads.
     #[arg(long, env = "MESHLB_DATA", default_value = "replicas/users.json")]
     data: PathBuf,
-    /// Serve TLS with throw-away certificates (written to a temporary directory).
+    /// Serve TLS: with the certificates of --certs, or throw-away ones in a temporary directory
+    /// (removed at exit).
     #[arg(long, env = "MESHLB_TLS")]
     tls: bool,
+    /// With --tls: the certificates to use, as `meshlb certs --out DIR` writes them.
+    #[arg(long, env = "MESHLB_CERTS", requires = "tls")]
+    certs: Option<PathBuf>,
     /// With --tls: also require client certificates (mTLS).
     #[arg(long, env = "MESHLB_MTLS", requires = "tls")]
     mtls: bool,
@@ -59,16 +63,55 @@ pub fn launch(data: PathBuf) -> anyhow::Result<Launch> {
     Ok(launch)
 }
 
-/// Makes throw-away certificates for a local fleet and sets `launch` to serve TLS (mTLS with
-/// `mtls`) and to check readiness over it. Returns the client's TLS settings and the matching
-/// client flags.
+/// Certificates for a local fleet: the files in `dir`, or throw-away ones in a temporary directory
+/// that is removed when the returned guard is dropped.
+pub fn fleet_certs(
+    dir: Option<&std::path::Path>,
+    purpose: &str,
+) -> anyhow::Result<(crate::tls::CertPaths, Option<TempDir>)> {
+    match dir {
+        Some(dir) => {
+            let paths = crate::tls::CertPaths::in_dir(dir);
+            for file in [&paths.ca, &paths.server_cert, &paths.server_key] {
+                if !file.is_file() {
+                    return Err(UsageError(format!(
+                        "--certs {}: no {} (make them with `meshlb certs --out {}`)",
+                        dir.display(),
+                        file.display(),
+                        dir.display()
+                    ))
+                    .into());
+                }
+            }
+            Ok((paths, None))
+        }
+        None => {
+            let dir =
+                std::env::temp_dir().join(format!("meshlb-{purpose}-certs-{}", std::process::id()));
+            let paths = crate::tls::write_certs(&dir, &super::certs::default_names())?;
+            Ok((paths, Some(TempDir(dir))))
+        }
+    }
+}
+
+/// A directory removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Sets `launch` to serve TLS with `paths` (mTLS with `mtls`, the admin listener then allowing only
+/// the admin certificate) and to check readiness and drive faults over it. Returns the client's
+/// TLS settings and the matching client flags.
 pub fn with_tls(
     launch: &mut Launch,
-    purpose: &str,
+    paths: &crate::tls::CertPaths,
     mtls: bool,
 ) -> anyhow::Result<(crate::tls::ClientTls, String)> {
-    let dir = std::env::temp_dir().join(format!("meshlb-{purpose}-certs-{}", std::process::id()));
-    let paths = crate::tls::write_certs(&dir, &super::certs::default_names())?;
     launch.extra_args = vec![
         "--tls-cert".into(),
         paths.server_cert.display().to_string(),
@@ -80,26 +123,36 @@ pub fn with_tls(
         identity: None,
         server_name: None,
     };
+    let mut admin = client.clone();
     let mut flags = format!(" --tls-ca {}", paths.ca.display());
     if mtls {
-        launch.extra_args.push("--tls-client-ca".into());
-        launch.extra_args.push(paths.ca.display().to_string());
+        launch.extra_args.extend([
+            "--tls-client-ca".into(),
+            paths.ca.display().to_string(),
+            "--admin-allow".into(),
+            crate::tls::ADMIN_IDENTITY.into(),
+        ]);
         client.identity = Some((paths.client_cert.clone(), paths.client_key.clone()));
+        admin.identity = Some((paths.admin_cert.clone(), paths.admin_key.clone()));
         flags.push_str(&format!(
             " --tls-cert {} --tls-key {}",
             paths.client_cert.display(),
             paths.client_key.display()
         ));
     }
-    launch.client_tls = Some(client.config()?);
+    launch.client_tls = Some(client.config().map_err(|e| UsageError(e.to_string()))?);
+    launch.admin_tls = Some(admin.config().map_err(|e| UsageError(e.to_string()))?);
     Ok((client, flags))
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let spec = load_spec(&args.fleet, args.replicas, args.base_port)?;
     let mut launch = launch(args.data)?;
+    let mut _temp_certs = None;
     let client_flags = if args.tls {
-        let (_, flags) = with_tls(&mut launch, "up", args.mtls)?;
+        let (paths, temp) = fleet_certs(args.certs.as_deref(), "up")?;
+        _temp_certs = temp;
+        let (_, flags) = with_tls(&mut launch, &paths, args.mtls)?;
         flags
     } else {
         String::new()
@@ -113,9 +166,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .map(|t| format!(" upstream={t}"))
             .unwrap_or_default();
         println!(
-            "{:<10} {:<22} SERVING  tier={} latency={} jitter={} fail-rate={}{upstream}",
+            "{:<10} {:<22} SERVING  pid={} admin={} tier={} latency={} jitter={} fail-rate={}{upstream}",
             m.id,
             m.addr.to_string(),
+            m.pid().map_or("?".into(), |p| p.to_string()),
+            m.admin.addr,
             m.tier,
             humantime::format_duration(m.faults.latency),
             humantime::format_duration(m.faults.jitter),

@@ -103,7 +103,12 @@ impl Users {
             .iter()
             .find(|u| u.name == name && u.age == age)
             .map(|u| u.points)
-            .ok_or_else(|| LookupError::NotFound(format!("no user named {name:?} aged {age}")))
+            .ok_or_else(|| {
+                LookupError::NotFound(format!(
+                    "no user named {:?} aged {age}",
+                    crate::grpc::bounded(name, super::ECHO_LIMIT)
+                ))
+            })
     }
 
     /// Every user whose points equal `points`, in file order.

@@ -7,6 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The largest injected latency or jitter: enough for any demo, and a mistyped value cannot
+/// hang calls for days.
+pub const MAX_FAULT_DELAY: Duration = Duration::from_secs(600);
+
 /// A snapshot of the knobs.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct FaultConfig {
@@ -19,8 +23,17 @@ pub struct FaultConfig {
 }
 
 impl FaultConfig {
-    /// Checks that the failure rate is a share.
+    /// Checks that the failure rate is a share and the delays at most [`MAX_FAULT_DELAY`].
     pub fn validate(&self) -> Result<(), String> {
+        for (knob, value) in [("latency", self.latency), ("jitter", self.jitter)] {
+            if value > MAX_FAULT_DELAY {
+                return Err(format!(
+                    "{knob} must be at most {}, got {}",
+                    humantime::format_duration(MAX_FAULT_DELAY),
+                    humantime::format_duration(value)
+                ));
+            }
+        }
         if !(0.0..=1.0).contains(&self.fail_rate) || self.fail_rate.is_nan() {
             return Err(format!(
                 "fail rate must be between 0 and 1, got {}",
@@ -149,5 +162,25 @@ mod tests {
         };
         assert!(bad.validate().is_err());
         assert!(FaultConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn rejects_delays_beyond_the_bound() {
+        let huge = FaultConfig {
+            latency: Duration::from_micros(1_000_000_000_000_000),
+            ..Default::default()
+        };
+        let err = huge.validate().unwrap_err();
+        assert!(err.contains("latency must be at most 10m"), "{err}");
+        let jitter = FaultConfig {
+            jitter: MAX_FAULT_DELAY + Duration::from_secs(1),
+            ..Default::default()
+        };
+        assert!(jitter.validate().unwrap_err().contains("jitter"));
+        let edge = FaultConfig {
+            latency: MAX_FAULT_DELAY,
+            ..Default::default()
+        };
+        assert!(edge.validate().is_ok());
     }
 }

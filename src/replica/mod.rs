@@ -3,9 +3,10 @@
 //! drains gracefully. It knows nothing of the client side: no discovery, no balancing.
 //!
 //! ```text
-//!  TcpListener ──> hyper (HTTP/1 + HTTP/2) ──> route by content-type ──┬─ application/grpc* ─> tonic routes
-//!                                                                      │    UserGuide, Health, Reflection, Admin
-//!                                                                      └─ anything else ─────> REST routes
+//!  serving port ──> conn (limits, timeouts) ──> route by content-type ──┬─ application/grpc ─> call limits ─> tonic routes
+//!                                                                       │    UserGuide, Health, Reflection
+//!                                                                       └─ anything else ───> REST routes
+//!  admin port (loopback; mTLS allow list) ──> conn ──> AdminService, Reflection
 //!  every response: x-replica-id: <id>
 //! ```
 //!
@@ -13,20 +14,32 @@
 //! for `drain_grace` so clients move away, then stops accepting and finishes in-flight calls for
 //! at most `drain_timeout`.
 
+pub mod admin;
+pub mod call_limits;
+pub mod conn;
 pub mod data;
 pub mod faults;
 pub mod rest;
 mod server;
 pub mod service;
 
+pub use admin::Allow;
+pub use conn::ConnLimits;
 pub use data::{DataError, UserRecord, Users};
 pub use faults::{FaultConfig, Faults};
-pub use server::run;
+pub use server::{run, Listeners};
 pub use service::UserGuide;
+
+/// How many characters of caller input an error message repeats: a name of 17 KB must not
+/// become a `grpc-message` that clients refuse.
+pub const ECHO_LIMIT: usize = 128;
 
 use std::time::Duration;
 
-/// Everything a replica needs besides its listener.
+/// The default bound on a call's duration.
+pub const DEFAULT_MAX_CALL_DURATION: Duration = Duration::from_secs(300);
+
+/// Everything a replica needs besides its listeners.
 #[derive(Clone)]
 pub struct ReplicaConfig {
     /// Sent as `x-replica-id` on every response.
@@ -47,6 +60,13 @@ pub struct ReplicaConfig {
     pub tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Also answer grpc.health.v1 in plaintext here (for Kubernetes probes when serving TLS).
     pub health_listen: Option<std::net::SocketAddr>,
+    /// Who may call the admin listener.
+    pub admin_allow: Allow,
+    /// Connection limits and timeouts, for every listener.
+    pub limits: ConnLimits,
+    /// The longest a call may run when its caller sets no shorter `grpc-timeout` (health
+    /// watches excepted); `None`: unbounded.
+    pub max_call_duration: Option<Duration>,
 }
 
 /// A GetPoint answered elsewhere: `(name, age) -> points`. The replica only calls it; whoever
@@ -58,7 +78,8 @@ pub type Upstream = std::sync::Arc<
 >;
 
 impl ReplicaConfig {
-    /// A config with the defaults: no faults, 1 s grace, 10 s drain, 64 KiB messages.
+    /// A config with the defaults: no faults, 1 s grace, 10 s drain, 64 KiB messages, the default
+    /// connection limits, calls of at most 5 minutes.
     pub fn new(id: impl Into<String>, users: Users) -> Self {
         Self {
             id: id.into(),
@@ -70,6 +91,9 @@ impl ReplicaConfig {
             upstream: None,
             tls: None,
             health_listen: None,
+            admin_allow: Allow::default(),
+            limits: ConnLimits::default(),
+            max_call_duration: Some(DEFAULT_MAX_CALL_DURATION),
         }
     }
 }
@@ -83,6 +107,9 @@ impl std::fmt::Debug for ReplicaConfig {
             .field("upstream", &self.upstream.is_some())
             .field("tls", &self.tls.is_some())
             .field("health_listen", &self.health_listen)
+            .field("admin_allow", &self.admin_allow)
+            .field("limits", &self.limits)
+            .field("max_call_duration", &self.max_call_duration)
             .finish()
     }
 }

@@ -18,6 +18,7 @@ pub fn router(service: UserGuide) -> Router {
         .route("/v1/points", get(get_point))
         .route("/v1/users", get(list_users))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(service)
 }
 
@@ -62,8 +63,20 @@ async fn list_users(State(svc): State<UserGuide>, Query(q): Params) -> Response 
 async fn not_found(method: Method, uri: Uri) -> Response {
     error(&Status::not_found(format!(
         "no route for {method} {}",
-        uri.path()
+        echo(uri.path())
     )))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "UNIMPLEMENTED",
+        &format!("{method} is not allowed on {}; use GET", echo(uri.path())),
+    )
+}
+
+fn echo(input: &str) -> String {
+    crate::grpc::bounded(input, super::ECHO_LIMIT)
 }
 
 fn required<'a>(q: &'a HashMap<String, String>, key: &str) -> Result<&'a str, Status> {
@@ -76,7 +89,8 @@ fn number<T: std::str::FromStr>(q: &HashMap<String, String>, key: &str) -> Resul
     let raw = required(q, key)?;
     raw.parse().map_err(|_| {
         Status::invalid_argument(format!(
-            "query parameter {key:?} must be an integer, got {raw:?}"
+            "query parameter {key:?} must be an integer, got {:?}",
+            echo(raw)
         ))
     })
 }
@@ -102,9 +116,14 @@ pub fn http_status(code: Code) -> StatusCode {
 }
 
 fn error(status: &Status) -> Response {
-    let body = Json(json!({
-        "code": crate::grpc::code_name(status.code()),
-        "message": status.message(),
-    }));
-    (http_status(status.code()), body).into_response()
+    error_response(
+        http_status(status.code()),
+        crate::grpc::code_name(status.code()),
+        status.message(),
+    )
+}
+
+/// The JSON error every REST answer uses: `{"code": "NOT_FOUND", "message": "..."}`.
+pub fn error_response(http: StatusCode, code: &str, message: &str) -> Response {
+    (http, Json(json!({ "code": code, "message": message }))).into_response()
 }

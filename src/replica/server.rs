@@ -1,17 +1,15 @@
-//! The replica's connection plumbing: accepting, routing gRPC and REST by content-type, stamping
-//! `x-replica-id`, and the drain sequence.
+//! The replica's assembly: the serving port (gRPC and REST routed by content-type, each gRPC call
+//! within its limits, every response stamped with `x-replica-id`), the admin listener, the
+//! plaintext health port, and the drain sequence.
 
-use super::service::{Admin, UserGuide};
-use super::{rest, Faults, ReplicaConfig, ReplicaError};
+use super::admin::{self, Admin};
+use super::service::UserGuide;
+use super::{call_limits, conn, rest, Faults, ReplicaConfig, ReplicaError};
 use crate::proto::admin::v1::admin_service_server::AdminServiceServer;
 use crate::proto::userguide::v1::user_guide_service_server::UserGuideServiceServer;
 use crate::proto::{FILE_DESCRIPTOR_SET, USERGUIDE_SERVICE};
 use axum::body::Body;
 use http::{HeaderValue, Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
 use std::future::Future;
 use std::task::{Context, Poll};
@@ -20,14 +18,34 @@ use tonic_health::ServingStatus;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long open admin calls may take to finish when the replica exits.
+const ADMIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Serves on `listener` until `shutdown` resolves, then drains and returns.
+/// The sockets a replica serves on: the serving port, and the admin listener if it has one.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC and REST callers.
+    pub serving: TcpListener,
+    /// `meshlb.admin.v1.AdminService`; `None`: no admin service at all.
+    pub admin: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(serving: TcpListener) -> Self {
+        Self {
+            serving,
+            admin: None,
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains and returns.
 pub async fn run(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     config: ReplicaConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ReplicaError> {
+    let Listeners { serving, admin } = listeners.into();
     let id =
         HeaderValue::from_str(&config.id).map_err(|_| ReplicaError::BadId(config.id.clone()))?;
     config.faults.validate().map_err(ReplicaError::BadFaults)?;
@@ -63,25 +81,50 @@ pub async fn run(
         }
         None => None,
     };
+
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_server = admin.map(|listener| {
+        let routes = tonic::service::Routes::new(AdminServiceServer::new(Admin::new(
+            faults.clone(),
+            health.clone(),
+        )))
+        .add_service(reflection_v1(ADMIN_SERVICES))
+        .add_service(reflection_v1alpha(ADMIN_SERVICES))
+        .prepare()
+        .into_axum_router();
+        let allow = config.admin_allow.clone();
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, ?allow, "admin service on its own listener");
+        }
+        let make = move |peer: conn::Peer| admin::Gate::new(routes.clone(), &allow, &peer);
+        tokio::spawn(conn::serve(
+            listener,
+            tls.clone(),
+            config.limits,
+            make,
+            async {
+                let _ = admin_stopped.await;
+            },
+        ))
+    });
+
     let routes = tonic::service::Routes::new(health_service)
         .add_service(
             UserGuideServiceServer::new(userguide.clone())
                 .max_decoding_message_size(config.max_message_size),
         )
-        .add_service(AdminServiceServer::new(Admin::new(faults, health.clone())))
-        .add_service(reflection_v1())
-        .add_service(reflection_v1alpha());
+        .add_service(reflection_v1(SERVING_SERVICES))
+        .add_service(reflection_v1alpha(SERVING_SERVICES));
     let router = ByContentType {
         grpc: routes.prepare().into_axum_router(),
         rest: rest::router(userguide),
         id,
+        max_call_duration: config.max_call_duration,
     };
 
-    let addr = listener.local_addr()?;
+    let addr = serving.local_addr()?;
     tracing::info!(%addr, id = %config.id, users = config.users.len(), "replica serving");
 
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
     let drain_grace = config.drain_grace;
     let draining = health.clone();
     let stop_accepting = async move {
@@ -95,61 +138,19 @@ pub async fn run(
             .await;
         tokio::time::sleep(drain_grace).await;
     };
-    tokio::pin!(stop_accepting);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(error) => {
-                        // Running out of file descriptors must not end the replica.
-                        tracing::warn!(%error, "accept failed");
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(router.clone());
-                let watcher = graceful.watcher();
-                let builder = builder.clone();
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let result = match tls {
-                        None => {
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                        Some(acceptor) => {
-                            let peer = stream.peer_addr().ok();
-                            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-                            let stream = match handshake.await {
-                                Ok(Ok(stream)) => stream,
-                                Ok(Err(error)) => {
-                                    tracing::warn!(peer = ?peer, %error, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::warn!(peer = ?peer, "TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                    };
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "connection closed with an error");
-                    }
-                });
-            }
-            () = &mut stop_accepting => break,
-        }
-    }
-    drop(listener);
+    let drain = conn::serve(
+        serving,
+        tls,
+        config.limits,
+        move |_| router.clone(),
+        stop_accepting,
+    )
+    .await;
     // Watch streams never end on their own; clearing the statuses ends them, so the drain waits
     // only for real calls.
     health.clear_service_status("").await;
     health.clear_service_status(USERGUIDE_SERVICE).await;
-    match tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await {
+    match tokio::time::timeout(config.drain_timeout, drain.finish()).await {
         Ok(()) => tracing::info!("drained: every in-flight call finished"),
         Err(_) => {
             tracing::warn!(timeout = ?config.drain_timeout, "drain timed out; closing the remaining calls")
@@ -159,38 +160,87 @@ pub async fn run(
     if let Some(server) = health_server {
         let _ = server.await;
     }
+    let _ = admin_stop.send(());
+    if let Some(server) = admin_server {
+        // Admin calls are short; whatever is still open when the replica exits is cut.
+        if let Ok(drain) = server.await {
+            let _ = tokio::time::timeout(ADMIN_DRAIN, drain.finish()).await;
+        }
+    }
     Ok(())
 }
 
-fn reflection_v1() -> tonic_reflection::server::v1::ServerReflectionServer<
+/// The services the serving port's reflection advertises (the descriptor set also holds the admin
+/// service, which is not served there).
+const SERVING_SERVICES: &[&str] = &[USERGUIDE_SERVICE, "grpc.health.v1.Health"];
+/// The services the admin listener's reflection advertises.
+const ADMIN_SERVICES: &[&str] = &["meshlb.admin.v1.AdminService"];
+
+fn reflection(services: &[&str]) -> tonic_reflection::server::Builder<'static> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    for service in services {
+        builder = builder.with_service_name(*service);
+    }
+    builder
+}
+
+fn reflection_v1(
+    services: &[&str],
+) -> tonic_reflection::server::v1::ServerReflectionServer<
     impl tonic_reflection::server::v1::ServerReflection,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    reflection(services)
         .build_v1()
         .expect("the descriptor set is generated by build.rs and always valid")
 }
 
-fn reflection_v1alpha() -> tonic_reflection::server::v1alpha::ServerReflectionServer<
+fn reflection_v1alpha(
+    services: &[&str],
+) -> tonic_reflection::server::v1alpha::ServerReflectionServer<
     impl tonic_reflection::server::v1alpha::ServerReflection,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    reflection(services)
         .build_v1alpha()
         .expect("the descriptor set is generated by build.rs and always valid")
 }
 
 // === impl ByContentType ===
 
-/// Sends `application/grpc*` requests to the gRPC routes and everything else to REST, as
-/// grpc-gateway does, and stamps every response with the replica's id.
+/// How a request's content-type routes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `application/grpc`, `application/grpc+proto`, `application/grpc;...`.
+    Grpc,
+    /// Looks like gRPC but is not (gRPC-Web, `application/grpcfoo`): 415, as grpc-go answers.
+    Unsupported,
+    /// Everything else.
+    Rest,
+}
+
+fn kind_of(headers: &http::HeaderMap) -> Kind {
+    let Some(value) = headers.get(http::header::CONTENT_TYPE) else {
+        return Kind::Rest;
+    };
+    let value = value.as_bytes();
+    let Some(rest) = value.strip_prefix(b"application/grpc") else {
+        return Kind::Rest;
+    };
+    match rest.first() {
+        None | Some(b'+') | Some(b';') => Kind::Grpc,
+        Some(_) => Kind::Unsupported,
+    }
+}
+
+/// Sends gRPC requests to the gRPC routes and everything else to REST, as grpc-gateway does,
+/// applies each call's limits, and stamps every response with the replica's id.
 #[derive(Clone)]
 struct ByContentType {
     grpc: axum::Router,
     rest: axum::Router,
     id: HeaderValue,
+    max_call_duration: Option<std::time::Duration>,
 }
 
 impl<B> Service<Request<B>> for ByContentType
@@ -207,61 +257,115 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let is_grpc = req
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        let router = if is_grpc {
-            self.grpc.clone()
-        } else {
-            self.rest.clone()
-        };
         let id = self.id.clone();
-        let span = if is_grpc {
-            server_span(&req, &id)
-        } else {
-            tracing::Span::none()
+        // An absolute-form target (`GET http://evil/...`) asks a proxy to forward; this is not one.
+        if req.version() < http::Version::HTTP_2 && req.uri().authority().is_some() {
+            let response = rest::error_response(
+                http::StatusCode::BAD_REQUEST,
+                "INVALID_ARGUMENT",
+                "absolute-form request targets are not served: this server is not a proxy",
+            );
+            return Box::pin(async move { Ok(stamped(response, id)) });
+        }
+        match kind_of(req.headers()) {
+            Kind::Rest => {
+                let rest = self.rest.clone();
+                Box::pin(async move {
+                    let response = rest.oneshot(req.map(Body::new)).await?;
+                    Ok(stamped(response, id))
+                })
+            }
+            Kind::Unsupported => {
+                let content_type = req
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .unwrap_or_default();
+                let response = rest::error_response(
+                    http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "INVALID_ARGUMENT",
+                    &format!(
+                        "unsupported content-type {:?}: gRPC needs application/grpc (gRPC-Web is not served)",
+                        crate::grpc::bounded(&content_type, super::ECHO_LIMIT)
+                    ),
+                );
+                Box::pin(async move { Ok(stamped(response, id)) })
+            }
+            Kind::Grpc => self.call_grpc(req, id),
+        }
+    }
+}
+
+impl ByContentType {
+    fn call_grpc<B>(
+        &self,
+        req: Request<B>,
+        id: HeaderValue,
+    ) -> futures::future::BoxFuture<'static, Result<Response<Body>, Infallible>>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        let span = server_span(&req, &id);
+        let path = req.uri().path();
+        let limit = match call_limits::limit_of(path, req.headers(), self.max_call_duration) {
+            Ok(limit) => limit,
+            Err(status) => {
+                let response = status.into_http::<Body>();
+                return Box::pin(async move { Ok(finish_grpc(response, &span, id)) });
+            }
         };
-        // The caller's deadline bounds the handler, as tonic's own server does: past it, the
-        // caller has given up and the work is wasted.
-        let deadline = if is_grpc {
-            crate::grpc::timeout(req.headers())
+        let req = if call_limits::single_message(path) {
+            req.map(|b| Body::new(call_limits::OneMessage::new(b)))
         } else {
-            None
+            req.map(Body::new)
         };
+        let router = self.grpc.clone();
+        let start = tokio::time::Instant::now();
         Box::pin(async move {
-            let call = router.oneshot(req.map(Body::new)).instrument(span.clone());
-            let mut response = match deadline {
+            let call = router.oneshot(req).instrument(span.clone());
+            // The call's limit bounds the handler, as tonic's own server does: past it, the caller
+            // has given up (or the replica has) and the work is wasted.
+            let response = match limit {
                 None => call.await?,
-                Some(limit) => match tokio::time::timeout(limit, call).await {
-                    Ok(response) => response?,
-                    Err(_) => tonic::Status::deadline_exceeded(format!(
-                        "the caller's deadline ({limit:?}, grpc-timeout) passed in the replica"
-                    ))
-                    .into_http::<Body>(),
+                Some(limit) => match tokio::time::timeout(limit.duration(), call).await {
+                    Ok(response) => {
+                        response?.map(|b| Body::new(call_limits::Bounded::new(b, start, limit)))
+                    }
+                    Err(_) => limit.exceeded().into_http::<Body>(),
                 },
             };
-            if is_grpc {
-                too_large_is_resource_exhausted(&mut response);
-                let code = tonic::Status::from_header_map(response.headers())
-                    .map_or(tonic::Code::Ok, |s| s.code());
-                span.record("rpc.grpc.status_code", code as i32);
-                if matches!(
-                    code,
-                    tonic::Code::Unknown
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Unimplemented
-                        | tonic::Code::Internal
-                        | tonic::Code::Unavailable
-                        | tonic::Code::DataLoss
-                ) {
-                    span.record("otel.status_code", "ERROR");
-                }
-            }
-            response.headers_mut().insert("x-replica-id", id);
-            Ok(response)
+            Ok(finish_grpc(response, &span, id))
         })
     }
+}
+
+fn stamped(mut response: Response<Body>, id: HeaderValue) -> Response<Body> {
+    response.headers_mut().insert("x-replica-id", id);
+    response
+}
+
+fn finish_grpc(
+    mut response: Response<Body>,
+    span: &tracing::Span,
+    id: HeaderValue,
+) -> Response<Body> {
+    too_large_is_resource_exhausted(&mut response);
+    let code =
+        tonic::Status::from_header_map(response.headers()).map_or(tonic::Code::Ok, |s| s.code());
+    span.record("rpc.grpc.status_code", code as i32);
+    if matches!(
+        code,
+        tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unimplemented
+            | tonic::Code::Internal
+            | tonic::Code::Unavailable
+            | tonic::Code::DataLoss
+    ) {
+        span.record("otel.status_code", "ERROR");
+    }
+    stamped(response, id)
 }
 
 /// The server span of one gRPC call, continuing the caller's trace. Health checks get none: every

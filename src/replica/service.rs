@@ -1,13 +1,11 @@
-//! The `UserGuideService` and `AdminService` implementations. Both the gRPC handlers and the REST
-//! routes go through [`UserGuide`], so the two faces of a replica answer the same way.
+//! The `UserGuideService` implementation. Both the gRPC handlers and the REST routes go through
+//! [`UserGuide`], so the two faces of a replica answer the same way.
 
 use super::data::{LookupError, UserRecord, Users};
-use super::faults::{FaultConfig, Faults, Injected};
-use crate::proto::admin::v1 as admin;
+use super::faults::{Faults, Injected};
 use crate::proto::userguide::v1 as pb;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -129,85 +127,5 @@ impl pb::user_guide_service_server::UserGuideService for UserGuide {
             })
         }));
         Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-// === impl Admin ===
-
-/// The admin service: reads and changes the fault knobs and the reported health.
-#[derive(Clone)]
-pub struct Admin {
-    faults: Faults,
-    health: tonic_health::server::HealthReporter,
-}
-
-impl Admin {
-    /// An admin service over these knobs and this health reporter.
-    pub fn new(faults: Faults, health: tonic_health::server::HealthReporter) -> Self {
-        Self { faults, health }
-    }
-}
-
-fn to_wire(c: FaultConfig) -> admin::Faults {
-    admin::Faults {
-        latency_us: c.latency.as_micros().try_into().unwrap_or(u64::MAX),
-        jitter_us: c.jitter.as_micros().try_into().unwrap_or(u64::MAX),
-        fail_rate: c.fail_rate,
-    }
-}
-
-fn from_wire(f: admin::Faults) -> FaultConfig {
-    FaultConfig {
-        latency: Duration::from_micros(f.latency_us),
-        jitter: Duration::from_micros(f.jitter_us),
-        fail_rate: f.fail_rate,
-    }
-}
-
-#[tonic::async_trait]
-impl admin::admin_service_server::AdminService for Admin {
-    async fn set_faults(
-        &self,
-        request: Request<admin::SetFaultsRequest>,
-    ) -> Result<Response<admin::SetFaultsResponse>, Status> {
-        let wanted = from_wire(request.into_inner().faults.unwrap_or_default());
-        wanted.validate().map_err(Status::invalid_argument)?;
-        let previous = self.faults.set(wanted);
-        tracing::info!(latency = ?wanted.latency, jitter = ?wanted.jitter, fail_rate = wanted.fail_rate, "fault knobs changed");
-        Ok(Response::new(admin::SetFaultsResponse {
-            previous: Some(to_wire(previous)),
-        }))
-    }
-
-    async fn set_serving(
-        &self,
-        request: Request<admin::SetServingRequest>,
-    ) -> Result<Response<admin::SetServingResponse>, Status> {
-        let status = if request.into_inner().serving {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        for service in ["", crate::proto::USERGUIDE_SERVICE] {
-            self.health.set_service_status(service, status).await;
-        }
-        tracing::info!(?status, "reported health changed by the admin service");
-        Ok(Response::new(admin::SetServingResponse {}))
-    }
-
-    async fn get_faults(
-        &self,
-        _request: Request<admin::GetFaultsRequest>,
-    ) -> Result<Response<admin::GetFaultsResponse>, Status> {
-        Ok(Response::new(admin::GetFaultsResponse {
-            faults: Some(to_wire(self.faults.get())),
-        }))
-    }
-}
-
-/// Builds the wire form of fault knobs, for admin clients.
-pub fn faults_request(config: FaultConfig) -> admin::SetFaultsRequest {
-    admin::SetFaultsRequest {
-        faults: Some(to_wire(config)),
     }
 }

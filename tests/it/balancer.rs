@@ -90,7 +90,7 @@ async fn slow_replica_gets_a_small_share_and_recovers_when_fixed() {
     )
     .await;
 
-    set_faults(slow.addr, FaultConfig::default()).await;
+    set_faults(slow.admin, FaultConfig::default()).await;
     eventually("the fixed replica gets its share back", || async {
         let window = drive(&lb, 90, 6).await;
         (window.share(&slow.id) > 0.15).then_some(())
@@ -107,7 +107,7 @@ async fn not_serving_replica_gets_no_calls_until_it_serves_again() {
         .await
         .unwrap();
     let sick = &replicas[1];
-    set_serving(sick.addr, false).await;
+    set_serving(sick.admin, false).await;
     eventually("the gate shuts", || async {
         (state_of(&lb, sick.addr) == Some(EndpointState::Unhealthy)).then_some(())
     })
@@ -116,7 +116,7 @@ async fn not_serving_replica_gets_no_calls_until_it_serves_again() {
     assert!(tally.errors.is_empty(), "{:?}", tally.errors);
     assert_eq!(tally.of(&sick.id), 0, "{:?}", tally.by_replica);
 
-    set_serving(sick.addr, true).await;
+    set_serving(sick.admin, true).await;
     eventually("calls come back", || async {
         (drive(&lb, 60, 6).await.of(&sick.id) > 0).then_some(())
     })
@@ -257,7 +257,7 @@ async fn all_unhealthy_fails_fast_with_the_reason() {
         .await
         .unwrap();
     for r in &replicas {
-        set_serving(r.addr, false).await;
+        set_serving(r.admin, false).await;
     }
     eventually("every gate shuts", || async {
         all_in(&lb, EndpointState::Unhealthy).then_some(())
@@ -276,7 +276,7 @@ async fn all_unhealthy_fails_fast_with_the_reason() {
         );
     }
     // A recovered replica ends fail-fast.
-    set_serving(replicas[2].addr, true).await;
+    set_serving(replicas[2].admin, true).await;
     eventually("calls succeed again", || async {
         drive(&lb, 3, 3).await.errors.is_empty().then_some(())
     })

@@ -172,16 +172,17 @@ async fn reflection_lists_services() {
         panic!("unexpected reflection answer {response:?}");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    for wanted in [
-        "userguide.v1.UserGuideService",
-        "grpc.health.v1.Health",
-        "meshlb.admin.v1.AdminService",
-    ] {
+    for wanted in ["userguide.v1.UserGuideService", "grpc.health.v1.Health"] {
         assert!(
             names.iter().any(|n| n == wanted),
             "{wanted} missing in {names:?}"
         );
     }
+    // The admin service lives on the admin listener only, and is not advertised here.
+    assert!(
+        !names.iter().any(|n| n.contains("admin")),
+        "admin advertised on the serving port: {names:?}"
+    );
     r.stop().await;
 }
 
@@ -190,11 +191,17 @@ async fn admin_changes_faults_at_run_time() {
     use meshlb::proto::admin::v1::{admin_service_client::AdminServiceClient, GetFaultsRequest};
     let r = Replica::start("127.0.0.1", "r-admin", FaultConfig::default()).await;
     let ch = channel(&r).await;
-    let mut admin = AdminServiceClient::new(ch.clone());
-    let mut client = UserGuideServiceClient::new(ch);
+    let mut admin = crate::support::admin(r.admin).await;
+    let mut client = UserGuideServiceClient::new(ch.clone());
+    // Not on the serving port: whoever can call the service cannot reconfigure the replica.
+    let on_serving_port = AdminServiceClient::new(ch)
+        .get_faults(GetFaultsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(on_serving_port.code(), Code::Unimplemented);
     assert!(client.get_point(get_point("amy", 24)).await.is_ok());
 
-    let request = meshlb::replica::service::faults_request(FaultConfig {
+    let request = meshlb::replica::admin::faults_request(FaultConfig {
         fail_rate: 1.0,
         ..Default::default()
     });
@@ -208,7 +215,7 @@ async fn admin_changes_faults_at_run_time() {
         .into_inner();
     assert_eq!(now.faults.unwrap().fail_rate, 1.0);
 
-    let bad = meshlb::replica::service::faults_request(FaultConfig {
+    let bad = meshlb::replica::admin::faults_request(FaultConfig {
         fail_rate: 2.0,
         ..Default::default()
     });
@@ -216,6 +223,14 @@ async fn admin_changes_faults_at_run_time() {
         admin.set_faults(bad).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    // A latency of 10^15 µs would hang calls for decades: refused, naming the bound.
+    let huge = meshlb::replica::admin::faults_request(FaultConfig {
+        latency: std::time::Duration::from_micros(1_000_000_000_000_000),
+        ..Default::default()
+    });
+    let err = admin.set_faults(huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("at most 10m"), "{}", err.message());
     r.stop().await;
 }
 

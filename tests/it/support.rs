@@ -39,6 +39,8 @@ where
 /// A replica running in this process.
 pub struct Replica {
     pub addr: SocketAddr,
+    /// Its admin listener (same IP, a free port).
+    pub admin: SocketAddr,
     pub id: String,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), replica::ReplicaError>>>,
@@ -62,13 +64,22 @@ impl Replica {
             .await
             .expect("bind loopback");
         let addr = listener.local_addr().unwrap();
+        let admin = tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0))
+            .await
+            .expect("bind the admin listener");
+        let admin_addr = admin.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let id = config.id.clone();
-        let task = tokio::spawn(replica::run(listener, config, async {
+        let listeners = replica::Listeners {
+            serving: listener,
+            admin: Some(admin),
+        };
+        let task = tokio::spawn(replica::run(listeners, config, async {
             let _ = rx.await;
         }));
         Self {
             addr,
+            admin: admin_addr,
             id,
             shutdown: Some(tx),
             task: Some(task),
@@ -108,6 +119,8 @@ impl Replica {
 pub struct Process {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Its admin listener, unless started with `--admin-listen none`.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Process {
@@ -135,17 +148,28 @@ impl Process {
             .spawn()
             .expect("spawn meshlb replica");
         let stdout = child.stdout.take().unwrap();
+        let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("first line");
+        stdout.read_line(&mut line).expect("first line");
         let addr = line
             .trim()
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .expect("address");
-        Self { child, addr }
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("second line");
+        let admin = match line.trim() {
+            "admin off" => None,
+            other => Some(
+                other
+                    .strip_prefix("admin on ")
+                    .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+                    .parse()
+                    .expect("admin address"),
+            ),
+        };
+        Self { child, addr, admin }
     }
 
     pub fn signal(&self, signal: i32) {
@@ -250,7 +274,8 @@ pub async fn drive(lb: &meshlb::Balancer, calls: usize, concurrency: usize) -> T
     tally
 }
 
-async fn admin(
+/// A client of the admin listener at `addr` (a replica's `admin`, not its serving address).
+pub async fn admin(
     addr: SocketAddr,
 ) -> meshlb::proto::admin::v1::admin_service_client::AdminServiceClient<tonic::transport::Channel> {
     let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
@@ -261,16 +286,16 @@ async fn admin(
     meshlb::proto::admin::v1::admin_service_client::AdminServiceClient::new(ch)
 }
 
-/// Changes a replica's fault knobs at run time.
+/// Changes a replica's fault knobs at run time, through its admin listener at `addr`.
 pub async fn set_faults(addr: SocketAddr, faults: FaultConfig) {
     admin(addr)
         .await
-        .set_faults(meshlb::replica::service::faults_request(faults))
+        .set_faults(meshlb::replica::admin::faults_request(faults))
         .await
         .expect("set faults");
 }
 
-/// Makes a replica report SERVING or NOT_SERVING.
+/// Makes a replica report SERVING or NOT_SERVING, through its admin listener at `addr`.
 pub async fn set_serving(addr: SocketAddr, serving: bool) {
     admin(addr)
         .await
