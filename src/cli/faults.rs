@@ -43,7 +43,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         addr: args.addr,
         tls,
     };
-    let fail = |s: tonic::Status| anyhow::anyhow!("{}: {}", args.addr, s.message());
+    let fail = |s: tonic::Status| {
+        let hint = if s.code() == tonic::Code::Unimplemented {
+            " (no admin service there: --addr takes the replica's admin address, its `admin on` line, not its serving port)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!(
+            "{}: {} {}{hint}",
+            args.addr,
+            crate::grpc::code_name(s.code()),
+            s.message()
+        )
+    };
     let mut faults = admin.get_faults().await.map_err(fail)?;
     let changes = args.latency.is_some() || args.jitter.is_some() || args.fail_rate.is_some();
     if changes {

@@ -4,6 +4,7 @@ mod balancer;
 mod cli;
 mod dns;
 mod dns_server;
+mod hardening;
 mod manifests;
 mod replica;
 mod support;

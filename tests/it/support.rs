@@ -134,9 +134,7 @@ impl Process {
 
     pub fn spawn_with(listen: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
-        configure(&mut cmd);
-        let mut child = cmd
-            .arg("replica")
+        cmd.arg("replica")
             .args(["--listen", listen])
             .args([
                 "--data",
@@ -144,9 +142,10 @@ impl Process {
             ])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn meshlb replica");
+            .stderr(Stdio::null());
+        // Last, so a test can send stderr somewhere or change the environment.
+        configure(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn meshlb replica");
         let stdout = child.stdout.take().unwrap();
         let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
