@@ -434,10 +434,7 @@ async fn start_one(
             &humantime::format_duration(member.faults.jitter).to_string(),
         ])
         .args(["--fail-rate", &member.faults.fail_rate.to_string()])
-        .args([
-            "--admin-listen",
-            &SocketAddr::new(member.listen.ip(), 0).to_string(),
-        ])
+        .args(["--admin-listen", &admin_listen(member.listen).to_string()])
         .args(upstream.map(|u| ["--upstream", u]).into_iter().flatten())
         .arg("--data")
         .arg(&launch.data)
@@ -530,6 +527,25 @@ pub async fn health_of(
     ServingStatus::try_from(response.into_inner().status).ok()
 }
 
+/// How far above its serving port a fleet replica's admin listener is: fixed ports give fixed
+/// admin ports (50053 -> 51053), so `meshlb faults --addr` can be written down.
+pub const ADMIN_PORT_OFFSET: u16 = 1000;
+
+/// The admin listener of a replica serving on `listen`: on loopback always, at
+/// [`ADMIN_PORT_OFFSET`] above a fixed port, or on a free port.
+fn admin_listen(listen: SocketAddr) -> SocketAddr {
+    let ip = if listen.ip().is_loopback() {
+        listen.ip()
+    } else {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    };
+    let port = match listen.port() {
+        0 => 0,
+        p => p.checked_add(ADMIN_PORT_OFFSET).unwrap_or(0),
+    };
+    SocketAddr::new(ip, port)
+}
+
 fn parse_line(line: &str, prefix: &str) -> Option<SocketAddr> {
     line.trim().strip_prefix(prefix)?.parse().ok()
 }
@@ -548,6 +564,20 @@ mod tests {
         assert!(spec.members[..2]
             .iter()
             .all(|m| m.faults == FaultConfig::default()));
+    }
+
+    #[test]
+    fn admin_listeners_stay_on_loopback_beside_the_serving_port() {
+        assert_eq!(
+            admin_listen("127.0.0.3:50053".parse().unwrap()),
+            "127.0.0.3:51053".parse().unwrap()
+        );
+        assert_eq!(
+            admin_listen("0.0.0.0:50051".parse().unwrap()),
+            "127.0.0.1:51051".parse().unwrap()
+        );
+        assert_eq!(admin_listen("127.0.0.1:0".parse().unwrap()).port(), 0);
+        assert_eq!(admin_listen("127.0.0.1:65000".parse().unwrap()).port(), 0);
     }
 
     #[test]

@@ -93,6 +93,23 @@ fn replica_tiers_agree_with_the_binary() {
             "{file}: grace {grace:?} must exceed the drain {drain:?}"
         );
 
+        // The admin service is reachable only from inside the pod (kubectl exec / port-forward):
+        // loopback, and no port or Service names it.
+        let admin: std::net::SocketAddr = flag(&args, "--admin-listen").unwrap().parse().unwrap();
+        assert!(admin.ip().is_loopback(), "{file}: admin on {admin}");
+        let exposed = |ports: &Value| {
+            ports.as_sequence().into_iter().flatten().any(|p| {
+                [&p["containerPort"], &p["port"], &p["targetPort"]]
+                    .iter()
+                    .any(|v| v.as_u64() == Some(u64::from(admin.port())))
+            })
+        };
+        assert!(!exposed(&container["ports"]), "{file}: admin port exposed");
+        assert!(
+            !exposed(&service["spec"]["ports"]),
+            "{file}: admin port in the Service"
+        );
+
         let env = container["env"].as_sequence().unwrap();
         let id = env.iter().find(|e| e["name"] == "MESHLB_ID").unwrap();
         assert_eq!(id["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
@@ -193,6 +210,11 @@ fn the_tls_overlay_passes_flags_the_binary_accepts() {
                 probe,
                 Some(u64::from(health.port())),
                 "{file}: probes ask the plaintext health port"
+            );
+            assert_eq!(
+                flag(&args, "--admin-allow"),
+                Some(meshlb::tls::ADMIN_IDENTITY),
+                "{file}: under mTLS only the admin certificate may reconfigure a replica"
             );
         }
     }
