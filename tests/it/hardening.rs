@@ -11,6 +11,7 @@ use meshlb::admin_client::AdminAddr;
 use meshlb::proto::userguide::v1::{self as pb, user_guide_service_client::UserGuideServiceClient};
 use meshlb::replica::{Allow, ConnLimits, FaultConfig, ReplicaConfig};
 use prost::Message;
+use rustls_pki_types::pem::PemObject;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -551,4 +552,106 @@ async fn faults_changes_only_the_knobs_it_names() {
         err.to_lowercase().contains("unimplemented") || err.contains("not implemented"),
         "{err}"
     );
+}
+
+/// An HTTP/2 frame: 3-byte length, type, flags, stream id.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// A literal HPACK header with incremental indexing: a static-table name index (or 0 and the name).
+fn hpack(index: u8, name: &str, value: &str) -> Vec<u8> {
+    let mut h = vec![0x40 | index];
+    if index == 0 {
+        h.push(name.len() as u8);
+        h.extend(name.as_bytes());
+    }
+    h.push(value.len() as u8);
+    h.extend(value.as_bytes());
+    h
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_dropped() {
+    let mut config = ReplicaConfig::new("r-ping", support::users());
+    config.limits = ConnLimits {
+        keepalive_interval: Duration::from_millis(500),
+        keepalive_timeout: Duration::from_millis(500),
+        ..ConnLimits::default()
+    };
+    // No call bound: only keepalive can free this connection.
+    config.max_call_duration = None;
+    let r = Replica::start_with("127.0.0.1", config).await;
+    let mut stream = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+    block.extend(hpack(4, "", "/userguide.v1.UserGuideService/GetPoint"));
+    block.extend(hpack(1, "", "localhost"));
+    block.extend(hpack(31, "", "application/grpc"));
+    block.extend(hpack(0, "te", "trailers"));
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+    hello.extend(h2_frame(0x1, 0x4, 1, &block)); // HEADERS, END_HEADERS, the stream stays open
+    stream.write_all(&hello).await.unwrap();
+    // From here on the peer reads but never answers: its PINGs go unanswered.
+    tokio::time::timeout(DEADLINE, closed_by_peer(&mut stream))
+        .await
+        .expect("the replica drops a peer that does not answer its pings");
+    assert!(served(r.addr).await);
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn tls_connections_that_never_speak_are_closed() {
+    use tokio_rustls::rustls;
+    let dir = std::env::temp_dir().join(format!("meshlb-tls-silent-{}", std::process::id()));
+    let certs = meshlb::tls::write_certs(&dir, &["127.0.0.1".into()]).unwrap();
+    let server = meshlb::tls::ServerTls {
+        cert: certs.server_cert.clone(),
+        key: certs.server_key.clone(),
+        client_ca: None,
+    };
+    let mut config = ReplicaConfig::new("r-tls-silent", support::users());
+    config.tls = Some(server.config().unwrap());
+    config.limits = quick_limits();
+    let r = Replica::start_with("127.0.0.1", config).await;
+
+    // Silent before the handshake.
+    let mut raw = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    // Silent after a completed handshake.
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(&certs.ca).unwrap();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+
+    let both = async {
+        assert!(closed_by_peer(&mut raw).await);
+        let mut buf = [0u8; 256];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, both)
+        .await
+        .expect("both silent TLS connections are closed");
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
 }
