@@ -104,6 +104,10 @@ pub struct Args {
     /// excepted); past it the call ends with DEADLINE_EXCEEDED. `0s`: unbounded.
     #[arg(long, env = "MESHLB_MAX_CALL_DURATION", value_parser = humantime::parse_duration, default_value = "5m")]
     max_call_duration: Duration,
+    /// gRPC calls beyond this many at once are shed at once with RESOURCE_EXHAUSTED and a
+    /// grpc-retry-pushback-ms trailer (health calls never are); 0: no limit.
+    #[arg(long, env = "MESHLB_MAX_CONCURRENT_CALLS", default_value_t = replica::DEFAULT_MAX_CONCURRENT_CALLS)]
+    max_concurrent_calls: usize,
 }
 
 /// `--admin-listen`: an address, or no admin service.
@@ -217,6 +221,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         keepalive_timeout: args.keepalive_timeout,
     };
     config.max_call_duration = Some(args.max_call_duration).filter(|d| !d.is_zero());
+    config.max_concurrent_calls = args.max_concurrent_calls;
     if let Some(target) = &args.upstream {
         let tls = args
             .upstream_tls_ca

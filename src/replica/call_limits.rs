@@ -16,8 +16,9 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tonic::Status;
 
-/// Health watches stream for as long as the client wants: the maximum call duration does not apply.
-const UNBOUNDED_PATHS: &[&str] = &["/grpc.health.v1.Health/Watch"];
+/// Health watches stream for as long as the client wants: the maximum call duration does not apply
+/// to their answers (it still bounds the wait for their request, so an unfinished one is not held).
+const UNBOUNDED_STREAMS: &[&str] = &["/grpc.health.v1.Health/Watch"];
 
 /// Client- and bidi-streaming methods served on the replica; every other method takes exactly one
 /// request message.
@@ -54,20 +55,33 @@ impl Limit {
     }
 }
 
-/// The limit of a call to `path` with these headers; an error for a malformed `grpc-timeout`
+/// How long each part of a call may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Until the answer's headers: the request arrives and the handler runs.
+    pub headers: Option<Limit>,
+    /// The whole call, the answer's stream included.
+    pub body: Option<Limit>,
+}
+
+/// The bounds of a call to `path` with these headers; an error for a malformed `grpc-timeout`
 /// (answered with `INTERNAL`, as grpc-go does).
-pub fn limit_of(
+pub fn bounds_of(
     path: &str,
     headers: &HeaderMap,
     max_call_duration: Option<Duration>,
-) -> Result<Option<Limit>, Status> {
+) -> Result<Bounds, Status> {
     let caller = crate::grpc::timeout(headers).map_err(|e| Status::internal(e.to_string()))?;
-    let replica = max_call_duration.filter(|_| !UNBOUNDED_PATHS.contains(&path));
-    Ok(match (caller, replica) {
+    let shorter = |replica: Option<Duration>| match (caller, replica) {
         (Some(c), Some(r)) if r < c => Some(Limit::Replica(r)),
         (Some(c), _) => Some(Limit::Caller(c)),
         (None, Some(r)) => Some(Limit::Replica(r)),
         (None, None) => None,
+    };
+    let streams_forever = UNBOUNDED_STREAMS.contains(&path);
+    Ok(Bounds {
+        headers: shorter(max_call_duration),
+        body: shorter(max_call_duration.filter(|_| !streams_forever)),
     })
 }
 
@@ -299,30 +313,26 @@ mod tests {
     }
 
     #[test]
-    fn the_shorter_limit_wins_and_watch_is_unbounded() {
+    fn the_shorter_limit_wins_and_watch_answers_are_unbounded() {
         let mut h = HeaderMap::new();
         let max = Some(Duration::from_secs(60));
-        assert_eq!(
-            limit_of("/a.B/C", &h, max).unwrap(),
-            (Some(Limit::Replica(Duration::from_secs(60))))
-        );
-        assert_eq!(
-            limit_of("/grpc.health.v1.Health/Watch", &h, max).unwrap(),
-            None
-        );
+        let replica = Some(Limit::Replica(Duration::from_secs(60)));
+        let b = bounds_of("/a.B/C", &h, max).unwrap();
+        assert_eq!((b.headers, b.body), (replica, replica));
+        // A watch streams forever, but its request must still arrive.
+        let w = bounds_of("/grpc.health.v1.Health/Watch", &h, max).unwrap();
+        assert_eq!((w.headers, w.body), (replica, None));
         h.insert("grpc-timeout", "2S".parse().unwrap());
-        assert_eq!(
-            limit_of("/a.B/C", &h, max).unwrap(),
-            (Some(Limit::Caller(Duration::from_secs(2))))
-        );
+        let caller = Some(Limit::Caller(Duration::from_secs(2)));
+        let b = bounds_of("/a.B/C", &h, max).unwrap();
+        assert_eq!((b.headers, b.body), (caller, caller));
+        let w = bounds_of("/grpc.health.v1.Health/Watch", &h, max).unwrap();
+        assert_eq!(w.body, caller);
         h.insert("grpc-timeout", "2H".parse().unwrap());
-        assert_eq!(
-            limit_of("/a.B/C", &h, max).unwrap(),
-            (Some(Limit::Replica(Duration::from_secs(60))))
-        );
+        assert_eq!(bounds_of("/a.B/C", &h, max).unwrap().body, replica);
         h.insert("grpc-timeout", "1.5S".parse().unwrap());
         assert_eq!(
-            limit_of("/a.B/C", &h, max).unwrap_err().code(),
+            bounds_of("/a.B/C", &h, max).unwrap_err().code(),
             tonic::Code::Internal
         );
         assert!(single_message("/userguide.v1.UserGuideService/GetPoint"));

@@ -413,25 +413,28 @@ where
         let future = self.inner.call(req);
         Box::pin(async move {
             let response = future.await?;
-            Ok(response.map(|body| {
-                Body::new(GuardedBody {
-                    inner: body,
-                    _guard: guard,
-                })
-            }))
+            Ok(response.map(|body| Body::new(Holding::new(body, guard))))
         })
     }
 }
 
 pin_project_lite::pin_project! {
-    struct GuardedBody {
+    /// A response body that holds `guard` until the body is done or dropped (a stream reset).
+    pub struct Holding<G> {
         #[pin]
         inner: Body,
-        _guard: OpenGuard,
+        guard: G,
     }
 }
 
-impl http_body::Body for GuardedBody {
+impl<G> Holding<G> {
+    /// `inner`, holding `guard`.
+    pub fn new(inner: Body, guard: G) -> Self {
+        Self { inner, guard }
+    }
+}
+
+impl<G> http_body::Body for Holding<G> {
     type Data = Bytes;
     type Error = axum::Error;
 

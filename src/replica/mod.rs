@@ -3,7 +3,7 @@
 //! drains gracefully. It knows nothing of the client side: no discovery, no balancing.
 //!
 //! ```text
-//!  serving port ──> conn (limits, timeouts) ──> route by content-type ──┬─ application/grpc ─> call limits ─> tonic routes
+//!  serving port ──> conn (limits, timeouts) ──> route by content-type ──┬─ application/grpc ─> shed, call limits ─> tonic routes
 //!                                                                       │    UserGuide, Health, Reflection
 //!                                                                       └─ anything else ───> REST routes
 //!  admin port (loopback; mTLS allow list) ──> conn ──> AdminService, Reflection
@@ -22,6 +22,7 @@ pub mod faults;
 pub mod rest;
 mod server;
 pub mod service;
+pub mod shed;
 
 pub use admin::Allow;
 pub use conn::ConnLimits;
@@ -35,6 +36,10 @@ pub use service::UserGuide;
 pub const ECHO_LIMIT: usize = 128;
 
 use std::time::Duration;
+
+/// The default limit on concurrent gRPC calls: with 64 KiB messages, callers can make a replica
+/// hold at most about 64 MiB of request data.
+pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 1000;
 
 /// The default bound on a call's duration.
 pub const DEFAULT_MAX_CALL_DURATION: Duration = Duration::from_secs(300);
@@ -67,6 +72,9 @@ pub struct ReplicaConfig {
     /// The longest a call may run when its caller sets no shorter `grpc-timeout` (health
     /// watches excepted); `None`: unbounded.
     pub max_call_duration: Option<Duration>,
+    /// gRPC calls beyond this many at once are shed with `RESOURCE_EXHAUSTED` and a pushback
+    /// (health calls never are); 0: no limit.
+    pub max_concurrent_calls: usize,
 }
 
 /// A GetPoint answered elsewhere: `(name, age) -> points`. The replica only calls it; whoever
@@ -94,6 +102,7 @@ impl ReplicaConfig {
             admin_allow: Allow::default(),
             limits: ConnLimits::default(),
             max_call_duration: Some(DEFAULT_MAX_CALL_DURATION),
+            max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
         }
     }
 }
@@ -110,6 +119,7 @@ impl std::fmt::Debug for ReplicaConfig {
             .field("admin_allow", &self.admin_allow)
             .field("limits", &self.limits)
             .field("max_call_duration", &self.max_call_duration)
+            .field("max_concurrent_calls", &self.max_concurrent_calls)
             .finish()
     }
 }

@@ -4,7 +4,7 @@
 
 use super::admin::{self, Admin};
 use super::service::UserGuide;
-use super::{call_limits, conn, rest, Faults, ReplicaConfig, ReplicaError};
+use super::{call_limits, conn, rest, shed, Faults, ReplicaConfig, ReplicaError};
 use crate::proto::admin::v1::admin_service_server::AdminServiceServer;
 use crate::proto::userguide::v1::user_guide_service_server::UserGuideServiceServer;
 use crate::proto::{FILE_DESCRIPTOR_SET, USERGUIDE_SERVICE};
@@ -120,6 +120,7 @@ pub async fn run(
         rest: rest::router(userguide),
         id,
         max_call_duration: config.max_call_duration,
+        shed: shed::Shed::new(config.max_concurrent_calls),
     };
 
     let addr = serving.local_addr()?;
@@ -241,6 +242,7 @@ struct ByContentType {
     rest: axum::Router,
     id: HeaderValue,
     max_call_duration: Option<std::time::Duration>,
+    shed: shed::Shed,
 }
 
 impl<B> Service<Request<B>> for ByContentType
@@ -308,10 +310,17 @@ impl ByContentType {
     {
         let span = server_span(&req, &id);
         let path = req.uri().path();
-        let limit = match call_limits::limit_of(path, req.headers(), self.max_call_duration) {
-            Ok(limit) => limit,
+        let bounds = match call_limits::bounds_of(path, req.headers(), self.max_call_duration) {
+            Ok(bounds) => bounds,
             Err(status) => {
                 let response = status.into_http::<Body>();
+                return Box::pin(async move { Ok(finish_grpc(response, &span, id)) });
+            }
+        };
+        let permit = match self.shed.admit(path) {
+            Ok(permit) => permit,
+            Err(overloaded) => {
+                let response = overloaded.into_response();
                 return Box::pin(async move { Ok(finish_grpc(response, &span, id)) });
             }
         };
@@ -326,14 +335,22 @@ impl ByContentType {
             let call = router.oneshot(req).instrument(span.clone());
             // The call's limit bounds the handler, as tonic's own server does: past it, the caller
             // has given up (or the replica has) and the work is wasted.
-            let response = match limit {
+            let response = match bounds.headers {
                 None => call.await?,
                 Some(limit) => match tokio::time::timeout(limit.duration(), call).await {
-                    Ok(response) => {
-                        response?.map(|b| Body::new(call_limits::Bounded::new(b, start, limit)))
-                    }
+                    Ok(response) => response?,
                     Err(_) => limit.exceeded().into_http::<Body>(),
                 },
+            };
+            let response = match bounds.body {
+                None => response,
+                Some(limit) => {
+                    response.map(|b| Body::new(call_limits::Bounded::new(b, start, limit)))
+                }
+            };
+            let response = match permit {
+                None => response,
+                Some(permit) => response.map(|b| Body::new(conn::Holding::new(b, permit))),
             };
             Ok(finish_grpc(response, &span, id))
         })

@@ -257,15 +257,19 @@ async fn an_idle_keepalive_connection_is_closed_after_the_idle_timeout() {
     r.stop().await;
 }
 
-#[tokio::test]
-async fn a_stream_never_finished_ends_at_the_maximum_call_duration() {
-    use http_body_util::StreamBody;
-    let r = tight("r-unfinished", ConnLimits::default()).await;
-    let client: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
-    // Half a message, then nothing: the request body never ends.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(1);
+type Unfinished = http_body_util::StreamBody<
+    tokio_stream::wrappers::ReceiverStream<Result<http_body::Frame<Bytes>, std::io::Error>>,
+>;
+
+/// A gRPC request to `path` whose body starts a message and never ends; keep the sender alive.
+async fn unfinished(
+    addr: SocketAddr,
+    path: &str,
+) -> (
+    http::Request<Unfinished>,
+    tokio::sync::mpsc::Sender<Result<http_body::Frame<Bytes>, std::io::Error>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(Ok(http_body::Frame::data(Bytes::from_static(&[
         0, 0, 0, 0, 9,
     ]))))
@@ -273,27 +277,101 @@ async fn a_stream_never_finished_ends_at_the_maximum_call_duration() {
     .unwrap();
     let request = http::Request::builder()
         .method("POST")
-        .uri(format!(
-            "http://{}/userguide.v1.UserGuideService/GetPoint",
-            r.addr
-        ))
+        .uri(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .body(StreamBody::new(
+        .body(http_body_util::StreamBody::new(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         ))
         .unwrap();
-    let response = tokio::time::timeout(DEADLINE, client.request(request))
+    (request, tx)
+}
+
+#[tokio::test]
+async fn a_stream_never_finished_ends_at_the_maximum_call_duration() {
+    let r = tight("r-unfinished", ConnLimits::default()).await;
+    let client: Client<_, Unfinished> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    // A health watch streams for as long as its caller wants, but only once its request is in.
+    for path in [
+        "/userguide.v1.UserGuideService/GetPoint",
+        "/grpc.health.v1.Health/Watch",
+    ] {
+        let (request, tx) = unfinished(r.addr, path).await;
+        let response = tokio::time::timeout(DEADLINE, client.request(request))
+            .await
+            .expect("answered within the deadline")
+            .unwrap();
+        let status = tonic::Status::from_header_map(response.headers()).expect("a status");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{path}: {status:?}");
+        assert!(
+            status.message().contains("maximum call duration"),
+            "{status:?}"
+        );
+        drop(tx);
+    }
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn calls_beyond_the_limit_are_shed_with_pushback_and_health_still_answers() {
+    let mut config = ReplicaConfig::new("r-shed", support::users());
+    config.max_concurrent_calls = 2;
+    config.max_call_duration = None;
+    let r = Replica::start_with("127.0.0.1", config).await;
+    let client: Client<_, Unfinished> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    // Two calls that hold their permits: their requests never finish.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (request, tx) = unfinished(r.addr, "/userguide.v1.UserGuideService/GetPoint").await;
+        held.push((tokio::spawn(client.request(request)), tx));
+    }
+    let channel = tonic::transport::Endpoint::from_shared(r.url())
+        .unwrap()
+        .connect()
         .await
-        .expect("answered within the deadline")
         .unwrap();
-    let status = tonic::Status::from_header_map(response.headers()).expect("a status");
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(
-        status.message().contains("maximum call duration"),
-        "{status:?}"
+    let shed = eventually("a third call is shed", || {
+        let channel = channel.clone();
+        async move {
+            let err = UserGuideServiceClient::new(channel)
+                .get_point(get_point("amy", 24))
+                .await
+                .err()?;
+            (err.code() == Code::ResourceExhausted).then_some(err)
+        }
+    })
+    .await;
+    assert_eq!(
+        shed.metadata()
+            .get(meshlb::replica::shed::PUSHBACK_HEADER)
+            .and_then(|v| v.to_str().ok()),
+        Some("100"),
+        "{shed:?}"
     );
-    drop(tx);
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health is never shed");
+    assert_eq!(health.into_inner().status, 1);
+    // Permits come back when the held calls end.
+    for (call, tx) in held {
+        drop(tx);
+        let _ = call.await;
+    }
+    eventually("served again below the limit", || {
+        let channel = channel.clone();
+        async move {
+            UserGuideServiceClient::new(channel)
+                .get_point(get_point("amy", 24))
+                .await
+                .ok()
+        }
+    })
+    .await;
     r.stop().await;
 }
 

@@ -1,0 +1,100 @@
+//! Load shedding: at most N gRPC calls at once. A call beyond the limit is answered at once with
+//! `RESOURCE_EXHAUSTED` and a `grpc-retry-pushback-ms` trailer, instead of queueing behind the
+//! others (where it would wait, time out and be retried anyway). Health calls are never shed: an
+//! overloaded replica is busy, not unhealthy, and must not be ejected for it. The limit also
+//! bounds the memory that callers can make the replica hold (calls × the largest message).
+//!
+//! Why `RESOURCE_EXHAUSTED` and not `UNAVAILABLE`: gRPC's status-code guide lists
+//! RESOURCE_EXHAUSTED for a server out of resources, and it is in no default retry policy, so
+//! clients that retry UNAVAILABLE blindly do not multiply the load; clients that follow gRPC's
+//! retry design (A6) read the pushback and wait, and meshlb's balancer moves to another replica.
+//!
+//! Knows nothing of the services behind it.
+
+use axum::body::Body;
+use http::{HeaderValue, Response};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How long a shed caller is told to wait before retrying here.
+pub const PUSHBACK: Duration = Duration::from_millis(100);
+
+/// The trailer gRPC's retry design (A6) uses for server pushback.
+pub const PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
+
+/// Paths never shed.
+const NEVER_SHED: &str = "/grpc.health.v1.Health/";
+
+/// The replica's call limit.
+#[derive(Debug, Clone)]
+pub struct Shed {
+    permits: Option<Arc<Semaphore>>,
+    max: usize,
+}
+
+impl Shed {
+    /// At most `max` calls at once; 0: no limit.
+    pub fn new(max: usize) -> Self {
+        Self {
+            permits: (max > 0).then(|| Arc::new(Semaphore::new(max))),
+            max,
+        }
+    }
+
+    /// A permit for a call to `path`, held until its answer ends; `Err` when the replica is full.
+    pub fn admit(&self, path: &str) -> Result<Option<OwnedSemaphorePermit>, Overloaded> {
+        let Some(permits) = &self.permits else {
+            return Ok(None);
+        };
+        if path.starts_with(NEVER_SHED) {
+            return Ok(None);
+        }
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Some(permit)),
+            Err(_) => Err(Overloaded { max: self.max }),
+        }
+    }
+}
+
+/// A call shed because the replica is at its limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Overloaded {
+    max: usize,
+}
+
+impl Overloaded {
+    /// The answer: `RESOURCE_EXHAUSTED` with the pushback.
+    pub fn into_response(self) -> Response<Body> {
+        let status = tonic::Status::resource_exhausted(format!(
+            "the replica is at its limit of {} concurrent calls (--max-concurrent-calls); retry elsewhere or after the pushback",
+            self.max
+        ));
+        let mut response = status.into_http::<Body>();
+        response.headers_mut().insert(
+            PUSHBACK_HEADER,
+            HeaderValue::from(PUSHBACK.as_millis() as u64),
+        );
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sheds_beyond_the_limit_but_never_health() {
+        let shed = Shed::new(2);
+        let a = shed.admit("/a.B/C").unwrap();
+        let _b = shed.admit("/a.B/C").unwrap();
+        let refused = shed.admit("/a.B/C").unwrap_err().into_response();
+        let status = tonic::Status::from_header_map(refused.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(refused.headers()[PUSHBACK_HEADER], "100");
+        assert!(shed.admit("/grpc.health.v1.Health/Check").is_ok());
+        drop(a);
+        assert!(shed.admit("/a.B/C").is_ok());
+        assert!(Shed::new(0).admit("/a.B/C").unwrap().is_none());
+    }
+}
