@@ -1,6 +1,8 @@
 //! Load generation: drives `UserGuideService` calls through a [`crate::Balancer`] (closed loop at a fixed
 //! concurrency, or open loop at a fixed rate) and records what came back: latency histograms
-//! (HDR) overall and per replica, errors by status code. Knows nothing of how results are shown.
+//! (HDR) overall and per replica, errors by status code and why calls were `UNAVAILABLE`. A closed
+//! loop whose calls come back `UNAVAILABLE` backs off instead of spinning. Knows nothing of how
+//! results are shown.
 
 use crate::balance::{Attempts, ServedBy};
 use crate::proto::userguide::v1::{
@@ -74,7 +76,15 @@ pub struct Stats {
     pub latency: Histogram<u64>,
     /// Calls that ended with a status, by code name.
     pub errors: BTreeMap<&'static str, u64>,
+    /// `UNAVAILABLE` calls by message (why nothing could serve them), at most
+    /// [`MAX_REASONS`] distinct ones; the rest are counted under [`OTHER_REASONS`].
+    pub unavailable: BTreeMap<String, u64>,
 }
+
+/// How many distinct `UNAVAILABLE` reasons a run keeps.
+pub const MAX_REASONS: usize = 8;
+/// Where reasons beyond [`MAX_REASONS`] are counted.
+pub const OTHER_REASONS: &str = "(other reasons)";
 
 impl Default for Stats {
     fn default() -> Self {
@@ -83,6 +93,7 @@ impl Default for Stats {
             latency: Histogram::new_with_bounds(1, 3_600_000_000, 3)
                 .expect("constant histogram bounds are valid"),
             errors: BTreeMap::new(),
+            unavailable: BTreeMap::new(),
         }
     }
 }
@@ -95,8 +106,20 @@ impl Stats {
         self.latency.saturating_record(us);
     }
 
-    fn error(&mut self, code: Code) {
+    fn error(&mut self, code: Code, reason: Option<&str>) {
         *self.errors.entry(crate::grpc::code_name(code)).or_default() += 1;
+        if let Some(reason) = reason {
+            self.count_reason(reason, 1);
+        }
+    }
+
+    fn count_reason(&mut self, reason: &str, n: u64) {
+        let key = if self.unavailable.contains_key(reason) || self.unavailable.len() < MAX_REASONS {
+            reason
+        } else {
+            OTHER_REASONS
+        };
+        *self.unavailable.entry(key.to_owned()).or_default() += n;
     }
 
     fn merge(&mut self, other: &Stats) {
@@ -104,6 +127,9 @@ impl Stats {
         let _ = self.latency.add(&other.latency);
         for (code, n) in &other.errors {
             *self.errors.entry(code).or_default() += n;
+        }
+        for (reason, n) in &other.unavailable {
+            self.count_reason(reason, *n);
         }
     }
 
@@ -155,9 +181,10 @@ impl Recording {
                 }
             }
             Some(code) => {
-                self.total.error(code);
+                let reason = outcome.reason.as_deref();
+                self.total.error(code, reason);
                 if let Some(r) = replica {
-                    r.stats.error(code);
+                    r.stats.error(code, reason);
                 }
             }
         }
@@ -244,7 +271,15 @@ struct CallOutcome {
     replica: Option<String>,
     addr: Option<SocketAddr>,
     code: Option<Code>,
+    /// Why, for `UNAVAILABLE`.
+    reason: Option<String>,
     attempts: u32,
+}
+
+/// An `UNAVAILABLE` message as a reason: cut, so distinct details do not make distinct reasons
+/// without end.
+fn reason_of(status: &Status) -> Option<String> {
+    (status.code() == Code::Unavailable).then(|| crate::grpc::bounded(status.message(), 300))
 }
 
 const USERS: [(&str, i32); 5] = [
@@ -311,12 +346,14 @@ async fn one_call<T: Transport>(
         replica: replica_of(status.metadata()),
         addr: None,
         code: Some(status.code()),
+        reason: reason_of(&status),
         attempts: 1,
     };
     let served = |metadata: &tonic::metadata::MetadataMap, ext: &http::Extensions| CallOutcome {
         replica: replica_of(metadata),
         addr: ext.get::<ServedBy>().map(|s| s.0),
         code: None,
+        reason: None,
         attempts: ext.get::<Attempts>().map_or(1, |a| a.0),
     };
     if list {
@@ -336,6 +373,7 @@ async fn one_call<T: Transport>(
                 Ok(None) => return outcome,
                 Err(status) => {
                     outcome.code = Some(status.code());
+                    outcome.reason = reason_of(&status);
                     return outcome;
                 }
             }
@@ -382,7 +420,7 @@ pub async fn run<T: Transport>(
     };
     let work = async {
         match spec.rate {
-            None => closed_loop(lb, spec, &recorder, take_ticket).await,
+            None => closed_loop(lb, spec, &recorder, take_ticket, deadline).await,
             Some(rate) => open_loop(lb, spec, rate, &recorder, take_ticket).await,
         }
     };
@@ -398,6 +436,7 @@ async fn closed_loop<T: Transport>(
     spec: &LoadSpec,
     recorder: &Recorder,
     take_ticket: impl Fn() -> Option<u64> + Clone,
+    deadline: Option<Instant>,
 ) {
     let workers = (0..spec.concurrency.max(1)).map(|_| {
         let mut client = UserGuideServiceClient::new(lb.clone());
@@ -405,6 +444,7 @@ async fn closed_loop<T: Transport>(
         let recorder = recorder.clone();
         let kind = spec.call;
         async move {
+            let mut backoff = Backoff::default();
             while let Some(n) = take_ticket() {
                 recorder.started.fetch_add(1, Ordering::Relaxed);
                 let span = recorder.call_span(n);
@@ -414,10 +454,43 @@ async fn closed_loop<T: Transport>(
                     .await;
                 recorder.record(&outcome, sent.elapsed());
                 recorder.note_trace(&span);
+                // UNAVAILABLE: nothing could serve the call (the balancer failed fast, or every
+                // try failed on the connection). Calling again at once would only spin; wait as
+                // gRPC's wait-for-ready does, longer each time, until a call goes through.
+                match outcome.code {
+                    Some(Code::Unavailable) => {
+                        let pause = Instant::now() + backoff.next();
+                        tokio::time::sleep_until(deadline.map_or(pause, |d| d.min(pause))).await
+                    }
+                    _ => backoff.reset(),
+                }
             }
         }
     });
     futures::future::join_all(workers).await;
+}
+
+/// The closed loop's pause after an `UNAVAILABLE`: 10 ms doubling to 1 s, with jitter so that the
+/// workers do not return in lockstep.
+#[derive(Debug, Default)]
+struct Backoff {
+    next: Option<Duration>,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        use rand::Rng;
+        let base = self.next.map_or(BACKOFF_MIN, |d| (d * 2).min(BACKOFF_MAX));
+        self.next = Some(base);
+        base.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+
+    fn reset(&mut self) {
+        self.next = None;
+    }
 }
 
 async fn open_loop<T: Transport>(

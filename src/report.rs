@@ -70,6 +70,9 @@ pub struct Report {
     pub ok: u64,
     /// Failed calls by gRPC code name.
     pub errors: BTreeMap<String, u64>,
+    /// `UNAVAILABLE` calls by reason (the status message).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unavailable_reasons: BTreeMap<String, u64>,
     /// Retries the balancer made.
     pub retries: u64,
     /// Hedged calls sent.
@@ -127,6 +130,7 @@ impl Report {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), *v))
                 .collect(),
+            unavailable_reasons: recording.total.unavailable.clone(),
             retries,
             hedges: 0,
             hedge_wins: 0,

@@ -33,12 +33,15 @@ pub struct FailFast<S> {
 }
 
 impl<S> FailFast<S> {
-    /// Wraps `inner`; `registry` explains why nothing is ready.
+    /// Wraps `inner`; `registry` explains why nothing is ready. The first wait is counted from
+    /// now, not from the first call: a caller that already waited for the balancer to become
+    /// ready (as `meshlb client` does) must not wait a second time. Must run inside a tokio
+    /// runtime.
     pub fn new(inner: S, wait: Duration, registry: Arc<Registry>) -> Self {
         Self {
             inner,
             wait,
-            timer: None,
+            timer: Some(Box::pin(tokio::time::sleep(wait))),
             failing: false,
             registry,
         }
@@ -74,7 +77,7 @@ where
                 }
                 self.timer = None;
                 self.failing = true;
-                tracing::warn!(target_name = %self.registry.target(), reason = %self.registry.why_unavailable(), "failing fast");
+                tracing::info!(target_name = %self.registry.target(), reason = %self.registry.why_unavailable(), "failing fast");
                 Poll::Ready(Ok(()))
             }
         }

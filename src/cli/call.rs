@@ -16,8 +16,8 @@ pub struct Args {
     /// Where the replicas are (same syntax as `client --target`).
     #[arg(long, env = "MESHLB_TARGET")]
     target: String,
-    /// Deadline of the call.
-    #[arg(long, env = "MESHLB_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    /// Deadline of the whole command (waiting for a ready endpoint included).
+    #[arg(long, env = "MESHLB_TIMEOUT", value_parser = super::positive_duration, default_value = "5s")]
     timeout: Duration,
     #[command(flatten)]
     tls: super::client::TlsArgs,
@@ -52,7 +52,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         crate::proto::USERGUIDE_SERVICE,
         &args.tls,
     )?;
+    // One deadline for the whole command: the wait for a ready endpoint counts against it.
+    let deadline = tokio::time::Instant::now() + args.timeout;
     lb.wait_ready(args.timeout).await;
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     let mut client = UserGuideServiceClient::new(lb);
     let served = |metadata: &tonic::metadata::MetadataMap, ext: &http::Extensions| {
         let id = metadata
@@ -67,9 +70,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let result = match args.method {
         Method::GetPoint { name, age } => {
-            let request = GetPointRequest {
+            let mut request = tonic::Request::new(GetPointRequest {
                 profile: Some(Profile { age, name }),
-            };
+            });
+            request.set_timeout(left());
             client.get_point(request).await.map(|r| {
                 let by = served(r.metadata(), r.extensions());
                 let value = r.into_inner().point.map_or(0, |p| p.value);
@@ -78,9 +82,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             })
         }
         Method::ListUsers { points } => {
-            let request = ListUsersRequest {
+            let mut request = tonic::Request::new(ListUsersRequest {
                 point: Some(Point { value: points }),
-            };
+            });
+            request.set_timeout(left());
             match client.list_users(request).await {
                 Ok(response) => {
                     let by = served(response.metadata(), response.extensions());

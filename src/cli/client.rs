@@ -11,6 +11,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// The fastest open loop: one call per microsecond, the resolution of its ticker.
+const MAX_RATE: f64 = 1_000_000.0;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Table,
@@ -50,11 +53,11 @@ pub struct Args {
     /// Where the replicas are: dns:///host:port, dns://DNS_IP:PORT/host:port, ipv4:a:p,b:p, host:port.
     #[arg(long, env = "MESHLB_TARGET")]
     pub target: String,
-    /// Stop after this many calls (default 1000 unless --duration is given).
-    #[arg(long, env = "MESHLB_REQUESTS", conflicts_with = "duration")]
+    /// Stop after this many calls (default 1000 unless --duration or --watch is given).
+    #[arg(long, env = "MESHLB_REQUESTS", conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
     pub requests: Option<u64>,
     /// Stop after this long, e.g. `10s`.
-    #[arg(long, env = "MESHLB_DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESHLB_DURATION", value_parser = super::positive_duration)]
     pub duration: Option<Duration>,
     /// Calls in flight at once.
     #[arg(long, env = "MESHLB_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10000))]
@@ -69,7 +72,7 @@ pub struct Args {
     #[arg(long, env = "MESHLB_POLICY", default_value = "p2c")]
     pub policy: Policy,
     /// Deadline of each call.
-    #[arg(long, env = "MESHLB_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, env = "MESHLB_TIMEOUT", value_parser = super::positive_duration, default_value = "10s")]
     pub timeout: Duration,
     /// Output: a table, or one JSON object.
     #[arg(long, env = "MESHLB_FORMAT", value_enum, default_value = "table")]
@@ -94,9 +97,9 @@ pub struct Args {
 impl Args {
     fn spec(&self) -> Result<LoadSpec, UsageError> {
         if let Some(rate) = self.rate {
-            if !(rate > 0.0 && rate.is_finite()) {
+            if !(rate > 0.0 && rate <= MAX_RATE) {
                 return Err(UsageError(format!(
-                    "--rate must be a positive number, got {rate}"
+                    "--rate must be more than 0 and at most {MAX_RATE} calls/s, got {rate}"
                 )));
             }
         }
@@ -143,7 +146,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         &args.health_service,
         &args.tls,
     )?;
+    // Warm-up (connections, first health answers) stays out of the figures, but counts against
+    // --duration: a run of 10 s takes 10 s, even against a dead target.
+    let waited = tokio::time::Instant::now();
     lb.wait_ready(Duration::from_secs(3)).await;
+    let mut spec = spec;
+    if let Stop::Duration(d) = spec.stop {
+        spec.stop = Stop::Duration(
+            d.saturating_sub(waited.elapsed())
+                .max(Duration::from_millis(1)),
+        );
+    }
     let report = drive(&lb, &spec, args.watch, args.format == Format::Table).await;
     match args.format {
         Format::Table => {

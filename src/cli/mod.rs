@@ -41,6 +41,15 @@ enum Command {
     Bench(bench::Args),
 }
 
+/// A duration flag that must be more than zero (`0s` would make every call or run end at once).
+pub(crate) fn positive_duration(value: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(d) if d.is_zero() => Err("must be more than 0s".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A failure the user caused (bad flag, target or file): exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

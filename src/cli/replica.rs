@@ -88,17 +88,17 @@ pub struct Args {
     max_connections: usize,
     /// A connection must send its first request (after TLS) within this, and an HTTP/1 request
     /// its headers.
-    #[arg(long, env = "MESHLB_HEADER_READ_TIMEOUT", value_parser = positive_duration, default_value = "10s")]
+    #[arg(long, env = "MESHLB_HEADER_READ_TIMEOUT", value_parser = super::positive_duration, default_value = "10s")]
     header_read_timeout: Duration,
     /// A connection with no open call for this long is closed.
-    #[arg(long, env = "MESHLB_IDLE_TIMEOUT", value_parser = positive_duration, default_value = "5m")]
+    #[arg(long, env = "MESHLB_IDLE_TIMEOUT", value_parser = super::positive_duration, default_value = "5m")]
     idle_timeout: Duration,
     /// HTTP/2 keepalive: ping a connection silent this long; drop it when the ping goes unanswered
     /// for --keepalive-timeout.
-    #[arg(long, env = "MESHLB_KEEPALIVE_INTERVAL", value_parser = positive_duration, default_value = "30s")]
+    #[arg(long, env = "MESHLB_KEEPALIVE_INTERVAL", value_parser = super::positive_duration, default_value = "30s")]
     keepalive_interval: Duration,
     /// See --keepalive-interval.
-    #[arg(long, env = "MESHLB_KEEPALIVE_TIMEOUT", value_parser = positive_duration, default_value = "10s")]
+    #[arg(long, env = "MESHLB_KEEPALIVE_TIMEOUT", value_parser = super::positive_duration, default_value = "10s")]
     keepalive_timeout: Duration,
     /// The longest a call may run when its caller sets no shorter deadline (health watches
     /// excepted); past it the call ends with DEADLINE_EXCEEDED. `0s`: unbounded.
@@ -125,14 +125,6 @@ fn parse_admin_listen(value: &str) -> Result<AdminListen, String> {
         .parse()
         .map(AdminListen::On)
         .map_err(|_| format!("{value:?} is neither an address (127.0.0.1:9901) nor `none`"))
-}
-
-fn positive_duration(value: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(value) {
-        Ok(d) if d.is_zero() => Err("must be more than 0s".into()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {

@@ -185,6 +185,72 @@ fn bad_usage_exits_2_with_one_clear_line() {
         "/nonexistent/fleet.toml",
     );
     assert_usage_error(&["replica", "--fail-rate", "7"], "fail rate");
+    // Values that used to panic or make no sense.
+    assert_usage_error(&["client", "--target", "x:1", "--rate", "1e12"], "--rate");
+    assert_usage_error(&["client", "--target", "x:1", "--timeout", "0s"], "0s");
+    assert_usage_error(&["client", "--target", "x:1", "--duration", "0s"], "0s");
+    assert_usage_error(&["client", "--target", "x:1", "--requests", "0"], "0");
+    assert_usage_error(
+        &[
+            "call",
+            "--target",
+            "x:1",
+            "--timeout",
+            "0s",
+            "get-point",
+            "--name",
+            "a",
+            "--age",
+            "1",
+        ],
+        "0s",
+    );
+}
+
+#[test]
+fn a_dead_target_fails_fast_once_backs_off_and_says_why() {
+    let dead = "ipv4:127.0.0.1:1,127.0.0.1:2,127.0.0.1:3";
+    // One bounded wait (3 s), not two; a margin for a loaded machine.
+    let started = std::time::Instant::now();
+    let (out, report) = json_client(dead, &["--requests", "10"]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(4500),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(report["errors"]["UNAVAILABLE"], 10);
+    let reasons = report["unavailable_reasons"].as_object().expect("reasons");
+    let (reason, n) = reasons.iter().next().expect("a reason");
+    assert_eq!(n, 10);
+    assert!(reason.contains("127.0.0.1:1"), "{reason}");
+    assert!(reason.contains("refused"), "{reason}");
+
+    // A closed loop against a dead target backs off instead of spinning.
+    let (_, report) = json_client(dead, &["--duration", "4s", "--concurrency", "8"]);
+    let calls = report["calls"].as_u64().unwrap();
+    assert!(calls > 0 && calls < 500, "{calls} calls in 4 s");
+}
+
+#[test]
+fn call_honours_its_timeout_against_a_silent_endpoint() {
+    // Accepts connections and never answers: the HTTP/2 handshake never completes.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = format!("ipv4:{}", silent.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    let out = meshlb()
+        .args(["call", "--target", &target, "--timeout", "1s"])
+        .args(["get-point", "--name", "james", "--age", "26"])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        took < std::time::Duration::from_millis(2500),
+        "took {took:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("error: UNAVAILABLE"), "{stderr}");
 }
 
 #[test]
