@@ -23,8 +23,11 @@ pub enum Outcome {
     Ok,
     /// A non-OK `grpc-status`.
     Status(Code),
-    /// The connection or stream broke.
+    /// The connection broke.
     Broken,
+    /// One stream failed on a working connection (see [`super::failure`]): the call's problem,
+    /// not the endpoint's.
+    StreamError(Code),
     /// The caller dropped the call before it ended.
     Cancelled,
 }
@@ -90,6 +93,13 @@ impl<B, G: Completion> TrackedBody<B, G> {
     }
 }
 
+impl<B, G> TrackedBody<B, G> {
+    /// Wraps `inner` for a call whose outcome is recorded already.
+    pub fn recorded(inner: B) -> Self {
+        Self { inner, guard: None }
+    }
+}
+
 fn finish<G: Completion>(guard: &mut Option<G>, outcome: Outcome) {
     if let Some(mut g) = guard.take() {
         g.record(outcome);
@@ -99,6 +109,7 @@ fn finish<G: Completion>(guard: &mut Option<G>, outcome: Outcome) {
 impl<B, G> Body for TrackedBody<B, G>
 where
     B: Body,
+    B::Error: std::error::Error + 'static,
     G: Completion,
 {
     type Data = B::Data;
@@ -117,7 +128,13 @@ where
                     finish(this.guard, outcome);
                 }
             }
-            Some(Err(_)) => finish(this.guard, Outcome::Broken),
+            Some(Err(error)) => {
+                let outcome = match super::failure::blame(error) {
+                    super::failure::Blame::Endpoint => Outcome::Broken,
+                    super::failure::Blame::Call(code, _) => Outcome::StreamError(code),
+                };
+                finish(this.guard, outcome)
+            }
             None => finish(this.guard, Outcome::Ok),
         }
         Poll::Ready(frame)

@@ -5,6 +5,7 @@
 //! registered, so tower's ready cache keeps the endpoint instead of evicting it for good.
 
 use super::completion::{Completion, Outcome, TrackedBody};
+use super::failure::{self, Blame};
 use crate::discovery::Refresh;
 use crate::health::{Gate, Health};
 use futures::task::AtomicWaker;
@@ -333,6 +334,10 @@ impl Shared {
             Outcome::Broken => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
+            Outcome::StreamError(_) => {
+                self.served.fetch_add(1, Ordering::Relaxed);
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
             Outcome::Cancelled => {}
         }
         let threshold = self.latency_threshold_us.load(Ordering::Relaxed);
@@ -471,6 +476,20 @@ impl Service<http::Request<Body>> for Endpoint {
                     Ok(http::Response::from_parts(parts, body))
                 }
                 Err(error) => {
+                    if let Blame::Call(code, message) = failure::blame(&error) {
+                        // One stream failed; the connection is fine. The call gets a status (and a
+                        // refused stream, UNAVAILABLE, is retried elsewhere); the endpoint stays.
+                        tracing::debug!(%addr, %error, "stream error");
+                        guard.record(Outcome::StreamError(code));
+                        drop(guard);
+                        let status = tonic::Status::new(code, format!("{addr}: {message}"));
+                        let (mut parts, body) = status.into_http::<Body>().into_parts();
+                        parts.extensions.insert(ServedBy(addr));
+                        return Ok(http::Response::from_parts(
+                            parts,
+                            TrackedBody::recorded(body),
+                        ));
+                    }
                     tracing::debug!(%addr, %error, "call failed on the connection");
                     guard.record(Outcome::Broken);
                     // The connection is suspect: shut the gate until health says SERVING again,

@@ -51,6 +51,7 @@ pub mod completion;
 pub mod deadline;
 pub mod endpoint;
 pub mod failfast;
+pub mod failure;
 pub mod hedge;
 pub mod outlier;
 pub mod registry;

@@ -242,6 +242,7 @@ fn connect_lazy(
         .http2_keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout)
         .keep_alive_while_idle(true)
+        .http2_max_header_list_size(super::failure::MAX_HEADER_LIST_SIZE)
         .tcp_nodelay(true);
     if let Some(tls) = &config.tls {
         endpoint = endpoint.tls_config(tls.clone())?;

@@ -10,3 +10,4 @@ mod replica;
 mod support;
 mod tls;
 mod tracing;
+mod uncooperative;

@@ -1,0 +1,117 @@
+//! Failures that do not announce themselves: a request that makes one stream fail (it must stay
+//! that call's problem), and a fleet that sheds load with pushback.
+
+use crate::support::{get_point_request, state_of};
+use meshlb::balance::EndpointState;
+use meshlb::proto::userguide::v1::user_guide_service_client::UserGuideServiceClient;
+use meshlb::Balancer;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use tonic::Code;
+
+/// A gRPC server that answers health checks and GetPoint, but resets the stream of any call
+/// carrying `x-poison`, and answers `x-huge` with headers over the client's limit.
+async fn poisonable() -> SocketAddr {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    use tower::ServiceExt;
+    let (mut health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let users = crate::support::users();
+    let guide = meshlb::replica::UserGuide::new(users, meshlb::replica::Faults::default());
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(
+            meshlb::proto::userguide::v1::user_guide_service_server::UserGuideServiceServer::new(
+                guide,
+            ),
+        )
+        .prepare()
+        .into_axum_router();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let routes = routes.clone();
+            let service = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let routes = routes.clone();
+                async move {
+                    if req.headers().contains_key("x-poison") {
+                        // An error from the service: hyper resets this stream only.
+                        return Err::<http::Response<axum::body::Body>, _>(std::io::Error::other(
+                            "poisoned",
+                        ));
+                    }
+                    let huge = req.headers().contains_key("x-huge");
+                    let mut response = routes
+                        .oneshot(req.map(axum::body::Body::new))
+                        .await
+                        .unwrap_or_else(|e: Infallible| match e {});
+                    if huge {
+                        let value = "h".repeat(17 << 20);
+                        response
+                            .headers_mut()
+                            .insert("x-huge", value.parse().unwrap());
+                    }
+                    Ok(response)
+                }
+            });
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(
+                        TokioIo::new(stream),
+                        hyper_util::service::TowerToHyperService::new(service),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_poisoned_request_never_changes_the_endpoint_or_other_callers() {
+    let addr = poisonable().await;
+    let lb = Balancer::builder(format!("ipv4:{addr}"))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(state_of(&lb, addr), Some(EndpointState::Ready));
+    let mut client = UserGuideServiceClient::new(lb.clone());
+    for round in 0..12 {
+        let mut poisoned = tonic::Request::new(get_point_request());
+        poisoned
+            .metadata_mut()
+            .insert("x-poison", "1".parse().unwrap());
+        let err = client.get_point(poisoned).await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal, "round {round}: {err:?}");
+        assert!(err.message().contains("reset the stream"), "{err:?}");
+        // The endpoint is untouched and everyone else is served.
+        assert_eq!(
+            state_of(&lb, addr),
+            Some(EndpointState::Ready),
+            "round {round}"
+        );
+        client
+            .get_point(get_point_request())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: a clean call failed: {e:?}"));
+    }
+    // Answer headers over the client's 16 MiB limit: refused, said so, endpoint untouched.
+    let mut huge = tonic::Request::new(get_point_request());
+    huge.metadata_mut().insert("x-huge", "1".parse().unwrap());
+    let err = client.get_point(huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(err.message().contains("16 MiB"), "{err:?}");
+    assert_eq!(state_of(&lb, addr), Some(EndpointState::Ready));
+    assert!(client.get_point(get_point_request()).await.is_ok());
+    assert_eq!(
+        lb.retries(),
+        0,
+        "a stream error is not retried on the endpoint's behalf"
+    );
+}
