@@ -4,9 +4,11 @@
 //!   Past it the caller gets `DEADLINE_EXCEEDED` (or `UNAVAILABLE` with the reason, when no
 //!   endpoint is ready at all), never a hang.
 //! - A call of a retryable (idempotent) method that failed on the connection, or was answered
-//!   `UNAVAILABLE`, is sent again, at most `max_retries` more times, while the retry budget allows
-//!   (retries add at most `budget_percent` to the load, as Linkerd's budget does). A fail-fast
-//!   answer is not retried: nothing is ready to retry on.
+//!   `UNAVAILABLE`, or was shed by an overloaded server (`RESOURCE_EXHAUSTED` with a
+//!   `grpc-retry-pushback-ms`), is sent again, at most `max_retries` more times, while the retry
+//!   budget allows (retries add at most `budget_percent` to the load, as Linkerd's budget does).
+//!   A pushback delays the next try by that long; a negative or malformed one means no retry. A
+//!   fail-fast answer is not retried: nothing is ready to retry on.
 //! - With hedging on (opt-in, [`super::hedge`]), a hedgeable call that has not answered after the
 //!   fleet's recent p95 is sent once more; the first useful answer wins. Hedges share the retry
 //!   budget.
@@ -15,7 +17,7 @@
 //! - Whatever happens, the caller gets a gRPC response; errors become a `grpc-status`.
 
 use super::deadline::DeadlineBody;
-use super::endpoint::{BoxError, EndpointError, ServedBy};
+use super::endpoint::{BoxError, EndpointError, Pushback, ServedBy};
 use super::failfast::FailedFast;
 use super::hedge::{HedgeConfig, HedgeDelay};
 use super::Buffered;
@@ -162,9 +164,19 @@ async fn run_in_span(
         let mut tries = 1;
         loop {
             let result = hedged(&buffer, &parts, &body, tries, hedge_delay, expires, shared).await;
-            let again = tries <= max_retries && worth_retrying(&result);
+            let pushback = match &result {
+                Ok(response) => Pushback::of(response.headers()),
+                Err(_) => None,
+            };
+            let again = tries <= max_retries
+                && pushback != Some(Pushback::DoNotRetry)
+                && (worth_retrying(&result) || was_shed(&result));
             if !again || !shared.budget.withdraw() {
                 return (result, tries);
+            }
+            if let Some(Pushback::Wait(pause)) = pushback {
+                // The server said when to try again; the deadline still bounds the wait.
+                tokio::time::sleep(pause).await;
             }
             shared.registry.count_retry();
             tracing::debug!(path = parts.uri.path(), tries, "retrying on the balancer");
@@ -336,6 +348,19 @@ fn worth_retrying(result: &Result<http::Response<Body>, BoxError>) -> bool {
     }
 }
 
+/// Shed by an overloaded server (`RESOURCE_EXHAUSTED` with a pushback): the call did no work
+/// there, so another endpoint may take it, after the pushback.
+fn was_shed(result: &Result<http::Response<Body>, BoxError>) -> bool {
+    match result {
+        Ok(response) => {
+            Pushback::of(response.headers()).is_some()
+                && Status::from_header_map(response.headers())
+                    .is_some_and(|s| s.code() == Code::ResourceExhausted)
+        }
+        Err(_) => false,
+    }
+}
+
 fn rebuild(parts: &http::request::Parts, body: &Bytes) -> http::Request<Body> {
     let mut request = http::Request::new(Body::new(Full::new(body.clone())));
     *request.method_mut() = parts.method.clone();
@@ -371,5 +396,26 @@ mod tests {
         assert!(!worth_retrying(&Ok(failed_fast)));
         assert!(!worth_retrying(&Ok(Status::not_found("x").into_http())));
         assert!(worth_retrying(&Err("connection refused".into())));
+    }
+
+    #[test]
+    fn shed_answers_with_a_pushback_may_go_elsewhere() {
+        let mut shed = Status::resource_exhausted("full").into_http();
+        shed.headers_mut()
+            .insert("grpc-retry-pushback-ms", "20".parse().unwrap());
+        assert_eq!(
+            Pushback::of(shed.headers()),
+            Some(Pushback::Wait(Duration::from_millis(20)))
+        );
+        assert!(was_shed(&Ok(shed)));
+        // A quota error without a pushback is the caller's problem, not a shed.
+        assert!(!was_shed(&Ok(
+            Status::resource_exhausted("quota").into_http()
+        )));
+        for bad in ["-1", "soon", ""] {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-retry-pushback-ms", bad.parse().unwrap());
+            assert_eq!(Pushback::of(&h), Some(Pushback::DoNotRetry), "{bad:?}");
+        }
     }
 }

@@ -34,6 +34,36 @@ pub struct EndpointError {
     pub source: BoxError,
 }
 
+/// A server's `grpc-retry-pushback-ms` (gRPC's retry design, A6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushback {
+    /// Wait this long before the next attempt, and send this endpoint nothing meanwhile.
+    Wait(Duration),
+    /// Negative or malformed: do not retry this call.
+    DoNotRetry,
+}
+
+impl Pushback {
+    /// The pushback an answer's headers (or trailers) carry, if any.
+    pub fn of(headers: &http::HeaderMap) -> Option<Self> {
+        let value = headers.get("grpc-retry-pushback-ms")?;
+        Some(
+            match value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                Some(ms) => Pushback::Wait(Duration::from_millis(ms.min(MAX_PUSHBACK_MS))),
+                None => Pushback::DoNotRetry,
+            },
+        )
+    }
+}
+
+/// A pushback longer than this is read as this: a misconfigured server must not park an endpoint
+/// for hours.
+const MAX_PUSHBACK_MS: u64 = 30_000;
+
 /// Added to each response: the address of the endpoint that served it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServedBy(pub SocketAddr);
@@ -104,6 +134,10 @@ pub struct EndpointSnapshot {
     pub ewma_rtt: Duration,
     /// Why its connection or health watch last failed, while it is not ready.
     pub last_error: Option<String>,
+    /// Calls it shed (`RESOURCE_EXHAUSTED` with a `grpc-retry-pushback-ms`).
+    pub shed: u64,
+    /// While it has asked callers to wait (its pushback), it is not offered to the balancer.
+    pub pushed_back: bool,
 }
 
 // === impl Shared ===
@@ -121,6 +155,9 @@ pub struct Shared {
     accrual_waker: AtomicWaker,
     /// Set by the outlier detector: a probe slower than this keeps a latency ejection going.
     latency_threshold_us: AtomicU64,
+    shed: AtomicU64,
+    /// Until when the endpoint asked not to be sent calls (server pushback).
+    pushed_back_until: Mutex<Option<Instant>>,
 }
 
 /// Why an endpoint is out of rotation.
@@ -236,6 +273,8 @@ impl Shared {
             }),
             accrual_waker: AtomicWaker::new(),
             latency_threshold_us: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
+            pushed_back_until: Mutex::new(None),
         })
     }
 
@@ -308,7 +347,28 @@ impl Shared {
             } else {
                 self.gate.last_error()
             },
+            shed: self.shed.load(Ordering::Relaxed),
+            pushed_back: self.pushed_back_until(Instant::now()).is_some(),
         }
+    }
+
+    /// Until when the endpoint asked callers to wait, if that is still ahead.
+    fn pushed_back_until(&self, now: Instant) -> Option<Instant> {
+        lock(&self.pushed_back_until).filter(|until| *until > now)
+    }
+
+    /// Records a shed call and its pushback: the endpoint is out of rotation for twice the
+    /// pushback, so that the retry the pushback delays goes to another endpoint rather than racing
+    /// the end of the pause back to this one.
+    fn pushed_back(&self, pushback: Duration) {
+        self.shed.fetch_add(1, Ordering::Relaxed);
+        let until = Instant::now() + pushback * 2;
+        let mut slot = lock(&self.pushed_back_until);
+        if slot.is_none_or(|current| current < until) {
+            *slot = Some(until);
+        }
+        drop(slot);
+        self.accrual_waker.wake();
     }
 
     fn finish(&self, outcome: Outcome, elapsed: Duration, was_probe: bool) {
@@ -396,6 +456,7 @@ pub struct Endpoint {
     channel: Channel,
     refresh: Refresh,
     ejection: Option<Pin<Box<Sleep>>>,
+    pushback: Option<Pin<Box<Sleep>>>,
     next_is_probe: bool,
 }
 
@@ -408,6 +469,7 @@ impl Endpoint {
             channel,
             refresh,
             ejection: None,
+            pushback: None,
             next_is_probe: false,
         }
     }
@@ -422,6 +484,17 @@ impl Service<http::Request<Body>> for Endpoint {
         // Shut gate: not serving, or the connection is down. Pending, never an error.
         ready!(self.shared.gate.poll_open(cx));
         self.shared.accrual_waker.register(cx.waker());
+        // The server asked for a pause (it is shedding): other endpoints take the calls meanwhile.
+        if let Some(until) = self.shared.pushed_back_until(Instant::now()) {
+            let sleep = self
+                .pushback
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            if sleep.deadline() != until {
+                sleep.as_mut().reset(until);
+            }
+            ready!(sleep.as_mut().poll(cx));
+            self.pushback = None;
+        }
         let admit = lock(&self.shared.accrual).admit(Instant::now());
         match admit {
             Admit::Yes => self.next_is_probe = false,
@@ -471,6 +544,9 @@ impl Service<http::Request<Body>> for Endpoint {
             match call.await {
                 Ok(response) => {
                     let (mut parts, body) = response.into_parts();
+                    if let Some(Pushback::Wait(pause)) = Pushback::of(&parts.headers) {
+                        guard.shared.pushed_back(pause);
+                    }
                     parts.extensions.insert(ServedBy(addr));
                     let body = TrackedBody::new(body, guard, &parts.headers);
                     Ok(http::Response::from_parts(parts, body))

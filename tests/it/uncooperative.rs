@@ -115,3 +115,70 @@ async fn a_poisoned_request_never_changes_the_endpoint_or_other_callers() {
         "a stream error is not retried on the endpoint's behalf"
     );
 }
+
+fn limited(max_calls: usize, latency_ms: u64) -> meshlb::replica::ReplicaConfig {
+    let mut config = meshlb::replica::ReplicaConfig::new(
+        format!("limited-{max_calls}-{latency_ms}"),
+        crate::support::users(),
+    );
+    config.max_concurrent_calls = max_calls;
+    config.faults = crate::support::latency(latency_ms);
+    config
+}
+
+#[tokio::test]
+async fn a_shed_call_is_retried_no_sooner_than_the_pushback() {
+    let r = crate::support::Replica::start_with("127.0.0.1", limited(1, 300)).await;
+    let lb = Balancer::builder(format!("ipv4:{}", r.addr))
+        .build()
+        .await
+        .unwrap();
+    // Two calls at once on a replica with one slot: one of them is shed, waits the pushback,
+    // and is retried; both end well.
+    let call = || {
+        let mut client = UserGuideServiceClient::new(lb.clone());
+        async move {
+            let started = tokio::time::Instant::now();
+            let result = client.get_point(get_point_request()).await;
+            (result, started.elapsed())
+        }
+    };
+    let ((a, a_took), (b, b_took)) = tokio::join!(call(), call());
+    assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+    let snapshot = lb.endpoints().remove(0);
+    assert!(snapshot.shed >= 1, "{snapshot:?}");
+    assert!(lb.retries() >= 1);
+    let later = a_took.max(b_took);
+    assert!(
+        later >= meshlb::replica::shed::PUSHBACK,
+        "the shed call was retried after {later:?}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn shedding_endpoints_are_avoided_and_no_call_is_lost() {
+    let small = crate::support::Replica::start_with("127.0.0.1", limited(1, 20)).await;
+    let big = crate::support::Replica::start_with("127.0.0.1", limited(0, 20)).await;
+    let lb = Balancer::builder(crate::support::ipv4_target(&[small.addr, big.addr]))
+        .build()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let tally = crate::support::drive(&lb, 300, 8).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    let by_addr = |addr| lb.endpoints().into_iter().find(|e| e.addr == addr).unwrap();
+    let (s, b) = (by_addr(small.addr), by_addr(big.addr));
+    assert!(s.shed > 0, "the one-slot replica shed nothing: {s:?}");
+    assert_eq!(b.shed, 0);
+    assert!(
+        tally.of(&big.id) > tally.of(&small.id),
+        "the shedding replica got more: {tally:?}"
+    );
+    // The retry budget: 20 % of calls, plus 10 per second.
+    let budget = 300.0 * 0.2 + 10.0 * elapsed.max(1.0) * 10.0;
+    assert!((lb.retries() as f64) <= budget, "{} retries", lb.retries());
+    small.stop().await;
+    big.stop().await;
+}
