@@ -96,6 +96,13 @@ impl Gate {
         }
     }
 
+    /// Shuts the gate for `reason` (kept as the last error until the endpoint answers again) and
+    /// asks the watch to re-establish itself.
+    pub fn shut(&self, reason: String) {
+        self.set_error(Some(reason));
+        self.recheck();
+    }
+
     /// Shuts the gate and asks the watch to re-establish itself now: the caller saw the
     /// connection fail, and the gate stays shut until the endpoint answers `SERVING` again.
     pub fn recheck(&self) {

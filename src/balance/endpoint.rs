@@ -6,6 +6,7 @@
 
 use super::completion::{Completion, Outcome, TrackedBody};
 use super::failure::{self, Blame};
+use super::silence::Progress;
 use crate::discovery::Refresh;
 use crate::health::{Gate, Health};
 use futures::task::AtomicWaker;
@@ -158,6 +159,7 @@ pub struct Shared {
     shed: AtomicU64,
     /// Until when the endpoint asked not to be sent calls (server pushback).
     pushed_back_until: Mutex<Option<Instant>>,
+    progress: Progress,
 }
 
 /// Why an endpoint is out of rotation.
@@ -275,6 +277,7 @@ impl Shared {
             latency_threshold_us: AtomicU64::new(0),
             shed: AtomicU64::new(0),
             pushed_back_until: Mutex::new(None),
+            progress: Progress::default(),
         })
     }
 
@@ -352,6 +355,21 @@ impl Shared {
         }
     }
 
+    /// Its progress, for silent-failure detection.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    /// Calls started and not yet ended.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Takes a silent endpoint out of rotation until its health watch hears `SERVING` again.
+    pub fn declare_silent(&self, reason: String) {
+        self.gate.shut(reason);
+    }
+
     /// Until when the endpoint asked callers to wait, if that is still ahead.
     fn pushed_back_until(&self, now: Instant) -> Option<Instant> {
         lock(&self.pushed_back_until).filter(|until| *until > now)
@@ -373,6 +391,7 @@ impl Shared {
 
     fn finish(&self, outcome: Outcome, elapsed: Duration, was_probe: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.progress.call_ended();
         let sample = elapsed.as_micros() as f64;
         match outcome {
             Outcome::Ok => {
@@ -530,7 +549,9 @@ impl Service<http::Request<Body>> for Endpoint {
         if probe {
             lock(&self.shared.accrual).probe_in_flight = true;
         }
-        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let before = self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.shared.progress.call_started(before == 0);
+        let failed_over = self.shared.progress.failed_over();
         let mut guard = CallGuard {
             shared: self.shared.clone(),
             started: Instant::now(),
@@ -541,7 +562,13 @@ impl Service<http::Request<Body>> for Endpoint {
         let refresh = self.refresh.clone();
         let call = self.channel.call(request);
         Box::pin(async move {
-            match call.await {
+            let result = tokio::select! {
+                result = call => result.map_err(BoxError::from),
+                () = failed_over => Err(BoxError::from(
+                    "the connection went silent (see the endpoint's last error); failed over",
+                )),
+            };
+            match result {
                 Ok(response) => {
                     let (mut parts, body) = response.into_parts();
                     if let Some(Pushback::Wait(pause)) = Pushback::of(&parts.headers) {
@@ -552,7 +579,7 @@ impl Service<http::Request<Body>> for Endpoint {
                     Ok(http::Response::from_parts(parts, body))
                 }
                 Err(error) => {
-                    if let Blame::Call(code, message) = failure::blame(&error) {
+                    if let Blame::Call(code, message) = failure::blame(&*error) {
                         // One stream failed; the connection is fine. The call gets a status (and a
                         // refused stream, UNAVAILABLE, is retried elsewhere); the endpoint stays.
                         tracing::debug!(%addr, %error, "stream error");
@@ -574,7 +601,7 @@ impl Service<http::Request<Body>> for Endpoint {
                     refresh.request();
                     Err(Box::new(EndpointError {
                         addr,
-                        source: error.into(),
+                        source: error,
                     }) as BoxError)
                 }
             }

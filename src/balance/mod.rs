@@ -25,6 +25,11 @@
 //!   doubling backoff, then one probe call decides ([`endpoint`]).
 //! - **Latency-outlier ejection**: an endpoint far slower than the rest of the fleet for a while is
 //!   taken out the same way, never below half of the fleet ([`outlier`]).
+//! - **Silent-failure detection**: an endpoint whose calls are long overdue while the others
+//!   answer gets one health check; if that goes unanswered too, its gate shuts and its waiting
+//!   calls fail over to other endpoints ([`silence`]).
+//! - **Stream errors stay with their call** ([`failure`]): a reset stream is that call's status,
+//!   never a reason to shut or eject the endpoint.
 //! - **Fail fast**: no ready endpoint within `ready_wait` → `UNAVAILABLE` saying why
 //!   ([`failfast`]); every call has a deadline; idempotent calls are retried within a budget
 //!   ([`call`]), and can be hedged ([`hedge`], opt-in: it measured worse than ejection alone).
@@ -56,12 +61,14 @@ pub mod hedge;
 pub mod outlier;
 pub mod registry;
 pub mod round_robin;
+pub mod silence;
 
 pub use call::{Attempts, CallConfig};
 pub use endpoint::{AccrualConfig, BoxError, EndpointSnapshot, EndpointState, ServedBy};
 pub use hedge::{HedgeConfig, HedgeDelay};
 pub use outlier::OutlierConfig;
 pub use registry::ConnectConfig;
+pub use silence::SilenceConfig;
 
 use crate::discovery::{self, DiscoveryError, DnsConfig};
 use crate::health::HealthConfig;
@@ -174,6 +181,7 @@ pub struct Builder {
     connect: ConnectConfig,
     call: CallConfig,
     outlier: Option<OutlierConfig>,
+    silence: SilenceConfig,
     tls: Option<crate::tls::ClientTls>,
     buffer: usize,
 }
@@ -189,6 +197,12 @@ impl Builder {
     /// baseline stays a plain baseline; `enabled: false` turns it off.
     pub fn outlier(mut self, outlier: OutlierConfig) -> Self {
         self.outlier = Some(outlier);
+        self
+    }
+
+    /// Silent-failure detection settings (`enabled: false` turns it off).
+    pub fn silence(mut self, silence: SilenceConfig) -> Self {
+        self.silence = silence;
         self
     }
 
@@ -313,6 +327,10 @@ impl Builder {
         let detector = outlier
             .enabled
             .then(|| tokio::spawn(outlier::detect(Arc::downgrade(&registry), outlier)));
+        let silence = self.silence;
+        let silence_detector = silence
+            .enabled
+            .then(|| tokio::spawn(silence::detect(Arc::downgrade(&registry), silence)));
 
         let inner: Inner = match self.policy {
             Policy::P2c => BoxService::new(
@@ -338,6 +356,7 @@ impl Builder {
                 latency: hedge::LatencyWindow::default(),
                 manager,
                 detector,
+                silence_detector,
             }),
         })
     }
@@ -361,13 +380,17 @@ pub(crate) struct Shared {
     latency: hedge::LatencyWindow,
     manager: tokio::task::JoinHandle<()>,
     detector: Option<tokio::task::JoinHandle<()>>,
+    silence_detector: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         self.manager.abort();
-        if let Some(detector) = &self.detector {
-            detector.abort();
+        for task in [&self.detector, &self.silence_detector]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
         self.registry.shutdown();
     }
@@ -395,6 +418,7 @@ impl Balancer {
             connect: ConnectConfig::default(),
             call: CallConfig::default(),
             outlier: None,
+            silence: SilenceConfig::default(),
             tls: None,
             buffer: 1024,
         }

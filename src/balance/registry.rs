@@ -41,6 +41,7 @@ impl Default for ConnectConfig {
 
 struct Entry {
     shared: Arc<Shared>,
+    channel: tonic::transport::Channel,
     watch: JoinHandle<()>,
 }
 
@@ -155,8 +156,27 @@ impl Registry {
             .any(|e| e.shared.snapshot().state == EndpointState::Ready)
     }
 
-    fn insert(&self, addr: SocketAddr, shared: Arc<Shared>, watch: JoinHandle<()>) {
-        if let Some(old) = self.lock().insert(addr, Entry { shared, watch }) {
+    /// Every endpoint's shared state with its connection (what the silence detector probes).
+    pub fn connected_endpoints(&self) -> Vec<(Arc<Shared>, tonic::transport::Channel)> {
+        self.lock()
+            .values()
+            .map(|e| (e.shared.clone(), e.channel.clone()))
+            .collect()
+    }
+
+    fn insert(
+        &self,
+        addr: SocketAddr,
+        shared: Arc<Shared>,
+        channel: tonic::transport::Channel,
+        watch: JoinHandle<()>,
+    ) {
+        let entry = Entry {
+            shared,
+            channel,
+            watch,
+        };
+        if let Some(old) = self.lock().insert(addr, entry) {
             old.watch.abort();
         }
     }
@@ -209,7 +229,7 @@ pub async fn manage<S>(
                 let gate = Gate::new();
                 let shared = Shared::new(addr, gate.clone(), settings.accrual);
                 let watch = health::spawn_watch(channel.clone(), settings.health.clone(), gate);
-                registry.insert(addr, shared.clone(), watch);
+                registry.insert(addr, shared.clone(), channel.clone(), watch);
                 tracing::debug!(%addr, "endpoint added");
                 Change::Insert(
                     addr,

@@ -1,6 +1,7 @@
 //! Integration tests: real replicas on loopback sockets, one test binary.
 
 mod balancer;
+mod blackhole;
 mod cli;
 mod dns;
 mod dns_server;

@@ -1,0 +1,253 @@
+//! Silent-failure detection: an endpoint whose connection went quiet (its node or network died:
+//! packets vanish, no RST, no FIN) is found in well under a second, taken out of rotation, and
+//! its stuck calls are failed over to other endpoints, instead of waiting out their deadline or
+//! HTTP/2 keepalive (tens of seconds).
+//!
+//! # How
+//! Each endpoint records *progress*: the last time one of its calls ended, or a call started on
+//! it while it had none in flight. A detector task looks every `interval`: an endpoint with calls
+//! in flight and no progress for `max(floor, factor × the fleet's median latency)`, while some
+//! other endpoint did make progress in that time, is *suspect*. A suspect gets one grpc.health.v1
+//! `Check` with a short deadline over its own connection. If that answers, the endpoint is only
+//! busy (a long stream), and the answer counts as progress. If it does not, the endpoint is
+//! declared silent: its gate shuts (the health watch must see `SERVING` again to reopen it) and
+//! every call waiting on it ends with a connection error, which the call layer retries elsewhere.
+//!
+//! No pings are sent on a timer, so servers that police pings (grpc-go's `too_many_pings`) see
+//! nothing unusual: one health check, only when calls are overdue. A uniformly slow fleet is never
+//! suspect: the threshold follows the fleet's own latency, and "the others answered" is required.
+//!
+//! Knows endpoints' progress and connections; nothing of discovery or how calls are balanced.
+
+use super::endpoint::Shared;
+use super::registry::Registry;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+/// Silent-failure detection settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SilenceConfig {
+    /// Off turns detection off.
+    pub enabled: bool,
+    /// Calls overdue by less than this are never suspect.
+    pub floor: Duration,
+    /// Overdue means more than this many times the fleet's median latency (or `floor`).
+    pub factor: f64,
+    /// How often the detector looks.
+    pub interval: Duration,
+    /// How long the health check of a suspect may take.
+    pub probe_timeout: Duration,
+}
+
+impl Default for SilenceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            floor: Duration::from_millis(250),
+            factor: 8.0,
+            interval: Duration::from_millis(50),
+            probe_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+impl SilenceConfig {
+    fn threshold(&self, median: Duration) -> Duration {
+        median.mul_f64(self.factor).max(self.floor)
+    }
+}
+
+// === impl Progress ===
+
+/// One endpoint's progress, and the signal that fails its waiting calls over.
+#[derive(Debug)]
+pub struct Progress {
+    base: Instant,
+    last_ns: AtomicU64,
+    probing: AtomicBool,
+    failover: watch::Sender<u64>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            last_ns: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            failover: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Progress {
+    fn mark(&self) {
+        let ns = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// A call starts; `was_idle` when none was in flight (the clock starts now, not at the last
+    /// call of long ago).
+    pub fn call_started(&self, was_idle: bool) {
+        if was_idle {
+            self.mark();
+        }
+    }
+
+    /// A call ended (whatever its outcome): the connection moves.
+    pub fn call_ended(&self) {
+        self.mark();
+    }
+
+    /// How long since the last progress.
+    pub fn quiet_for(&self, now: Instant) -> Duration {
+        let last = self.base + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed));
+        now.saturating_duration_since(last)
+    }
+
+    /// Resolves when the endpoint is declared silent; a call waiting on it should give up then.
+    pub fn failed_over(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.failover.subscribe();
+        async move {
+            if rx.changed().await.is_err() {
+                // The endpoint is gone without being declared silent: nothing to wait for.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    fn declare_silent(&self) {
+        self.failover.send_modify(|n| *n += 1);
+    }
+}
+
+/// Runs until the registry is gone.
+pub async fn detect(registry: Weak<Registry>, config: SilenceConfig) {
+    let mut tick = tokio::time::interval(config.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(registry) = registry.upgrade() else {
+            return;
+        };
+        let endpoints = registry.connected_endpoints();
+        drop(registry);
+        for (shared, channel) in suspects(&endpoints, &config, Instant::now()) {
+            if shared.progress().probing.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            tokio::spawn(probe(shared, channel, config));
+        }
+    }
+}
+
+/// The endpoints overdue while another made progress, with their connections.
+fn suspects(
+    endpoints: &[(Arc<Shared>, Channel)],
+    config: &SilenceConfig,
+    now: Instant,
+) -> Vec<(Arc<Shared>, Channel)> {
+    let latencies: Vec<Duration> = endpoints
+        .iter()
+        .filter(|(e, _)| e.in_rotation())
+        .map(|(e, _)| e.latency().0)
+        .collect();
+    if latencies.len() < 2 {
+        return Vec::new();
+    }
+    let threshold = config.threshold(median(latencies));
+    let quiet: Vec<Duration> = endpoints
+        .iter()
+        .map(|(e, _)| e.progress().quiet_for(now))
+        .collect();
+    endpoints
+        .iter()
+        .zip(&quiet)
+        .enumerate()
+        .filter(|(i, ((e, _), q))| {
+            e.in_flight() > 0
+                && **q > threshold
+                && e.in_rotation()
+                && quiet
+                    .iter()
+                    .enumerate()
+                    .any(|(j, other)| j != *i && *other < threshold)
+        })
+        .map(|(_, (pair, _))| pair.clone())
+        .collect()
+}
+
+async fn probe(shared: Arc<Shared>, channel: Channel, config: SilenceConfig) {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let quiet = shared.progress().quiet_for(Instant::now());
+    let mut client = HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    let answered = match tokio::time::timeout(config.probe_timeout, check).await {
+        // Any answer, even an error status, means the connection carries frames.
+        Ok(Ok(_)) => true,
+        Ok(Err(status)) => !matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown
+        ),
+        Err(_) => false,
+    };
+    if answered {
+        shared.progress().call_ended();
+    } else {
+        let reason = format!(
+            "silent: calls waited {quiet:?} while the rest of the fleet answered, and a health check got no answer in {:?}",
+            config.probe_timeout
+        );
+        tracing::warn!(addr = %shared.addr(), %reason, "connection declared silent; failing its calls over");
+        shared.declare_silent(reason);
+        shared.progress().declare_silent();
+    }
+    shared.progress().probing.store(false, Ordering::Release);
+}
+
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_measures_quiet_time_and_fails_waiters_over() {
+        let p = Progress::default();
+        p.call_started(true);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert_eq!(p.quiet_for(Instant::now()), Duration::from_millis(300));
+        // A call starting while others are in flight does not reset the clock.
+        p.call_started(false);
+        assert_eq!(p.quiet_for(Instant::now()), Duration::from_millis(300));
+        p.call_ended();
+        assert_eq!(p.quiet_for(Instant::now()), Duration::ZERO);
+
+        let waiter = tokio::spawn(p.failed_over());
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        p.declare_silent();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("the waiter is released")
+            .unwrap();
+    }
+
+    #[test]
+    fn the_threshold_follows_the_fleet_with_a_floor() {
+        let c = SilenceConfig::default();
+        assert_eq!(c.threshold(Duration::from_millis(1)), c.floor);
+        assert_eq!(
+            c.threshold(Duration::from_millis(500)),
+            Duration::from_secs(4)
+        );
+    }
+}
