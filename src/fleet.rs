@@ -89,6 +89,7 @@ struct ReplicaEntry {
     latency: Option<String>,
     jitter: Option<String>,
     fail_rate: Option<f64>,
+    isolated: Option<bool>,
 }
 
 /// One replica of a fleet, before it starts.
@@ -104,6 +105,9 @@ pub struct Member {
     pub listen: SocketAddr,
     /// Its fault knobs.
     pub faults: FaultConfig,
+    /// Run it in a network namespace of its own (Linux, root), so that its network can be cut:
+    /// it then listens on the namespace's address, on `listen`'s port.
+    pub isolated: bool,
 }
 
 /// A fleet description.
@@ -157,6 +161,7 @@ impl FleetSpec {
                 upstream: entry.upstream,
                 listen: entry.listen.unwrap_or_else(|| spec.slot(i)),
                 faults,
+                isolated: entry.isolated.unwrap_or(false),
             });
         }
         for m in &spec.members {
@@ -191,6 +196,7 @@ impl FleetSpec {
                 upstream: None,
                 listen: spec.slot(i),
                 faults: *f,
+                isolated: false,
             });
         }
         spec
@@ -216,6 +222,7 @@ impl FleetSpec {
                 upstream: None,
                 listen: self.slot(i),
                 faults: FaultConfig::default(),
+                isolated: false,
             });
         }
         self
@@ -246,9 +253,12 @@ pub struct Running {
     pub faults: FaultConfig,
     /// Its admin service.
     pub admin: AdminAddr,
+    /// What it was started from, to start it again.
+    pub member: Member,
     child: Child,
     _stdout: BufReader<ChildStdout>,
     exited: Option<ExitStatus>,
+    netns: Option<crate::netns::Netns>,
 }
 
 /// A started fleet. Dropping it kills whatever is still running; [`RunningFleet::drain`] stops
@@ -299,6 +309,69 @@ impl Running {
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
+
+    /// Whether it runs in a network namespace of its own (and so can be blackholed).
+    pub fn is_isolated(&self) -> bool {
+        self.netns.is_some()
+    }
+
+    /// Cuts (`true`) or restores its network, if it is isolated.
+    pub fn blackhole(&self, cut: bool) -> Result<(), FleetError> {
+        let Some(ns) = &self.netns else {
+            return Err(FleetError::Replica {
+                id: self.id.clone(),
+                message: "not isolated in a network namespace".into(),
+            });
+        };
+        let result = if cut { ns.cut() } else { ns.restore() };
+        result.map_err(|e| FleetError::Replica {
+            id: self.id.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Sends a signal to its process (SIGKILL, SIGSTOP, SIGCONT...).
+    #[cfg(unix)]
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    /// Whether its process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        if self.exited.is_none() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exited = Some(status);
+            }
+        }
+        self.exited.is_some()
+    }
+}
+
+impl RunningFleet {
+    /// Starts replica `i` again on the address it had (after it was killed), and waits until it
+    /// says `SERVING`.
+    pub async fn restart(&mut self, i: usize, launch: &Launch) -> Result<(), FleetError> {
+        let Some(old) = self.members.get_mut(i) else {
+            return Ok(());
+        };
+        let _ = old.child.kill().await;
+        let mut member = old.member.clone();
+        member.listen = SocketAddr::new(member.listen.ip(), old.addr.port());
+        let upstream = member
+            .upstream
+            .as_deref()
+            .map(|tier| self.tier_target(tier));
+        let netns = self.members[i].netns.take();
+        let running = start_one(&member, upstream.as_deref(), launch, netns).await?;
+        wait_serving(&running, launch).await?;
+        self.members[i] = running;
+        Ok(())
+    }
 }
 
 impl RunningFleet {
@@ -311,7 +384,8 @@ impl RunningFleet {
         let (back, front): (Vec<&Member>, Vec<&Member>) =
             spec.members.iter().partition(|m| m.upstream.is_none());
         for member in back {
-            let running = start_one(member, None, launch).await?;
+            let netns = isolate(member, fleet.members.len())?;
+            let running = start_one(member, None, launch, netns).await?;
             fleet.members.push(running);
         }
         for member in front {
@@ -319,7 +393,8 @@ impl RunningFleet {
                 .upstream
                 .as_deref()
                 .map(|tier| fleet.tier_target(tier));
-            let running = start_one(member, upstream.as_deref(), launch).await?;
+            let netns = isolate(member, fleet.members.len())?;
+            let running = start_one(member, upstream.as_deref(), launch, netns).await?;
             fleet.members.push(running);
         }
         for m in &fleet.members {
@@ -412,18 +487,51 @@ impl RunningFleet {
     }
 }
 
+/// A network namespace for an isolated member.
+fn isolate(member: &Member, n: usize) -> Result<Option<crate::netns::Netns>, FleetError> {
+    if !member.isolated {
+        return Ok(None);
+    }
+    let fail = |message: String| FleetError::Replica {
+        id: member.id.clone(),
+        message,
+    };
+    if !crate::netns::available() {
+        return Err(fail(
+            "isolated replicas need Linux, root and iproute2's `ip` (network namespaces)".into(),
+        ));
+    }
+    crate::netns::Netns::new("f", n as u32)
+        .map(Some)
+        .map_err(|e| fail(e.to_string()))
+}
+
 async fn start_one(
     member: &Member,
     upstream: Option<&str>,
     launch: &Launch,
+    netns: Option<crate::netns::Netns>,
 ) -> Result<Running, FleetError> {
     let fail = |message: String| FleetError::Replica {
         id: member.id.clone(),
         message,
     };
-    let mut child = Command::new(&launch.exe)
+    let (mut command, listen, admin_listen) = match &netns {
+        // Inside its namespace, everything it binds is on the namespace's address.
+        Some(ns) => {
+            let listen = SocketAddr::new(ns.inner_ip(), member.listen.port());
+            let admin = SocketAddr::new(ns.inner_ip(), admin_listen(member.listen).port());
+            (ns.command(&launch.exe), listen, admin)
+        }
+        None => (
+            Command::new(&launch.exe),
+            member.listen,
+            admin_listen(member.listen),
+        ),
+    };
+    let mut child = command
         .arg("replica")
-        .args(["--listen", &member.listen.to_string()])
+        .args(["--listen", &listen.to_string()])
         .args(["--id", &member.id])
         .args([
             "--latency",
@@ -434,7 +542,7 @@ async fn start_one(
             &humantime::format_duration(member.faults.jitter).to_string(),
         ])
         .args(["--fail-rate", &member.faults.fail_rate.to_string()])
-        .args(["--admin-listen", &admin_listen(member.listen).to_string()])
+        .args(["--admin-listen", &admin_listen.to_string()])
         .args(upstream.map(|u| ["--upstream", u]).into_iter().flatten())
         .arg("--data")
         .arg(&launch.data)
@@ -481,9 +589,11 @@ async fn start_one(
             addr: admin,
             tls: launch.admin_tls.clone(),
         },
+        member: member.clone(),
         child,
         _stdout: stdout,
         exited: None,
+        netns,
     })
 }
 

@@ -29,7 +29,8 @@
 //!
 //! The server and the tools built on it:
 //! - [`replica`]: the server every replica runs (gRPC + REST, health, reflection, drain, faults).
-//! - [`fleet`]: a local fleet of replica processes; [`admin_client`]: a replica's admin service.
+//! - [`fleet`]: a local fleet of replica processes; [`admin_client`]: a replica's admin service;
+//!   [`netns`]: network namespaces to blackhole a replica in.
 //! - [`load`]: load generation through any tonic transport; [`report`]: its tables and JSON.
 //! - [`bench`](mod@bench): contenders compared scenario by scenario.
 //! - [`cli`]: the `meshlb` commands; the binary is a thin shell over it.
@@ -46,6 +47,7 @@ pub mod fleet;
 pub mod grpc;
 pub mod health;
 pub mod load;
+pub mod netns;
 pub mod proto;
 pub mod replica;
 pub mod report;

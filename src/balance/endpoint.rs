@@ -160,6 +160,8 @@ pub struct Shared {
     /// Until when the endpoint asked not to be sent calls (server pushback).
     pushed_back_until: Mutex<Option<Instant>>,
     progress: Progress,
+    /// The rest of the fleet: a pushed-back endpoint steps aside only while another can serve.
+    fleet: std::sync::OnceLock<std::sync::Weak<super::registry::Registry>>,
 }
 
 /// Why an endpoint is out of rotation.
@@ -278,6 +280,7 @@ impl Shared {
             shed: AtomicU64::new(0),
             pushed_back_until: Mutex::new(None),
             progress: Progress::default(),
+            fleet: std::sync::OnceLock::new(),
         })
     }
 
@@ -370,9 +373,27 @@ impl Shared {
         self.gate.shut(reason);
     }
 
+    /// Joins the endpoint to its fleet (the registry that holds it).
+    pub fn join_fleet(&self, fleet: std::sync::Weak<super::registry::Registry>) {
+        let _ = self.fleet.set(fleet);
+    }
+
     /// Until when the endpoint asked callers to wait, if that is still ahead.
-    fn pushed_back_until(&self, now: Instant) -> Option<Instant> {
+    fn own_pushback(&self, now: Instant) -> Option<Instant> {
         lock(&self.pushed_back_until).filter(|until| *until > now)
+    }
+
+    /// Until when the endpoint steps aside for its pushback: only while another endpoint in
+    /// rotation is not pushed back. When the whole fleet sheds, stepping aside would leave every
+    /// replica idle while calls wait; sending keeps them busy, and the shed calls cost little.
+    fn pushed_back_until(&self, now: Instant) -> Option<Instant> {
+        let until = self.own_pushback(now)?;
+        let fleet = self.fleet.get().and_then(std::sync::Weak::upgrade)?;
+        let another_can_serve = fleet
+            .shared_endpoints()
+            .iter()
+            .any(|e| e.addr != self.addr && e.in_rotation() && e.own_pushback(now).is_none());
+        another_can_serve.then_some(until)
     }
 
     /// Records a shed call and its pushback: the endpoint is out of rotation for twice the

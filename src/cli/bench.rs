@@ -2,6 +2,7 @@
 //! stdout, the same as JSON and as a Markdown section for BENCHMARKS.md.
 
 use super::up::launch;
+use crate::bench::failures::{self, FailureKind};
 use crate::bench::{self, BenchConfig, ScenarioKind};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,14 +10,16 @@ use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Scenarios, comma-separated: uniform, one-slow, spread, degrade, no-latency.
+    /// Scenarios, comma-separated: uniform, one-slow, spread, degrade, no-latency, and the
+    /// failure scenarios blackhole (needs root) and overload.
     #[arg(
         long,
         env = "MESHLB_SCENARIOS",
         value_delimiter = ',',
-        default_value = "uniform,one-slow,spread,degrade,no-latency"
+        default_value = "uniform,one-slow,spread,degrade,no-latency,blackhole,overload",
+        value_parser = parse_scenario
     )]
-    scenarios: Vec<ScenarioKind>,
+    scenarios: Vec<Scenario>,
     /// Measured time per contender and round.
     #[arg(long, env = "MESHLB_DURATION", value_parser = humantime::parse_duration, default_value = "5s")]
     duration: Duration,
@@ -40,6 +43,22 @@ pub struct Args {
     data: PathBuf,
 }
 
+/// A performance scenario or a failure scenario.
+#[derive(Debug, Clone, Copy)]
+enum Scenario {
+    Perf(ScenarioKind),
+    Failure(FailureKind),
+}
+
+fn parse_scenario(s: &str) -> Result<Scenario, String> {
+    if let Some(kind) = FailureKind::parse(s) {
+        return Ok(Scenario::Failure(kind));
+    }
+    s.parse::<ScenarioKind>()
+        .map(Scenario::Perf)
+        .map_err(|_| format!("unknown scenario {s:?}: expected uniform, one-slow, spread, degrade, no-latency, blackhole or overload"))
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut launch = launch(args.data)?;
     if std::env::var_os("RUST_LOG").is_none() {
@@ -54,7 +73,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None
     };
     let config = BenchConfig {
-        scenarios: args.scenarios,
+        scenarios: args
+            .scenarios
+            .iter()
+            .filter_map(|s| match s {
+                Scenario::Perf(k) => Some(*k),
+                Scenario::Failure(_) => None,
+            })
+            .collect(),
         duration: args.duration,
         warmup: args.warmup,
         concurrency: args.concurrency as usize,
@@ -77,10 +103,25 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         print!("{}", scenario.table());
         markdown.push_str(&scenario.markdown());
     }
+    let mut failure_results = Vec::new();
+    for scenario in &args.scenarios {
+        if let Scenario::Failure(kind) = scenario {
+            let result = failures::run(*kind, &config, &launch, &|what| {
+                eprintln!("measuring {what}")
+            })
+            .await?;
+            print!("{}", result.table());
+            markdown.push_str(&result.markdown());
+            failure_results.push(result);
+        }
+    }
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(
         args.out.join("bench.json"),
-        serde_json::to_string_pretty(&results)?,
+        serde_json::to_string_pretty(&serde_json::json!({
+            "scenarios": results,
+            "failures": failure_results,
+        }))?,
     )?;
     std::fs::write(args.out.join("bench.md"), markdown)?;
     println!(

@@ -1,5 +1,6 @@
 //! Load shedding: at most N gRPC calls at once. A call beyond the limit is answered at once with
-//! `RESOURCE_EXHAUSTED` and a `grpc-retry-pushback-ms` trailer, instead of queueing behind the
+//! `RESOURCE_EXHAUSTED` and a `grpc-retry-pushback-ms` trailer (how long calls hold a slot lately:
+//! about when the next one frees up), instead of queueing behind the
 //! others (where it would wait, time out and be retried anyway). Health calls are never shed: an
 //! overloaded replica is busy, not unhealthy, and must not be ejected for it. The limit also
 //! bounds the memory that callers can make the replica hold (calls × the largest message).
@@ -13,12 +14,15 @@
 
 use axum::body::Body;
 use http::{HeaderValue, Response};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// How long a shed caller is told to wait before retrying here.
-pub const PUSHBACK: Duration = Duration::from_millis(100);
+/// The shortest pushback: a caller told to wait less would be back before anything changed.
+pub const MIN_PUSHBACK: Duration = Duration::from_millis(1);
+/// The longest pushback.
+pub const MAX_PUSHBACK: Duration = Duration::from_secs(1);
 
 /// The trailer gRPC's retry design (A6) uses for server pushback.
 pub const PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
@@ -31,6 +35,9 @@ const NEVER_SHED: &str = "/grpc.health.v1.Health/";
 pub struct Shed {
     permits: Option<Arc<Semaphore>>,
     max: usize,
+    /// How long calls have held their slot lately (an EWMA, µs): the pushback, since a slot
+    /// frees up about that often per slot.
+    held_us: Arc<AtomicU64>,
 }
 
 impl Shed {
@@ -39,11 +46,12 @@ impl Shed {
         Self {
             permits: (max > 0).then(|| Arc::new(Semaphore::new(max))),
             max,
+            held_us: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// A permit for a call to `path`, held until its answer ends; `Err` when the replica is full.
-    pub fn admit(&self, path: &str) -> Result<Option<OwnedSemaphorePermit>, Overloaded> {
+    /// A slot for a call to `path`, held until its answer ends; `Err` when the replica is full.
+    pub fn admit(&self, path: &str) -> Result<Option<Slot>, Overloaded> {
         let Some(permits) = &self.permits else {
             return Ok(None);
         };
@@ -51,9 +59,44 @@ impl Shed {
             return Ok(None);
         }
         match permits.clone().try_acquire_owned() {
-            Ok(permit) => Ok(Some(permit)),
-            Err(_) => Err(Overloaded { max: self.max }),
+            Ok(permit) => Ok(Some(Slot {
+                _permit: permit,
+                since: tokio::time::Instant::now(),
+                held_us: self.held_us.clone(),
+            })),
+            Err(_) => Err(Overloaded {
+                max: self.max,
+                pushback: self.pushback(),
+            }),
         }
+    }
+
+    /// What a shed caller is told to wait: how long a slot is held lately, within bounds.
+    pub fn pushback(&self) -> Duration {
+        Duration::from_micros(self.held_us.load(Ordering::Relaxed))
+            .clamp(MIN_PUSHBACK, MAX_PUSHBACK)
+    }
+}
+
+/// One call's slot; freed (and its time recorded) when the call's answer ends.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    since: tokio::time::Instant,
+    held_us: Arc<AtomicU64>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let sample = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // A lock-free EWMA (weight 1/8); racing updates only lose a sample.
+        let old = self.held_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.held_us.store(new, Ordering::Relaxed);
     }
 }
 
@@ -61,6 +104,7 @@ impl Shed {
 #[derive(Debug, Clone, Copy)]
 pub struct Overloaded {
     max: usize,
+    pushback: Duration,
 }
 
 impl Overloaded {
@@ -73,7 +117,7 @@ impl Overloaded {
         let mut response = status.into_http::<Body>();
         response.headers_mut().insert(
             PUSHBACK_HEADER,
-            HeaderValue::from(PUSHBACK.as_millis() as u64),
+            HeaderValue::from(self.pushback.as_millis().max(1) as u64),
         );
         response
     }
@@ -83,17 +127,20 @@ impl Overloaded {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sheds_beyond_the_limit_but_never_health() {
+    #[tokio::test(start_paused = true)]
+    async fn sheds_beyond_the_limit_but_never_health() {
         let shed = Shed::new(2);
         let a = shed.admit("/a.B/C").unwrap();
         let _b = shed.admit("/a.B/C").unwrap();
         let refused = shed.admit("/a.B/C").unwrap_err().into_response();
         let status = tonic::Status::from_header_map(refused.headers()).unwrap();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert_eq!(refused.headers()[PUSHBACK_HEADER], "100");
+        assert_eq!(refused.headers()[PUSHBACK_HEADER], "1");
         assert!(shed.admit("/grpc.health.v1.Health/Check").is_ok());
+        // Held 40 ms: the pushback follows how long slots are held.
+        tokio::time::advance(Duration::from_millis(40)).await;
         drop(a);
+        assert_eq!(shed.pushback(), Duration::from_millis(40));
         assert!(shed.admit("/a.B/C").is_ok());
         assert!(Shed::new(0).admit("/a.B/C").unwrap().is_none());
     }

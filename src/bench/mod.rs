@@ -4,6 +4,8 @@
 //! direct `Channel` to one healthy replica (the floor). Knows nothing of how results are printed
 //! beyond producing rows; [`Scenario::markdown`] and [`Scenario::table`] render them.
 
+pub mod failures;
+
 use crate::admin_client::AdminAddr;
 use crate::balance::{HedgeConfig, OutlierConfig};
 use crate::fleet::{FleetSpec, Launch, RunningFleet};
