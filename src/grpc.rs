@@ -1,5 +1,5 @@
-//! gRPC wire conventions that both sides use: the `grpc-timeout` header, the canonical names of
-//! status codes, and how much caller input a message may repeat. No client or server logic here.
+//! gRPC wire conventions that both sides use: the `grpc-timeout` header, server pushback, the
+//! canonical names of status codes, and how much caller input a message may repeat. No client or server logic here.
 
 use std::time::Duration;
 use tonic::Code;
@@ -55,6 +55,36 @@ pub fn timeout_value(left: Duration) -> http::HeaderValue {
     http::HeaderValue::from_str(&format!("{millis}m"))
         .unwrap_or(http::HeaderValue::from_static("1m"))
 }
+
+/// A server's `grpc-retry-pushback-ms` (gRPC's retry design, A6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushback {
+    /// Wait this long before the next attempt, and send this endpoint nothing meanwhile.
+    Wait(Duration),
+    /// Negative or malformed: do not retry this call.
+    DoNotRetry,
+}
+
+impl Pushback {
+    /// The pushback an answer's headers (or trailers) carry, if any.
+    pub fn of(headers: &http::HeaderMap) -> Option<Self> {
+        let value = headers.get("grpc-retry-pushback-ms")?;
+        Some(
+            match value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                Some(ms) => Pushback::Wait(Duration::from_millis(ms.min(MAX_PUSHBACK_MS))),
+                None => Pushback::DoNotRetry,
+            },
+        )
+    }
+}
+
+/// A pushback longer than this is read as this: a misconfigured server must not park an endpoint
+/// for hours.
+const MAX_PUSHBACK_MS: u64 = 30_000;
 
 /// The gRPC code's canonical name, e.g. `NOT_FOUND`.
 pub fn code_name(code: Code) -> &'static str {

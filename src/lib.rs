@@ -32,7 +32,8 @@
 //! - [`fleet`]: a local fleet of replica processes; [`admin_client`]: a replica's admin service;
 //!   [`netns`]: network namespaces to blackhole a replica in.
 //! - [`load`]: load generation through any tonic transport; [`report`]: its tables and JSON.
-//! - [`bench`](mod@bench): contenders compared scenario by scenario.
+//! - [`bench`](mod@bench): contenders compared scenario by scenario; [`chaos`]: faults for a
+//!   local fleet.
 //! - [`cli`]: the `meshlb` commands; the binary is a thin shell over it.
 //! - [`proto`]: generated code; [`grpc`]: wire conventions both sides share.
 
@@ -41,6 +42,7 @@
 pub mod admin_client;
 pub mod balance;
 pub mod bench;
+pub mod chaos;
 pub mod cli;
 pub mod discovery;
 pub mod fleet;

@@ -17,10 +17,11 @@
 //! - Whatever happens, the caller gets a gRPC response; errors become a `grpc-status`.
 
 use super::deadline::DeadlineBody;
-use super::endpoint::{BoxError, EndpointError, Pushback, ServedBy};
+use super::endpoint::{BoxError, EndpointError, ServedBy};
 use super::failfast::FailedFast;
 use super::hedge::{HedgeConfig, HedgeDelay};
 use super::Buffered;
+use crate::grpc::Pushback;
 use crate::telemetry;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

@@ -158,6 +158,19 @@ impl<B> TrackCompletion<Handle, http::Response<B>> for BodyEnd {
 
     fn track_completion(&self, handle: Handle, response: http::Response<B>) -> Self::Output {
         let (parts, body) = response.into_parts();
+        if let Some(crate::grpc::Pushback::Wait(pause)) = crate::grpc::Pushback::of(&parts.headers)
+        {
+            // A shed call is answered at once, which would make the shedding endpoint look like
+            // the cheapest one. It costs what its caller loses instead: the pushback, then a try
+            // elsewhere (about as long again). The call stays pending that long, so p2c prefers
+            // endpoints that are not shedding, yet still uses this one when every endpoint sheds
+            // (stepping aside would leave it idle).
+            tokio::spawn(async move {
+                tokio::time::sleep(pause * 4).await;
+                drop(handle);
+            });
+            return http::Response::from_parts(parts, TrackedBody::recorded(body));
+        }
         let body = TrackedBody::new(body, handle, &parts.headers);
         http::Response::from_parts(parts, body)
     }

@@ -8,6 +8,7 @@ use super::completion::{Completion, Outcome, TrackedBody};
 use super::failure::{self, Blame};
 use super::silence::Progress;
 use crate::discovery::Refresh;
+use crate::grpc::Pushback;
 use crate::health::{Gate, Health};
 use futures::task::AtomicWaker;
 use std::future::Future;
@@ -34,36 +35,6 @@ pub struct EndpointError {
     /// What failed.
     pub source: BoxError,
 }
-
-/// A server's `grpc-retry-pushback-ms` (gRPC's retry design, A6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pushback {
-    /// Wait this long before the next attempt, and send this endpoint nothing meanwhile.
-    Wait(Duration),
-    /// Negative or malformed: do not retry this call.
-    DoNotRetry,
-}
-
-impl Pushback {
-    /// The pushback an answer's headers (or trailers) carry, if any.
-    pub fn of(headers: &http::HeaderMap) -> Option<Self> {
-        let value = headers.get("grpc-retry-pushback-ms")?;
-        Some(
-            match value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-            {
-                Some(ms) => Pushback::Wait(Duration::from_millis(ms.min(MAX_PUSHBACK_MS))),
-                None => Pushback::DoNotRetry,
-            },
-        )
-    }
-}
-
-/// A pushback longer than this is read as this: a misconfigured server must not park an endpoint
-/// for hours.
-const MAX_PUSHBACK_MS: u64 = 30_000;
 
 /// Added to each response: the address of the endpoint that served it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,8 +108,6 @@ pub struct EndpointSnapshot {
     pub last_error: Option<String>,
     /// Calls it shed (`RESOURCE_EXHAUSTED` with a `grpc-retry-pushback-ms`).
     pub shed: u64,
-    /// While it has asked callers to wait (its pushback), it is not offered to the balancer.
-    pub pushed_back: bool,
 }
 
 // === impl Shared ===
@@ -157,11 +126,7 @@ pub struct Shared {
     /// Set by the outlier detector: a probe slower than this keeps a latency ejection going.
     latency_threshold_us: AtomicU64,
     shed: AtomicU64,
-    /// Until when the endpoint asked not to be sent calls (server pushback).
-    pushed_back_until: Mutex<Option<Instant>>,
     progress: Progress,
-    /// The rest of the fleet: a pushed-back endpoint steps aside only while another can serve.
-    fleet: std::sync::OnceLock<std::sync::Weak<super::registry::Registry>>,
 }
 
 /// Why an endpoint is out of rotation.
@@ -278,9 +243,7 @@ impl Shared {
             accrual_waker: AtomicWaker::new(),
             latency_threshold_us: AtomicU64::new(0),
             shed: AtomicU64::new(0),
-            pushed_back_until: Mutex::new(None),
             progress: Progress::default(),
-            fleet: std::sync::OnceLock::new(),
         })
     }
 
@@ -354,7 +317,6 @@ impl Shared {
                 self.gate.last_error()
             },
             shed: self.shed.load(Ordering::Relaxed),
-            pushed_back: self.pushed_back_until(Instant::now()).is_some(),
         }
     }
 
@@ -371,43 +333,6 @@ impl Shared {
     /// Takes a silent endpoint out of rotation until its health watch hears `SERVING` again.
     pub fn declare_silent(&self, reason: String) {
         self.gate.shut(reason);
-    }
-
-    /// Joins the endpoint to its fleet (the registry that holds it).
-    pub fn join_fleet(&self, fleet: std::sync::Weak<super::registry::Registry>) {
-        let _ = self.fleet.set(fleet);
-    }
-
-    /// Until when the endpoint asked callers to wait, if that is still ahead.
-    fn own_pushback(&self, now: Instant) -> Option<Instant> {
-        lock(&self.pushed_back_until).filter(|until| *until > now)
-    }
-
-    /// Until when the endpoint steps aside for its pushback: only while another endpoint in
-    /// rotation is not pushed back. When the whole fleet sheds, stepping aside would leave every
-    /// replica idle while calls wait; sending keeps them busy, and the shed calls cost little.
-    fn pushed_back_until(&self, now: Instant) -> Option<Instant> {
-        let until = self.own_pushback(now)?;
-        let fleet = self.fleet.get().and_then(std::sync::Weak::upgrade)?;
-        let another_can_serve = fleet
-            .shared_endpoints()
-            .iter()
-            .any(|e| e.addr != self.addr && e.in_rotation() && e.own_pushback(now).is_none());
-        another_can_serve.then_some(until)
-    }
-
-    /// Records a shed call and its pushback: the endpoint is out of rotation for twice the
-    /// pushback, so that the retry the pushback delays goes to another endpoint rather than racing
-    /// the end of the pause back to this one.
-    fn pushed_back(&self, pushback: Duration) {
-        self.shed.fetch_add(1, Ordering::Relaxed);
-        let until = Instant::now() + pushback * 2;
-        let mut slot = lock(&self.pushed_back_until);
-        if slot.is_none_or(|current| current < until) {
-            *slot = Some(until);
-        }
-        drop(slot);
-        self.accrual_waker.wake();
     }
 
     fn finish(&self, outcome: Outcome, elapsed: Duration, was_probe: bool) {
@@ -496,7 +421,6 @@ pub struct Endpoint {
     channel: Channel,
     refresh: Refresh,
     ejection: Option<Pin<Box<Sleep>>>,
-    pushback: Option<Pin<Box<Sleep>>>,
     next_is_probe: bool,
 }
 
@@ -509,7 +433,6 @@ impl Endpoint {
             channel,
             refresh,
             ejection: None,
-            pushback: None,
             next_is_probe: false,
         }
     }
@@ -524,17 +447,7 @@ impl Service<http::Request<Body>> for Endpoint {
         // Shut gate: not serving, or the connection is down. Pending, never an error.
         ready!(self.shared.gate.poll_open(cx));
         self.shared.accrual_waker.register(cx.waker());
-        // The server asked for a pause (it is shedding): other endpoints take the calls meanwhile.
-        if let Some(until) = self.shared.pushed_back_until(Instant::now()) {
-            let sleep = self
-                .pushback
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-            if sleep.deadline() != until {
-                sleep.as_mut().reset(until);
-            }
-            ready!(sleep.as_mut().poll(cx));
-            self.pushback = None;
-        }
+
         let admit = lock(&self.shared.accrual).admit(Instant::now());
         match admit {
             Admit::Yes => self.next_is_probe = false,
@@ -592,8 +505,8 @@ impl Service<http::Request<Body>> for Endpoint {
             match result {
                 Ok(response) => {
                     let (mut parts, body) = response.into_parts();
-                    if let Some(Pushback::Wait(pause)) = Pushback::of(&parts.headers) {
-                        guard.shared.pushed_back(pause);
+                    if Pushback::of(&parts.headers).is_some() {
+                        guard.shared.shed.fetch_add(1, Ordering::Relaxed);
                     }
                     parts.extensions.insert(ServedBy(addr));
                     let body = TrackedBody::new(body, guard, &parts.headers);

@@ -228,7 +228,6 @@ pub async fn manage<S>(
                 };
                 let gate = Gate::new();
                 let shared = Shared::new(addr, gate.clone(), settings.accrual);
-                shared.join_fleet(Arc::downgrade(&registry));
                 let watch = health::spawn_watch(channel.clone(), settings.health.clone(), gate);
                 registry.insert(addr, shared.clone(), channel.clone(), watch);
                 tracing::debug!(%addr, "endpoint added");

@@ -28,6 +28,24 @@ pub struct Args {
     /// With --tls: the certificates to use, as `meshlb certs --out DIR` writes them.
     #[arg(long, env = "MESHLB_CERTS", requires = "tls")]
     certs: Option<PathBuf>,
+    /// Chaos: one fault at a time (kill and restart, freeze, slow, NOT_SERVING and, as root on
+    /// Linux, a blackholed network), each printed as it happens.
+    #[arg(long, env = "MESHLB_CHAOS")]
+    chaos: bool,
+    /// With --chaos: the mean pause between faults.
+    #[arg(long, env = "MESHLB_CHAOS_EVERY", value_parser = super::positive_duration, default_value = "5s", requires = "chaos")]
+    chaos_every: Duration,
+    /// With --chaos: how long each fault lasts.
+    #[arg(long, env = "MESHLB_CHAOS_LENGTH", value_parser = super::positive_duration, default_value = "2s", requires = "chaos")]
+    chaos_length: Duration,
+    /// With --chaos: the seed (the same seed gives the same faults in the same order).
+    #[arg(
+        long,
+        env = "MESHLB_CHAOS_SEED",
+        default_value_t = 1,
+        requires = "chaos"
+    )]
+    chaos_seed: u64,
     /// With --tls: also require client certificates (mTLS).
     #[arg(long, env = "MESHLB_MTLS", requires = "tls")]
     mtls: bool,
@@ -146,7 +164,14 @@ pub fn with_tls(
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let spec = load_spec(&args.fleet, args.replicas, args.base_port)?;
+    let mut spec = load_spec(&args.fleet, args.replicas, args.base_port)?;
+    if args.chaos && !args.tls && crate::netns::available() {
+        // One replica in a network namespace of its own, so that chaos can blackhole it. (Not
+        // under TLS: the certificates name 127.0.0.x, not the namespace's address.)
+        if let Some(last) = spec.members.iter_mut().rev().find(|m| m.upstream.is_none()) {
+            last.isolated = true;
+        }
+    }
     let mut launch = launch(args.data)?;
     let mut _temp_certs = None;
     let client_flags = if args.tls {
@@ -190,6 +215,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     std::io::stdout().flush()?;
 
+    if args.chaos {
+        let config = crate::chaos::ChaosConfig {
+            every: args.chaos_every,
+            length: args.chaos_length,
+            seed: args.chaos_seed,
+            ..Default::default()
+        };
+        let say = |line: String| {
+            println!("{line}");
+            let _ = std::io::stdout().flush();
+        };
+        crate::chaos::run(&mut fleet, &launch, config, say, shutdown).await?;
+        return drain(fleet).await;
+    }
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -200,6 +239,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    drain(fleet).await
+}
+
+async fn drain(fleet: RunningFleet) -> anyhow::Result<ExitCode> {
     eprintln!("draining {} replicas", fleet.members.len());
     for (id, status) in fleet.drain(Duration::from_secs(15)).await {
         match status {

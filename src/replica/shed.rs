@@ -21,6 +21,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The shortest pushback: a caller told to wait less would be back before anything changed.
 pub const MIN_PUSHBACK: Duration = Duration::from_millis(1);
+/// The pushback before any call has finished here (nothing is known about how long slots are held).
+pub const FIRST_PUSHBACK: Duration = Duration::from_millis(20);
 /// The longest pushback.
 pub const MAX_PUSHBACK: Duration = Duration::from_secs(1);
 
@@ -73,8 +75,10 @@ impl Shed {
 
     /// What a shed caller is told to wait: how long a slot is held lately, within bounds.
     pub fn pushback(&self) -> Duration {
-        Duration::from_micros(self.held_us.load(Ordering::Relaxed))
-            .clamp(MIN_PUSHBACK, MAX_PUSHBACK)
+        match self.held_us.load(Ordering::Relaxed) {
+            0 => FIRST_PUSHBACK,
+            us => Duration::from_micros(us).clamp(MIN_PUSHBACK, MAX_PUSHBACK),
+        }
     }
 }
 
@@ -135,7 +139,7 @@ mod tests {
         let refused = shed.admit("/a.B/C").unwrap_err().into_response();
         let status = tonic::Status::from_header_map(refused.headers()).unwrap();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert_eq!(refused.headers()[PUSHBACK_HEADER], "1");
+        assert_eq!(refused.headers()[PUSHBACK_HEADER], "20");
         assert!(shed.admit("/grpc.health.v1.Health/Check").is_ok());
         // Held 40 ms: the pushback follows how long slots are held.
         tokio::time::advance(Duration::from_millis(40)).await;

@@ -105,8 +105,13 @@ impl Drop for Netns {
     }
 }
 
-/// A replica process inside `ns`; killed on drop.
-struct Inside(Child, SocketAddr);
+/// A replica process inside `ns`; killed on drop. Its stdout stays open: a closed pipe would
+/// make its next line fail.
+struct Inside(
+    Child,
+    SocketAddr,
+    #[allow(dead_code)] BufReader<std::process::ChildStdout>,
+);
 
 impl Inside {
     fn start(ns: &Netns) -> Self {
@@ -128,17 +133,16 @@ impl Inside {
             .stderr(Stdio::null())
             .spawn()
             .expect("start a replica in the namespace");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        stdout.read_line(&mut line).unwrap();
         let addr = line
             .trim()
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("{line:?}"))
             .parse()
             .unwrap();
-        Self(child, addr)
+        Self(child, addr, stdout)
     }
 }
 

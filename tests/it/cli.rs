@@ -342,3 +342,57 @@ fn watch_shows_live_states_and_ctrl_c_prints_the_final_table() {
     assert!(rest.iter().any(|l| l.starts_with("calls ")), "totals line");
     stop(fleet);
 }
+
+#[test]
+fn a_minute_of_chaos_loses_no_retryable_call() {
+    let mut child = meshlb()
+        .args(["up", "--base-port", "0", "--chaos"])
+        .args(["--chaos-every", "1500ms", "--chaos-length", "1500ms"])
+        .args(["--chaos-seed", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let target = loop {
+        let line = lines.next().expect("up printed its target").unwrap();
+        if let Some(t) = line.strip_prefix("target: ") {
+            break t.to_owned();
+        }
+    };
+    let chaos = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = chaos.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            seen.lock().unwrap().push(line);
+        }
+    });
+    // GetPoint is retryable: every call must end well, whatever chaos does.
+    let (out, report) = json_client(&target, &["--duration", "60s", "--concurrency", "8"]);
+    stop(child);
+    let faults: Vec<String> = chaos
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("chaos:") && l.contains(" for "))
+        .cloned()
+        .collect();
+    assert!(
+        faults.len() >= 10,
+        "only {} faults: {faults:?}",
+        faults.len()
+    );
+    let kinds = ["kill -9", "freeze", "slow", "NOT_SERVING"]
+        .iter()
+        .filter(|k| faults.iter().any(|f| f.contains(*k)))
+        .count();
+    assert!(kinds >= 3, "{faults:?}");
+    assert!(report["calls"].as_u64().unwrap() > 1000, "{report}");
+    assert_eq!(
+        report["ok"],
+        report["calls"],
+        "failed calls under chaos: {report}\nfaults: {faults:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

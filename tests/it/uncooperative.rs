@@ -165,7 +165,7 @@ async fn a_shed_call_is_retried_no_sooner_than_the_pushback() {
 }
 
 #[tokio::test]
-async fn shedding_endpoints_are_avoided_and_no_call_is_lost() {
+async fn shedding_endpoints_are_avoided_within_the_retry_budget() {
     let small = crate::support::Replica::start_with("127.0.0.1", limited(1, 20)).await;
     let big = crate::support::Replica::start_with("127.0.0.1", limited(0, 20)).await;
     let lb = Balancer::builder(crate::support::ipv4_target(&[small.addr, big.addr]))
@@ -175,14 +175,24 @@ async fn shedding_endpoints_are_avoided_and_no_call_is_lost() {
     let started = std::time::Instant::now();
     let tally = crate::support::drive(&lb, 300, 8).await;
     let elapsed = started.elapsed().as_secs_f64();
-    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    // The few calls that lose are the ones the retry budget declined to resend: shed, never
+    // anything worse.
+    assert!(tally.errors.len() < 300 / 20, "{:?}", tally.errors);
+    assert!(
+        tally
+            .errors
+            .iter()
+            .all(|s| s.code() == Code::ResourceExhausted),
+        "{:?}",
+        tally.errors
+    );
     let by_addr = |addr| lb.endpoints().into_iter().find(|e| e.addr == addr).unwrap();
     let (s, b) = (by_addr(small.addr), by_addr(big.addr));
     assert!(s.shed > 0, "the one-slot replica shed nothing: {s:?}");
     assert_eq!(b.shed, 0);
     assert!(
-        tally.of(&big.id) > tally.of(&small.id),
-        "the shedding replica got more: {tally:?}"
+        tally.of(&big.id) > 2 * tally.of(&small.id),
+        "the shedding replica is not avoided: {tally:?}"
     );
     // The retry budget: 20 % of calls, plus 10 per second.
     let budget = 300.0 * 0.2 + 10.0 * elapsed.max(1.0) * 10.0;
