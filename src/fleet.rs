@@ -132,6 +132,13 @@ impl FleetSpec {
         })
     }
 
+    /// The fleet built into the binary (`replicas/fleet.toml`: three replicas, the third 40 ms
+    /// slower), used when no `--fleet` file is given.
+    pub fn builtin() -> Self {
+        Self::parse(include_str!("../replicas/fleet.toml"))
+            .expect("the built-in fleet is checked by a unit test")
+    }
+
     /// Parses the text of a fleet file.
     pub fn parse(text: &str) -> Result<Self, String> {
         let file: FleetFile = toml::from_str(text).map_err(|e| e.to_string().trim().to_owned())?;
@@ -274,8 +281,8 @@ pub struct RunningFleet {
 pub struct Launch {
     /// The `meshlb` binary.
     pub exe: PathBuf,
-    /// The data file each replica loads.
-    pub data: PathBuf,
+    /// The data file each replica loads (`None`: the data built into the binary).
+    pub data: Option<PathBuf>,
     /// `RUST_LOG` for the replicas.
     pub log: String,
     /// How long each may take to print its address and say `SERVING`.
@@ -290,11 +297,11 @@ pub struct Launch {
 }
 
 impl Launch {
-    /// This same binary, `replicas/users.json`, warnings only.
+    /// This same binary, the built-in data, warnings only.
     pub fn this_binary() -> std::io::Result<Self> {
         Ok(Self {
             exe: std::env::current_exe()?,
-            data: PathBuf::from("replicas/users.json"),
+            data: None,
             log: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             ready_timeout: Duration::from_secs(15),
             extra_args: Vec::new(),
@@ -544,8 +551,12 @@ async fn start_one(
         .args(["--fail-rate", &member.faults.fail_rate.to_string()])
         .args(["--admin-listen", &admin_listen.to_string()])
         .args(upstream.map(|u| ["--upstream", u]).into_iter().flatten())
-        .arg("--data")
-        .arg(&launch.data)
+        .args(
+            launch
+                .data
+                .iter()
+                .flat_map(|d| [std::ffi::OsStr::new("--data"), d.as_os_str()]),
+        )
         .args(&launch.extra_args)
         .env("RUST_LOG", &launch.log)
         .stdin(Stdio::null())
@@ -666,7 +677,7 @@ mod tests {
 
     #[test]
     fn parses_the_shipped_fleet() {
-        let spec = FleetSpec::parse(include_str!("../replicas/fleet.toml")).unwrap();
+        let spec = FleetSpec::builtin();
         assert_eq!(spec.members.len(), 3);
         assert_eq!(spec.members[0].listen, "127.0.0.1:50051".parse().unwrap());
         assert_eq!(spec.members[2].listen, "127.0.0.1:50053".parse().unwrap());

@@ -53,14 +53,17 @@ impl Telemetry {
 
 /// Installs logging, and tracing export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 /// `default_service` names the service unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES`
-/// does. Must run inside a tokio runtime (the exporter's channel lives there). Calling it twice
-/// keeps the first setup.
-pub fn init(default_service: &str) -> Telemetry {
+/// does; logs show `default_level` and above unless `RUST_LOG` says otherwise, in colour only on
+/// a terminal. Must run inside a tokio runtime (the exporter's channel lives there). Calling it
+/// twice keeps the first setup.
+pub fn init(default_service: &str, default_level: &str) -> Telemetry {
+    use std::io::IsTerminal;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let logs = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("info,{RPC_SPANS}=off")));
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},{RPC_SPANS}=off")));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_filter(logs);
 
     let endpoint_set = [

@@ -290,7 +290,10 @@ async fn overload(
     let before = lb.retries();
     let run = measure(&lb, &open, config).await;
     let retries = lb.retries() - before;
-    let budget = (0.2 * run.3 as f64 + 10.0 * config.duration.as_secs_f64()) as u64;
+    // The balancer's TpsBudget: 20 % of the calls deposited in its 10 s window (warm-up
+    // included), plus a reserve of 10 per second of that window.
+    let deposited = run.3 + run.4;
+    let budget = (0.2 * deposited as f64 + 10.0 * 10.0) as u64;
     rows.push(row(
         &format!("meshlb p2c, open loop at {offered:.0}/s (3x)"),
         &run,
@@ -323,18 +326,19 @@ async fn overload(
     })
 }
 
-/// (answered calls/s, errors, latency, calls made).
+/// (answered calls/s, errors, latency, calls made, calls made in the warm-up).
 async fn measure<T: Transport>(
     transport: &T,
     spec: &LoadSpec,
     config: &BenchConfig,
-) -> (f64, u64, Latency, u64) {
+) -> (f64, u64, Latency, u64, u64) {
     let (_never, cancel) = tokio::sync::watch::channel(false);
     let warm = LoadSpec {
         stop: Stop::Duration(config.warmup),
         ..spec.clone()
     };
-    load::run(transport, &warm, Recorder::default(), cancel.clone()).await;
+    let warmed = load::run(transport, &warm, Recorder::default(), cancel.clone()).await;
+    let warm_calls = warmed.total().total.ok_count() + warmed.total().total.error_count();
     let started = Instant::now();
     let recorder = load::run(transport, spec, Recorder::default(), cancel).await;
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
@@ -346,12 +350,13 @@ async fn measure<T: Transport>(
         errors,
         Latency::of(&total.total),
         ok + errors,
+        warm_calls,
     )
 }
 
 fn row(
     label: &str,
-    run: &(f64, u64, Latency, u64),
+    run: &(f64, u64, Latency, u64, u64),
     reference: f64,
     retries: Option<(u64, u64)>,
 ) -> FailureRow {

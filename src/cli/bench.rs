@@ -38,9 +38,9 @@ pub struct Args {
     /// Serve and connect with TLS (throw-away certificates), to compare with a plaintext run.
     #[arg(long, env = "MESHLB_TLS")]
     tls: bool,
-    /// The data file every replica loads.
-    #[arg(long, env = "MESHLB_DATA", default_value = "replicas/users.json")]
-    data: PathBuf,
+    /// The data file every replica loads (default: the built-in data).
+    #[arg(long, env = "MESHLB_DATA")]
+    data: Option<PathBuf>,
 }
 
 /// A performance scenario or a failure scenario.

@@ -11,6 +11,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// How long `--watch` runs without `--duration`: in effect, until Ctrl-C.
+const UNTIL_INTERRUPTED: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The fastest open loop: one call per microsecond, the resolution of its ticker.
 const MAX_RATE: f64 = 1_000_000.0;
 
@@ -53,7 +56,7 @@ pub struct Args {
     /// Where the replicas are: dns:///host:port, dns://DNS_IP:PORT/host:port, ipv4:a:p,b:p, host:port.
     #[arg(long, env = "MESHLB_TARGET")]
     pub target: String,
-    /// Stop after this many calls (default 1000 unless --duration or --watch is given).
+    /// Stop after this many calls (default 1000; with --watch and no --duration: until Ctrl-C).
     #[arg(long, env = "MESHLB_REQUESTS", conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
     pub requests: Option<u64>,
     /// Stop after this long, e.g. `10s`.
@@ -106,6 +109,8 @@ impl Args {
         let stop = match (self.requests, self.duration) {
             (Some(n), _) => Stop::Requests(n),
             (None, Some(d)) => Stop::Duration(d),
+            // A live view runs until Ctrl-C.
+            (None, None) if self.watch => Stop::Duration(UNTIL_INTERRUPTED),
             (None, None) => Stop::Requests(1000),
         };
         Ok(LoadSpec {
@@ -199,10 +204,15 @@ pub async fn drive(lb: &Balancer, spec: &LoadSpec, watch: bool, progress: bool) 
                 Duration::from_millis(100)
             });
             tick.tick().await;
+            let mut retries_before = lb.retries();
             loop {
                 tick.tick().await;
                 if watch {
-                    print!("{}", live_frame(&lb, &recorder, started.elapsed()));
+                    let retries = lb.retries();
+                    let frame =
+                        live_frame(&lb, &recorder, started.elapsed(), retries - retries_before);
+                    retries_before = retries;
+                    print!("{frame}");
                 } else if let Some(bar) = &bar {
                     // The bar counts calls for --requests and milliseconds for --duration.
                     bar.set_position(match stop {
@@ -244,14 +254,15 @@ fn progress_bar(spec: &LoadSpec) -> ProgressBar {
     bar
 }
 
-/// One frame of the live view: the last second's distribution and every endpoint's state.
-fn live_frame(lb: &Balancer, recorder: &Recorder, elapsed: Duration) -> String {
+/// One frame of the live view: the last second's distribution (and its retries) and every
+/// endpoint's state.
+fn live_frame(lb: &Balancer, recorder: &Recorder, elapsed: Duration, retries: u64) -> String {
     let window = recorder.take_window();
     let second = Report::new(
         lb.target(),
         &lb.policy().to_string(),
         &window,
-        lb.retries(),
+        retries,
         Duration::from_secs(1),
     );
     let mut out = String::new();
@@ -267,18 +278,19 @@ fn live_frame(lb: &Balancer, recorder: &Recorder, elapsed: Duration) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<22} {:<11} {:>8} {:>9} {:>9} {:>6}",
-        "endpoint", "state", "in-flight", "served", "errors", "ewma"
+        "{:<22} {:<17} {:>9} {:>9} {:>9} {:>6} {:>8}",
+        "endpoint", "state", "in-flight", "served", "errors", "shed", "ewma"
     );
     for e in lb.endpoints() {
         let _ = writeln!(
             out,
-            "{:<22} {:<11} {:>8} {:>9} {:>9} {:>6}",
+            "{:<22} {:<17} {:>9} {:>9} {:>9} {:>6} {:>8}",
             e.addr.to_string(),
             e.state.to_string(),
             e.in_flight,
             e.served,
             e.errors,
+            e.shed,
             report::ms(e.ewma_rtt.as_secs_f64() * 1000.0)
         );
     }

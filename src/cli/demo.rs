@@ -14,12 +14,12 @@ use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The fleet description.
-    #[arg(long, env = "MESHLB_FLEET", default_value = "replicas/fleet.toml")]
-    fleet: PathBuf,
-    /// The data file every replica loads.
-    #[arg(long, env = "MESHLB_DATA", default_value = "replicas/users.json")]
-    data: PathBuf,
+    /// The fleet description (default: the built-in one, as in replicas/fleet.toml).
+    #[arg(long, env = "MESHLB_FLEET")]
+    fleet: Option<PathBuf>,
+    /// The data file every replica loads (default: the built-in data, as in replicas/users.json).
+    #[arg(long, env = "MESHLB_DATA")]
+    data: Option<PathBuf>,
     /// How long each policy runs.
     #[arg(long, env = "MESHLB_DURATION", value_parser = humantime::parse_duration, default_value = "5s")]
     duration: Duration,
@@ -30,7 +30,7 @@ pub struct Args {
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Free ports, so the demo runs on a machine where 50051 is taken.
-    let spec = load_spec(&args.fleet, None, Some(0))?;
+    let spec = load_spec(args.fleet.as_deref(), None, Some(0))?;
     let mut launch = launch(args.data)?;
     if std::env::var_os("RUST_LOG").is_none() {
         launch.log = "warn".into();
@@ -38,7 +38,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!(
         "starting {} replicas from {}",
         spec.members.len(),
-        args.fleet.display()
+        args.fleet
+            .as_ref()
+            .map_or("the built-in fleet".into(), |p| p.display().to_string())
     );
     let fleet = RunningFleet::start(&spec, &launch).await?;
     for m in &fleet.members {

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 /// Client-side load balancing for gRPC, shown as a small service mesh.
 #[derive(Debug, Parser)]
-#[command(name = "meshlb", version, about)]
+#[command(name = "meshlb", version, about, arg_required_else_help = true)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,11 +60,13 @@ pub struct UsageError(pub String);
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // Bare `meshlb` (or a bare subcommand group): the help is the answer.
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
         Err(e) if e.use_stderr() => {
-            // One clear line, not clap's usage block: scripts and people read the first line.
-            let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("error: bad usage");
-            eprintln!("{first} (see meshlb --help)");
+            eprintln!("{} (see meshlb --help)", one_line(&e.render().to_string()));
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -86,7 +88,14 @@ pub fn main() -> ExitCode {
         _ => "meshlb-client",
     };
     let (result, telemetry) = runtime.block_on(async {
-        let telemetry = crate::telemetry::init(service);
+        // A server logs what it does; the tools log only what goes wrong, so their own output
+        // (tables, the live view, progress bars) stays readable. RUST_LOG=info shows more.
+        let level = if service == "meshlb-replica" {
+            "info"
+        } else {
+            "warn"
+        };
+        let telemetry = crate::telemetry::init(service, level);
         let result = match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Replica(args) => replica::run(*args).await,
@@ -111,6 +120,26 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// clap's error in one line: what is wrong, with the names it lists and its tip, without the usage
+/// block. Scripts and people read the first line, and it must name the problem.
+fn one_line(rendered: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for line in rendered.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if !line.is_empty() {
+            parts.push(line.to_owned());
+        }
+    }
+    match parts.split_first() {
+        Some((head, [])) => head.clone(),
+        Some((head, rest)) => format!("{head} {}", rest.join("; ")),
+        None => "error: bad usage".into(),
     }
 }
 
@@ -140,5 +169,27 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(not(unix))]
     async {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn error_line(args: &[&str]) -> String {
+        let err = Cli::try_parse_from(args).unwrap_err();
+        one_line(&err.render().to_string())
+    }
+
+    #[test]
+    fn usage_errors_keep_the_names_and_the_tip_in_one_line() {
+        let missing = error_line(&["meshlb", "client"]);
+        assert!(missing.starts_with("error:"), "{missing}");
+        assert!(missing.contains("--target"), "{missing}");
+        assert!(!missing.contains('\n'));
+        let typo = error_line(&["meshlb", "clinet"]);
+        assert!(typo.contains("'client'"), "{typo}");
+        assert!(!typo.contains("Usage"), "{typo}");
     }
 }

@@ -17,9 +17,9 @@ pub struct Args {
     /// Replica id sent as `x-replica-id` (default: the hostname, then the bound address).
     #[arg(long, env = "MESHLB_ID")]
     id: Option<String>,
-    /// The user database.
-    #[arg(long, env = "MESHLB_DATA", default_value = "replicas/users.json")]
-    data: PathBuf,
+    /// The user database (default: the built-in data, as in replicas/users.json).
+    #[arg(long, env = "MESHLB_DATA")]
+    data: Option<PathBuf>,
     /// Latency added to every call, e.g. `20ms`.
     #[arg(long, env = "MESHLB_LATENCY", value_parser = humantime::parse_duration, default_value = "0s")]
     latency: Duration,
@@ -128,7 +128,10 @@ fn parse_admin_listen(value: &str) -> Result<AdminListen, String> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let users = Users::load(&args.data).map_err(|e| UsageError(e.to_string()))?;
+    let users = match &args.data {
+        Some(path) => Users::load(path).map_err(|e| UsageError(e.to_string()))?,
+        None => Users::builtin(),
+    };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let tls = crate::tls::ServerTls {

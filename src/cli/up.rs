@@ -9,18 +9,18 @@ use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The fleet description.
-    #[arg(long, env = "MESHLB_FLEET", default_value = "replicas/fleet.toml")]
-    fleet: PathBuf,
+    /// The fleet description (default: the built-in one, as in replicas/fleet.toml).
+    #[arg(long, env = "MESHLB_FLEET")]
+    fleet: Option<PathBuf>,
     /// How many replicas (more than the file lists get no faults; fewer drops the last ones).
     #[arg(long, env = "MESHLB_REPLICAS", value_parser = clap::value_parser!(u16).range(1..=200))]
     replicas: Option<u16>,
     /// First port (replica i gets base+i); 0 gives each a free port.
     #[arg(long, env = "MESHLB_BASE_PORT")]
     base_port: Option<u16>,
-    /// The data file every replica loads.
-    #[arg(long, env = "MESHLB_DATA", default_value = "replicas/users.json")]
-    data: PathBuf,
+    /// The data file every replica loads (default: the built-in data, as in replicas/users.json).
+    #[arg(long, env = "MESHLB_DATA")]
+    data: Option<PathBuf>,
     /// Serve TLS: with the certificates of --certs, or throw-away ones in a temporary directory
     /// (removed at exit).
     #[arg(long, env = "MESHLB_TLS")]
@@ -53,11 +53,14 @@ pub struct Args {
 
 /// Reads the fleet file and applies the overrides; problems are usage errors.
 pub fn load_spec(
-    path: &std::path::Path,
+    path: Option<&std::path::Path>,
     replicas: Option<u16>,
     base_port: Option<u16>,
 ) -> anyhow::Result<FleetSpec> {
-    let mut spec = FleetSpec::load(path).map_err(|e| UsageError(e.to_string()))?;
+    let mut spec = match path {
+        Some(path) => FleetSpec::load(path).map_err(|e| UsageError(e.to_string()))?,
+        None => FleetSpec::builtin(),
+    };
     if let Some(n) = replicas {
         spec = spec.with_replicas(n as usize);
     }
@@ -65,14 +68,17 @@ pub fn load_spec(
         spec = spec.with_base_port(port);
     }
     if spec.members.is_empty() {
-        return Err(UsageError(format!("{}: the fleet has no replicas", path.display())).into());
+        let name = path.map_or("the built-in fleet".into(), |p| p.display().to_string());
+        return Err(UsageError(format!("{name}: the fleet has no replicas")).into());
     }
     Ok(spec)
 }
 
 /// How to start replicas, checking the data file first so its absence is one clear line.
-pub fn launch(data: PathBuf) -> anyhow::Result<Launch> {
-    crate::replica::Users::load(&data).map_err(|e| UsageError(e.to_string()))?;
+pub fn launch(data: Option<PathBuf>) -> anyhow::Result<Launch> {
+    if let Some(data) = &data {
+        crate::replica::Users::load(data).map_err(|e| UsageError(e.to_string()))?;
+    }
     let mut launch = Launch::this_binary()?;
     launch.data = data;
     if std::env::var_os("RUST_LOG").is_none() {
@@ -164,7 +170,7 @@ pub fn with_tls(
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut spec = load_spec(&args.fleet, args.replicas, args.base_port)?;
+    let mut spec = load_spec(args.fleet.as_deref(), args.replicas, args.base_port)?;
     if args.chaos && !args.tls && crate::netns::available() {
         // One replica in a network namespace of its own, so that chaos can blackhole it. (Not
         // under TLS: the certificates name 127.0.0.x, not the namespace's address.)

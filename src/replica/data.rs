@@ -74,6 +74,13 @@ impl Users {
         })
     }
 
+    /// The database built into the binary (`replicas/users.json`: the talk's five users), used
+    /// when no `--data` file is given.
+    pub fn builtin() -> Self {
+        Self::parse(include_str!("../../replicas/users.json"))
+            .expect("the built-in data is checked by a unit test")
+    }
+
     /// Parses the JSON text of a database.
     pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
         Ok(Self {
@@ -145,7 +152,7 @@ mod tests {
     use super::*;
 
     fn talk_users() -> Users {
-        Users::parse(include_str!("../../replicas/users.json")).expect("shipped data parses")
+        Users::builtin()
     }
 
     #[test]

@@ -16,6 +16,18 @@ fn up(replicas: &str) -> (Child, String) {
 }
 
 fn up_with(args: &[&str], replicas: usize) -> (Child, String) {
+    let (child, target, serving, lines) = spawn_up(args);
+    assert_eq!(serving, replicas);
+    // Keep draining stdout so `up` never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, target)
+}
+
+type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// `meshlb up` on free ports: the child, its target, how many replicas said SERVING, and the rest
+/// of its output.
+fn spawn_up(args: &[&str]) -> (Child, String, usize, Lines) {
     let mut child = meshlb()
         .args(["up", "--base-port", "0"])
         .args(args)
@@ -38,10 +50,7 @@ fn up_with(args: &[&str], replicas: usize) -> (Child, String) {
             break t.to_owned();
         }
     };
-    assert_eq!(serving, replicas);
-    // Keep draining stdout so `up` never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, target)
+    (child, target, serving, lines)
 }
 
 /// `meshlb call --target TARGET get-point --name NAME --age AGE`.
@@ -345,22 +354,15 @@ fn watch_shows_live_states_and_ctrl_c_prints_the_final_table() {
 
 #[test]
 fn a_minute_of_chaos_loses_no_retryable_call() {
-    let mut child = meshlb()
-        .args(["up", "--base-port", "0", "--chaos"])
-        .args(["--chaos-every", "1500ms", "--chaos-length", "1500ms"])
-        .args(["--chaos-seed", "3"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let target = loop {
-        let line = lines.next().expect("up printed its target").unwrap();
-        if let Some(t) = line.strip_prefix("target: ") {
-            break t.to_owned();
-        }
-    };
+    let (child, target, _, lines) = spawn_up(&[
+        "--chaos",
+        "--chaos-every",
+        "1500ms",
+        "--chaos-length",
+        "1500ms",
+        "--chaos-seed",
+        "3",
+    ]);
     let chaos = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = chaos.clone();
     std::thread::spawn(move || {
@@ -395,4 +397,37 @@ fn a_minute_of_chaos_loses_no_retryable_call() {
         "failed calls under chaos: {report}\nfaults: {faults:?}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn usage_errors_name_what_is_wrong() {
+    assert_usage_error(&["client"], "--target");
+    assert_usage_error(&["clinet"], "client");
+    assert_usage_error(&["replica", "--tls-cert", "server.pem"], "--tls-key");
+    // Bare `meshlb`: the help, not a tagline.
+    let out = meshlb().output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let help = String::from_utf8_lossy(&out.stderr);
+    assert!(help.contains("Usage:") && help.contains("demo"), "{help}");
+}
+
+#[test]
+fn demo_and_up_work_from_another_directory_with_the_built_in_fleet() {
+    let elsewhere = std::env::temp_dir();
+    let out = meshlb()
+        .current_dir(&elsewhere)
+        .args(["demo", "--duration", "1s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("the built-in fleet"), "{stdout}");
+    assert!(stdout.contains("conclusion:"), "{stdout}");
+    // No colour codes when stderr is not a terminal, and no INFO lines from the tools.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\u{1b}'), "{stderr}");
 }
