@@ -99,16 +99,30 @@ pub async fn run(
             t(Instant::now()),
             humantime::format_duration(config.length)
         ));
-        apply(fleet, i, fault, &config, true).await?;
+        // A fault that cannot be applied or undone is reported, not fatal: the fleet must still
+        // drain properly at the end.
+        if let Err(error) = apply(fleet, i, fault, &config, true).await {
+            say(format!(
+                "t={:.1}s chaos: {fault} {id} failed: {error:#}",
+                t(Instant::now())
+            ));
+            continue;
+        }
         let undo_at = Instant::now() + config.length;
         let stopping = tokio::select! {
             () = tokio::time::sleep_until(undo_at) => false,
             () = &mut stop => true,
         };
-        if fault == Fault::Kill {
-            fleet.restart(i, launch).await?;
+        let undone = if fault == Fault::Kill {
+            fleet.restart(i, launch).await.map_err(anyhow::Error::from)
         } else {
-            apply(fleet, i, fault, &config, false).await?;
+            apply(fleet, i, fault, &config, false).await
+        };
+        if let Err(error) = undone {
+            say(format!(
+                "t={:.1}s chaos: undoing {fault} on {id} failed: {error:#}",
+                t(Instant::now())
+            ));
         }
         say(format!(
             "t={:.1}s chaos: {id} back ({fault} undone)",

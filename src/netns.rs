@@ -59,7 +59,9 @@ impl Netns {
     /// Makes namespace number `n` of this process (`tag` keeps concurrent users apart), its
     /// link up, with the inner side at `10.a.b.2` and the host side at `10.a.b.1`.
     pub fn new(tag: &str, n: u32) -> Result<Self, NetnsError> {
-        let id = (std::process::id() % 10_000) * 10 + n % 10;
+        // The whole pid: two live processes never share a name (a same-named namespace left
+        // behind is from a process that is gone).
+        let id = std::process::id() * 10 + n % 10;
         let name = format!("mlb-{tag}-{id}");
         let host_link = format!("mlh{tag}{id}");
         let inner_link = format!("mln{tag}{id}");

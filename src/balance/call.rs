@@ -176,7 +176,11 @@ async fn run_in_span(
                 return (result, tries);
             }
             if let Some(Pushback::Wait(pause)) = pushback {
-                // The server said when to try again; the deadline still bounds the wait.
+                // The server said when to try again. A pause that outlasts the deadline would
+                // only turn the server's answer into a timeout: give the caller the answer.
+                if tokio::time::Instant::now() + pause >= expires {
+                    return (result, tries);
+                }
                 tokio::time::sleep(pause).await;
             }
             shared.registry.count_retry();

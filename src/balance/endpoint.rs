@@ -189,7 +189,9 @@ impl Accrual {
             self.probe_in_flight = false;
         }
         match outcome {
-            Outcome::Cancelled => {}
+            // Says nothing about the endpoint: no reset of the count, no verdict on a probe (the
+            // next call probes again). A reset stream is one call's problem (see `failure`).
+            Outcome::Cancelled | Outcome::StreamError(_) => {}
             o if o.is_endpoint_failure() => {
                 self.consecutive = self.consecutive.saturating_add(1);
                 if was_probe {
@@ -563,10 +565,35 @@ mod tests {
         }
     }
 
+    use tonic::Code;
+
     impl Accrual {
         fn record_plain(&mut self, outcome: Outcome, was_probe: bool, now: Instant) {
             self.record(outcome, was_probe, false, now);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stream_errors_neither_eject_nor_forgive() {
+        let mut a = accrual();
+        let now = Instant::now();
+        for _ in 0..10 {
+            a.record_plain(Outcome::StreamError(Code::Internal), false, now);
+        }
+        assert!(!a.is_out(now), "resets alone never eject");
+        a.record_plain(Outcome::Broken, false, now);
+        a.record_plain(Outcome::Broken, false, now);
+        // A reset in between does not wipe the count of real failures.
+        a.record_plain(Outcome::StreamError(Code::Internal), false, now);
+        a.record_plain(Outcome::Broken, false, now);
+        assert!(a.is_out(now), "three connection failures eject");
+        // Nor does a reset on the probe end the ejection's verdict.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let later = Instant::now();
+        assert!(matches!(a.admit(later), Admit::Probe));
+        a.probe_in_flight = true;
+        a.record_plain(Outcome::StreamError(Code::Internal), true, later);
+        assert!(a.probing, "still probing after an inconclusive probe");
     }
 
     #[tokio::test(start_paused = true)]

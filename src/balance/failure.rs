@@ -1,5 +1,6 @@
 //! Whose failure is it? A broken connection (refused, reset or closed, a GOAWAY with an error, a
-//! keepalive that went unanswered) is the endpoint's: it shuts the endpoint's gate and counts
+//! keepalive that went unanswered) is the endpoint's (a graceful GOAWAY is not: its unprocessed
+//! streams are retried elsewhere): it shuts the endpoint's gate and counts
 //! towards ejection. A stream error on a working connection (a RST_STREAM of any reason, a refused
 //! stream, answer headers over the client's limit, a malformed answer) is about one call: it
 //! becomes that call's status and never changes the endpoint's state, so one caller's bad request
@@ -36,6 +37,14 @@ pub fn blame(error: &(dyn Error + 'static)) -> Blame {
 }
 
 fn blame_h2(error: &h2::Error) -> Blame {
+    if error.is_go_away() && error.reason() == Some(h2::Reason::NO_ERROR) {
+        // A graceful GOAWAY (a draining or idle-closing server): this stream was never
+        // processed, so it may go elsewhere, and the endpoint did nothing wrong.
+        return Blame::Call(
+            Code::Unavailable,
+            "the server is closing this connection (GOAWAY); the call was not processed".into(),
+        );
+    }
     if error.is_go_away() || error.is_io() || !error.is_reset() {
         return Blame::Endpoint;
     }

@@ -5,7 +5,7 @@
 //! identity (a DNS or IP subject alternative name) is on an allow list, separate from ordinary
 //! callers' certificates.
 //!
-//! Knows nothing of the UserGuide service it reconfigures.
+//! Knows nothing of the UserGuide service it reconfigures beyond its health name.
 
 use super::conn::{Body, Peer};
 use super::faults::{FaultConfig, Faults};
@@ -159,7 +159,8 @@ impl Gate {
     pub(super) fn new(routes: axum::Router, allow: &Allow, peer: &Peer) -> Self {
         let denied = allow.check(peer).err().map(Arc::from);
         if let Some(reason) = &denied {
-            tracing::warn!(%reason, "admin call refused");
+            // Debug, not warn: anyone who reaches the port could otherwise fill the log.
+            tracing::debug!(%reason, "admin connection refused");
         }
         Self { routes, denied }
     }

@@ -3,7 +3,8 @@
 //! not held forever) and how many request messages it may send (exactly one for unary and
 //! server-streaming methods, as gRPC requires).
 //!
-//! Knows nothing of routing or of the services behind it; it wraps request and response bodies.
+//! Knows nothing of routing or of the services behind it beyond two paths (health watches stream
+//! for ever; reflection streams requests); it wraps request and response bodies.
 
 use bytes::{Buf, Bytes};
 use http::HeaderMap;
@@ -213,9 +214,13 @@ pin_project! {
 impl<B> Bounded<B> {
     /// Bounds `inner` by `limit`, counted from `start`.
     pub fn new(inner: B, start: Instant, limit: Limit) -> Self {
+        // A limit of centuries (a mistyped flag) must not overflow the clock.
+        let expires = start
+            .checked_add(limit.duration())
+            .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600));
         Self {
             inner,
-            expires: start + limit.duration(),
+            expires,
             limit,
             timer: None,
             done: false,

@@ -100,7 +100,7 @@ where
     let permits = Arc::new(Semaphore::new(if limits.max_connections == 0 {
         Semaphore::MAX_PERMITS
     } else {
-        limits.max_connections
+        limits.max_connections.min(Semaphore::MAX_PERMITS)
     }));
     let mut refusing = Refusals::default();
     let mut exhausted = Exhaustion::default();

@@ -18,6 +18,9 @@ use tonic_health::ServingStatus;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
+/// The largest health request: a service name.
+const HEALTH_MESSAGE_LIMIT: usize = 1024;
+
 /// How long open admin calls may take to finish when the replica exits.
 const ADMIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -108,13 +111,21 @@ pub async fn run(
         ))
     });
 
-    let routes = tonic::service::Routes::new(health_service)
-        .add_service(
-            UserGuideServiceServer::new(userguide.clone())
-                .max_decoding_message_size(config.max_message_size),
-        )
-        .add_service(reflection_v1(SERVING_SERVICES))
-        .add_service(reflection_v1alpha(SERVING_SERVICES));
+    // Every service on the port has a decoding limit: health calls are never shed, so theirs is
+    // what keeps unfinished health requests from holding memory.
+    let routes = tonic::service::Routes::new(
+        health_service
+            .clone()
+            .max_decoding_message_size(HEALTH_MESSAGE_LIMIT),
+    )
+    .add_service(
+        UserGuideServiceServer::new(userguide.clone())
+            .max_decoding_message_size(config.max_message_size),
+    )
+    .add_service(reflection_v1(SERVING_SERVICES).max_decoding_message_size(config.max_message_size))
+    .add_service(
+        reflection_v1alpha(SERVING_SERVICES).max_decoding_message_size(config.max_message_size),
+    );
     let router = ByContentType {
         grpc: routes.prepare().into_axum_router(),
         rest: rest::router(userguide),

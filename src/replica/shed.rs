@@ -10,7 +10,7 @@
 //! clients that retry UNAVAILABLE blindly do not multiply the load; clients that follow gRPC's
 //! retry design (A6) read the pushback and wait, and meshlb's balancer moves to another replica.
 //!
-//! Knows nothing of the services behind it.
+//! Knows nothing of the services behind it, beyond the health service's path.
 
 use axum::body::Body;
 use http::{HeaderValue, Response};
@@ -46,7 +46,7 @@ impl Shed {
     /// At most `max` calls at once; 0: no limit.
     pub fn new(max: usize) -> Self {
         Self {
-            permits: (max > 0).then(|| Arc::new(Semaphore::new(max))),
+            permits: (max > 0).then(|| Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS)))),
             max,
             held_us: Arc::new(AtomicU64::new(0)),
         }
