@@ -466,14 +466,13 @@ impl RunningFleet {
     /// Sends SIGTERM to every running replica and waits for each to finish draining (killing
     /// any that takes longer than `timeout`).
     pub async fn drain(mut self, timeout: Duration) -> Vec<(String, Option<ExitStatus>)> {
-        for m in &self.members {
+        for m in &mut self.members {
             if m.exited.is_none() {
-                if let Some(pid) = m.child.id() {
-                    // SAFETY: kill(2) on our own child's pid has no memory effects.
-                    unsafe {
-                        libc::kill(pid as i32, libc::SIGTERM);
-                    }
-                }
+                #[cfg(unix)]
+                m.signal(libc::SIGTERM);
+                // No SIGTERM elsewhere: the drain is a kill.
+                #[cfg(not(unix))]
+                let _ = m.child.start_kill();
             }
         }
         let mut statuses = Vec::new();

@@ -37,25 +37,47 @@
 //! - [`cli`]: the `meshlb` commands; the binary is a thin shell over it.
 //! - [`proto`]: generated code; [`grpc`]: wire conventions both sides share.
 
+//! # Features
+//! - default (`tools`): everything, the `meshlb` binary included.
+//! - `server`: the replica ([`replica`]); pulls in axum and the server side of hyper.
+//! - `tools`: the CLI, local fleets, load generation, benchmarks, chaos (implies `server`); pulls in
+//!   clap, indicatif, rcgen, toml.
+//! - no default features: the client library only (target, discovery, health, balance, grpc, tls
+//!   for clients, telemetry), for `meshlb = { version = "...", default-features = false }`.
+
 #![warn(missing_docs)]
 
-pub mod admin_client;
+// The client library: always built.
 pub mod balance;
-pub mod bench;
-pub mod chaos;
-pub mod cli;
 pub mod discovery;
-pub mod fleet;
 pub mod grpc;
 pub mod health;
-pub mod load;
-pub mod netns;
 pub mod proto;
-pub mod replica;
-pub mod report;
 pub mod target;
 pub mod telemetry;
 pub mod tls;
+
+// The server side (feature `server`).
+#[cfg(feature = "server")]
+pub mod replica;
+
+// The tools the binary is made of (feature `tools`, on by default).
+#[cfg(feature = "tools")]
+pub mod admin_client;
+#[cfg(feature = "tools")]
+pub mod bench;
+#[cfg(feature = "tools")]
+pub mod chaos;
+#[cfg(feature = "tools")]
+pub mod cli;
+#[cfg(feature = "tools")]
+pub mod fleet;
+#[cfg(feature = "tools")]
+pub mod load;
+#[cfg(feature = "tools")]
+pub mod netns;
+#[cfg(feature = "tools")]
+pub mod report;
 
 pub use balance::{Balancer, Policy};
 pub use target::Target;

@@ -4,6 +4,7 @@
 //!
 //! Every file problem is an error naming the file. Knows nothing of balancing or serving.
 
+#[cfg(feature = "tools")]
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -199,6 +200,7 @@ impl CertPaths {
     }
 }
 
+#[cfg(feature = "tools")]
 /// Makes a throw-away CA, a server certificate valid for `names` (DNS names or IP addresses), a
 /// client certificate and an admin client certificate, and writes them as PEM files into `dir` (keys readable by the owner only).
 pub fn write_certs(dir: &Path, names: &[String]) -> Result<CertPaths, TlsError> {
@@ -254,6 +256,7 @@ pub fn write_certs(dir: &Path, names: &[String]) -> Result<CertPaths, TlsError> 
     Ok(paths)
 }
 
+#[cfg(feature = "tools")]
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
     let fail = |e: std::io::Error| TlsError::Generate(format!("{}: {e}", path.display()));
     std::fs::write(path, contents).map_err(fail)?;
@@ -267,7 +270,7 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError>
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "tools"))]
 mod tests {
     use super::*;
 

@@ -313,6 +313,13 @@ fn tonic_endpoint(
     Ok(endpoint)
 }
 
+#[cfg(not(unix))]
+fn cpu_time() -> Duration {
+    // Not measured off Unix: the column reads 0.
+    Duration::ZERO
+}
+
+#[cfg(unix)]
 fn cpu_time() -> Duration {
     // SAFETY: getrusage fills the struct we hand it; a zeroed rusage is a valid initial value.
     let usage = unsafe {
