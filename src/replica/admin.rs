@@ -26,12 +26,22 @@ use tower::{Service, ServiceExt};
 pub struct Admin {
     faults: Faults,
     health: tonic_health::server::HealthReporter,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Admin {
-    /// An admin service over these knobs and this health reporter.
-    pub fn new(faults: Faults, health: tonic_health::server::HealthReporter) -> Self {
-        Self { faults, health }
+    /// An admin service over these knobs and this health reporter; `draining` turns true when
+    /// the replica starts draining.
+    pub fn new(
+        faults: Faults,
+        health: tonic_health::server::HealthReporter,
+        draining: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Self {
+            faults,
+            health,
+            draining,
+        }
     }
 }
 
@@ -71,6 +81,13 @@ impl admin::admin_service_server::AdminService for Admin {
         &self,
         request: tonic::Request<admin::SetServingRequest>,
     ) -> Result<tonic::Response<admin::SetServingResponse>, Status> {
+        // A draining replica says NOT_SERVING so that clients leave; bringing it back would
+        // bring calls back to a replica about to stop.
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Status::failed_precondition(
+                "the replica is draining; its health stays NOT_SERVING",
+            ));
+        }
         let status = if request.into_inner().serving {
             tonic_health::ServingStatus::Serving
         } else {

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::Service;
 
@@ -96,7 +97,8 @@ where
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout);
     let (drain_tx, drain_rx) = watch::channel(false);
-    let (alive_tx, alive_rx) = mpsc::channel::<()>(1);
+    // Every connection's task, so the drain can wait for them and cut the rest when it gives up.
+    let mut connections = JoinSet::new();
     let permits = Arc::new(Semaphore::new(if limits.max_connections == 0 {
         Semaphore::MAX_PERMITS
     } else {
@@ -141,7 +143,6 @@ where
         let tls = tls.clone();
         let builder = builder.clone();
         let drain = drain_rx.clone();
-        let alive = alive_tx.clone();
         let make = make_service.clone();
         let handshake_deadline = born + limits.header_read_timeout;
         let task = async move {
@@ -172,15 +173,14 @@ where
                 }
             }
             drop(permit);
-            drop(alive);
         };
-        tokio::spawn(task);
+        while connections.try_join_next().is_some() {}
+        connections.spawn(task);
     }
     drop(listener);
     Drain {
         drain_tx,
-        alive_rx,
-        alive_tx,
+        connections,
     }
 }
 
@@ -188,23 +188,19 @@ where
 #[derive(Debug)]
 pub struct Drain {
     drain_tx: watch::Sender<bool>,
-    alive_rx: mpsc::Receiver<()>,
-    alive_tx: mpsc::Sender<()>,
+    connections: JoinSet<()>,
 }
 
 impl Drain {
     /// Asks every connection to finish its open streams and close (HTTP/2: GOAWAY), and waits
-    /// until all have.
+    /// until all have. Dropped before that (a drain timeout), it cuts the connections still open.
     pub async fn finish(self) {
         let Self {
             drain_tx,
-            mut alive_rx,
-            alive_tx,
+            mut connections,
         } = self;
         let _ = drain_tx.send(true);
-        drop(alive_tx);
-        // Every connection task holds a sender; recv ends when the last one is gone.
-        while alive_rx.recv().await.is_some() {}
+        while connections.join_next().await.is_some() {}
     }
 }
 

@@ -85,11 +85,13 @@ pub async fn run(
         None => None,
     };
 
+    let draining_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_server = admin.map(|listener| {
         let routes = tonic::service::Routes::new(AdminServiceServer::new(Admin::new(
             faults.clone(),
             health.clone(),
+            draining_flag.clone(),
         )))
         .add_service(reflection_v1(ADMIN_SERVICES))
         .add_service(reflection_v1alpha(ADMIN_SERVICES))
@@ -141,6 +143,7 @@ pub async fn run(
     let draining = health.clone();
     let stop_accepting = async move {
         shutdown.await;
+        draining_flag.store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(grace = ?drain_grace, "draining: health is NOT_SERVING");
         draining
             .set_service_status("", ServingStatus::NotServing)

@@ -733,3 +733,26 @@ async fn tls_connections_that_never_speak_are_closed() {
     r.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_draining_replica_cannot_be_made_serving_again() {
+    let mut config = ReplicaConfig::new("r-drain-admin", support::users());
+    config.drain_grace = Duration::from_secs(3);
+    let mut r = Replica::start_with("127.0.0.1", config).await;
+    let admin = AdminAddr::plaintext(r.admin);
+    admin
+        .set_serving(true)
+        .await
+        .expect("allowed before the drain");
+    r.begin_drain();
+    let refused = eventually("SetServing is refused while draining", || async {
+        admin
+            .set_serving(true)
+            .await
+            .err()
+            .filter(|s| s.code() == Code::FailedPrecondition)
+    })
+    .await;
+    assert!(refused.message().contains("draining"), "{refused:?}");
+    r.stop().await;
+}
