@@ -46,7 +46,7 @@ impl AdminAddr {
         let channel = endpoint.connect().await.map_err(|e| {
             Status::unavailable(format!(
                 "cannot connect to the admin service at {addr}: {}",
-                with_causes(&e)
+                crate::health::with_causes(e.to_string(), std::error::Error::source(&e))
             ))
         })?;
         Ok(AdminServiceClient::new(channel))
@@ -80,20 +80,4 @@ impl AdminAddr {
             .await?;
         Ok(())
     }
-}
-
-/// An error with its causes: tonic's "transport error" alone says nothing, the TLS or connection
-/// error under it does.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

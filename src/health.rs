@@ -252,8 +252,18 @@ async fn watch_once(
 /// A status with its whole chain of causes: tonic's "transport error" alone says nothing, the TLS
 /// or connection error under it does.
 fn error_chain(status: &tonic::Status) -> String {
-    let mut text = status.message().to_owned();
-    let mut source = std::error::Error::source(status);
+    with_causes(
+        status.message().to_owned(),
+        std::error::Error::source(status),
+    )
+}
+
+/// `head`, then each cause from `source` down that `head` does not already say.
+pub(crate) fn with_causes(
+    head: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
+    let mut text = head;
     while let Some(cause) = source {
         let cause_text = cause.to_string();
         if !text.contains(&cause_text) {

@@ -59,21 +59,15 @@ impl OutlierConfig {
 /// Runs until the registry is gone.
 pub async fn detect(registry: Weak<Registry>, config: OutlierConfig) {
     let mut above_since: HashMap<SocketAddr, Instant> = HashMap::new();
-    let mut tick = tokio::time::interval(config.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(registry) = registry.upgrade() else {
-            return;
-        };
+    super::registry::every(registry, config.interval, |registry| {
         let endpoints = registry.shared_endpoints();
-        drop(registry);
         for (endpoint, verdict) in judge(&endpoints, &config, &mut above_since, Instant::now()) {
             if verdict && endpoint.eject_for_latency() {
                 tracing::info!(addr = %endpoint.addr(), ewma = ?endpoint.latency().0, "ejected as a latency outlier");
             }
         }
-    }
+    })
+    .await;
 }
 
 /// Decides which endpoints to eject now; also hands every endpoint the fleet's threshold for

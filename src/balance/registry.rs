@@ -9,7 +9,7 @@ use crate::health::{self, Gate, HealthConfig};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -192,6 +192,24 @@ impl Registry {
         for (_, entry) in std::mem::take(&mut *self.lock()) {
             entry.watch.abort();
         }
+    }
+}
+
+/// Calls `look` with the registry every `interval` until the balancer is gone: the loop the
+/// detectors (outliers, silence) run on their own tasks.
+pub(super) async fn every(
+    registry: Weak<Registry>,
+    interval: Duration,
+    mut look: impl FnMut(&Registry),
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(registry) = registry.upgrade() else {
+            return;
+        };
+        look(&registry);
     }
 }
 

@@ -126,22 +126,16 @@ impl Progress {
 
 /// Runs until the registry is gone.
 pub async fn detect(registry: Weak<Registry>, config: SilenceConfig) {
-    let mut tick = tokio::time::interval(config.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(registry) = registry.upgrade() else {
-            return;
-        };
+    super::registry::every(registry, config.interval, |registry| {
         let endpoints = registry.connected_endpoints();
-        drop(registry);
         for (shared, channel) in suspects(&endpoints, &config, Instant::now()) {
             if shared.progress().probing.swap(true, Ordering::AcqRel) {
                 continue;
             }
             tokio::spawn(probe(shared, channel, config));
         }
-    }
+    })
+    .await;
 }
 
 /// The endpoints overdue while another made progress, with their connections.

@@ -109,12 +109,19 @@ async fn blackhole(
         humantime::format_duration(config.duration),
         config.concurrency
     );
-    if !crate::netns::available() {
+    let skipped = if !crate::netns::available() {
+        Some("needs Linux, root and iproute2 (network namespaces)")
+    } else if config.tls.is_some() {
+        Some("not under --tls: the certificates name 127.0.0.x, not the namespace's address")
+    } else {
+        None
+    };
+    if let Some(why) = skipped {
         return Ok(FailureScenario {
             kind: FailureKind::Blackhole,
             setup,
             rows: Vec::new(),
-            skipped: Some("needs Linux, root and iproute2 (network namespaces)".into()),
+            skipped: Some(why.into()),
         });
     }
     let faults = [FaultConfig {
@@ -136,14 +143,7 @@ async fn blackhole(
         let addrs: Vec<SocketAddr> = fleet.members.iter().map(|m| m.addr).collect();
         let target = crate::Target::Static(addrs.clone()).to_string();
         let row = if tonic {
-            let endpoints = addrs
-                .iter()
-                .map(|a| {
-                    tonic::transport::Endpoint::from_shared(format!("http://{a}"))
-                        .map(|e| e.connect_timeout(Duration::from_secs(2)))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
+            let channel = balance_list(&addrs, config)?;
             // The same 10 s deadline meshlb gives every call, around the whole channel: tonic's
             // own request timeout starts only once its balancer has picked a connection.
             let channel = tower::ServiceBuilder::new()
@@ -151,8 +151,7 @@ async fn blackhole(
                 .service(channel);
             cut_run(&channel, None, &fleet, cut, config).await?
         } else {
-            let lb = Balancer::builder(target)
-                .health_service(crate::proto::USERGUIDE_SERVICE)
+            let lb = balancer(target, config)
                 .silence(SilenceConfig {
                     enabled: silence,
                     ..SilenceConfig::default()
@@ -180,6 +179,31 @@ async fn blackhole(
         rows,
         skipped: None,
     })
+}
+
+/// meshlb over `target`, as the other scenarios build it (TLS included).
+fn balancer(target: String, config: &BenchConfig) -> crate::balance::Builder {
+    let builder = Balancer::builder(target).health_service(crate::proto::USERGUIDE_SERVICE);
+    match &config.tls {
+        Some(tls) => builder.tls(tls.clone()),
+        None => builder,
+    }
+}
+
+/// tonic's `balance_list` over `addrs`, as a tonic user would set it up.
+fn balance_list(
+    addrs: &[SocketAddr],
+    config: &BenchConfig,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoints = addrs
+        .iter()
+        .map(|a| {
+            super::tonic_endpoint(*a, config).map(|e| e.connect_timeout(Duration::from_secs(2)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(tonic::transport::Channel::balance_list(
+        endpoints.into_iter(),
+    ))
 }
 
 /// One blackhole run: (calls/s after the cut point, errors, latency, ms until out of rotation).
@@ -256,11 +280,7 @@ async fn overload(
     let fleet = RunningFleet::start(&spec, &launch).await?;
     let addrs: Vec<SocketAddr> = fleet.members.iter().map(|m| m.addr).collect();
     let target = crate::Target::Static(addrs.clone()).to_string();
-    let balancer = || {
-        Balancer::builder(target.clone())
-            .health_service(crate::proto::USERGUIDE_SERVICE)
-            .build()
-    };
+    let balancer = || balancer(target.clone(), config).build();
 
     progress("overload / capacity");
     let lb = balancer().await?;
@@ -302,11 +322,7 @@ async fn overload(
     ));
 
     progress("overload / tonic balance_list at 3x");
-    let endpoints = addrs
-        .iter()
-        .map(|a| tonic::transport::Endpoint::from_shared(format!("http://{a}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
+    let channel = balance_list(&addrs, config)?;
     let run = measure(&channel, &open, config).await;
     rows.push(row(
         &format!("tonic balance_list, open loop at {offered:.0}/s (3x)"),

@@ -5,6 +5,7 @@
 
 use crate::support::{eventually, get_point_request, state_of, Replica};
 use meshlb::balance::EndpointState;
+use meshlb::netns::Netns;
 use meshlb::proto::userguide::v1::user_guide_service_client::UserGuideServiceClient;
 use meshlb::replica::FaultConfig;
 use std::io::{BufRead, BufReader};
@@ -13,97 +14,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// A network namespace with one veth link to the host; removed on drop.
-struct Netns {
-    name: String,
-    inner_link: String,
-    host_link: String,
-    inner_ip: String,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let id = std::process::id() % 100_000;
-        let name = format!("mlb-{tag}-{id}");
-        let host_link = format!("mlh{tag}{id}");
-        let inner_link = format!("mln{tag}{id}");
-        let subnet = format!("10.{}.{}", 100 + id % 150, (id / 150) % 250);
-        let ns = Self {
-            name,
-            inner_link,
-            host_link,
-            inner_ip: format!("{subnet}.2"),
-        };
-        // Leftovers of an earlier run that was killed.
-        let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
-        let _ = Command::new("ip")
-            .args(["link", "del", &ns.host_link])
-            .output();
-        ip(&["netns", "add", &ns.name]);
-        ip(&[
-            "link",
-            "add",
-            &ns.host_link,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &ns.inner_link,
-        ]);
-        ip(&["link", "set", &ns.inner_link, "netns", &ns.name]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{subnet}.1/30"),
-            "dev",
-            &ns.host_link,
-        ]);
-        ip(&["link", "set", &ns.host_link, "up"]);
-        ns.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{subnet}.2/30"),
-            "dev",
-            &ns.inner_link,
-        ]);
-        ns.exec(&["ip", "link", "set", &ns.inner_link, "up"]);
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn exec(&self, args: &[&str]) {
-        let mut all = vec!["netns", "exec", &self.name];
-        all.extend_from_slice(args);
-        ip(&all);
-    }
-
-    /// Takes the namespace's side of the link down: a blackhole.
-    fn cut(&self) {
-        self.exec(&["ip", "link", "set", &self.inner_link, "down"]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_link])
-            .output();
-    }
-}
 
 /// A replica process inside `ns`; killed on drop. Its stdout stays open: a closed pipe would
 /// make its next line fail.
@@ -119,11 +29,11 @@ impl Inside {
             .args([
                 "netns",
                 "exec",
-                &ns.name,
+                ns.name(),
                 env!("CARGO_BIN_EXE_meshlb"),
                 "replica",
             ])
-            .args(["--listen", &format!("{}:0", ns.inner_ip)])
+            .args(["--listen", &format!("{}:0", ns.inner_ip())])
             .args(["--id", "silent", "--admin-listen", "none"])
             .args([
                 "--data",
@@ -153,18 +63,13 @@ impl Drop for Inside {
     }
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no memory effects.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[tokio::test]
 async fn a_blackholed_replica_is_routed_around_within_a_second_and_no_call_fails() {
-    if !is_root() {
-        eprintln!("skipped: network namespaces need root (CI runs as root)");
+    if !meshlb::netns::available() {
+        eprintln!("skipped: network namespaces need root and iproute2 (CI has both)");
         return;
     }
-    let ns = Netns::new("bh");
+    let ns = Netns::new("t", 0).expect("a network namespace");
     let silent = Inside::start(&ns);
     let a = Replica::start("127.0.0.1", "loud-1", FaultConfig::default()).await;
     let b = Replica::start("127.0.0.1", "loud-2", FaultConfig::default()).await;
@@ -217,7 +122,7 @@ async fn a_blackholed_replica_is_routed_around_within_a_second_and_no_call_fails
     })
     .await;
 
-    ns.cut();
+    ns.cut().expect("cut the link");
     let cut = std::time::Instant::now();
     eventually("the silent replica leaves rotation", || async {
         (state_of(&lb, silent.1) != Some(EndpointState::Ready)).then_some(())

@@ -28,7 +28,9 @@ type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
 /// `meshlb up` on free ports: the child, its target, how many replicas said SERVING, and the rest
 /// of its output.
 fn spawn_up(args: &[&str]) -> (Child, String, usize, Lines) {
+    // From another folder: `up` needs nothing from the repository (its fleet and data are built in).
     let mut child = meshlb()
+        .current_dir(std::env::temp_dir())
         .args(["up", "--base-port", "0"])
         .args(args)
         .stdout(Stdio::piped())
@@ -263,8 +265,12 @@ fn call_honours_its_timeout_against_a_silent_endpoint() {
 }
 
 #[test]
-fn demo_finishes_with_both_tables() {
+fn demo_finishes_with_both_tables_from_any_folder() {
+    // Run elsewhere than the repository, with the tools' own log level: the built-in fleet and
+    // data, no INFO lines and no colour codes in a pipe.
     let out = meshlb()
+        .current_dir(std::env::temp_dir())
+        .env_remove("RUST_LOG")
         .args(["demo", "--duration", "1s", "--concurrency", "4"])
         .output()
         .unwrap();
@@ -279,11 +285,21 @@ fn demo_finishes_with_both_tables() {
     assert!(stdout.contains("conclusion:"), "{stdout}");
     assert!(stdout.contains("users-3"), "{stdout}");
     assert!(stdout.contains("fleet drained"), "{stdout}");
+    assert!(stdout.contains("the built-in fleet"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\u{1b}'), "{stderr}");
+    assert!(!stderr.contains(" INFO "), "{stderr}");
 }
 
 #[test]
 fn a_two_tier_fleet_answers_through_the_front() {
-    let (child, front) = up_with(&["--fleet", "replicas/two-tier.toml"], 5);
+    let (child, front) = up_with(
+        &[
+            "--fleet",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/replicas/two-tier.toml"),
+        ],
+        5,
+    );
     assert_eq!(
         front.split(',').count(),
         2,
@@ -409,25 +425,4 @@ fn usage_errors_name_what_is_wrong() {
     assert_eq!(out.status.code(), Some(2));
     let help = String::from_utf8_lossy(&out.stderr);
     assert!(help.contains("Usage:") && help.contains("demo"), "{help}");
-}
-
-#[test]
-fn demo_and_up_work_from_another_directory_with_the_built_in_fleet() {
-    let elsewhere = std::env::temp_dir();
-    let out = meshlb()
-        .current_dir(&elsewhere)
-        .args(["demo", "--duration", "1s"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("the built-in fleet"), "{stdout}");
-    assert!(stdout.contains("conclusion:"), "{stdout}");
-    // No colour codes when stderr is not a terminal, and no INFO lines from the tools.
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains('\u{1b}'), "{stderr}");
 }

@@ -92,24 +92,6 @@ async fn raw_grpc(
     (code, status)
 }
 
-/// Sends raw bytes over HTTP/1.1 and reads until the replica closes: (status, body).
-async fn http1(addr: SocketAddr, raw: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(raw.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut text))
-        .await
-        .expect("answered and closed within the deadline")
-        .unwrap();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (status, body)
-}
-
 /// Resolves when the peer closes the connection (EOF or reset).
 async fn closed_by_peer(stream: &mut tokio::net::TcpStream) -> bool {
     let mut buf = [0u8; 1024];
@@ -485,7 +467,7 @@ async fn a_huge_name_gets_a_bounded_not_found_that_a_default_client_accepts() {
     assert!(err.message().len() < 300, "{} bytes", err.message().len());
     assert!(err.message().contains('…'), "{}", err.message());
 
-    let (status, body) = http1(
+    let (status, body) = support::http_raw(
         r.addr,
         &format!("GET /v1/users?points={name} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
     )
@@ -547,7 +529,7 @@ async fn a_second_request_message_in_a_unary_call_is_an_error() {
 #[tokio::test]
 async fn rest_answers_405_and_absolute_form_targets_with_json_errors() {
     let r = Replica::start("127.0.0.1", "r-rest-edges", FaultConfig::default()).await;
-    let (status, body) = http1(
+    let (status, body) = support::http_raw(
         r.addr,
         "POST /v1/points HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     )
@@ -556,7 +538,7 @@ async fn rest_answers_405_and_absolute_form_targets_with_json_errors() {
     let json: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
     assert!(json["message"].as_str().unwrap().contains("GET"), "{json}");
 
-    let (status, body) = http1(
+    let (status, body) = support::http_raw(
         r.addr,
         "GET http://evil/v1/points?name=amy&age=24 HTTP/1.1\r\nHost: evil\r\nConnection: close\r\n\r\n",
     )

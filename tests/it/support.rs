@@ -198,18 +198,29 @@ impl Drop for Process {
 
 /// One HTTP/1.1 GET over a plain socket: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_raw(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// Sends raw HTTP/1.1 bytes and reads until the server closes: (status, body).
+pub async fn http_raw(addr: SocketAddr, raw: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    let status = raw
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut text))
+        .await
+        .expect("answered and closed within the deadline")
+        .unwrap();
+    let status = text
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {raw:?}"));
-    let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     (status, body)
 }
 
