@@ -255,9 +255,14 @@ pub async fn manage<S>(
                 )
             }
             Update::Remove(addr) => {
+                // The balancer hears of the removal first (it reads its queue before every
+                // choice), so an endpoint gone from `endpoints()` is never chosen again.
+                if to_balancer.send(Change::Remove(addr)).is_err() {
+                    return;
+                }
                 registry.remove(&addr);
                 tracing::debug!(%addr, "endpoint removed");
-                Change::Remove(addr)
+                continue;
             }
         };
         if to_balancer.send(change).is_err() {
