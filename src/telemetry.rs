@@ -23,6 +23,10 @@ use tracing_subscriber::Layer;
 pub const RPC_SPANS: &str = "meshlb::rpc";
 
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The running exporter, for [`flush`]; set once by [`init`].
+static PROVIDER: std::sync::OnceLock<SdkTracerProvider> = std::sync::OnceLock::new();
+/// The first export that failed in this process, if any.
+static EXPORT_FAILURE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 /// Whether this process exports spans (so a span's trace id means something to a trace UI).
 pub fn exporting() -> bool {
@@ -48,6 +52,56 @@ impl Telemetry {
                 tracing::warn!(%error, "could not flush spans");
             }
         }
+    }
+}
+
+/// Exports the spans ended so far and says whether every export of this process reached the
+/// collector: a trace id is worth showing (as a trace UI link) only then. Blocks until the
+/// collector answers or the exporter times out; call it off the async workers.
+pub fn flush() -> Result<(), String> {
+    let provider = PROVIDER.get().ok_or("spans are not exported")?;
+    let flushed = provider.force_flush();
+    // The exporter's own words, rather than the flush's wrapping of them.
+    match EXPORT_FAILURE.lock().map(|f| f.clone()) {
+        Ok(Some(failure)) => Err(failure),
+        _ => flushed.map_err(|e| e.to_string()),
+    }
+}
+
+/// The OTLP exporter, remembering the first failed export so [`flush`] can tell the user that
+/// a trace never reached the collector.
+#[derive(Debug)]
+struct Recorded<E>(E);
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Recorded<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let result = self.0.export(batch).await;
+        if let Err(error) = &result {
+            if let Ok(mut first) = EXPORT_FAILURE.lock() {
+                first.get_or_insert_with(|| error.to_string());
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.0.set_resource(resource);
     }
 }
 
@@ -111,6 +165,9 @@ pub fn init(default_service: &str, default_level: &str) -> Telemetry {
         installed && provider.is_some(),
         std::sync::atomic::Ordering::Relaxed,
     );
+    if let (true, Some(p)) = (installed, &provider) {
+        let _ = PROVIDER.set(p.clone());
+    }
     Telemetry { provider }
 }
 
@@ -130,7 +187,7 @@ fn exporter_provider(default_service: &str) -> Result<SdkTracerProvider, String>
         resource = resource.with_service_name(default_service.to_owned());
     }
     Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(Recorded(exporter))
         .with_resource(resource.build())
         .build())
 }

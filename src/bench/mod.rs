@@ -44,7 +44,8 @@ impl ScenarioKind {
         ScenarioKind::NoLatency,
     ];
 
-    fn name(self) -> &'static str {
+    /// The name `--scenarios` takes.
+    pub fn name(self) -> &'static str {
         match self {
             ScenarioKind::Uniform => "uniform",
             ScenarioKind::OneSlow => "one-slow",

@@ -88,9 +88,18 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         tls,
     };
     let results = bench::run(&config, &launch, |what| eprintln!("measuring {what}")).await?;
+    let scenarios: Vec<&str> = args
+        .scenarios
+        .iter()
+        .map(|s| match s {
+            Scenario::Perf(k) => k.name(),
+            Scenario::Failure(k) => k.name(),
+        })
+        .collect();
     let mut markdown = format!(
-        "Command: `meshlb bench --duration {} --warmup {} --concurrency {} --rounds {}{}` ({} build); \
+        "Command: `meshlb bench --scenarios {} --duration {} --warmup {} --concurrency {} --rounds {}{}` ({} build); \
          closed loop, GetPoint; every figure is the median of {} rounds.\n\n",
+        scenarios.join(","),
         humantime::format_duration(config.duration),
         humantime::format_duration(config.warmup),
         config.concurrency,

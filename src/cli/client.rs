@@ -162,7 +162,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .max(Duration::from_millis(1)),
         );
     }
-    let report = drive(&lb, &spec, args.watch, args.format == Format::Table).await;
+    let mut report = drive(&lb, &spec, args.watch, args.format == Format::Table).await;
+    if report.trace_id.is_some() {
+        // A link to a trace the collector never got would send the user looking for nothing.
+        let exported = tokio::task::spawn_blocking(crate::telemetry::flush).await;
+        if let Ok(Err(error)) | Err(error) = exported.map_err(|e| e.to_string()) {
+            eprintln!("warning: spans were not exported ({error}); no trace to show");
+            report.trace_id = None;
+        }
+    }
     match args.format {
         Format::Table => {
             print!("{}", report.table());

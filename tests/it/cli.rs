@@ -265,33 +265,6 @@ fn call_honours_its_timeout_against_a_silent_endpoint() {
 }
 
 #[test]
-fn demo_finishes_with_both_tables_from_any_folder() {
-    // Run elsewhere than the repository, with the tools' own log level: the built-in fleet and
-    // data, no INFO lines and no colour codes in a pipe.
-    let out = meshlb()
-        .current_dir(std::env::temp_dir())
-        .env_remove("RUST_LOG")
-        .args(["demo", "--duration", "1s", "--concurrency", "4"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("policy p2c"), "{stdout}");
-    assert!(stdout.contains("policy round-robin"), "{stdout}");
-    assert!(stdout.contains("conclusion:"), "{stdout}");
-    assert!(stdout.contains("users-3"), "{stdout}");
-    assert!(stdout.contains("fleet drained"), "{stdout}");
-    assert!(stdout.contains("the built-in fleet"), "{stdout}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains('\u{1b}'), "{stderr}");
-    assert!(!stderr.contains(" INFO "), "{stderr}");
-}
-
-#[test]
 fn a_two_tier_fleet_answers_through_the_front() {
     let (child, front) = up_with(
         &[

@@ -5,6 +5,7 @@ mod blackhole;
 mod cli;
 mod dns;
 mod dns_server;
+mod docs;
 mod hardening;
 mod manifests;
 mod replica;

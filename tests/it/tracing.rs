@@ -343,3 +343,41 @@ async fn a_foreign_traceparent_is_continued() {
     assert_eq!(server.trace_id, trace_id);
     assert_eq!(server.parent, parent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_trace_link_when_the_collector_never_got_the_spans() {
+    // A collector address nobody listens on: bind a port, then free it.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let server = replica_plain("lonely");
+    let target = format!("ipv4:{}", server.addr);
+    for format in ["table", "json"] {
+        let out = meshlb(
+            nobody,
+            &[
+                "client",
+                "--target",
+                &target,
+                "--requests",
+                "20",
+                "--format",
+                format,
+            ],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(!stdout.contains("/trace/"), "{stdout}");
+        assert!(!stdout.contains("\"trace_id\":\""), "{stdout}");
+        assert!(
+            stderr.contains("spans were not exported") && stderr.contains("no trace to show"),
+            "{stderr}"
+        );
+    }
+}
+
+fn replica_plain(id: &str) -> Process {
+    Process::spawn("127.0.0.1", &["--id", id])
+}
