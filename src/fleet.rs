@@ -260,6 +260,8 @@ pub struct Running {
     pub faults: FaultConfig,
     /// Its admin service.
     pub admin: AdminAddr,
+    /// Where Prometheus scrapes it (`GET /metrics`).
+    pub metrics: SocketAddr,
     /// What it was started from, to start it again.
     pub member: Member,
     child: Child,
@@ -522,17 +524,19 @@ async fn start_one(
         id: member.id.clone(),
         message,
     };
-    let (mut command, listen, admin_listen) = match &netns {
+    let (mut command, listen, admin_listen, metrics_listen) = match &netns {
         // Inside its namespace, everything it binds is on the namespace's address.
         Some(ns) => {
             let listen = SocketAddr::new(ns.inner_ip(), member.listen.port());
             let admin = SocketAddr::new(ns.inner_ip(), admin_listen(member.listen).port());
-            (ns.command(&launch.exe), listen, admin)
+            let metrics = SocketAddr::new(ns.inner_ip(), metrics_listen(member.listen).port());
+            (ns.command(&launch.exe), listen, admin, metrics)
         }
         None => (
             Command::new(&launch.exe),
             member.listen,
             admin_listen(member.listen),
+            metrics_listen(member.listen),
         ),
     };
     let mut child = command
@@ -549,6 +553,7 @@ async fn start_one(
         ])
         .args(["--fail-rate", &member.faults.fail_rate.to_string()])
         .args(["--admin-listen", &admin_listen.to_string()])
+        .args(["--metrics-listen", &metrics_listen.to_string()])
         .args(upstream.map(|u| ["--upstream", u]).into_iter().flatten())
         .args(
             launch
@@ -570,7 +575,7 @@ async fn start_one(
         .ok_or_else(|| fail("no stdout pipe".into()))?;
     let mut stdout = BufReader::new(stdout);
     let mut lines = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let mut line = String::new();
         let read = tokio::time::timeout(launch.ready_timeout, stdout.read_line(&mut line)).await;
         match read {
@@ -589,6 +594,8 @@ async fn start_one(
         .ok_or_else(|| fail(format!("unexpected first line {:?}", lines[0])))?;
     let admin = parse_line(&lines[1], "admin on ")
         .ok_or_else(|| fail(format!("unexpected second line {:?}", lines[1])))?;
+    let metrics = parse_line(&lines[2], "metrics on ")
+        .ok_or_else(|| fail(format!("unexpected third line {:?}", lines[2])))?;
     Ok(Running {
         id: member.id.clone(),
         tier: member.tier.clone(),
@@ -599,6 +606,7 @@ async fn start_one(
             addr: admin,
             tls: launch.admin_tls.clone(),
         },
+        metrics,
         member: member.clone(),
         child,
         _stdout: stdout,
@@ -664,6 +672,20 @@ fn admin_listen(listen: SocketAddr) -> SocketAddr {
         p => p.checked_add(ADMIN_PORT_OFFSET).unwrap_or(0),
     };
     SocketAddr::new(ip, port)
+}
+
+/// How far above its serving port a fleet replica's metrics listener is (50051 -> 52051).
+pub const METRICS_PORT_OFFSET: u16 = 2000;
+
+/// The metrics listener of a replica serving on `listen`: beside the admin listener, on
+/// loopback, at [`METRICS_PORT_OFFSET`] above a fixed port, or on a free port.
+fn metrics_listen(listen: SocketAddr) -> SocketAddr {
+    let admin = admin_listen(listen);
+    let port = match listen.port() {
+        0 => 0,
+        p => p.checked_add(METRICS_PORT_OFFSET).unwrap_or(0),
+    };
+    SocketAddr::new(admin.ip(), port)
 }
 
 fn parse_line(line: &str, prefix: &str) -> Option<SocketAddr> {

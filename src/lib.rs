@@ -28,7 +28,8 @@
 //! - [`tls`]: certificates and TLS configs for replicas and clients.
 //!
 //! The server and the tools built on it:
-//! - [`replica`]: the server every replica runs (gRPC + REST, health, reflection, drain, faults).
+//! - [`replica`]: the server every replica runs (gRPC + REST, health, reflection, drain, faults,
+//!   metrics); [`metrics`]: `GET /metrics` for Prometheus, for the replica and the CLI.
 //! - [`fleet`]: a local fleet of replica processes; [`admin_client`]: a replica's admin service;
 //!   [`netns`]: network namespaces to blackhole a replica in.
 //! - [`load`]: load generation through any tonic transport; [`report`]: its tables and JSON.
@@ -58,6 +59,8 @@ pub mod telemetry;
 pub mod tls;
 
 // The server side (feature `server`).
+#[cfg(feature = "server")]
+pub mod metrics;
 #[cfg(feature = "server")]
 pub mod replica;
 

@@ -20,6 +20,7 @@ use super::deadline::DeadlineBody;
 use super::endpoint::{BoxError, EndpointError, ServedBy};
 use super::failfast::FailedFast;
 use super::hedge::{HedgeConfig, HedgeDelay};
+use super::metrics::MeteredBody;
 use super::Buffered;
 use crate::grpc::Pushback;
 use crate::telemetry;
@@ -115,6 +116,10 @@ pub(super) async fn run(
         rpc.grpc.status_code = Empty,
         otel.status_code = Empty,
     );
+    let mut metered = shared
+        .metrics
+        .as_ref()
+        .map(|m| m.call(shared.registry.target(), request.uri().path()));
     let response = run_in_span(buffer, &shared, request)
         .instrument(span.clone())
         .await;
@@ -126,6 +131,15 @@ pub(super) async fn run(
     if let Some(Attempts(n)) = response.extensions().get::<Attempts>() {
         span.record("meshlb.attempts", n);
     }
+    let response = match metered.take() {
+        None => response,
+        // A trailers-only answer is complete: its status is in its headers.
+        Some(mut call) if Status::from_header_map(response.headers()).is_some() => {
+            call.finish(code);
+            response
+        }
+        Some(call) => response.map(|body| Body::new(MeteredBody::new(body, call))),
+    };
     Ok(response)
 }
 
@@ -172,7 +186,11 @@ async fn run_in_span(
             let again = tries <= max_retries
                 && pushback != Some(Pushback::DoNotRetry)
                 && (worth_retrying(&result) || was_shed(&result));
-            if !again || !shared.budget.withdraw() {
+            if !again {
+                return (result, tries);
+            }
+            if !shared.budget.withdraw() {
+                shared.registry.count_budget_exhausted();
                 return (result, tries);
             }
             if let Some(Pushback::Wait(pause)) = pushback {
@@ -248,6 +266,7 @@ async fn hedged(
         () = tokio::time::sleep(delay) => {}
     }
     if !shared.budget.withdraw() {
+        shared.registry.count_budget_exhausted();
         return first.await;
     }
     shared.registry.count_hedge(false);

@@ -127,6 +127,23 @@ pub struct Shared {
     latency_threshold_us: AtomicU64,
     shed: AtomicU64,
     progress: Progress,
+    /// Calls ended, by the gRPC code the caller saw (a broken connection counts as
+    /// `UNAVAILABLE`, a call the caller dropped as `CANCELLED`).
+    by_code: [AtomicU64; 17],
+    probes: AtomicU64,
+}
+
+/// Counters of one endpoint for metrics, read when scraped.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointCounters {
+    /// Calls ended, indexed by gRPC code.
+    pub by_code: [u64; 17],
+    /// Probe calls sent while it was ejected.
+    pub probes: u64,
+    /// Ejections for consecutive failures.
+    pub ejections_failures: u64,
+    /// Ejections as a latency outlier.
+    pub ejections_latency: u64,
 }
 
 /// Why an endpoint is out of rotation.
@@ -145,6 +162,8 @@ struct Accrual {
     probing: bool,
     probe_in_flight: bool,
     reason: Option<Reason>,
+    /// Ejections so far, for failures and for latency.
+    ejections: [u64; 2],
 }
 
 /// What accrual allows right now.
@@ -181,6 +200,7 @@ impl Accrual {
         self.ejected_until = Some(now + self.backoff);
         self.probing = false;
         self.reason = Some(reason);
+        self.ejections[reason as usize] += 1;
     }
 
     /// `probe_too_slow`: the call was slower than the fleet's outlier threshold.
@@ -241,11 +261,14 @@ impl Shared {
                 probing: false,
                 probe_in_flight: false,
                 reason: None,
+                ejections: [0; 2],
             }),
             accrual_waker: AtomicWaker::new(),
             latency_threshold_us: AtomicU64::new(0),
             shed: AtomicU64::new(0),
             progress: Progress::default(),
+            by_code: Default::default(),
+            probes: AtomicU64::new(0),
         })
     }
 
@@ -322,6 +345,17 @@ impl Shared {
         }
     }
 
+    /// Its counters, for metrics.
+    pub fn counters(&self) -> EndpointCounters {
+        let ejections = lock(&self.accrual).ejections;
+        EndpointCounters {
+            by_code: std::array::from_fn(|i| self.by_code[i].load(Ordering::Relaxed)),
+            probes: self.probes.load(Ordering::Relaxed),
+            ejections_failures: ejections[Reason::Failures as usize],
+            ejections_latency: ejections[Reason::Latency as usize],
+        }
+    }
+
     /// Its progress, for silent-failure detection.
     pub fn progress(&self) -> &Progress {
         &self.progress
@@ -341,6 +375,15 @@ impl Shared {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.progress.call_ended();
         let sample = elapsed.as_micros() as f64;
+        let code = match outcome {
+            Outcome::Ok => tonic::Code::Ok,
+            Outcome::Status(code) | Outcome::StreamError(code) => code,
+            Outcome::Broken => tonic::Code::Unavailable,
+            Outcome::Cancelled => tonic::Code::Cancelled,
+        };
+        if let Some(counter) = self.by_code.get(code as usize) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         match outcome {
             Outcome::Ok => {
                 self.served.fetch_add(1, Ordering::Relaxed);
@@ -484,6 +527,7 @@ impl Service<http::Request<Body>> for Endpoint {
         let probe = std::mem::take(&mut self.next_is_probe);
         if probe {
             lock(&self.shared.accrual).probe_in_flight = true;
+            self.shared.probes.fetch_add(1, Ordering::Relaxed);
         }
         let before = self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         self.shared.progress.call_started(before == 0);
@@ -562,6 +606,7 @@ mod tests {
             probing: false,
             probe_in_flight: false,
             reason: None,
+            ejections: [0; 2],
         }
     }
 

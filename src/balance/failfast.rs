@@ -85,7 +85,7 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         if self.failing {
-            let status = tonic::Status::unavailable(self.registry.why_unavailable());
+            let status = tonic::Status::unavailable(self.registry.fail_fast());
             let mut response = status.into_http();
             response.extensions_mut().insert(FailedFast);
             return Either::Right(ready(Ok(response)));

@@ -58,6 +58,7 @@ pub mod endpoint;
 pub mod failfast;
 pub mod failure;
 pub mod hedge;
+pub mod metrics;
 pub mod outlier;
 pub mod registry;
 pub mod round_robin;
@@ -66,6 +67,7 @@ pub mod silence;
 pub use call::{Attempts, CallConfig};
 pub use endpoint::{AccrualConfig, BoxError, EndpointSnapshot, EndpointState, ServedBy};
 pub use hedge::{HedgeConfig, HedgeDelay};
+pub use metrics::Metrics;
 pub use outlier::OutlierConfig;
 pub use registry::ConnectConfig;
 pub use silence::SilenceConfig;
@@ -184,9 +186,16 @@ pub struct Builder {
     silence: SilenceConfig,
     tls: Option<crate::tls::ClientTls>,
     buffer: usize,
+    metrics: Option<Metrics>,
 }
 
 impl Builder {
+    /// Report into these metrics (see [`metrics`]); off by default.
+    pub fn metrics(mut self, metrics: &Metrics) -> Self {
+        self.metrics = Some(metrics.clone());
+        self
+    }
+
     /// Connect to the endpoints over TLS (and mTLS, with a client identity).
     pub fn tls(mut self, tls: crate::tls::ClientTls) -> Self {
         self.tls = Some(tls);
@@ -299,6 +308,9 @@ impl Builder {
         }
         let discovery = discovery::spawn(&target, &self.dns)?;
         let registry = Registry::new(self.target.clone());
+        if let Some(metrics) = &self.metrics {
+            metrics.attach(&registry);
+        }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let discover =
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
@@ -357,6 +369,7 @@ impl Builder {
                 manager,
                 detector,
                 silence_detector,
+                metrics: self.metrics,
             }),
         })
     }
@@ -381,6 +394,7 @@ pub(crate) struct Shared {
     manager: tokio::task::JoinHandle<()>,
     detector: Option<tokio::task::JoinHandle<()>>,
     silence_detector: Option<tokio::task::JoinHandle<()>>,
+    metrics: Option<Metrics>,
 }
 
 impl Drop for Shared {
@@ -421,6 +435,7 @@ impl Balancer {
             silence: SilenceConfig::default(),
             tls: None,
             buffer: 1024,
+            metrics: None,
         }
     }
 

@@ -52,6 +52,59 @@ pub struct Registry {
     retries: AtomicU64,
     hedges: AtomicU64,
     hedge_wins: AtomicU64,
+    counters: BalancerCounters,
+}
+
+/// Why calls failed fast, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailFastReason {
+    /// Discovery found no endpoint.
+    NoEndpoints,
+    /// Every endpoint reports NOT_SERVING.
+    Unhealthy,
+    /// Every endpoint is ejected.
+    Ejected,
+    /// Every endpoint is connecting or unreachable.
+    Connecting,
+    /// A mix of the above, or endpoints busy.
+    Other,
+}
+
+impl FailFastReason {
+    /// Every reason, in label order.
+    pub const ALL: [FailFastReason; 5] = [
+        Self::NoEndpoints,
+        Self::Unhealthy,
+        Self::Ejected,
+        Self::Connecting,
+        Self::Other,
+    ];
+
+    /// Its metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NoEndpoints => "no_endpoints",
+            Self::Unhealthy => "unhealthy",
+            Self::Ejected => "ejected",
+            Self::Connecting => "connecting",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// A balancer's own counters, beyond its endpoints', read when metrics are scraped.
+#[derive(Debug, Default)]
+pub struct BalancerCounters {
+    /// Retries or hedges the budget refused.
+    pub budget_exhausted: AtomicU64,
+    /// Calls failed fast, by [`FailFastReason`] (in `ALL` order).
+    pub fail_fast: [AtomicU64; 5],
+    /// Endpoints discovery added.
+    pub discovered: AtomicU64,
+    /// Endpoints discovery removed.
+    pub removed: AtomicU64,
+    /// DNS lookups that failed (the last good set was kept); shared with discovery.
+    pub dns_errors: std::sync::OnceLock<Arc<AtomicU64>>,
 }
 
 impl Registry {
@@ -63,7 +116,29 @@ impl Registry {
             retries: AtomicU64::new(0),
             hedges: AtomicU64::new(0),
             hedge_wins: AtomicU64::new(0),
+            counters: BalancerCounters::default(),
         })
+    }
+
+    /// The balancer's own counters.
+    pub fn counters(&self) -> &BalancerCounters {
+        &self.counters
+    }
+
+    /// Counts a retry or hedge the budget refused.
+    pub fn count_budget_exhausted(&self) {
+        self.counters
+            .budget_exhausted
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Why no endpoint is ready, counted as one call failed fast.
+    pub fn fail_fast(&self) -> String {
+        let (reason, why) = self.unavailable();
+        if let Some(i) = FailFastReason::ALL.iter().position(|r| *r == reason) {
+            self.counters.fail_fast[i].fetch_add(1, Ordering::Relaxed);
+        }
+        why
     }
 
     /// The target, as given.
@@ -106,9 +181,16 @@ impl Registry {
 
     /// Why no endpoint is ready, in words for an `UNAVAILABLE` message.
     pub fn why_unavailable(&self) -> String {
+        self.unavailable().1
+    }
+
+    fn unavailable(&self) -> (FailFastReason, String) {
         let all = self.snapshot();
         if all.is_empty() {
-            return format!("no endpoints for {}", self.target);
+            return (
+                FailFastReason::NoEndpoints,
+                format!("no endpoints for {}", self.target),
+            );
         }
         let count = |s| all.iter().filter(|e| e.state == s).count();
         let n = all.len();
@@ -122,26 +204,35 @@ impl Registry {
                     .map(|err| format!("; {}: {err}", e.addr))
             })
             .unwrap_or_default();
-        for (k, word) in [
-            (count(EndpointState::Unhealthy), "unhealthy"),
-            (ejected, "ejected"),
+        for (k, word, reason) in [
+            (
+                count(EndpointState::Unhealthy),
+                "unhealthy",
+                FailFastReason::Unhealthy,
+            ),
+            (ejected, "ejected", FailFastReason::Ejected),
             (
                 count(EndpointState::Connecting),
                 "connecting or unreachable",
+                FailFastReason::Connecting,
             ),
         ] {
             if k == n {
-                return format!("all {n} endpoints of {} are {word}{cause}", self.target);
+                return (
+                    reason,
+                    format!("all {n} endpoints of {} are {word}{cause}", self.target),
+                );
             }
         }
-        format!(
+        let why = format!(
             "no ready endpoint for {}: {} unhealthy, {} ejected, {} connecting or unreachable, {} busy",
             self.target,
             count(EndpointState::Unhealthy),
             ejected,
             count(EndpointState::Connecting),
             count(EndpointState::Ready),
-        ) + &cause
+        ) + &cause;
+        (FailFastReason::Other, why)
     }
 
     /// The shared state of every endpoint.
@@ -234,6 +325,10 @@ pub async fn manage<S>(
     wrap: impl Fn(Endpoint) -> S,
     to_balancer: mpsc::UnboundedSender<Change<SocketAddr, S>>,
 ) {
+    let _ = registry
+        .counters
+        .dns_errors
+        .set(discovery.stats.failures.clone());
     while let Some(update) = discovery.updates.recv().await {
         let change = match update {
             Update::Insert(addr, ()) => {
@@ -248,6 +343,7 @@ pub async fn manage<S>(
                 let shared = Shared::new(addr, gate.clone(), settings.accrual);
                 let watch = health::spawn_watch(channel.clone(), settings.health.clone(), gate);
                 registry.insert(addr, shared.clone(), channel.clone(), watch);
+                registry.counters.discovered.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%addr, "endpoint added");
                 Change::Insert(
                     addr,
@@ -261,6 +357,7 @@ pub async fn manage<S>(
                     return;
                 }
                 registry.remove(&addr);
+                registry.counters.removed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%addr, "endpoint removed");
                 continue;
             }

@@ -51,6 +51,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.timeout,
         crate::proto::USERGUIDE_SERVICE,
         &args.tls,
+        None,
     )?;
     // One deadline for the whole command: the wait for a ready endpoint counts against it.
     let deadline = tokio::time::Instant::now() + args.timeout;

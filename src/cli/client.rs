@@ -93,6 +93,10 @@ pub struct Args {
     /// The grpc.health.v1 service name to watch on each endpoint.
     #[arg(long, env = "MESHLB_HEALTH_SERVICE", default_value = crate::proto::USERGUIDE_SERVICE)]
     pub health_service: String,
+    /// Serve the balancer's metrics (Prometheus' text format, `GET /metrics`) here while the
+    /// load runs; the address is printed on stderr (`metrics on ADDR`).
+    #[arg(long, env = "MESHLB_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub tls: TlsArgs,
 }
@@ -129,6 +133,7 @@ pub fn balancer(
     timeout: Duration,
     health: &str,
     tls: &TlsArgs,
+    metrics: Option<&crate::balance::Metrics>,
 ) -> anyhow::Result<Balancer> {
     let mut builder = Balancer::builder(target)
         .policy(policy)
@@ -137,19 +142,46 @@ pub fn balancer(
     if let Some(tls) = tls.client_tls() {
         builder = builder.tls(tls);
     }
+    if let Some(metrics) = metrics {
+        builder = builder.metrics(metrics);
+    }
     builder
         .build_lazy()
         .map_err(|e| UsageError(e.to_string()).into())
 }
 
+/// The balancer's metrics, served at `addr` until the process exits.
+async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<crate::balance::Metrics> {
+    use anyhow::Context as _;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = crate::balance::Metrics::register(&mut registry);
+    registry.register_collector(Box::new(crate::replica::metrics::ProcessCollector));
+    eprintln!("metrics on {}", listener.local_addr()?);
+    let registry = std::sync::Arc::new(registry);
+    tokio::spawn(crate::metrics::serve(
+        listener,
+        move || crate::metrics::encode(&registry),
+        std::future::pending(),
+    ));
+    Ok(metrics)
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let spec = args.spec()?;
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr).await?),
+        None => None,
+    };
     let lb = balancer(
         &args.target,
         args.policy,
         args.timeout,
         &args.health_service,
         &args.tls,
+        metrics.as_ref(),
     )?;
     // Warm-up (connections, first health answers) stays out of the figures, but counts against
     // --duration: a run of 10 s takes 10 s, even against a dead target.

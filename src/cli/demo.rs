@@ -82,6 +82,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Duration::from_secs(10),
             crate::proto::USERGUIDE_SERVICE,
             &Default::default(),
+            None,
         )?;
         lb.wait_ready(Duration::from_secs(5)).await;
         let report = drive(&lb, &load, false, true).await;

@@ -74,6 +74,11 @@ pub struct Args {
     /// service; never on the serving port. Port 0 picks a free one (printed as the second line).
     #[arg(long, env = "MESHLB_ADMIN_LISTEN", default_value = "127.0.0.1:0", value_parser = parse_admin_listen)]
     admin_listen: AdminListen,
+    /// Where `GET /metrics` (Prometheus' text format) is served, `none` for nowhere; plaintext
+    /// and without authentication, so scrapers can read it: keep it off public networks. Printed
+    /// as the third line.
+    #[arg(long, env = "MESHLB_METRICS_LISTEN", default_value = "none", value_parser = parse_admin_listen)]
+    metrics_listen: AdminListen,
     /// Under mTLS (--tls-client-ca), the client certificate names (DNS or IP subject alternative
     /// names) allowed to call the admin service, comma-separated; other certificates are refused.
     #[arg(
@@ -176,6 +181,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?,
         ),
     };
+    let metrics = match args.metrics_listen {
+        AdminListen::Off => None,
+        AdminListen::On(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?,
+        ),
+    };
     let mtls = args.tls_client_ca.is_some();
     if let Some(admin) = &admin {
         let addr = admin.local_addr()?;
@@ -192,6 +205,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match &admin {
         Some(admin) => println!("admin on {}", admin.local_addr()?),
         None => println!("admin off"),
+    }
+    match &metrics {
+        Some(metrics) => println!("metrics on {}", metrics.local_addr()?),
+        None => println!("metrics off"),
     }
     std::io::stdout().flush()?;
 
@@ -234,6 +251,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let listeners = replica::Listeners {
         serving: listener,
         admin,
+        metrics,
     };
     replica::run(listeners, config, shutdown)
         .await

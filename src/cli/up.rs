@@ -197,11 +197,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .map(|t| format!(" upstream={t}"))
             .unwrap_or_default();
         println!(
-            "{:<10} {:<22} SERVING  pid={} admin={} tier={} latency={} jitter={} fail-rate={}{upstream}",
+            "{:<10} {:<22} SERVING  pid={} admin={} metrics={} tier={} latency={} jitter={} fail-rate={}{upstream}",
             m.id,
             m.addr.to_string(),
             m.pid().map_or("?".into(), |p| p.to_string()),
             m.admin.addr,
+            m.metrics,
             m.tier,
             humantime::format_duration(m.faults.latency),
             humantime::format_duration(m.faults.jitter),

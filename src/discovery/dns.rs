@@ -9,6 +9,8 @@ use hickory_resolver::{Resolver, TokioResolver};
 use rand::Rng;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -76,6 +78,8 @@ pub(super) struct Watch {
     config: DnsConfig,
     current: BTreeSet<SocketAddr>,
     failures: u32,
+    /// Every failed lookup, for metrics.
+    failed_lookups: Arc<AtomicU64>,
 }
 
 /// What one lookup gave.
@@ -86,7 +90,13 @@ enum Answer {
 }
 
 impl Watch {
-    pub(super) fn new(resolver: TokioResolver, host: String, port: u16, config: DnsConfig) -> Self {
+    pub(super) fn new(
+        resolver: TokioResolver,
+        host: String,
+        port: u16,
+        config: DnsConfig,
+        failed_lookups: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             resolver,
             host,
@@ -94,6 +104,7 @@ impl Watch {
             config,
             current: BTreeSet::new(),
             failures: 0,
+            failed_lookups,
         }
     }
 
@@ -119,6 +130,7 @@ impl Watch {
                     self.config.ttl_floor
                 }
                 Answer::Failed(error) => {
+                    self.failed_lookups.fetch_add(1, Ordering::Relaxed);
                     if self.failures == 0 {
                         tracing::warn!(host = %self.host, %error, kept = self.current.len(), "DNS lookup failed: keeping the last good set and retrying");
                     }

@@ -48,11 +48,20 @@ pub enum DiscoveryError {
     Resolver(String),
 }
 
+/// What discovery has done, for whoever reports on it.
+#[derive(Debug, Default)]
+pub struct DiscoveryStats {
+    /// DNS lookups that failed (the last good set was kept).
+    pub failures: Arc<std::sync::atomic::AtomicU64>,
+}
+
 /// A running discovery task and the updates it sends. Dropping it stops the task.
 #[derive(Debug)]
 pub struct Discovery {
     /// Insertions and removals, in order.
     pub updates: mpsc::UnboundedReceiver<Update>,
+    /// Its counters.
+    pub stats: DiscoveryStats,
     /// The handle to ask for an early re-resolution.
     pub refresh: Refresh,
     task: tokio::task::JoinHandle<()>,
@@ -68,6 +77,7 @@ impl Drop for Discovery {
 pub fn spawn(target: &Target, config: &DnsConfig) -> Result<Discovery, DiscoveryError> {
     let (tx, updates) = mpsc::unbounded_channel();
     let refresh = Refresh::default();
+    let stats = DiscoveryStats::default();
     let task = match target {
         Target::Static(addrs) => {
             let addrs = addrs.clone();
@@ -83,12 +93,19 @@ pub fn spawn(target: &Target, config: &DnsConfig) -> Result<Discovery, Discovery
         }
         Target::Dns { server, host, port } => {
             let resolver = dns::resolver(*server, config)?;
-            let watch = dns::Watch::new(resolver, host.clone(), *port, config.clone());
+            let watch = dns::Watch::new(
+                resolver,
+                host.clone(),
+                *port,
+                config.clone(),
+                stats.failures.clone(),
+            );
             tokio::spawn(watch.run(tx, refresh.clone()))
         }
     };
     Ok(Discovery {
         updates,
+        stats,
         refresh,
         task,
     })

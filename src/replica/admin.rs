@@ -9,6 +9,7 @@
 
 use super::conn::{Body, Peer};
 use super::faults::{FaultConfig, Faults};
+use super::metrics::ServingState;
 use crate::proto::admin::v1 as admin;
 use http::{Request, Response};
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -26,21 +27,21 @@ use tower::{Service, ServiceExt};
 pub struct Admin {
     faults: Faults,
     health: tonic_health::server::HealthReporter,
-    draining: Arc<std::sync::atomic::AtomicBool>,
+    state: Arc<ServingState>,
 }
 
 impl Admin {
-    /// An admin service over these knobs and this health reporter; `draining` turns true when
-    /// the replica starts draining.
+    /// An admin service over these knobs and this health reporter; `state.draining` turns true
+    /// when the replica starts draining, and `state.serving` follows what this service sets.
     pub fn new(
         faults: Faults,
         health: tonic_health::server::HealthReporter,
-        draining: Arc<std::sync::atomic::AtomicBool>,
+        state: Arc<ServingState>,
     ) -> Self {
         Self {
             faults,
             health,
-            draining,
+            state,
         }
     }
 }
@@ -83,12 +84,20 @@ impl admin::admin_service_server::AdminService for Admin {
     ) -> Result<tonic::Response<admin::SetServingResponse>, Status> {
         // A draining replica says NOT_SERVING so that clients leave; bringing it back would
         // bring calls back to a replica about to stop.
-        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+        if self
+            .state
+            .draining
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             return Err(Status::failed_precondition(
                 "the replica is draining; its health stays NOT_SERVING",
             ));
         }
-        let status = if request.into_inner().serving {
+        let serving = request.into_inner().serving;
+        self.state
+            .serving
+            .store(serving, std::sync::atomic::Ordering::Relaxed);
+        let status = if serving {
             tonic_health::ServingStatus::Serving
         } else {
             tonic_health::ServingStatus::NotServing

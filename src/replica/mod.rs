@@ -7,6 +7,7 @@
 //!                                                                       │    UserGuide, Health, Reflection
 //!                                                                       └─ anything else ───> REST routes
 //!  admin port (loopback; mTLS allow list) ──> conn ──> AdminService, Reflection
+//!  metrics port (plaintext, for Prometheus) ──> GET /metrics
 //!  every response: x-replica-id: <id>
 //! ```
 //!
@@ -19,6 +20,7 @@ pub mod call_limits;
 pub mod conn;
 pub mod data;
 pub mod faults;
+pub mod metrics;
 pub mod rest;
 mod server;
 pub mod service;

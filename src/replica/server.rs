@@ -3,6 +3,7 @@
 //! plaintext health port, and the drain sequence.
 
 use super::admin::{self, Admin};
+use super::metrics::{CountedRequest, GrpcCall, MeasuredAnswer, ReplicaMetrics, ServingState};
 use super::service::UserGuide;
 use super::{call_limits, conn, rest, shed, Faults, ReplicaConfig, ReplicaError};
 use crate::proto::admin::v1::admin_service_server::AdminServiceServer;
@@ -31,6 +32,9 @@ pub struct Listeners {
     pub serving: TcpListener,
     /// `meshlb.admin.v1.AdminService`; `None`: no admin service at all.
     pub admin: Option<TcpListener>,
+    /// `GET /metrics` in Prometheus' text format, plaintext and without authentication so that
+    /// a scraper can always read it; `None`: not served.
+    pub metrics: Option<TcpListener>,
 }
 
 impl From<TcpListener> for Listeners {
@@ -38,6 +42,7 @@ impl From<TcpListener> for Listeners {
         Self {
             serving,
             admin: None,
+            metrics: None,
         }
     }
 }
@@ -48,7 +53,11 @@ pub async fn run(
     config: ReplicaConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ReplicaError> {
-    let Listeners { serving, admin } = listeners.into();
+    let Listeners {
+        serving,
+        admin,
+        metrics: metrics_listener,
+    } = listeners.into();
     let id =
         HeaderValue::from_str(&config.id).map_err(|_| ReplicaError::BadId(config.id.clone()))?;
     config.faults.validate().map_err(ReplicaError::BadFaults)?;
@@ -85,13 +94,32 @@ pub async fn run(
         None => None,
     };
 
-    let draining_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let state = std::sync::Arc::new(ServingState::default());
+    state
+        .serving
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let metrics = ReplicaMetrics::new(faults.clone(), state.clone());
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = match metrics_listener {
+        Some(listener) => {
+            tracing::info!(addr = %listener.local_addr()?, "metrics on their own listener");
+            let registry = metrics.clone();
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                move || crate::metrics::encode(registry.registry()),
+                async {
+                    let _ = metrics_stopped.await;
+                },
+            )))
+        }
+        None => None,
+    };
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_server = admin.map(|listener| {
         let routes = tonic::service::Routes::new(AdminServiceServer::new(Admin::new(
             faults.clone(),
             health.clone(),
-            draining_flag.clone(),
+            state.clone(),
         )))
         .add_service(reflection_v1(ADMIN_SERVICES))
         .add_service(reflection_v1alpha(ADMIN_SERVICES))
@@ -134,6 +162,7 @@ pub async fn run(
         id,
         max_call_duration: config.max_call_duration,
         shed: shed::Shed::new(config.max_concurrent_calls),
+        metrics: metrics.clone(),
     };
 
     let addr = serving.local_addr()?;
@@ -143,7 +172,12 @@ pub async fn run(
     let draining = health.clone();
     let stop_accepting = async move {
         shutdown.await;
-        draining_flag.store(true, std::sync::atomic::Ordering::Release);
+        state
+            .draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        state
+            .serving
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(grace = ?drain_grace, "draining: health is NOT_SERVING");
         draining
             .set_service_status("", ServingStatus::NotServing)
@@ -172,6 +206,10 @@ pub async fn run(
         }
     }
     let _ = health_stop.send(());
+    let _ = metrics_stop.send(());
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     if let Some(server) = health_server {
         let _ = server.await;
     }
@@ -257,6 +295,7 @@ struct ByContentType {
     id: HeaderValue,
     max_call_duration: Option<std::time::Duration>,
     shed: shed::Shed,
+    metrics: ReplicaMetrics,
 }
 
 impl<B> Service<Request<B>> for ByContentType
@@ -286,8 +325,12 @@ where
         match kind_of(req.headers()) {
             Kind::Rest => {
                 let rest = self.rest.clone();
+                let metrics = self.metrics.clone();
+                let start = tokio::time::Instant::now();
                 Box::pin(async move {
+                    let path = req.uri().path().to_owned();
                     let response = rest.oneshot(req.map(Body::new)).await?;
+                    metrics.rest(&path, response.status(), start);
                     Ok(stamped(response, id))
                 })
             }
@@ -324,24 +367,30 @@ impl ByContentType {
     {
         let span = server_span(&req, &id);
         let path = req.uri().path();
+        let metered = self.metrics.grpc_call(path);
         let bounds = match call_limits::bounds_of(path, req.headers(), self.max_call_duration) {
             Ok(bounds) => bounds,
             Err(status) => {
                 let response = status.into_http::<Body>();
-                return Box::pin(async move { Ok(finish_grpc(response, &span, id)) });
+                return Box::pin(async move { Ok(finish_grpc(response, &span, id, metered)) });
             }
         };
         let permit = match self.shed.admit(path) {
             Ok(permit) => permit,
             Err(overloaded) => {
                 let response = overloaded.into_response();
-                return Box::pin(async move { Ok(finish_grpc(response, &span, id)) });
+                return Box::pin(async move { Ok(finish_grpc(response, &span, id, metered)) });
             }
         };
+        let counter = metered.request_counter();
         let req = if call_limits::single_message(path) {
-            req.map(|b| Body::new(call_limits::OneMessage::new(b)))
+            req.map(|b| {
+                Body::new(call_limits::OneMessage::new(CountedRequest::new(
+                    b, counter,
+                )))
+            })
         } else {
-            req.map(Body::new)
+            req.map(|b| Body::new(CountedRequest::new(b, counter)))
         };
         let router = self.grpc.clone();
         let start = tokio::time::Instant::now();
@@ -366,7 +415,7 @@ impl ByContentType {
                 None => response,
                 Some(permit) => response.map(|b| Body::new(conn::Holding::new(b, permit))),
             };
-            Ok(finish_grpc(response, &span, id))
+            Ok(finish_grpc(response, &span, id, metered))
         })
     }
 }
@@ -376,14 +425,18 @@ fn stamped(mut response: Response<Body>, id: HeaderValue) -> Response<Body> {
     response
 }
 
+/// Stamps the answer, records its status on the span, and hands the call's metrics to the body,
+/// which finishes them when the answer ends.
 fn finish_grpc(
     mut response: Response<Body>,
     span: &tracing::Span,
     id: HeaderValue,
+    call: GrpcCall,
 ) -> Response<Body> {
     too_large_is_resource_exhausted(&mut response);
-    let code =
-        tonic::Status::from_header_map(response.headers()).map_or(tonic::Code::Ok, |s| s.code());
+    let headers_code = tonic::Status::from_header_map(response.headers()).map(|s| s.code());
+    let code = headers_code.unwrap_or(tonic::Code::Ok);
+    let response = response.map(|b| Body::new(MeasuredAnswer::new(b, call, headers_code)));
     span.record("rpc.grpc.status_code", code as i32);
     if matches!(
         code,

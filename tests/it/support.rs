@@ -42,6 +42,8 @@ pub struct Replica {
     /// Its admin listener (same IP, a free port).
     pub admin: SocketAddr,
     pub id: String,
+    /// Its metrics listener (same IP, a free port).
+    pub metrics: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), replica::ReplicaError>>>,
 }
@@ -68,11 +70,16 @@ impl Replica {
             .await
             .expect("bind the admin listener");
         let admin_addr = admin.local_addr().unwrap();
+        let metrics = tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0))
+            .await
+            .expect("bind the metrics listener");
+        let metrics_addr = metrics.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let id = config.id.clone();
         let listeners = replica::Listeners {
             serving: listener,
             admin: Some(admin),
+            metrics: Some(metrics),
         };
         let task = tokio::spawn(replica::run(listeners, config, async {
             let _ = rx.await;
@@ -81,6 +88,7 @@ impl Replica {
             addr,
             admin: admin_addr,
             id,
+            metrics: metrics_addr,
             shutdown: Some(tx),
             task: Some(task),
         }

@@ -1,0 +1,477 @@
+//! The balancer's metrics, for Prometheus: per endpoint (state, calls in flight, the latency
+//! estimate, calls by gRPC code, ejections by reason, probes), per balancer (retries, hedges and
+//! hedge wins, refusals of the retry budget, calls failed fast by reason, discovery updates, DNS
+//! errors), and per method the client-side latency and outcome.
+//!
+//! Hand a `prometheus_client` registry to [`Metrics::register`] and the result to
+//! [`super::Builder::metrics`]; every balancer built with it reports into that registry,
+//! labelled by its target. Almost everything is read from counters the balancer keeps anyway,
+//! when the registry is scraped, so the call path pays only for the per-method histogram.
+//! Names: `meshlb_*` for what is the balancer's own, go-grpc-prometheus'
+//! `grpc_client_handled_total` / `grpc_client_handling_seconds` for calls. It knows nothing of
+//! how the registry is served.
+
+use super::endpoint::EndpointState;
+use super::registry::{FailFastReason, Registry};
+use bytes::Bytes;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use tokio::time::Instant;
+use tonic::Code;
+
+/// Latency buckets, in seconds: sub-millisecond resolution up to 10 s (and a minute).
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// The state label values of `meshlb_endpoint_state`, one series each (1 for the current one).
+pub const STATES: [EndpointState; 5] = [
+    EndpointState::Ready,
+    EndpointState::Connecting,
+    EndpointState::Unhealthy,
+    EndpointState::Ejected,
+    EndpointState::EjectedLatency,
+];
+
+fn state_label(state: EndpointState) -> &'static str {
+    match state {
+        EndpointState::Ready => "ready",
+        EndpointState::Connecting => "connecting",
+        EndpointState::Unhealthy => "unhealthy",
+        EndpointState::Ejected => "ejected_failures",
+        EndpointState::EjectedLatency => "ejected_latency",
+    }
+}
+
+/// gRPC code names as go-grpc-prometheus labels them, indexed by code.
+pub const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+fn code_name(code: Code) -> &'static str {
+    CODE_NAMES.get(code as usize).copied().unwrap_or("Unknown")
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    target: String,
+    grpc_service: String,
+    grpc_method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    target: String,
+    grpc_service: String,
+    grpc_method: String,
+    grpc_code: &'static str,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+// === impl Metrics ===
+
+/// The balancer's series in a registry; cheap to clone. See the module docs.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    handled: Family<HandledLabels, Counter>,
+    handling: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    balancers: Arc<Balancers>,
+}
+
+/// The balancers reporting into one registry, read at each scrape.
+#[derive(Debug, Default)]
+struct Balancers(Mutex<Vec<Weak<Registry>>>);
+
+impl Metrics {
+    /// Registers the balancer's series in `registry`.
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let handled = Family::<HandledLabels, Counter>::default();
+        let handling = Family::new_with_constructor(histogram as fn() -> Histogram);
+        registry.register(
+            "grpc_client_handled",
+            "Calls completed through the balancer, by the gRPC code the caller saw",
+            handled.clone(),
+        );
+        registry.register(
+            "grpc_client_handling_seconds",
+            "Call latency through the balancer, retries and hedges included, to the end of the answer",
+            handling.clone(),
+        );
+        let balancers = Arc::new(Balancers::default());
+        registry.register_collector(Box::new(Collector(balancers.clone())));
+        Self {
+            inner: Arc::new(Inner {
+                handled,
+                handling,
+                balancers,
+            }),
+        }
+    }
+
+    /// Reports `registry` (a balancer's endpoints) from now on, until it is gone.
+    pub(super) fn attach(&self, registry: &Arc<Registry>) {
+        let mut all = self
+            .inner
+            .balancers
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        all.retain(|r| r.strong_count() > 0);
+        all.push(Arc::downgrade(registry));
+    }
+
+    /// A call to `path` through the balancer of `target` began; the guard records it.
+    pub(super) fn call(&self, target: &str, path: &str) -> CallMetrics {
+        let (service, method) = crate::telemetry::rpc_names(path);
+        CallMetrics {
+            metrics: self.clone(),
+            labels: MethodLabels {
+                target: target.to_owned(),
+                grpc_service: service.to_owned(),
+                grpc_method: method.to_owned(),
+            },
+            start: Instant::now(),
+            done: false,
+        }
+    }
+}
+
+/// One call's outcome and latency, recorded once: when its answer ends, or as `Canceled` if the
+/// caller drops it first.
+#[derive(Debug)]
+pub struct CallMetrics {
+    metrics: Metrics,
+    labels: MethodLabels,
+    start: Instant,
+    done: bool,
+}
+
+impl CallMetrics {
+    /// The call ended with `code`.
+    pub fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let inner = &self.metrics.inner;
+        inner
+            .handled
+            .get_or_create(&HandledLabels {
+                target: self.labels.target.clone(),
+                grpc_service: self.labels.grpc_service.clone(),
+                grpc_method: self.labels.grpc_method.clone(),
+                grpc_code: code_name(code),
+            })
+            .inc();
+        inner
+            .handling
+            .get_or_create(&self.labels)
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for CallMetrics {
+    fn drop(&mut self) {
+        self.finish(Code::Cancelled);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer body that records its call's metrics when it ends, with the code of its
+    /// trailers.
+    pub struct MeteredBody<B> {
+        #[pin]
+        inner: B,
+        call: CallMetrics,
+    }
+}
+
+impl<B> MeteredBody<B> {
+    /// `inner`, recorded into `call`.
+    pub fn new(inner: B, call: CallMetrics) -> Self {
+        Self { inner, call }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for MeteredBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(trailers) = f.trailers_ref() {
+                    let code =
+                        tonic::Status::from_header_map(trailers).map_or(Code::Ok, |s| s.code());
+                    this.call.finish(code);
+                }
+            }
+            Some(Err(_)) => this.call.finish(Code::Unavailable),
+            None => this.call.finish(Code::Ok),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// === the collector ===
+
+#[derive(Debug)]
+struct Collector(Arc<Balancers>);
+
+type ReadEndpoint = fn(&super::EndpointSnapshot) -> f64;
+type ReadBalancer = fn(&Registry) -> u64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    target: String,
+    endpoint: String,
+}
+
+fn describe<'a>(
+    encoder: &'a mut DescriptorEncoder,
+    name: &'a str,
+    help: &'a str,
+    metric: &impl EncodeMetric,
+) -> Result<prometheus_client::encoding::MetricEncoder<'a>, std::fmt::Error> {
+    encoder.encode_descriptor(name, help, None, metric.metric_type())
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let balancers: Vec<Arc<Registry>> = self
+            .0
+             .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        // One snapshot per balancer, so every series of a scrape agrees.
+        let views: Vec<_> = balancers
+            .iter()
+            .map(|b| {
+                let endpoints: Vec<_> = b
+                    .shared_endpoints()
+                    .into_iter()
+                    .map(|e| (e.snapshot(), e.counters()))
+                    .collect();
+                (b, endpoints)
+            })
+            .collect();
+        let gauge = ConstGauge::new(0.0);
+        let counter = ConstCounter::new(0u64);
+
+        let mut m = describe(
+            &mut encoder,
+            "meshlb_endpoint_state",
+            "1 for the state each endpoint is in (ready, connecting, unhealthy, ejected_failures, ejected_latency)",
+            &gauge,
+        )?;
+        for (b, endpoints) in &views {
+            for (snap, _) in endpoints {
+                for state in STATES {
+                    let labels = [
+                        ("target", b.target().to_owned()),
+                        ("endpoint", snap.addr.to_string()),
+                        ("state", state_label(state).to_owned()),
+                    ];
+                    let value = if snap.state == state { 1.0 } else { 0.0 };
+                    ConstGauge::new(value).encode(m.encode_family(&labels.to_vec())?)?;
+                }
+            }
+        }
+        let endpoint_gauges: [(&str, &str, ReadEndpoint); 2] = [
+            (
+                "meshlb_endpoint_in_flight_calls",
+                "Calls started on the endpoint and not yet ended",
+                |s| s.in_flight as f64,
+            ),
+            (
+                "meshlb_endpoint_latency_ewma_seconds",
+                "The endpoint's latency estimate",
+                |s| s.ewma_rtt.as_secs_f64(),
+            ),
+        ];
+        for (name, help, read) in endpoint_gauges {
+            let mut m = describe(&mut encoder, name, help, &gauge)?;
+            for (b, endpoints) in &views {
+                for (snap, _) in endpoints {
+                    let labels = EndpointLabels {
+                        target: b.target().to_owned(),
+                        endpoint: snap.addr.to_string(),
+                    };
+                    ConstGauge::new(read(snap)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+
+        let mut m = describe(
+            &mut encoder,
+            "meshlb_endpoint_calls",
+            "Attempts ended on the endpoint, by the gRPC code it answered (a broken connection is Unavailable)",
+            &counter,
+        )?;
+        for (b, endpoints) in &views {
+            for (snap, counters) in endpoints {
+                for (code, n) in counters.by_code.iter().enumerate() {
+                    if *n == 0 {
+                        continue;
+                    }
+                    let labels = vec![
+                        ("target", b.target().to_owned()),
+                        ("endpoint", snap.addr.to_string()),
+                        ("grpc_code", CODE_NAMES[code].to_owned()),
+                    ];
+                    ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut m = describe(
+            &mut encoder,
+            "meshlb_endpoint_ejections",
+            "Times the endpoint was ejected, by reason (failures, latency)",
+            &counter,
+        )?;
+        for (b, endpoints) in &views {
+            for (snap, counters) in endpoints {
+                for (reason, n) in [
+                    ("failures", counters.ejections_failures),
+                    ("latency", counters.ejections_latency),
+                ] {
+                    let labels = vec![
+                        ("target", b.target().to_owned()),
+                        ("endpoint", snap.addr.to_string()),
+                        ("reason", reason.to_owned()),
+                    ];
+                    ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut m = describe(
+            &mut encoder,
+            "meshlb_endpoint_probes",
+            "Probe calls sent to the endpoint while it was ejected",
+            &counter,
+        )?;
+        for (b, endpoints) in &views {
+            for (snap, counters) in endpoints {
+                let labels = EndpointLabels {
+                    target: b.target().to_owned(),
+                    endpoint: snap.addr.to_string(),
+                };
+                ConstCounter::new(counters.probes).encode(m.encode_family(&labels)?)?;
+            }
+        }
+
+        let balancer_counters: [(&str, &str, ReadBalancer); 6] = [
+            ("meshlb_balancer_retries", "Retries made", |r| r.retries()),
+            ("meshlb_balancer_hedges", "Hedged calls sent", |r| {
+                r.hedges().0
+            }),
+            (
+                "meshlb_balancer_hedge_wins",
+                "Hedges that answered before the original",
+                |r| r.hedges().1,
+            ),
+            (
+                "meshlb_balancer_budget_exhausted",
+                "Retries or hedges the retry budget refused",
+                |r| r.counters().budget_exhausted.load(Ordering::Relaxed),
+            ),
+            (
+                "meshlb_discovery_endpoints_added",
+                "Endpoints discovery added",
+                |r| r.counters().discovered.load(Ordering::Relaxed),
+            ),
+            (
+                "meshlb_discovery_dns_errors",
+                "DNS lookups that failed (the last good set was kept)",
+                |r| {
+                    r.counters()
+                        .dns_errors
+                        .get()
+                        .map_or(0, |c| c.load(Ordering::Relaxed))
+                },
+            ),
+        ];
+        for (name, help, read) in balancer_counters {
+            let mut m = describe(&mut encoder, name, help, &counter)?;
+            for b in &balancers {
+                let labels = vec![("target", b.target().to_owned())];
+                ConstCounter::new(read(b)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = describe(
+            &mut encoder,
+            "meshlb_discovery_endpoints_removed",
+            "Endpoints discovery removed",
+            &counter,
+        )?;
+        for b in &balancers {
+            let labels = vec![("target", b.target().to_owned())];
+            ConstCounter::new(b.counters().removed.load(Ordering::Relaxed))
+                .encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = describe(
+            &mut encoder,
+            "meshlb_balancer_fail_fast",
+            "Calls failed fast with UNAVAILABLE, by reason",
+            &counter,
+        )?;
+        for b in &balancers {
+            for (i, reason) in FailFastReason::ALL.iter().enumerate() {
+                let labels = vec![
+                    ("target", b.target().to_owned()),
+                    ("reason", reason.label().to_owned()),
+                ];
+                ConstCounter::new(b.counters().fail_fast[i].load(Ordering::Relaxed))
+                    .encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,576 @@
+//! The replica's golden signals, in Prometheus' text format on `GET /metrics` of the metrics
+//! listener: gRPC calls started and handled by code, their latency and bytes, calls in flight,
+//! REST requests by route and status, serving and draining state, the fault knobs, and the
+//! process' CPU, memory and file descriptors.
+//!
+//! Names follow go-grpc-prometheus (`grpc_server_started_total`, `grpc_server_handled_total`,
+//! `grpc_server_handling_seconds` with `grpc_service`, `grpc_method`, `grpc_type`, `grpc_code`),
+//! the convention most gRPC dashboards already query; what it has no name for is `meshlb_replica_*`.
+//! Label values come from a fixed list of the methods served, so a caller cannot grow the
+//! series by sending made-up paths. It knows nothing of how calls are routed or served.
+
+use super::faults::Faults;
+use bytes::Bytes;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::time::Instant;
+
+/// Latency buckets, in seconds: sub-millisecond resolution up to 10 s.
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// The methods served, as `(service, method, grpc_type)`; anything else is `unknown`.
+const METHODS: &[(&str, &str, &str)] = &[
+    ("userguide.v1.UserGuideService", "GetPoint", "unary"),
+    (
+        "userguide.v1.UserGuideService",
+        "ListUsers",
+        "server_stream",
+    ),
+    ("grpc.health.v1.Health", "Check", "unary"),
+    ("grpc.health.v1.Health", "Watch", "server_stream"),
+    (
+        "grpc.reflection.v1.ServerReflection",
+        "ServerReflectionInfo",
+        "bidi_stream",
+    ),
+    (
+        "grpc.reflection.v1alpha.ServerReflection",
+        "ServerReflectionInfo",
+        "bidi_stream",
+    ),
+];
+
+/// The REST routes served; anything else is `other`.
+const ROUTES: &[&str] = &["/v1/points", "/v1/users"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_type: &'static str,
+    grpc_code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteCodeLabels {
+    route: &'static str,
+    code: u16,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// Every series the replica exports; cheap to clone.
+#[derive(Clone)]
+pub struct ReplicaMetrics {
+    registry: Arc<Registry>,
+    started: Family<MethodLabels, Counter>,
+    handled: Family<HandledLabels, Counter>,
+    handling: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    in_flight: Family<MethodLabels, Gauge>,
+    received: Family<MethodLabels, Counter>,
+    sent: Family<MethodLabels, Counter>,
+    rest: Family<RouteCodeLabels, Counter>,
+    rest_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
+}
+
+impl std::fmt::Debug for ReplicaMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaMetrics").finish_non_exhaustive()
+    }
+}
+
+impl ReplicaMetrics {
+    /// The replica's series, reading its state (faults, serving, draining) when scraped.
+    pub fn new(faults: Faults, state: Arc<ServingState>) -> Self {
+        let mut registry = Registry::default();
+        let started = Family::<MethodLabels, Counter>::default();
+        let handled = Family::<HandledLabels, Counter>::default();
+        let handling = Family::new_with_constructor(histogram as fn() -> Histogram);
+        let in_flight = Family::<MethodLabels, Gauge>::default();
+        let received = Family::<MethodLabels, Counter>::default();
+        let sent = Family::<MethodLabels, Counter>::default();
+        let rest = Family::<RouteCodeLabels, Counter>::default();
+        let rest_seconds = Family::new_with_constructor(histogram as fn() -> Histogram);
+        registry.register(
+            "grpc_server_started",
+            "gRPC calls started on the server",
+            started.clone(),
+        );
+        registry.register(
+            "grpc_server_handled",
+            "gRPC calls completed on the server, by status code",
+            handled.clone(),
+        );
+        registry.register(
+            "grpc_server_handling_seconds",
+            "gRPC call latency on the server, to the end of the answer",
+            handling.clone(),
+        );
+        registry.register(
+            "meshlb_replica_in_flight_calls",
+            "gRPC calls started and not yet completed",
+            in_flight.clone(),
+        );
+        registry.register(
+            "meshlb_replica_received_bytes",
+            "gRPC request body bytes received",
+            received.clone(),
+        );
+        registry.register(
+            "meshlb_replica_sent_bytes",
+            "gRPC answer body bytes sent",
+            sent.clone(),
+        );
+        registry.register(
+            "meshlb_replica_http_requests",
+            "REST requests, by route and HTTP status",
+            rest.clone(),
+        );
+        registry.register(
+            "meshlb_replica_http_request_seconds",
+            "REST request latency",
+            rest_seconds.clone(),
+        );
+        registry.register_collector(Box::new(StateCollector { faults, state }));
+        registry.register_collector(Box::new(ProcessCollector));
+        Self {
+            registry: Arc::new(registry),
+            started,
+            handled,
+            handling,
+            in_flight,
+            received,
+            sent,
+            rest,
+            rest_seconds,
+        }
+    }
+
+    /// The registry, for serving.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// A gRPC call to `path` begins: counted as started and in flight until the guard is
+    /// finished or dropped.
+    pub fn grpc_call(&self, path: &str) -> GrpcCall {
+        let labels = method_labels(path);
+        self.started.get_or_create(&labels).inc();
+        self.in_flight.get_or_create(&labels).inc();
+        GrpcCall {
+            metrics: self.clone(),
+            labels,
+            start: Instant::now(),
+            done: false,
+        }
+    }
+
+    /// Counts request body bytes of a call to `path`.
+    fn received(&self, labels: &MethodLabels, bytes: usize) {
+        self.received.get_or_create(labels).inc_by(bytes as u64);
+    }
+
+    /// Records a REST request to `path` answered with `status` after `start`.
+    pub fn rest(&self, path: &str, status: http::StatusCode, start: Instant) {
+        let route = ROUTES
+            .iter()
+            .find(|r| **r == path)
+            .copied()
+            .unwrap_or("other");
+        self.rest
+            .get_or_create(&RouteCodeLabels {
+                route,
+                code: status.as_u16(),
+            })
+            .inc();
+        self.rest_seconds
+            .get_or_create(&RouteLabels { route })
+            .observe(start.elapsed().as_secs_f64());
+    }
+}
+
+fn method_labels(path: &str) -> MethodLabels {
+    let (service, method) = crate::telemetry::rpc_names(path);
+    let (grpc_service, grpc_method, grpc_type) = METHODS
+        .iter()
+        .find(|(s, m, _)| *s == service && *m == method)
+        .copied()
+        .unwrap_or(("unknown", "unknown", "unknown"));
+    MethodLabels {
+        grpc_service,
+        grpc_method,
+        grpc_type,
+    }
+}
+
+/// The gRPC code name, as go-grpc-prometheus labels it.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+// === impl GrpcCall ===
+
+/// One gRPC call in flight. Finished with its status when the answer ends; dropped before that,
+/// the caller went away (`Canceled`).
+pub struct GrpcCall {
+    metrics: ReplicaMetrics,
+    labels: MethodLabels,
+    start: Instant,
+    done: bool,
+}
+
+impl GrpcCall {
+    /// The call ended with `code`.
+    pub fn finish(&mut self, code: tonic::Code) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let m = &self.metrics;
+        m.in_flight.get_or_create(&self.labels).dec();
+        m.handled
+            .get_or_create(&HandledLabels {
+                grpc_service: self.labels.grpc_service,
+                grpc_method: self.labels.grpc_method,
+                grpc_type: self.labels.grpc_type,
+                grpc_code: code_name(code),
+            })
+            .inc();
+        m.handling
+            .get_or_create(&self.labels)
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+
+    fn sent(&self, bytes: usize) {
+        self.metrics
+            .sent
+            .get_or_create(&self.labels)
+            .inc_by(bytes as u64);
+    }
+
+    /// A counter of this call's request body bytes.
+    pub fn request_counter(&self) -> RequestBytes {
+        RequestBytes {
+            metrics: self.metrics.clone(),
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+impl Drop for GrpcCall {
+    fn drop(&mut self) {
+        self.finish(tonic::Code::Cancelled);
+    }
+}
+
+/// Counts one call's request body bytes.
+pub struct RequestBytes {
+    metrics: ReplicaMetrics,
+    labels: MethodLabels,
+}
+
+pin_project_lite::pin_project! {
+    /// A request body whose data bytes are counted.
+    pub struct CountedRequest<B> {
+        #[pin]
+        inner: B,
+        counter: RequestBytes,
+    }
+}
+
+impl<B> CountedRequest<B> {
+    /// `inner`, counted by `counter`.
+    pub fn new(inner: B, counter: RequestBytes) -> Self {
+        Self { inner, counter }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for CountedRequest<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if let Some(Ok(Some(data))) = frame.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
+            this.counter
+                .metrics
+                .received(&this.counter.labels, data.len());
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer body that finishes its call's metrics when it ends: with the `grpc-status` of
+    /// its trailers, or of its headers for a trailers-only answer.
+    pub struct MeasuredAnswer {
+        #[pin]
+        inner: axum::body::Body,
+        call: GrpcCall,
+        headers_code: Option<tonic::Code>,
+    }
+}
+
+impl MeasuredAnswer {
+    /// `inner`, the body of an answer whose headers said `headers_code` (if they held a status).
+    pub fn new(
+        inner: axum::body::Body,
+        mut call: GrpcCall,
+        headers_code: Option<tonic::Code>,
+    ) -> Self {
+        // A status in the headers: a trailers-only answer, complete already (its empty body
+        // may never be polled).
+        if let Some(code) = headers_code {
+            call.finish(code);
+        }
+        Self {
+            inner,
+            call,
+            headers_code,
+        }
+    }
+}
+
+impl http_body::Body for MeasuredAnswer {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    this.call.sent(data.len());
+                } else if let Some(trailers) = f.trailers_ref() {
+                    let code = tonic::Status::from_header_map(trailers)
+                        .map_or(tonic::Code::Ok, |s| s.code());
+                    this.call.finish(code);
+                }
+            }
+            Some(Err(_)) => this.call.finish(tonic::Code::Internal),
+            // An answer that ended without trailers: its headers carried the status.
+            None => this
+                .call
+                .finish(this.headers_code.unwrap_or(tonic::Code::Unknown)),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// === state and process ===
+
+/// What the replica reports about itself: serving (health) and draining.
+#[derive(Debug, Default)]
+pub struct ServingState {
+    /// Its health says `SERVING`.
+    pub serving: AtomicBool,
+    /// It is draining.
+    pub draining: AtomicBool,
+}
+
+#[derive(Debug)]
+struct StateCollector {
+    faults: Faults,
+    state: Arc<ServingState>,
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(value);
+    let m = encoder.encode_descriptor(name, help, None, g.metric_type())?;
+    g.encode(m)
+}
+
+impl prometheus_client::collector::Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let flag = |b: &AtomicBool| if b.load(Ordering::Relaxed) { 1.0 } else { 0.0 };
+        gauge(
+            &mut encoder,
+            "meshlb_replica_serving",
+            "1 while the replica's health says SERVING",
+            flag(&self.state.serving),
+        )?;
+        gauge(
+            &mut encoder,
+            "meshlb_replica_draining",
+            "1 while the replica drains",
+            flag(&self.state.draining),
+        )?;
+        let faults = self.faults.get();
+        gauge(
+            &mut encoder,
+            "meshlb_replica_fault_latency_seconds",
+            "Injected latency per call",
+            faults.latency.as_secs_f64(),
+        )?;
+        gauge(
+            &mut encoder,
+            "meshlb_replica_fault_jitter_seconds",
+            "Injected latency jitter",
+            faults.jitter.as_secs_f64(),
+        )?;
+        gauge(
+            &mut encoder,
+            "meshlb_replica_fault_fail_rate",
+            "Share of calls answered UNAVAILABLE on purpose",
+            faults.fail_rate,
+        )
+    }
+}
+
+/// The process' CPU time, resident memory and open file descriptors (Linux: from /proc), under
+/// the names Prometheus' own client libraries use.
+#[derive(Debug)]
+pub struct ProcessCollector;
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(p) = process_stats() else {
+            return Ok(());
+        };
+        let cpu = prometheus_client::metrics::counter::ConstCounter::new(p.cpu_seconds);
+        let m = encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time spent",
+            None,
+            cpu.metric_type(),
+        )?;
+        cpu.encode(m)?;
+        gauge(
+            &mut encoder,
+            "process_resident_memory_bytes",
+            "Resident memory size",
+            p.rss_bytes,
+        )?;
+        gauge(
+            &mut encoder,
+            "process_open_fds",
+            "Open file descriptors",
+            p.open_fds,
+        )
+    }
+}
+
+struct ProcessStats {
+    cpu_seconds: f64,
+    rss_bytes: f64,
+    open_fds: f64,
+}
+
+#[cfg(target_os = "linux")]
+fn process_stats() -> Option<ProcessStats> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    // utime and stime are fields 14 and 15 of stat (11 and 12 after the name); rss is 24 (21).
+    // SAFETY: sysconf has no memory effects.
+    let (hz, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK) as f64,
+            libc::sysconf(libc::_SC_PAGESIZE) as f64,
+        )
+    };
+    let cpu_seconds = (ticks(11)? + ticks(12)?) / hz.max(1.0);
+    let rss_bytes = ticks(21)? * page;
+    let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as f64;
+    Some(ProcessStats {
+        cpu_seconds,
+        rss_bytes,
+        open_fds,
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn process_stats() -> Option<ProcessStats> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_come_from_the_served_list_only() {
+        let known = method_labels("/userguide.v1.UserGuideService/GetPoint");
+        assert_eq!(
+            (known.grpc_service, known.grpc_method, known.grpc_type),
+            ("userguide.v1.UserGuideService", "GetPoint", "unary")
+        );
+        let made_up = method_labels("/userguide.v1.UserGuideService/Anything123");
+        assert_eq!(made_up.grpc_method, "unknown");
+        assert_eq!(method_labels("/x.Y/Z").grpc_service, "unknown");
+    }
+}
