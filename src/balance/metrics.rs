@@ -72,6 +72,27 @@ pub const CODE_NAMES: [&str; 17] = [
     "Unauthenticated",
 ];
 
+/// Every series this module exports, as Prometheus names them: dashboards and alerts depend on
+/// them (a unit test fails when one changes).
+pub const NAMES: &[&str] = &[
+    "grpc_client_handled_total",
+    "grpc_client_handling_seconds",
+    "meshlb_balancer_budget_exhausted_total",
+    "meshlb_balancer_fail_fast_total",
+    "meshlb_balancer_hedge_wins_total",
+    "meshlb_balancer_hedges_total",
+    "meshlb_balancer_retries_total",
+    "meshlb_discovery_dns_errors_total",
+    "meshlb_discovery_endpoints_added_total",
+    "meshlb_discovery_endpoints_removed_total",
+    "meshlb_endpoint_calls_total",
+    "meshlb_endpoint_ejections_total",
+    "meshlb_endpoint_in_flight_calls",
+    "meshlb_endpoint_latency_ewma_seconds",
+    "meshlb_endpoint_probes_total",
+    "meshlb_endpoint_state",
+];
+
 fn code_name(code: Code) -> &'static str {
     CODE_NAMES.get(code as usize).copied().unwrap_or("Unknown")
 }
@@ -473,5 +494,43 @@ impl prometheus_client::collector::Collector for Collector {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names in `# TYPE` lines of an encoded registry, sorted.
+    pub(crate) fn exported(registry: &prometheus_client::registry::Registry) -> Vec<String> {
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, registry).unwrap();
+        let mut names: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_exported_names_are_the_documented_ones() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        // Families show up once they have a series.
+        metrics.call("ipv4:127.0.0.1:1", "/s.S/M").finish(Code::Ok);
+        let mut expected: Vec<String> = NAMES.iter().map(|n| n.to_string()).collect();
+        expected.sort();
+        assert_eq!(exported(&registry), expected);
+    }
+
+    #[test]
+    fn code_names_follow_go_grpc_prometheus() {
+        assert_eq!(code_name(Code::Ok), "OK");
+        assert_eq!(code_name(Code::Cancelled), "Canceled");
+        assert_eq!(code_name(Code::Unauthenticated), "Unauthenticated");
+        assert_eq!(CODE_NAMES.len(), Code::Unauthenticated as usize + 1);
     }
 }

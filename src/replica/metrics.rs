@@ -29,6 +29,27 @@ pub const LATENCY_BUCKETS: [f64; 18] = [
     5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Every series the replica exports, as Prometheus names them: dashboards and alerts depend on
+/// them (a unit test fails when one changes).
+pub const NAMES: &[&str] = &[
+    "grpc_server_handled_total",
+    "grpc_server_handling_seconds",
+    "grpc_server_started_total",
+    "meshlb_replica_draining",
+    "meshlb_replica_fault_fail_rate",
+    "meshlb_replica_fault_jitter_seconds",
+    "meshlb_replica_fault_latency_seconds",
+    "meshlb_replica_http_request_seconds",
+    "meshlb_replica_http_requests_total",
+    "meshlb_replica_in_flight_calls",
+    "meshlb_replica_received_bytes_total",
+    "meshlb_replica_sent_bytes_total",
+    "meshlb_replica_serving",
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_resident_memory_bytes",
+];
+
 /// The methods served, as `(service, method, grpc_type)`; anything else is `unknown`.
 const METHODS: &[(&str, &str, &str)] = &[
     ("userguide.v1.UserGuideService", "GetPoint", "unary"),
@@ -561,6 +582,37 @@ fn process_stats() -> Option<ProcessStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_exported_names_are_the_documented_ones() {
+        let metrics = ReplicaMetrics::new(
+            Faults::new(Default::default()),
+            Arc::new(ServingState::default()),
+        );
+        // Families show up once they have a series.
+        let mut call = metrics.grpc_call("/userguide.v1.UserGuideService/GetPoint");
+        call.sent(10);
+        metrics.received(&call.labels, 10);
+        call.finish(tonic::Code::NotFound);
+        metrics.rest("/v1/points", http::StatusCode::OK, Instant::now());
+        let text = crate::metrics::encode(metrics.registry());
+        let mut names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        names.sort();
+        let mut expected = NAMES.to_vec();
+        expected.sort();
+        assert_eq!(names, expected);
+        // The labels a dashboard groups by.
+        assert!(
+            text.contains(
+                "grpc_server_handled_total{grpc_service=\"userguide.v1.UserGuideService\",grpc_method=\"GetPoint\",grpc_type=\"unary\",grpc_code=\"NotFound\"} 1"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn method_labels_come_from_the_served_list_only() {

@@ -8,6 +8,7 @@ mod dns_server;
 mod docs;
 mod hardening;
 mod manifests;
+mod metrics;
 mod replica;
 mod support;
 mod tls;

@@ -219,3 +219,130 @@ fn the_tls_overlay_passes_flags_the_binary_accepts() {
         }
     }
 }
+
+/// The pod template of the first workload in `file` (a Deployment or the client Job).
+fn pod_template(file: &str) -> Value {
+    let docs = documents(file);
+    docs.iter()
+        .find(|d| d["kind"] == "Deployment" || d["kind"] == "Job")
+        .unwrap_or_else(|| panic!("{file}: no workload"))["spec"]["template"]
+        .clone()
+}
+
+#[test]
+fn every_meshlb_pod_exposes_metrics_where_its_annotations_and_the_pod_monitor_look() {
+    let monitor = &documents("monitoring/podmonitor.yaml")[0];
+    assert_eq!(monitor["kind"], "PodMonitor");
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .unwrap();
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    let port_name = endpoint["port"].as_str().unwrap();
+    assert_eq!(endpoint["path"], "/metrics");
+    let common = documents("base/kustomization.yaml")[0]["commonLabels"].clone();
+    for file in ["users.yaml", "front.yaml", "client-job.yaml"] {
+        let template = pod_template(file);
+        let container = &template["spec"]["containers"][0];
+        let args = args(container);
+        let listen: std::net::SocketAddr = flag(&args, "--metrics-listen")
+            .unwrap_or_else(|| panic!("{file}: no --metrics-listen"))
+            .parse()
+            .unwrap();
+        assert!(
+            listen.ip().is_unspecified(),
+            "{file}: metrics must be reachable by a scraper"
+        );
+        // The container port the PodMonitor names, and the annotations' port, are that one.
+        let ports = container["ports"].as_sequence().unwrap();
+        let named = ports
+            .iter()
+            .find(|p| p["name"] == port_name)
+            .unwrap_or_else(|| panic!("{file}: no port named {port_name}"));
+        assert_eq!(named["containerPort"].as_u64(), Some(listen.port() as u64));
+        let annotations = &template["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(
+            annotations["prometheus.io/port"],
+            listen.port().to_string().as_str()
+        );
+        assert_eq!(annotations["prometheus.io/path"], "/metrics");
+        // The PodMonitor's selector matches the pod (kustomize adds the common labels to it).
+        for (k, v) in selector {
+            let labelled =
+                template["metadata"]["labels"].get(k) == Some(v) || common.get(k) == Some(v);
+            assert!(
+                labelled,
+                "{file}: the PodMonitor's selector {k:?} misses it"
+            );
+        }
+    }
+    for file in [
+        "tls/users-tls.yaml",
+        "tls/front-tls.yaml",
+        "tls/client-tls.yaml",
+    ] {
+        let docs = documents(file);
+        let args = args(&docs[0]["spec"]["template"]["spec"]["containers"][0]);
+        assert!(
+            flag(&args, "--metrics-listen").is_some(),
+            "{file}: the overlay replaces the args and must keep --metrics-listen"
+        );
+    }
+}
+
+#[test]
+fn the_dashboard_queries_only_series_the_code_exports() {
+    let path = format!("{}/k8s/grafana/meshlb.json", env!("CARGO_MANIFEST_DIR"));
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(dashboard["title"].is_string() && dashboard["uid"].is_string());
+    let exported: Vec<&str> = meshlb::balance::metrics::NAMES
+        .iter()
+        .chain(meshlb::replica::metrics::NAMES)
+        .copied()
+        .collect();
+    let series = regex::Regex::new(r"\b(?:grpc_(?:server|client)|meshlb|process)_[a-z_]+").unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().expect("every panel has a title");
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "{title}: id taken"
+        );
+        assert!(panel["gridPos"]["w"].as_u64().is_some(), "{title}: gridPos");
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title}: no query");
+        for target in targets {
+            assert!(target["refId"].is_string(), "{title}: refId");
+            let expr = target["expr"].as_str().unwrap();
+            for m in series.find_iter(expr) {
+                let name = m.as_str();
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .filter(|b| exported.contains(b))
+                    .unwrap_or(name);
+                assert!(
+                    exported.contains(&base),
+                    "{title}: `{name}` is not a series meshlb exports ({expr})"
+                );
+                queried.insert(base.to_owned());
+            }
+        }
+    }
+    // What the dashboard is for: per-replica rate and latency, errors, states, ejections, retries.
+    for needed in [
+        "grpc_server_handled_total",
+        "grpc_server_handling_seconds",
+        "grpc_client_handled_total",
+        "meshlb_endpoint_state",
+        "meshlb_endpoint_ejections_total",
+        "meshlb_balancer_retries_total",
+    ] {
+        assert!(
+            queried.contains(needed),
+            "the dashboard never shows {needed}"
+        );
+    }
+}

@@ -1,0 +1,296 @@
+//! Metrics scraped from real replicas and real clients agree with what the clients report.
+
+use crate::support::{eventually, get_point_request, ipv4_target, Replica};
+use meshlb::replica::FaultConfig;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// `GET /metrics` at `addr`: the text.
+fn scrape(addr: SocketAddr) -> String {
+    try_scrape(addr).expect("connect to /metrics")
+}
+
+fn try_scrape(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    Ok(body.to_owned())
+}
+
+/// The value of the sample of `name` whose labels include every `labels` pair (summed over the
+/// samples that match).
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if n != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, val)| rest.contains(&format!("{k}=\"{val}\"")));
+            all.then(|| v.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn library_metrics_count_what_the_calls_saw() {
+    let healthy = Replica::start("127.0.0.1", "healthy", FaultConfig::default()).await;
+    let flaky = Replica::start(
+        "127.0.0.1",
+        "flaky",
+        FaultConfig {
+            fail_rate: 0.3,
+            ..FaultConfig::default()
+        },
+    )
+    .await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = meshlb::balance::Metrics::register(&mut registry);
+    let lb = meshlb::Balancer::builder(ipv4_target(&[healthy.addr, flaky.addr]))
+        .health_service(meshlb::proto::USERGUIDE_SERVICE)
+        .metrics(&metrics)
+        .build()
+        .await
+        .unwrap();
+    let mut client =
+        meshlb::proto::userguide::v1::user_guide_service_client::UserGuideServiceClient::new(
+            lb.clone(),
+        );
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    for _ in 0..300 {
+        let code = match client.get_point(get_point_request()).await {
+            Ok(_) => "OK",
+            Err(status) if status.code() == tonic::Code::Unavailable => "Unavailable",
+            Err(status) => panic!("unexpected {status}"),
+        };
+        *seen.entry(code.to_owned()).or_default() += 1;
+    }
+    let text = meshlb::metrics::encode(&registry);
+    let target = lb.target().to_owned();
+    for (code, n) in &seen {
+        let counted = value(
+            &text,
+            "grpc_client_handled_total",
+            &[
+                ("target", &target),
+                ("grpc_method", "GetPoint"),
+                ("grpc_code", code),
+            ],
+        );
+        assert_eq!(counted, *n as f64, "{code}: {text}");
+    }
+    let histogram = value(
+        &text,
+        "grpc_client_handling_seconds_count",
+        &[("grpc_method", "GetPoint")],
+    );
+    assert_eq!(histogram, 300.0);
+    // Attempts per endpoint agree with what each replica counted, code by code (the flaky one
+    // answered UNAVAILABLE, and those calls were retried).
+    let retries = value(
+        &text,
+        "meshlb_balancer_retries_total",
+        &[("target", &target)],
+    );
+    assert_eq!(retries, lb.retries() as f64);
+    assert!(retries > 0.0, "{text}");
+    for replica in [&healthy, &flaky] {
+        let server = scrape(replica.metrics);
+        let endpoint = replica.addr.to_string();
+        for (client_code, server_code) in [("OK", "OK"), ("Unavailable", "Unavailable")] {
+            let attempts = value(
+                &text,
+                "meshlb_endpoint_calls_total",
+                &[("endpoint", &endpoint), ("grpc_code", client_code)],
+            );
+            let handled = value(
+                &server,
+                "grpc_server_handled_total",
+                &[("grpc_method", "GetPoint"), ("grpc_code", server_code)],
+            );
+            assert_eq!(attempts, handled, "{} {client_code}", replica.id);
+        }
+        assert_eq!(
+            value(
+                &text,
+                "meshlb_endpoint_state",
+                &[("endpoint", &endpoint), ("state", "ready")]
+            ),
+            1.0
+        );
+    }
+    assert!(
+        value(
+            &scrape(flaky.metrics),
+            "grpc_server_handled_total",
+            &[("grpc_code", "Unavailable")]
+        ) > 0.0
+    );
+}
+
+#[test]
+fn the_clients_metrics_listener_serves_during_load_and_agrees_with_its_report() {
+    let (mut up, lines) = spawn_up();
+    let target = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("target: "))
+        .unwrap()
+        .to_owned();
+    let replicas: Vec<(String, SocketAddr, SocketAddr)> = lines
+        .iter()
+        .filter(|l| l.contains("SERVING"))
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let metrics = words
+                .iter()
+                .find_map(|w| w.strip_prefix("metrics="))
+                .expect("up prints each replica's metrics address");
+            (
+                words[0].to_owned(),
+                words[1].parse().unwrap(),
+                metrics.parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(replicas.len(), 2);
+
+    let mut client = Command::new(env!("CARGO_BIN_EXE_meshlb"))
+        .args(["client", "--target", &target, "--format", "json"])
+        .args(["--rate", "300", "--duration", "4s"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(client.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let listen: SocketAddr = line
+        .trim()
+        .strip_prefix("metrics on ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    // During the load: calls are counted as they end, and both endpoints are ready.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let during = loop {
+        let text = scrape(listen);
+        if value(&text, "grpc_client_handled_total", &[("grpc_code", "OK")]) > 100.0 {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no calls counted: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        value(&during, "meshlb_endpoint_state", &[("state", "ready")]),
+        2.0
+    );
+    let mut last = during;
+    while let Ok(text) = try_scrape(listen) {
+        last = text;
+        if client.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = client.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let calls = report["calls"].as_f64().unwrap();
+    let counted = value(&last, "grpc_client_handled_total", &[("grpc_code", "OK")]);
+    // The last scrape is at most ~100 ms before the end, at 300 calls/s.
+    assert!(
+        counted <= calls && counted >= calls - 60.0,
+        "scraped {counted}, reported {calls}"
+    );
+    // Each replica counted exactly the calls the client's report gives it.
+    for (id, addr, metrics) in &replicas {
+        let row = report["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["addr"] == addr.to_string())
+            .unwrap_or_else(|| panic!("{id} is in the report"));
+        let handled = value(
+            &scrape(*metrics),
+            "grpc_server_handled_total",
+            &[("grpc_method", "GetPoint"), ("grpc_code", "OK")],
+        );
+        assert_eq!(handled, row["calls"].as_f64().unwrap(), "{id}");
+        assert!(handled > 0.0);
+    }
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe {
+        libc::kill(up.id() as i32, libc::SIGTERM);
+    }
+    assert!(up.wait().unwrap().success());
+}
+
+/// `meshlb up --replicas 2` on free ports: the child and its lines up to `try:`.
+fn spawn_up() -> (std::process::Child, Vec<String>) {
+    let mut up = Command::new(env!("CARGO_BIN_EXE_meshlb"))
+        .args(["up", "--replicas", "2", "--base-port", "0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.starts_with("try:");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    (up, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_reports_its_state_and_faults() {
+    let replica = Replica::start("127.0.0.1", "state", crate::support::latency(7)).await;
+    let text = eventually("the metrics listener answers", || {
+        let addr = replica.metrics;
+        async move { tokio::task::spawn_blocking(move || scrape(addr)).await.ok() }
+    })
+    .await;
+    assert_eq!(value(&text, "meshlb_replica_serving", &[]), 1.0);
+    assert_eq!(value(&text, "meshlb_replica_draining", &[]), 0.0);
+    assert_eq!(
+        value(&text, "meshlb_replica_fault_latency_seconds", &[]),
+        0.007
+    );
+    assert!(value(&text, "process_open_fds", &[]) > 0.0, "{text}");
+    crate::support::set_serving(replica.admin, false).await;
+    let addr = replica.metrics;
+    let text = tokio::task::spawn_blocking(move || scrape(addr))
+        .await
+        .unwrap();
+    assert_eq!(value(&text, "meshlb_replica_serving", &[]), 0.0);
+}
