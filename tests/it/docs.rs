@@ -348,7 +348,8 @@ impl Session {
 
     /// Learns the fleet's addresses from `up`'s documented and actual member lines.
     fn map_fleet(&mut self, documented: &[String], actual: &[String]) {
-        let members = |lines: &[String]| -> Vec<(String, String, Option<String>)> {
+        type Member = (String, String, Option<String>, Option<String>);
+        let members = |lines: &[String]| -> Vec<Member> {
             lines
                 .iter()
                 .filter(|l| l.contains("SERVING"))
@@ -356,24 +357,27 @@ impl Session {
                     let mut words = l.split_whitespace();
                     let name = words.next()?.to_owned();
                     let addr = words.next()?.to_owned();
-                    let admin = l
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("admin="))
-                        .map(str::to_owned);
-                    Some((name, addr, admin))
+                    let listener = |key: &str| {
+                        l.split_whitespace()
+                            .find_map(|w| w.strip_prefix(key))
+                            .map(str::to_owned)
+                    };
+                    Some((name, addr, listener("admin="), listener("metrics=")))
                 })
                 .collect()
         };
         let actual = members(actual);
-        for (name, addr, admin) in members(documented) {
+        for (name, addr, admin, metrics) in members(documented) {
             let real = actual
                 .iter()
                 .find(|(n, ..)| *n == name)
                 .unwrap_or_else(|| panic!("the fleet has no {name}: {actual:?}"));
             self.addresses.push((addr, real.1.clone()));
             self.serving.push(real.1.clone());
-            if let (Some(doc), Some(real)) = (admin, real.2.clone()) {
-                self.addresses.push((doc, real));
+            for (doc, real) in [(admin, real.2.clone()), (metrics, real.3.clone())] {
+                if let (Some(doc), Some(real)) = (doc, real) {
+                    self.addresses.push((doc, real));
+                }
             }
             self.names.push(name);
         }
@@ -653,6 +657,11 @@ fn the_command_reference_runs_as_written() {
 #[test]
 fn the_tls_recipe_runs_as_written() {
     assert!(!run_document("docs/tls.md").is_empty());
+}
+
+#[test]
+fn the_metrics_page_runs_as_written() {
+    assert!(!run_document("docs/metrics.md").is_empty());
 }
 
 #[test]
