@@ -93,6 +93,8 @@ pub enum Contender {
     MeshlbP2cHedged,
     /// meshlb p2c over plain peak-EWMA (measured to the end of the body): no ejection, no hedging.
     MeshlbP2cPlain,
+    /// meshlb p2c reporting into a metrics registry that is scraped every second.
+    MeshlbP2cMetrics,
     /// meshlb, round-robin.
     MeshlbRoundRobin,
     /// tonic's `Channel::balance_list`.
@@ -107,6 +109,7 @@ impl Contender {
             Contender::MeshlbP2c => "meshlb p2c",
             Contender::MeshlbP2cHedged => "p2c + hedging",
             Contender::MeshlbP2cPlain => "p2c, plain EWMA",
+            Contender::MeshlbP2cMetrics => "p2c + metrics",
             Contender::MeshlbRoundRobin => "meshlb round-robin",
             Contender::TonicBalanceList => "tonic balance_list",
             Contender::Direct => "direct channel",
@@ -192,6 +195,7 @@ pub async fn run(
             Contender::MeshlbP2c,
             Contender::MeshlbP2cHedged,
             Contender::MeshlbP2cPlain,
+            Contender::MeshlbP2cMetrics,
             Contender::MeshlbRoundRobin,
             Contender::TonicBalanceList,
         ];
@@ -258,6 +262,7 @@ async fn measure(
         Contender::MeshlbP2c
         | Contender::MeshlbP2cHedged
         | Contender::MeshlbP2cPlain
+        | Contender::MeshlbP2cMetrics
         | Contender::MeshlbRoundRobin => {
             let policy = if contender == Contender::MeshlbRoundRobin {
                 Policy::RoundRobin
@@ -279,8 +284,27 @@ async fn measure(
             if let Some(tls) = &config.tls {
                 builder = builder.tls(tls.clone());
             }
+            // Metrics on, and read as Prometheus would (every second, more often than the usual
+            // 15 s), so the figure includes the scrapes' cost.
+            let mut scraper = None;
+            if contender == Contender::MeshlbP2cMetrics {
+                let mut registry = prometheus_client::registry::Registry::default();
+                let metrics = crate::balance::Metrics::register(&mut registry);
+                builder = builder.metrics(&metrics);
+                scraper = Some(tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        tick.tick().await;
+                        std::hint::black_box(crate::metrics::encode(&registry));
+                    }
+                }));
+            }
             let lb = builder.build().await?;
-            measure_on(&lb, kind, ids, slow_admin, config).await
+            let round = measure_on(&lb, kind, ids, slow_admin, config).await;
+            if let Some(scraper) = scraper {
+                scraper.abort();
+            }
+            round
         }
         Contender::TonicBalanceList => {
             let endpoints = addrs
