@@ -202,22 +202,28 @@ pub async fn run(
         if kind.has_direct() {
             contenders.push(Contender::Direct);
         }
-        let mut rows = Vec::new();
-        for contender in contenders {
-            let mut rounds = Vec::new();
-            for round in 0..config.rounds {
+        // Round by round, every contender once per round: the machine's drift (another
+        // process, a slower minute) then falls on every contender alike instead of on whichever
+        // ran during it.
+        let mut rounds: Vec<Vec<Round>> = contenders.iter().map(|_| Vec::new()).collect();
+        for round in 0..config.rounds {
+            for (i, contender) in contenders.iter().enumerate() {
                 progress(&format!(
                     "{} / {} / round {}",
                     kind.name(),
                     contender.label(),
                     round + 1
                 ));
-                rounds.push(
-                    measure(kind, contender, &addrs, &ids, slow_admin.as_ref(), config).await?,
+                rounds[i].push(
+                    measure(kind, *contender, &addrs, &ids, slow_admin.as_ref(), config).await?,
                 );
             }
-            rows.push(median_row(contender, rounds));
         }
+        let rows: Vec<Row> = contenders
+            .iter()
+            .zip(rounds)
+            .map(|(contender, rounds)| median_row(*contender, rounds))
+            .collect();
         let _ = fleet.drain(Duration::from_secs(10)).await;
         results.push(Scenario {
             kind,

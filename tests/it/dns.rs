@@ -34,9 +34,12 @@ fn dns_config() -> DnsConfig {
 async fn follows_dns_answers_and_survives_a_dns_outage() {
     let (a, b, port) = pods().await;
     let dns = DnsServer::start(Mode::Records(vec![A])).await;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = meshlb::balance::Metrics::register(&mut registry);
     let lb = Balancer::builder(format!("dns://{}/users.mesh.test:{port}", dns.addr))
         .health_service(meshlb::proto::USERGUIDE_SERVICE)
         .dns(dns_config())
+        .metrics(&metrics)
         .build()
         .await
         .unwrap();
@@ -87,6 +90,27 @@ async fn follows_dns_answers_and_survives_a_dns_outage() {
     .await;
     let tally = drive(&lb, 2, 2).await;
     assert_eq!(tally.errors.len(), 2);
+    // The metrics saw it all: two pods added, both removed, failed lookups, and the two calls
+    // failed fast for want of endpoints.
+    let text = meshlb::metrics::encode(&registry);
+    let sample = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {text}"))
+    };
+    assert_eq!(sample("meshlb_discovery_endpoints_added_total{"), 2.0);
+    assert_eq!(sample("meshlb_discovery_endpoints_removed_total{"), 2.0);
+    assert!(sample("meshlb_discovery_dns_errors_total{") >= 2.0);
+    let no_endpoints = text
+        .lines()
+        .find(|l| {
+            l.starts_with("meshlb_balancer_fail_fast_total{") && l.contains("reason=\"no_endpoints\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(no_endpoints, Some(2.0), "{text}");
     for status in tally.errors {
         assert_eq!(status.code(), Code::Unavailable);
         assert!(
