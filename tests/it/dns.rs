@@ -106,7 +106,8 @@ async fn follows_dns_answers_and_survives_a_dns_outage() {
     let no_endpoints = text
         .lines()
         .find(|l| {
-            l.starts_with("meshlb_balancer_fail_fast_total{") && l.contains("reason=\"no_endpoints\"")
+            l.starts_with("meshlb_balancer_fail_fast_total{")
+                && l.contains("reason=\"no_endpoints\"")
         })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<f64>().ok());
