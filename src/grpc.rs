@@ -86,6 +86,40 @@ impl Pushback {
 /// for hours.
 const MAX_PUSHBACK_MS: u64 = 30_000;
 
+/// How many status codes gRPC has (`OK` = 0 to `UNAUTHENTICATED` = 16).
+pub const CODE_COUNT: usize = 17;
+
+/// Latency histogram buckets for metrics, in seconds: sub-millisecond resolution up to 10 s (and
+/// 30 s, 60 s), for the replica's and the balancer's histograms alike.
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// The code as go-grpc-prometheus labels it (`OK`, `Canceled`, `NotFound`): the convention of
+/// every `grpc_code` label meshlb exports.
+pub fn metric_code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
 /// The gRPC code's canonical name, e.g. `NOT_FOUND`.
 pub fn code_name(code: Code) -> &'static str {
     match code {

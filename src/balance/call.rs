@@ -217,7 +217,7 @@ async fn run_in_span(
                     shared.registry.target()
                 ))
             } else {
-                Status::unavailable(shared.registry.why_unavailable())
+                Status::unavailable(shared.registry.fail_fast())
             };
             return status.into_http();
         }

@@ -129,7 +129,7 @@ pub struct Shared {
     progress: Progress,
     /// Calls ended, by the gRPC code the caller saw (a broken connection counts as
     /// `UNAVAILABLE`, a call the caller dropped as `CANCELLED`).
-    by_code: [AtomicU64; 17],
+    by_code: [AtomicU64; crate::grpc::CODE_COUNT],
     probes: AtomicU64,
 }
 
@@ -137,7 +137,7 @@ pub struct Shared {
 #[derive(Debug, Clone, Default)]
 pub struct EndpointCounters {
     /// Calls ended, indexed by gRPC code.
-    pub by_code: [u64; 17],
+    pub by_code: [u64; crate::grpc::CODE_COUNT],
     /// Probe calls sent while it was ejected.
     pub probes: u64,
     /// Ejections for consecutive failures.

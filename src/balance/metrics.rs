@@ -26,12 +26,6 @@ use std::task::{Context, Poll};
 use tokio::time::Instant;
 use tonic::Code;
 
-/// Latency buckets, in seconds: sub-millisecond resolution up to 10 s (and a minute).
-pub const LATENCY_BUCKETS: [f64; 18] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0, 60.0,
-];
-
 /// The state label values of `meshlb_endpoint_state`, one series each (1 for the current one).
 pub const STATES: [EndpointState; 5] = [
     EndpointState::Ready,
@@ -50,27 +44,6 @@ fn state_label(state: EndpointState) -> &'static str {
         EndpointState::EjectedLatency => "ejected_latency",
     }
 }
-
-/// gRPC code names as go-grpc-prometheus labels them, indexed by code.
-pub const CODE_NAMES: [&str; 17] = [
-    "OK",
-    "Canceled",
-    "Unknown",
-    "InvalidArgument",
-    "DeadlineExceeded",
-    "NotFound",
-    "AlreadyExists",
-    "PermissionDenied",
-    "ResourceExhausted",
-    "FailedPrecondition",
-    "Aborted",
-    "OutOfRange",
-    "Unimplemented",
-    "Internal",
-    "Unavailable",
-    "DataLoss",
-    "Unauthenticated",
-];
 
 /// Every series this module exports, as Prometheus names them: dashboards and alerts depend on
 /// them (a unit test fails when one changes).
@@ -93,9 +66,9 @@ pub const NAMES: &[&str] = &[
     "meshlb_endpoint_state",
 ];
 
-fn code_name(code: Code) -> &'static str {
-    CODE_NAMES.get(code as usize).copied().unwrap_or("Unknown")
-}
+/// Distinct methods the per-method series keep; calls to further ones (a proxy forwarding
+/// whatever paths its callers send) are counted under `other`, so memory stays bounded.
+pub const MAX_METHODS: usize = 256;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
@@ -113,7 +86,7 @@ struct HandledLabels {
 }
 
 fn histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
+    Histogram::new(crate::grpc::LATENCY_BUCKETS)
 }
 
 // === impl Metrics ===
@@ -128,6 +101,8 @@ pub struct Metrics {
 struct Inner {
     handled: Family<HandledLabels, Counter>,
     handling: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    /// Method label sets created so far (at most [`MAX_METHODS`] are kept apart).
+    methods: std::sync::atomic::AtomicUsize,
     balancers: Arc<Balancers>,
 }
 
@@ -156,6 +131,7 @@ impl Metrics {
             inner: Arc::new(Inner {
                 handled,
                 handling,
+                methods: Default::default(),
                 balancers,
             }),
         }
@@ -176,13 +152,20 @@ impl Metrics {
     /// A call to `path` through the balancer of `target` began; the guard records it.
     pub(super) fn call(&self, target: &str, path: &str) -> CallMetrics {
         let (service, method) = crate::telemetry::rpc_names(path);
+        let mut labels = MethodLabels {
+            target: target.to_owned(),
+            grpc_service: service.to_owned(),
+            grpc_method: method.to_owned(),
+        };
+        if self.inner.handling.get(&labels).is_none()
+            && self.inner.methods.fetch_add(1, Ordering::Relaxed) >= MAX_METHODS
+        {
+            labels.grpc_service = "other".into();
+            labels.grpc_method = "other".into();
+        }
         CallMetrics {
             metrics: self.clone(),
-            labels: MethodLabels {
-                target: target.to_owned(),
-                grpc_service: service.to_owned(),
-                grpc_method: method.to_owned(),
-            },
+            labels,
             start: Instant::now(),
             done: false,
         }
@@ -212,7 +195,7 @@ impl CallMetrics {
                 target: self.labels.target.clone(),
                 grpc_service: self.labels.grpc_service.clone(),
                 grpc_method: self.labels.grpc_method.clone(),
-                grpc_code: code_name(code),
+                grpc_code: crate::grpc::metric_code_name(code),
             })
             .inc();
         inner
@@ -230,29 +213,30 @@ impl Drop for CallMetrics {
 
 pin_project_lite::pin_project! {
     /// An answer body that records its call's metrics when it ends, with the code of its
-    /// trailers.
-    pub struct MeteredBody<B> {
+    /// trailers, or of the error it ends with (a deadline that passed mid-stream, a broken
+    /// connection).
+    pub struct MeteredBody {
         #[pin]
-        inner: B,
+        inner: tonic::body::Body,
         call: CallMetrics,
     }
 }
 
-impl<B> MeteredBody<B> {
+impl MeteredBody {
     /// `inner`, recorded into `call`.
-    pub fn new(inner: B, call: CallMetrics) -> Self {
+    pub fn new(inner: tonic::body::Body, call: CallMetrics) -> Self {
         Self { inner, call }
     }
 }
 
-impl<B: http_body::Body<Data = Bytes>> http_body::Body for MeteredBody<B> {
+impl http_body::Body for MeteredBody {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = tonic::Status;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
         let this = self.project();
         let frame = std::task::ready!(this.inner.poll_frame(cx));
         match &frame {
@@ -263,8 +247,9 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for MeteredBody<B> {
                     this.call.finish(code);
                 }
             }
-            Some(Err(_)) => this.call.finish(Code::Unavailable),
-            None => this.call.finish(Code::Ok),
+            Some(Err(status)) => this.call.finish(status.code()),
+            // The answer broke off without a status, as the replica's metrics count it too.
+            None => this.call.finish(Code::Unknown),
         }
         Poll::Ready(frame)
     }
@@ -385,7 +370,10 @@ impl prometheus_client::collector::Collector for Collector {
                     let labels = vec![
                         ("target", b.target().to_owned()),
                         ("endpoint", snap.addr.to_string()),
-                        ("grpc_code", CODE_NAMES[code].to_owned()),
+                        (
+                            "grpc_code",
+                            crate::grpc::metric_code_name(Code::from_i32(code as i32)).to_owned(),
+                        ),
                     ];
                     ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
                 }
@@ -527,10 +515,28 @@ mod tests {
     }
 
     #[test]
+    fn per_method_series_stop_growing_at_the_cap() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        for i in 0..MAX_METHODS + 10 {
+            metrics.call("t", &format!("/s.S/M{i}")).finish(Code::Ok);
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry).unwrap();
+        let kept = text
+            .lines()
+            .filter(|l| l.starts_with("grpc_client_handling_seconds_count{"))
+            .count();
+        assert_eq!(kept, MAX_METHODS + 1, "{text}");
+        assert!(text.contains("grpc_method=\"other\""), "{text}");
+    }
+
+    #[test]
     fn code_names_follow_go_grpc_prometheus() {
-        assert_eq!(code_name(Code::Ok), "OK");
-        assert_eq!(code_name(Code::Cancelled), "Canceled");
-        assert_eq!(code_name(Code::Unauthenticated), "Unauthenticated");
-        assert_eq!(CODE_NAMES.len(), Code::Unauthenticated as usize + 1);
+        use crate::grpc::metric_code_name;
+        assert_eq!(metric_code_name(Code::Ok), "OK");
+        assert_eq!(metric_code_name(Code::Cancelled), "Canceled");
+        assert_eq!(metric_code_name(Code::Unauthenticated), "Unauthenticated");
+        assert_eq!(crate::grpc::CODE_COUNT, Code::Unauthenticated as usize + 1);
     }
 }

@@ -98,7 +98,7 @@ pub struct BalancerCounters {
     /// Retries or hedges the budget refused.
     pub budget_exhausted: AtomicU64,
     /// Calls failed fast, by [`FailFastReason`] (in `ALL` order).
-    pub fail_fast: [AtomicU64; 5],
+    pub fail_fast: [AtomicU64; FailFastReason::ALL.len()],
     /// Endpoints discovery added.
     pub discovered: AtomicU64,
     /// Endpoints discovery removed.

@@ -1,7 +1,9 @@
 //! Benchmarks: the same load against the same local fleet through each contender, scenario by
-//! scenario, so the numbers are comparable within one run. Contenders: meshlb p2c (peak-EWMA),
-//! meshlb round-robin, tonic's `Channel::balance_list` (what a tonic user gets today), and a single
-//! direct `Channel` to one healthy replica (the floor). Knows nothing of how results are printed
+//! scenario, so the numbers are comparable within one run, round by round (every contender once
+//! per round). Contenders: meshlb p2c (peak-EWMA with outlier ejection), p2c with hedging, p2c over
+//! plain peak-EWMA, p2c reporting metrics, meshlb round-robin, tonic's `Channel::balance_list`
+//! (what a tonic user gets today), and a single direct `Channel` to one healthy replica (the
+//! floor). Knows nothing of how results are printed
 //! beyond producing rows; [`Scenario::markdown`] and [`Scenario::table`] render them.
 
 pub mod failures;
@@ -292,20 +294,22 @@ async fn measure(
             }
             // Metrics on, and read as Prometheus would (every second, more often than the usual
             // 15 s), so the figure includes the scrapes' cost.
-            let mut scraper = None;
+            let mut registry = None;
             if contender == Contender::MeshlbP2cMetrics {
-                let mut registry = prometheus_client::registry::Registry::default();
-                let metrics = crate::balance::Metrics::register(&mut registry);
-                builder = builder.metrics(&metrics);
-                scraper = Some(tokio::spawn(async move {
+                let mut r = prometheus_client::registry::Registry::default();
+                builder = builder.metrics(&crate::balance::Metrics::register(&mut r));
+                registry = Some(r);
+            }
+            let lb = builder.build().await?;
+            let scraper = registry.map(|registry| {
+                tokio::spawn(async move {
                     let mut tick = tokio::time::interval(Duration::from_secs(1));
                     loop {
                         tick.tick().await;
                         std::hint::black_box(crate::metrics::encode(&registry));
                     }
-                }));
-            }
-            let lb = builder.build().await?;
+                })
+            });
             let round = measure_on(&lb, kind, ids, slow_admin, config).await;
             if let Some(scraper) = scraper {
                 scraper.abort();

@@ -158,7 +158,7 @@ async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<crate::bala
         .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = crate::balance::Metrics::register(&mut registry);
-    registry.register_collector(Box::new(crate::replica::metrics::ProcessCollector));
+    registry.register_collector(Box::new(crate::metrics::ProcessCollector));
     eprintln!("metrics on {}", listener.local_addr()?);
     let registry = std::sync::Arc::new(registry);
     tokio::spawn(crate::metrics::serve(

@@ -129,7 +129,7 @@ fn parse_admin_listen(value: &str) -> Result<AdminListen, String> {
     value
         .parse()
         .map(AdminListen::On)
-        .map_err(|_| format!("{value:?} is neither an address (127.0.0.1:9901) nor `none`"))
+        .map_err(|_| format!("{value:?} is neither an address (IP:PORT) nor `none`"))
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {

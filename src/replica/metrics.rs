@@ -11,10 +11,10 @@
 
 use super::faults::Faults;
 use bytes::Bytes;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::pin::Pin;
@@ -22,12 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::time::Instant;
-
-/// Latency buckets, in seconds: sub-millisecond resolution up to 10 s.
-pub const LATENCY_BUCKETS: [f64; 18] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0, 60.0,
-];
 
 /// Every series the replica exports, as Prometheus names them: dashboards and alerts depend on
 /// them (a unit test fails when one changes).
@@ -102,7 +96,7 @@ struct RouteCodeLabels {
 }
 
 fn histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
+    Histogram::new(crate::grpc::LATENCY_BUCKETS)
 }
 
 /// Every series the replica exports; cheap to clone.
@@ -159,12 +153,12 @@ impl ReplicaMetrics {
         );
         registry.register(
             "meshlb_replica_received_bytes",
-            "gRPC request body bytes received",
+            "gRPC request bytes received (HTTP/2 DATA: messages with their 5-byte gRPC prefix)",
             received.clone(),
         );
         registry.register(
             "meshlb_replica_sent_bytes",
-            "gRPC answer body bytes sent",
+            "gRPC answer bytes sent (HTTP/2 DATA: messages with their 5-byte gRPC prefix)",
             sent.clone(),
         );
         registry.register(
@@ -178,7 +172,7 @@ impl ReplicaMetrics {
             rest_seconds.clone(),
         );
         registry.register_collector(Box::new(StateCollector { faults, state }));
-        registry.register_collector(Box::new(ProcessCollector));
+        registry.register_collector(Box::new(crate::metrics::ProcessCollector));
         Self {
             registry: Arc::new(registry),
             started,
@@ -249,30 +243,6 @@ fn method_labels(path: &str) -> MethodLabels {
     }
 }
 
-/// The gRPC code name, as go-grpc-prometheus labels it.
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "Canceled",
-        Unknown => "Unknown",
-        InvalidArgument => "InvalidArgument",
-        DeadlineExceeded => "DeadlineExceeded",
-        NotFound => "NotFound",
-        AlreadyExists => "AlreadyExists",
-        PermissionDenied => "PermissionDenied",
-        ResourceExhausted => "ResourceExhausted",
-        FailedPrecondition => "FailedPrecondition",
-        Aborted => "Aborted",
-        OutOfRange => "OutOfRange",
-        Unimplemented => "Unimplemented",
-        Internal => "Internal",
-        Unavailable => "Unavailable",
-        DataLoss => "DataLoss",
-        Unauthenticated => "Unauthenticated",
-    }
-}
-
 // === impl GrpcCall ===
 
 /// One gRPC call in flight. Finished with its status when the answer ends; dropped before that,
@@ -297,7 +267,7 @@ impl GrpcCall {
                 grpc_service: self.labels.grpc_service,
                 grpc_method: self.labels.grpc_method,
                 grpc_type: self.labels.grpc_type,
-                grpc_code: code_name(code),
+                grpc_code: crate::grpc::metric_code_name(code),
             })
             .inc();
         m.handling
@@ -428,7 +398,8 @@ impl http_body::Body for MeasuredAnswer {
                 }
             }
             Some(Err(_)) => this.call.finish(tonic::Code::Internal),
-            // An answer that ended without trailers: its headers carried the status.
+            // An answer that ended without trailers: its headers carried the status (already
+            // recorded), or it broke off.
             None => this
                 .call
                 .finish(this.headers_code.unwrap_or(tonic::Code::Unknown)),
@@ -462,121 +433,41 @@ struct StateCollector {
     state: Arc<ServingState>,
 }
 
-fn gauge(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: f64,
-) -> Result<(), std::fmt::Error> {
-    let g = ConstGauge::new(value);
-    let m = encoder.encode_descriptor(name, help, None, g.metric_type())?;
-    g.encode(m)
-}
-
 impl prometheus_client::collector::Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let flag = |b: &AtomicBool| if b.load(Ordering::Relaxed) { 1.0 } else { 0.0 };
-        gauge(
+        crate::metrics::gauge(
             &mut encoder,
             "meshlb_replica_serving",
             "1 while the replica's health says SERVING",
             flag(&self.state.serving),
         )?;
-        gauge(
+        crate::metrics::gauge(
             &mut encoder,
             "meshlb_replica_draining",
             "1 while the replica drains",
             flag(&self.state.draining),
         )?;
         let faults = self.faults.get();
-        gauge(
+        crate::metrics::gauge(
             &mut encoder,
             "meshlb_replica_fault_latency_seconds",
             "Injected latency per call",
             faults.latency.as_secs_f64(),
         )?;
-        gauge(
+        crate::metrics::gauge(
             &mut encoder,
             "meshlb_replica_fault_jitter_seconds",
             "Injected latency jitter",
             faults.jitter.as_secs_f64(),
         )?;
-        gauge(
+        crate::metrics::gauge(
             &mut encoder,
             "meshlb_replica_fault_fail_rate",
             "Share of calls answered UNAVAILABLE on purpose",
             faults.fail_rate,
         )
     }
-}
-
-/// The process' CPU time, resident memory and open file descriptors (Linux: from /proc), under
-/// the names Prometheus' own client libraries use.
-#[derive(Debug)]
-pub struct ProcessCollector;
-
-impl prometheus_client::collector::Collector for ProcessCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(p) = process_stats() else {
-            return Ok(());
-        };
-        let cpu = prometheus_client::metrics::counter::ConstCounter::new(p.cpu_seconds);
-        let m = encoder.encode_descriptor(
-            "process_cpu_seconds",
-            "User and system CPU time spent",
-            None,
-            cpu.metric_type(),
-        )?;
-        cpu.encode(m)?;
-        gauge(
-            &mut encoder,
-            "process_resident_memory_bytes",
-            "Resident memory size",
-            p.rss_bytes,
-        )?;
-        gauge(
-            &mut encoder,
-            "process_open_fds",
-            "Open file descriptors",
-            p.open_fds,
-        )
-    }
-}
-
-struct ProcessStats {
-    cpu_seconds: f64,
-    rss_bytes: f64,
-    open_fds: f64,
-}
-
-#[cfg(target_os = "linux")]
-fn process_stats() -> Option<ProcessStats> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-    // utime and stime are fields 14 and 15 of stat (11 and 12 after the name); rss is 24 (21).
-    // SAFETY: sysconf has no memory effects.
-    let (hz, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_CLK_TCK) as f64,
-            libc::sysconf(libc::_SC_PAGESIZE) as f64,
-        )
-    };
-    let cpu_seconds = (ticks(11)? + ticks(12)?) / hz.max(1.0);
-    let rss_bytes = ticks(21)? * page;
-    let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as f64;
-    Some(ProcessStats {
-        cpu_seconds,
-        rss_bytes,
-        open_fds,
-    })
-}
-
-#[cfg(not(target_os = "linux"))]
-fn process_stats() -> Option<ProcessStats> {
-    None
 }
 
 #[cfg(test)]
@@ -612,6 +503,41 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_userguide_methods_listed_are_the_served_ones() {
+        use prost::Message;
+        let set =
+            prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let service = set
+            .file
+            .iter()
+            .flat_map(|f| f.service.iter().map(move |s| (f, s)))
+            .find(|(f, s)| {
+                format!("{}.{}", f.package(), s.name()) == crate::proto::USERGUIDE_SERVICE
+            })
+            .map(|(_, s)| s)
+            .expect("the UserGuide service is described");
+        let listed: Vec<_> = METHODS
+            .iter()
+            .filter(|(s, _, _)| *s == crate::proto::USERGUIDE_SERVICE)
+            .map(|(_, m, t)| (m.to_string(), t.to_string()))
+            .collect();
+        let served: Vec<_> = service
+            .method
+            .iter()
+            .map(|m| {
+                let kind = match (m.client_streaming(), m.server_streaming()) {
+                    (false, false) => "unary",
+                    (false, true) => "server_stream",
+                    (true, false) => "client_stream",
+                    (true, true) => "bidi_stream",
+                };
+                (m.name().to_owned(), kind.to_owned())
+            })
+            .collect();
+        assert_eq!(listed, served);
     }
 
     #[test]

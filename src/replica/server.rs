@@ -100,13 +100,19 @@ pub async fn run(
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let metrics = ReplicaMetrics::new(faults.clone(), state.clone());
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    // Through the same connection limits and timeouts as every other listener: the port is open
+    // to scrapers without authentication, so a peer that never finishes a request must not hold
+    // a connection (or the drain) for long.
     let metrics_server = match metrics_listener {
         Some(listener) => {
             tracing::info!(addr = %listener.local_addr()?, "metrics on their own listener");
             let registry = metrics.clone();
-            Some(tokio::spawn(crate::metrics::serve(
+            let app = crate::metrics::router(move || crate::metrics::encode(registry.registry()));
+            Some(tokio::spawn(conn::serve(
                 listener,
-                move || crate::metrics::encode(registry.registry()),
+                None,
+                config.limits,
+                move |_| app.clone(),
                 async {
                     let _ = metrics_stopped.await;
                 },
@@ -208,7 +214,10 @@ pub async fn run(
     let _ = health_stop.send(());
     let _ = metrics_stop.send(());
     if let Some(server) = metrics_server {
-        let _ = server.await;
+        // A scrape is short; one still open when the replica exits is cut.
+        if let Ok(drain) = server.await {
+            let _ = tokio::time::timeout(ADMIN_DRAIN, drain.finish()).await;
+        }
     }
     if let Some(server) = health_server {
         let _ = server.await;
@@ -320,6 +329,11 @@ where
                 "INVALID_ARGUMENT",
                 "absolute-form request targets are not served: this server is not a proxy",
             );
+            self.metrics.rest(
+                req.uri().path(),
+                response.status(),
+                tokio::time::Instant::now(),
+            );
             return Box::pin(async move { Ok(stamped(response, id)) });
         }
         match kind_of(req.headers()) {
@@ -347,6 +361,11 @@ where
                         "unsupported content-type {:?}: gRPC needs application/grpc (gRPC-Web is not served)",
                         crate::grpc::bounded(&content_type, super::ECHO_LIMIT)
                     ),
+                );
+                self.metrics.rest(
+                    req.uri().path(),
+                    response.status(),
+                    tokio::time::Instant::now(),
                 );
                 Box::pin(async move { Ok(stamped(response, id)) })
             }

@@ -4,7 +4,7 @@
 //!   renamed or removed flag fails here.
 //! - A `console` block runs: `$ ` lines are commands (through `sh`, with `meshlb` on PATH, in a
 //!   fresh folder per file), the lines after each one its output, matched exactly, with
-//!   snapbox's wildcards: `...` on a line of its own stands for any lines, `[..]` for any text
+//!   snapbox-style wildcards: `...` on a line of its own stands for any lines, `[..]` for any text
 //!   within a line. `console,shape` blocks (tables with timings) match structurally: numbers
 //!   become `#`, bars and runs of spaces go, so columns, names and the verdict must match.
 //! - `meshlb up` starts the file's fleet on free ports and leaves it running for the blocks after
@@ -252,11 +252,16 @@ impl Session {
             std::env::var("PATH").unwrap_or_default()
         );
         let mut cmd = Command::new("sh");
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("MESHLB_") {
+                cmd.env_remove(key);
+            }
+        }
         cmd.arg("-c")
             .arg(command)
             .current_dir(&self.dir)
             .env("PATH", path)
-            // The tools' own defaults, as a newcomer gets them.
+            // The tools' own defaults, as a newcomer gets them: none of the developer's settings.
             .env_remove("RUST_LOG")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null());
@@ -647,6 +652,28 @@ fn the_readme_runs_as_written_and_the_demo_reaches_its_verdict() {
     assert!(!all.contains('\u{1b}') && !all.contains(" INFO "), "{all}");
     assert!(round_robin > 25.0, "round-robin's share: {verdict}");
     assert!(p2c < round_robin / 3.0, "p2c's share: {verdict}");
+}
+
+/// The pages with a test of their own below; a page with runnable blocks must be among them.
+const RUN_PAGES: &[&str] = &[
+    "README.md",
+    "docs/commands.md",
+    "docs/design.md",
+    "docs/metrics.md",
+    "docs/tls.md",
+];
+
+#[test]
+fn every_page_with_console_blocks_runs_in_a_test() {
+    for file in documents() {
+        let runnable = blocks(&file)
+            .iter()
+            .any(|b| b.info.split(',').next() == Some("console"));
+        assert!(
+            !runnable || RUN_PAGES.contains(&file.as_str()),
+            "{file} has console blocks but no test runs it: add it to RUN_PAGES and a test"
+        );
+    }
 }
 
 #[test]
