@@ -24,3 +24,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mesh
 
 /// The fully qualified name of the UserGuide service, as health checks and reflection know it.
 pub const USERGUIDE_SERVICE: &str = "userguide.v1.UserGuideService";
+
+/// The gRPC service config of the UserGuide service (`replicas/service-config.json`): `GetPoint`
+/// and health checks retried on `UNAVAILABLE`, `ListUsers` hedged, retry throttling, meshlb's
+/// p2c. The tools use it unless told otherwise (`--service-config`); the library only when given.
+pub const USERGUIDE_SERVICE_CONFIG: &str = include_str!("../replicas/service-config.json");

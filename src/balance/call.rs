@@ -1,17 +1,22 @@
-//! One call through the balancer: its deadline, its retries and the retry budget.
+//! One call through the balancer: its deadline, its retries and the retry budget, as the gRPC
+//! service config of the balancer says ([`super::service_config`]).
 //!
-//! - The deadline is the balancer's default timeout, or the caller's `grpc-timeout` when shorter.
-//!   Past it the caller gets `DEADLINE_EXCEEDED` (or `UNAVAILABLE` with the reason, when no
-//!   endpoint is ready at all), never a hang.
-//! - A call of a retryable (idempotent) method that failed on the connection, or was answered
-//!   `UNAVAILABLE`, or was shed by an overloaded server (`RESOURCE_EXHAUSTED` with a
-//!   `grpc-retry-pushback-ms`), is sent again, at most `max_retries` more times, while the retry
-//!   budget allows (retries add at most `budget_percent` to the load, as Linkerd's budget does).
-//!   A pushback delays the next try by that long; a negative or malformed one means no retry. A
-//!   fail-fast answer is not retried: nothing is ready to retry on.
-//! - With hedging on (opt-in, [`super::hedge`]), a hedgeable call that has not answered after the
-//!   fleet's recent p95 is sent once more; the first useful answer wins. Hedges share the retry
-//!   budget.
+//! - The deadline is the shortest of the balancer's timeout (10 s by default), the method's
+//!   `timeout` in the config and the caller's `grpc-timeout`. Past it the caller gets
+//!   `DEADLINE_EXCEEDED` (or `UNAVAILABLE` with the reason, when no endpoint is ready at all),
+//!   never a hang.
+//! - A method with a `retryPolicy` is tried up to `maxAttempts` times: again after a code its
+//!   policy lists (a failed connection counts as `UNAVAILABLE`), or after being shed by an
+//!   overloaded server (`RESOURCE_EXHAUSTED` with a `grpc-retry-pushback-ms`: the server did no
+//!   work). Between tries: the pushback when the server gave one (a negative or malformed one
+//!   means no retry), else a random backoff below `initialBackoff × backoffMultiplier^n`, at most
+//!   `maxBackoff`. Retries need both the config's `retryThrottling` bucket (when set) and
+//!   meshlb's retry budget (retries add at most `budget_percent` to the load, as Linkerd's does).
+//!   A fail-fast answer is not retried: nothing is ready to retry on.
+//! - A method with a `hedgingPolicy` is sent once more after `hedgingDelay` if it has not
+//!   answered; the first answer that is not a non-fatal failure wins (meshlb sends at most one
+//!   hedge). `Builder::hedge` adds meshlb's adaptive delay (the fleet's recent p95).
+//! - With no policy for the method, a call is tried once and its body is not copied.
 //! - The remaining time goes to the replica as `grpc-timeout`, and a streaming answer that stalls
 //!   past the deadline ends with `DEADLINE_EXCEEDED` ([`super::deadline`]).
 //! - Whatever happens, the caller gets a gRPC response; errors become a `grpc-status`.
@@ -21,6 +26,7 @@ use super::endpoint::{BoxError, EndpointError, ServedBy};
 use super::failfast::FailedFast;
 use super::hedge::{HedgeConfig, HedgeDelay};
 use super::metrics::MeteredBody;
+use super::service_config::{HedgingPolicy, RetryPolicy, ServiceConfig};
 use super::Buffered;
 use crate::grpc::Pushback;
 use crate::telemetry;
@@ -38,19 +44,18 @@ use tracing::Instrument;
 /// How calls are bounded and retried.
 #[derive(Debug, Clone)]
 pub struct CallConfig {
-    /// Every call's deadline unless the caller sets a shorter `grpc-timeout`.
+    /// Every call's deadline, unless the method's config or the caller's `grpc-timeout` is shorter.
     pub timeout: Duration,
     /// How long a call may wait for any ready endpoint before failing with `UNAVAILABLE`.
     pub ready_wait: Duration,
-    /// Extra tries after the first, for retryable methods.
-    pub max_retries: u32,
     /// Retries may add at most this share of the call rate (0.2 = 20 %).
     pub budget_percent: f32,
     /// Retries always allowed per second, however few calls there are.
     pub budget_min_per_sec: u32,
-    /// Path prefixes of the methods that are safe to retry (idempotent).
-    pub retry_methods: Vec<String>,
-    /// Which calls are hedged, and when.
+    /// The gRPC service config: per-method timeouts, retry and hedging policies, throttling.
+    /// Empty by default: no method is retried or hedged.
+    pub service_config: Arc<ServiceConfig>,
+    /// meshlb's adaptive hedging (opt-in), besides the config's `hedgingPolicy`.
     pub hedge: HedgeConfig,
 }
 
@@ -59,13 +64,9 @@ impl Default for CallConfig {
         Self {
             timeout: Duration::from_secs(10),
             ready_wait: Duration::from_secs(3),
-            max_retries: 2,
             budget_percent: 0.2,
             budget_min_per_sec: 10,
-            retry_methods: vec![
-                format!("/{}/", crate::proto::USERGUIDE_SERVICE),
-                "/grpc.health.v1.Health/Check".into(),
-            ],
+            service_config: Arc::default(),
             hedge: HedgeConfig::default(),
         }
     }
@@ -79,14 +80,46 @@ impl CallConfig {
             self.budget_percent,
         )
     }
+}
 
-    fn is_retryable(&self, path: &str) -> bool {
-        self.max_retries > 0 && self.retry_methods.iter().any(|p| path.starts_with(p))
+/// What the config says of one call.
+struct Plan {
+    deadline: Duration,
+    retry: Option<RetryPolicy>,
+    hedging: Option<HedgingPolicy>,
+    adaptive_hedge: bool,
+}
+
+impl Plan {
+    fn of(config: &CallConfig, path: &str, caller: Option<Duration>) -> Self {
+        let method = config.service_config.method(path);
+        // The shortest of the balancer's own, the method's and the caller's.
+        let limit = method
+            .and_then(|m| m.timeout)
+            .filter(|t| !t.is_zero())
+            .map_or(config.timeout, |t| t.min(config.timeout));
+        Self {
+            deadline: caller.map_or(limit, |t| t.min(limit)),
+            retry: method.and_then(|m| m.retry.clone()),
+            hedging: method.and_then(|m| m.hedging.clone()),
+            adaptive_hedge: config.hedge.applies_to(path),
+        }
     }
 
-    /// Whether calls to `path` have their body buffered (to be sent more than once).
-    fn buffers(&self, path: &str) -> bool {
-        self.is_retryable(path) || self.hedge.applies_to(path)
+    /// Whether the body is kept, to be sent more than once.
+    fn buffers(&self) -> bool {
+        self.retry.is_some() || self.hedging.is_some() || self.adaptive_hedge
+    }
+
+    fn max_attempts(&self) -> u32 {
+        self.retry.as_ref().map_or(1, |r| r.max_attempts)
+    }
+
+    /// Whether a try that ended with `code` is worth another under the retry policy.
+    fn retries(&self, code: Code) -> bool {
+        self.retry
+            .as_ref()
+            .is_some_and(|r| r.retryable_codes.contains(&code))
     }
 }
 
@@ -149,15 +182,14 @@ async fn run_in_span(
     request: http::Request<Body>,
 ) -> http::Response<Body> {
     let config = &shared.config;
-    let deadline = crate::grpc::timeout(request.headers())
-        .ok()
-        .flatten()
-        .map_or(config.timeout, |t| t.min(config.timeout));
+    let path = request.uri().path().to_owned();
+    let caller = crate::grpc::timeout(request.headers()).ok().flatten();
+    let plan = Plan::of(config, &path, caller);
+    let deadline = plan.deadline;
     let expires = tokio::time::Instant::now() + deadline;
     shared.budget.deposit();
-    let path = request.uri().path().to_owned();
     let attempts = async {
-        if !config.buffers(&path) {
+        if !plan.buffers() {
             let result = attempt(buffer, request, 1, false, expires, shared).await;
             return (result, 1);
         }
@@ -166,40 +198,66 @@ async fn run_in_span(
             Ok(collected) => collected.to_bytes(),
             Err(status) => return (Ok(status.into_http()), 1),
         };
-        let hedge_delay = config
-            .hedge
-            .applies_to(&path)
-            .then(|| shared.latency.delay(config.hedge.delay))
-            .flatten();
-        let max_retries = if config.is_retryable(&path) {
-            config.max_retries
-        } else {
-            0
+        let hedge = match &plan.hedging {
+            Some(h) => Some(Hedge {
+                delay: h.hedging_delay,
+                non_fatal: h.non_fatal_codes.clone(),
+            }),
+            None if plan.adaptive_hedge => {
+                shared.latency.delay(config.hedge.delay).map(|delay| Hedge {
+                    delay,
+                    non_fatal: vec![Code::Unavailable],
+                })
+            }
+            None => None,
         };
         let mut tries = 1;
         loop {
-            let result = hedged(&buffer, &parts, &body, tries, hedge_delay, expires, shared).await;
+            let result = hedged(
+                &buffer,
+                &parts,
+                &body,
+                tries,
+                hedge.as_ref(),
+                expires,
+                shared,
+            )
+            .await;
             let pushback = match &result {
                 Ok(response) => Pushback::of(response.headers()),
                 Err(_) => None,
             };
-            let again = tries <= max_retries
-                && pushback != Some(Pushback::DoNotRetry)
-                && (worth_retrying(&result) || was_shed(&result));
+            let code = code_of(&result);
+            let retryable = code.is_some_and(|c| plan.retries(c))
+                || (plan.retry.is_some() && was_shed(&result));
+            if let Some(throttle) = &shared.throttle {
+                if retryable {
+                    throttle.failed();
+                } else {
+                    throttle.succeeded();
+                }
+            }
+            let again =
+                tries < plan.max_attempts() && pushback != Some(Pushback::DoNotRetry) && retryable;
             if !again {
                 return (result, tries);
             }
-            if !shared.budget.withdraw() {
+            if !shared.may_send_another() {
                 shared.registry.count_budget_exhausted();
                 return (result, tries);
             }
-            if let Some(Pushback::Wait(pause)) = pushback {
+            match (pushback, &plan.retry) {
                 // The server said when to try again. A pause that outlasts the deadline would
                 // only turn the server's answer into a timeout: give the caller the answer.
-                if tokio::time::Instant::now() + pause >= expires {
-                    return (result, tries);
+                (Some(Pushback::Wait(pause)), _) => {
+                    if tokio::time::Instant::now() + pause >= expires {
+                        return (result, tries);
+                    }
+                    tokio::time::sleep(pause).await;
                 }
-                tokio::time::sleep(pause).await;
+                // A backoff past the deadline ends in the deadline's own answer.
+                (_, Some(retry)) => tokio::time::sleep(backoff(retry, tries + 1)).await,
+                _ => {}
             }
             shared.registry.count_retry();
             tracing::debug!(path = parts.uri.path(), tries, "retrying on the balancer");
@@ -238,14 +296,27 @@ async fn run_in_span(
     response.map(|body| Body::new(DeadlineBody::new(body, expires)))
 }
 
-/// One try, hedged after `delay` when there is one: the first useful answer wins and the other
-/// attempt is cancelled.
+/// When to hedge a call, and which failures of one try leave the other to answer.
+struct Hedge {
+    delay: Duration,
+    non_fatal: Vec<Code>,
+}
+
+impl Hedge {
+    /// Whether `result` is a failure after which the other try may still answer.
+    fn non_fatal(&self, result: &Result<http::Response<Body>, BoxError>) -> bool {
+        code_of(result).is_some_and(|c| c != Code::Ok && self.non_fatal.contains(&c))
+    }
+}
+
+/// One try, hedged after the hedge's delay when there is one: the first useful answer wins and
+/// the other attempt is cancelled.
 async fn hedged(
     buffer: &Buffered,
     parts: &http::request::Parts,
     body: &Bytes,
     number: u32,
-    delay: Option<Duration>,
+    hedge: Option<&Hedge>,
     expires: tokio::time::Instant,
     shared: &super::Shared,
 ) -> Result<http::Response<Body>, BoxError> {
@@ -257,21 +328,21 @@ async fn hedged(
         expires,
         shared,
     );
-    let Some(delay) = delay else {
+    let Some(hedge) = hedge else {
         return first.await;
     };
     tokio::pin!(first);
     tokio::select! {
         result = &mut first => return result,
-        () = tokio::time::sleep(delay) => {}
+        () = tokio::time::sleep(hedge.delay) => {}
     }
-    if !shared.budget.withdraw() {
+    if !shared.may_send_another() {
         shared.registry.count_budget_exhausted();
         return first.await;
     }
     shared.registry.count_hedge(false);
     // An event on the call's span for traces, not a log line per hedge.
-    tracing::info!(target: telemetry::RPC_SPANS, delay_ms = delay.as_secs_f64() * 1000.0, "hedge");
+    tracing::info!(target: telemetry::RPC_SPANS, delay_ms = hedge.delay.as_secs_f64() * 1000.0, "hedge");
     let second = attempt(
         buffer.clone(),
         rebuild(parts, body),
@@ -283,10 +354,10 @@ async fn hedged(
     tokio::pin!(second);
     tokio::select! {
         result = &mut first => {
-            if worth_retrying(&result) { second.await } else { result }
+            if hedge.non_fatal(&result) { second.await } else { result }
         }
         result = &mut second => {
-            if worth_retrying(&result) {
+            if hedge.non_fatal(&result) {
                 first.await
             } else {
                 shared.registry.count_hedge(true);
@@ -361,15 +432,25 @@ fn status_of(response: &http::Response<Body>) -> Code {
     Status::from_header_map(response.headers()).map_or(Code::Ok, |s| s.code())
 }
 
-fn worth_retrying(result: &Result<http::Response<Body>, BoxError>) -> bool {
+/// The code a try ended with, as a retry policy judges it: a failed connection is
+/// `UNAVAILABLE`; `None` for a fail-fast answer (nothing was ready to try on, so nothing to retry).
+fn code_of(result: &Result<http::Response<Body>, BoxError>) -> Option<Code> {
     match result {
-        Err(_) => true,
-        Ok(response) => {
-            response.extensions().get::<FailedFast>().is_none()
-                && Status::from_header_map(response.headers())
-                    .is_some_and(|s| s.code() == Code::Unavailable)
-        }
+        Err(_) => Some(Code::Unavailable),
+        Ok(response) if response.extensions().get::<FailedFast>().is_some() => None,
+        Ok(response) => Some(status_of(response)),
     }
+}
+
+/// A random backoff below the policy's bound for try number `attempt` (jittered, as gRPC's A6
+/// says, so that callers that failed together do not come back together).
+fn backoff(retry: &RetryPolicy, attempt: u32) -> Duration {
+    use rand::Rng;
+    let bound = retry.backoff_bound(attempt).as_secs_f64();
+    if bound <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(rand::rng().random_range(0.0..bound))
 }
 
 /// Shed by an overloaded server (`RESOURCE_EXHAUSTED` with a pushback): the call did no work
@@ -399,27 +480,96 @@ fn rebuild(parts: &http::request::Parts, body: &Bytes) -> http::Request<Body> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn retries_only_listed_methods() {
-        let config = CallConfig::default();
-        assert!(config.is_retryable("/userguide.v1.UserGuideService/GetPoint"));
-        assert!(!config.is_retryable("/meshlb.admin.v1.AdminService/SetFaults"));
-        let off = CallConfig {
-            max_retries: 0,
+    const CONFIG: &str = r#"{"methodConfig": [
+        {"name": [{"service": "a.S"}], "timeout": "2s",
+         "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
+                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}},
+        {"name": [{"service": "a.S", "method": "Hedged"}],
+         "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "0.003s"}}
+    ]}"#;
+
+    fn config() -> CallConfig {
+        CallConfig {
+            service_config: Arc::new(ServiceConfig::from_json(CONFIG).unwrap()),
             ..CallConfig::default()
-        };
-        assert!(!off.is_retryable("/userguide.v1.UserGuideService/GetPoint"));
+        }
     }
 
     #[test]
-    fn unavailable_is_worth_retrying_but_fail_fast_and_not_found_are_not() {
-        let unavailable = Status::unavailable("x").into_http();
-        assert!(worth_retrying(&Ok(unavailable)));
+    fn without_a_config_nothing_is_retried_hedged_or_copied() {
+        let plan = Plan::of(
+            &CallConfig::default(),
+            "/userguide.v1.UserGuideService/GetPoint",
+            None,
+        );
+        assert!(!plan.buffers());
+        assert_eq!(plan.max_attempts(), 1);
+        assert!(!plan.retries(Code::Unavailable));
+        assert_eq!(plan.deadline, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_config_sets_deadline_attempts_and_codes_per_method() {
+        let config = config();
+        let plan = Plan::of(&config, "/a.S/Get", None);
+        assert!(plan.buffers());
+        assert_eq!(plan.max_attempts(), 4);
+        assert!(plan.retries(Code::Unavailable));
+        assert!(!plan.retries(Code::NotFound));
+        assert_eq!(plan.deadline, Duration::from_secs(2));
+        // The caller's shorter deadline wins; a longer one does not.
+        let short = Plan::of(&config, "/a.S/Get", Some(Duration::from_millis(300)));
+        assert_eq!(short.deadline, Duration::from_millis(300));
+        let long = Plan::of(&config, "/a.S/Get", Some(Duration::from_secs(60)));
+        assert_eq!(long.deadline, Duration::from_secs(2));
+        // The balancer's own timeout bounds the config's too.
+        let tight = CallConfig {
+            timeout: Duration::from_secs(1),
+            ..config.clone()
+        };
+        assert_eq!(
+            Plan::of(&tight, "/a.S/Get", None).deadline,
+            Duration::from_secs(1)
+        );
+        let hedged = Plan::of(&config, "/a.S/Hedged", None);
+        assert_eq!(hedged.max_attempts(), 1);
+        assert_eq!(
+            hedged.hedging.unwrap().hedging_delay,
+            Duration::from_millis(3)
+        );
+        let other = Plan::of(&config, "/b.T/Get", None);
+        assert!(!other.buffers());
+    }
+
+    #[test]
+    fn backoff_is_random_below_its_bound() {
+        let config = ServiceConfig::from_json(CONFIG).unwrap();
+        let retry = config.method("/a.S/Get").unwrap().retry.clone().unwrap();
+        for attempt in 2..8 {
+            let bound = retry.backoff_bound(attempt);
+            for _ in 0..50 {
+                assert!(backoff(&retry, attempt) < bound);
+            }
+        }
+    }
+
+    #[test]
+    fn codes_as_retry_policies_judge_them() {
+        assert_eq!(
+            code_of(&Ok(Status::unavailable("x").into_http())),
+            Some(Code::Unavailable)
+        );
         let mut failed_fast = Status::unavailable("x").into_http();
         failed_fast.extensions_mut().insert(FailedFast);
-        assert!(!worth_retrying(&Ok(failed_fast)));
-        assert!(!worth_retrying(&Ok(Status::not_found("x").into_http())));
-        assert!(worth_retrying(&Err("connection refused".into())));
+        assert_eq!(code_of(&Ok(failed_fast)), None);
+        assert_eq!(
+            code_of(&Ok(Status::not_found("x").into_http())),
+            Some(Code::NotFound)
+        );
+        assert_eq!(
+            code_of(&Err("connection refused".into())),
+            Some(Code::Unavailable)
+        );
     }
 
     #[test]

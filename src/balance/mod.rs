@@ -62,7 +62,9 @@ pub mod metrics;
 pub mod outlier;
 pub mod registry;
 pub mod round_robin;
+pub mod service_config;
 pub mod silence;
+pub mod throttle;
 
 pub use call::{Attempts, CallConfig};
 pub use endpoint::{AccrualConfig, BoxError, EndpointSnapshot, EndpointState, ServedBy};
@@ -70,6 +72,7 @@ pub use hedge::{HedgeConfig, HedgeDelay};
 pub use metrics::Metrics;
 pub use outlier::OutlierConfig;
 pub use registry::ConnectConfig;
+pub use service_config::{ServiceConfig, ServiceConfigError};
 pub use silence::SilenceConfig;
 
 use crate::discovery::{self, DiscoveryError, DnsConfig};
@@ -89,7 +92,7 @@ use tonic::body::Body;
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
 use tower::load::PeakEwma;
-use tower::retry::budget::TpsBudget;
+use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::util::BoxService;
 use tower::{Service, ServiceExt};
 
@@ -102,6 +105,8 @@ pub enum Policy {
     P2c,
     /// Each ready endpoint in turn: the baseline for comparisons.
     RoundRobin,
+    /// The first ready endpoint, in address order, for every call (gRPC's `pick_first`).
+    PickFirst,
 }
 
 impl std::str::FromStr for Policy {
@@ -110,8 +115,9 @@ impl std::str::FromStr for Policy {
         match s {
             "p2c" | "p2c-ewma" | "peak-ewma" => Ok(Policy::P2c),
             "round-robin" | "rr" => Ok(Policy::RoundRobin),
+            "pick-first" => Ok(Policy::PickFirst),
             other => Err(format!(
-                "unknown policy {other:?}: expected p2c or round-robin"
+                "unknown policy {other:?}: expected p2c, round-robin or pick-first"
             )),
         }
     }
@@ -122,6 +128,7 @@ impl fmt::Display for Policy {
         f.write_str(match self {
             Policy::P2c => "p2c",
             Policy::RoundRobin => "round-robin",
+            Policy::PickFirst => "pick-first",
         })
     }
 }
@@ -176,6 +183,7 @@ pub(crate) type Buffered =
 pub struct Builder {
     target: String,
     policy: Policy,
+    policy_set: bool,
     health: HealthConfig,
     dns: DnsConfig,
     ewma: EwmaConfig,
@@ -221,9 +229,11 @@ impl Builder {
         self
     }
 
-    /// The balancing policy (default p2c over peak-EWMA).
+    /// The balancing policy (default p2c over peak-EWMA, or what the service config chooses);
+    /// set here, it wins over the service config's.
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
+        self.policy_set = true;
         self
     }
 
@@ -239,10 +249,12 @@ impl Builder {
         self
     }
 
-    /// Retries after the first try for retryable methods (default 2; 0 turns retries off).
-    pub fn retries(mut self, max_retries: u32) -> Self {
-        self.call.max_retries = max_retries;
-        self
+    /// The gRPC service config (JSON, as every gRPC implementation reads it): per-method
+    /// timeouts, retry and hedging policies, retry throttling, and the balancing policy. Without
+    /// one, no call is retried or hedged. An invalid config is an error naming the field.
+    pub fn service_config(mut self, json: &str) -> Result<Self, ServiceConfigError> {
+        self.call.service_config = Arc::new(ServiceConfig::from_json(json)?);
+        Ok(self)
     }
 
     /// Which calls are hedged, and when (`HedgeDelay::Off` turns hedging off).
@@ -306,6 +318,19 @@ impl Builder {
         if let Some(tls) = &self.tls {
             connect.tls = Some(tls.config()?);
         }
+        // The config's balancing policy, unless the builder chose one itself.
+        let (policy, outlier) = match (&self.call.service_config.load_balancing, self.policy_set) {
+            (Some(service_config::LoadBalancing::RoundRobin), false) => {
+                (Policy::RoundRobin, self.outlier)
+            }
+            (Some(service_config::LoadBalancing::PickFirst), false) => {
+                (Policy::PickFirst, self.outlier)
+            }
+            (Some(service_config::LoadBalancing::P2c(o)), false) => {
+                (Policy::P2c, self.outlier.or(Some(*o)))
+            }
+            _ => (self.policy, self.outlier),
+        };
         let discovery = discovery::spawn(&target, &self.dns)?;
         let registry = Registry::new(self.target.clone());
         if let Some(metrics) = &self.metrics {
@@ -332,8 +357,8 @@ impl Builder {
             tx,
         ));
 
-        let outlier = self.outlier.unwrap_or(OutlierConfig {
-            enabled: self.policy == Policy::P2c,
+        let outlier = outlier.unwrap_or(OutlierConfig {
+            enabled: policy == Policy::P2c,
             ..OutlierConfig::default()
         });
         let detector = outlier
@@ -344,12 +369,16 @@ impl Builder {
             .enabled
             .then(|| tokio::spawn(silence::detect(Arc::downgrade(&registry), silence)));
 
-        let inner: Inner = match self.policy {
+        let inner: Inner = match policy {
             Policy::P2c => BoxService::new(
                 Balance::new(discover).map_response(|r: http::Response<_>| r.map(Body::new)),
             ),
             Policy::RoundRobin => BoxService::new(
                 round_robin::RoundRobin::new(discover)
+                    .map_response(|r: http::Response<_>| r.map(Body::new)),
+            ),
+            Policy::PickFirst => BoxService::new(
+                round_robin::RoundRobin::pick_first(discover)
                     .map_response(|r: http::Response<_>| r.map(Body::new)),
             ),
         };
@@ -362,8 +391,13 @@ impl Builder {
             buffer,
             shared: Arc::new(Shared {
                 registry,
-                policy: self.policy,
+                policy,
                 budget,
+                throttle: self
+                    .call
+                    .service_config
+                    .retry_throttling
+                    .map(throttle::Throttle::new),
                 config: self.call,
                 latency: hedge::LatencyWindow::default(),
                 manager,
@@ -389,12 +423,25 @@ pub(crate) struct Shared {
     registry: Arc<Registry>,
     policy: Policy,
     budget: TpsBudget,
+    throttle: Option<throttle::Throttle>,
     config: CallConfig,
     latency: hedge::LatencyWindow,
     manager: tokio::task::JoinHandle<()>,
     detector: Option<tokio::task::JoinHandle<()>>,
     silence_detector: Option<tokio::task::JoinHandle<()>>,
     metrics: Option<Metrics>,
+}
+
+impl Shared {
+    /// Whether one more try (a retry or a hedge) may be sent: the service config's
+    /// `retryThrottling` bucket when it has one, else meshlb's budget (retries at most
+    /// `budget_percent` of the calls, as Linkerd's).
+    fn may_send_another(&self) -> bool {
+        match &self.throttle {
+            Some(throttle) => throttle.allows(),
+            None => self.budget.withdraw(),
+        }
+    }
 }
 
 impl Drop for Shared {
@@ -425,6 +472,7 @@ impl Balancer {
         Builder {
             target: target.into(),
             policy: Policy::default(),
+            policy_set: false,
             health: HealthConfig::default(),
             dns: DnsConfig::default(),
             ewma: EwmaConfig::default(),

@@ -1,6 +1,7 @@
-//! Round-robin over the ready endpoints: the baseline that peak-EWMA p2c is compared against.
-//! It uses the same discovery stream, the same health-gated endpoints and tower's `ReadyCache`,
-//! so the only difference in a comparison is the choice itself.
+//! Round-robin over the ready endpoints: the baseline that peak-EWMA p2c is compared against;
+//! and pick-first (gRPC's `pick_first`: the first ready endpoint in address order, for every
+//! call). Both use the same discovery stream, the same health-gated endpoints and tower's
+//! `ReadyCache`, so the only difference in a comparison is the choice itself.
 
 use std::future::Future;
 use std::hash::Hash;
@@ -22,6 +23,7 @@ where
     services: ReadyCache<D::Key, D::Service, Req>,
     next: usize,
     chosen: Option<usize>,
+    first: bool,
 }
 
 impl<D, Req> RoundRobin<D, Req>
@@ -38,6 +40,15 @@ where
             services: ReadyCache::default(),
             next: 0,
             chosen: None,
+            first: false,
+        }
+    }
+
+    /// Always the first ready endpoint of what `discover` yields, in key (address) order.
+    pub fn pick_first(discover: D) -> Self {
+        Self {
+            first: true,
+            ..Self::new(discover)
         }
     }
 }
@@ -45,7 +56,7 @@ where
 impl<D, Req> Service<Req> for RoundRobin<D, Req>
 where
     D: Discover + Unpin,
-    D::Key: Hash + Clone,
+    D::Key: Hash + Clone + Ord,
     D::Error: Into<BoxError>,
     D::Service: Service<Req>,
     <D::Service as Service<Req>>::Error: Into<BoxError>,
@@ -72,7 +83,16 @@ where
             if ready == 0 {
                 return Poll::Pending;
             }
-            let index = self.next % ready;
+            let index = if self.first {
+                (0..ready)
+                    .min_by(|a, b| {
+                        let key = |i| self.services.get_ready_index(i).map(|(k, _)| k);
+                        key(*a).cmp(&key(*b))
+                    })
+                    .unwrap_or(0)
+            } else {
+                self.next % ready
+            };
             self.next = self.next.wrapping_add(1);
             if let Ok(true) = self.services.check_ready_index(cx, index) {
                 self.chosen = Some(index);

@@ -151,7 +151,7 @@ async fn blackhole(
                 .service(channel);
             cut_run(&channel, None, &fleet, cut, config).await?
         } else {
-            let lb = balancer(target, config)
+            let lb = balancer(target, config)?
                 .silence(SilenceConfig {
                     enabled: silence,
                     ..SilenceConfig::default()
@@ -181,13 +181,15 @@ async fn blackhole(
     })
 }
 
-/// meshlb over `target`, as the other scenarios build it (TLS included).
-fn balancer(target: String, config: &BenchConfig) -> crate::balance::Builder {
-    let builder = Balancer::builder(target).health_service(crate::proto::USERGUIDE_SERVICE);
-    match &config.tls {
+/// meshlb over `target`, as the other scenarios build it (TLS and the service config included).
+fn balancer(target: String, config: &BenchConfig) -> anyhow::Result<crate::balance::Builder> {
+    let builder = Balancer::builder(target)
+        .health_service(crate::proto::USERGUIDE_SERVICE)
+        .service_config(crate::proto::USERGUIDE_SERVICE_CONFIG)?;
+    Ok(match &config.tls {
         Some(tls) => builder.tls(tls.clone()),
         None => builder,
-    }
+    })
 }
 
 /// tonic's `balance_list` over `addrs`, as a tonic user would set it up.
@@ -280,7 +282,8 @@ async fn overload(
     let fleet = RunningFleet::start(&spec, &launch).await?;
     let addrs: Vec<SocketAddr> = fleet.members.iter().map(|m| m.addr).collect();
     let target = crate::Target::Static(addrs.clone()).to_string();
-    let balancer = || balancer(target.clone(), config).build();
+    let builder = balancer(target.clone(), config)?;
+    let balancer = || builder.clone().build();
 
     progress("overload / capacity");
     let lb = balancer().await?;

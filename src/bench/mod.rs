@@ -277,9 +277,12 @@ async fn measure(
             } else {
                 Policy::P2c
             };
+            // The UserGuide service config, as `meshlb client` uses it; the policy set here wins
+            // over the config's balancing choice.
             let mut builder = Balancer::builder(target)
                 .policy(policy)
-                .health_service(crate::proto::USERGUIDE_SERVICE);
+                .health_service(crate::proto::USERGUIDE_SERVICE)
+                .service_config(crate::proto::USERGUIDE_SERVICE_CONFIG)?;
             if contender == Contender::MeshlbP2cHedged {
                 builder = builder.hedge(HedgeConfig::p95());
             }

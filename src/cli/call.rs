@@ -21,6 +21,8 @@ pub struct Args {
     timeout: Duration,
     #[command(flatten)]
     tls: super::client::TlsArgs,
+    #[command(flatten)]
+    service_config: super::client::ServiceConfigArgs,
     #[command(subcommand)]
     method: Method,
 }
@@ -52,6 +54,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         crate::proto::USERGUIDE_SERVICE,
         &args.tls,
         None,
+        &args.service_config.service_config,
     )?;
     // One deadline for the whole command: the wait for a ready endpoint counts against it.
     let deadline = tokio::time::Instant::now() + args.timeout;

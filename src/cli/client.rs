@@ -51,6 +51,32 @@ impl TlsArgs {
     }
 }
 
+/// `--service-config`: the gRPC service config the balancer follows.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceConfigArgs {
+    /// The gRPC service config (a JSON file, as grpc-go, grpc-java and grpcio read it) that calls
+    /// follow: per-method timeouts, retries, hedging, throttling, the balancing policy. Default:
+    /// the UserGuide service's, built in (as in replicas/service-config.json); `none`: no
+    /// retries or hedging at all.
+    #[arg(long, env = "MESHLB_SERVICE_CONFIG", default_value = "builtin", value_parser = parse_service_config)]
+    pub service_config: ServiceConfigSource,
+}
+
+/// A service config's JSON, checked; `None` for no config.
+#[derive(Debug, Clone)]
+pub struct ServiceConfigSource(pub Option<String>);
+
+/// `builtin`, `none`, or a file holding a valid service config.
+pub fn parse_service_config(value: &str) -> Result<ServiceConfigSource, String> {
+    let text = match value {
+        "none" => return Ok(ServiceConfigSource(None)),
+        "builtin" => crate::proto::USERGUIDE_SERVICE_CONFIG.to_owned(),
+        path => std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?,
+    };
+    crate::balance::ServiceConfig::from_json(&text).map_err(|e| format!("{value}: {e}"))?;
+    Ok(ServiceConfigSource(Some(text)))
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Where the replicas are: dns:///host:port, dns://DNS_IP:PORT/host:port, ipv4:a:p,b:p, host:port.
@@ -99,6 +125,8 @@ pub struct Args {
     pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub service_config: ServiceConfigArgs,
 }
 
 impl Args {
@@ -134,11 +162,17 @@ pub fn balancer(
     health: &str,
     tls: &TlsArgs,
     metrics: Option<&crate::balance::Metrics>,
+    service_config: &ServiceConfigSource,
 ) -> anyhow::Result<Balancer> {
     let mut builder = Balancer::builder(target)
         .policy(policy)
         .timeout(timeout)
         .health_service(health);
+    if let Some(json) = &service_config.0 {
+        builder = builder
+            .service_config(json)
+            .map_err(|e| UsageError(e.to_string()))?;
+    }
     if let Some(tls) = tls.client_tls() {
         builder = builder.tls(tls);
     }
@@ -182,6 +216,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         &args.health_service,
         &args.tls,
         metrics.as_ref(),
+        &args.service_config.service_config,
     )?;
     // Warm-up (connections, first health answers) stays out of the figures, but counts against
     // --duration: a run of 10 s takes 10 s, even against a dead target.

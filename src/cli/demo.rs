@@ -26,6 +26,8 @@ pub struct Args {
     /// Calls in flight at once.
     #[arg(long, env = "MESHLB_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10000))]
     concurrency: u32,
+    #[command(flatten)]
+    service_config: super::client::ServiceConfigArgs,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -83,6 +85,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             crate::proto::USERGUIDE_SERVICE,
             &Default::default(),
             None,
+            &args.service_config.service_config,
         )?;
         lb.wait_ready(Duration::from_secs(5)).await;
         let report = drive(&lb, &load, false, true).await;

@@ -55,6 +55,10 @@ pub struct Args {
         requires = "upstream_tls_ca"
     )]
     upstream_tls_server_name: Option<String>,
+    /// The gRPC service config the upstream client follows (a JSON file; `builtin`: the
+    /// UserGuide service's, as in replicas/service-config.json; `none`: no retries).
+    #[arg(long, env = "MESHLB_UPSTREAM_SERVICE_CONFIG", default_value = "builtin", value_parser = super::client::parse_service_config)]
+    upstream_service_config: super::client::ServiceConfigSource,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "MESHLB_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -200,17 +204,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     let shutdown = super::shutdown_signal();
-    // Tests and scripts read these lines to learn the ports, so they go first and are flushed.
-    println!("listening on {bound}");
+    // Tests and scripts read these lines to learn the ports, so they go first, in one write: a
+    // reader that stops after the lines it wants must not make a later line fail. A replica
+    // whose stdout is gone keeps serving.
+    let mut lines = format!("listening on {bound}\n");
     match &admin {
-        Some(admin) => println!("admin on {}", admin.local_addr()?),
-        None => println!("admin off"),
+        Some(admin) => lines.push_str(&format!("admin on {}\n", admin.local_addr()?)),
+        None => lines.push_str("admin off\n"),
     }
     match &metrics {
-        Some(metrics) => println!("metrics on {}", metrics.local_addr()?),
-        None => println!("metrics off"),
+        Some(metrics) => lines.push_str(&format!("metrics on {}\n", metrics.local_addr()?)),
+        None => lines.push_str("metrics off\n"),
     }
-    std::io::stdout().flush()?;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(lines.as_bytes());
+    let _ = stdout.flush();
+    drop(stdout);
 
     let id = if id.is_empty() { bound.to_string() } else { id };
     let mut config = ReplicaConfig::new(id, users);
@@ -246,7 +255,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     .zip(args.upstream_tls_key.clone()),
                 server_name: args.upstream_tls_server_name.clone(),
             });
-        config.upstream = Some(upstream(target, tls)?);
+        config.upstream = Some(upstream(target, tls, &args.upstream_service_config)?);
     }
     let listeners = replica::Listeners {
         serving: listener,
@@ -265,7 +274,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// GetPoint through a balanced client to `target`.
-fn upstream(target: &str, tls: Option<crate::tls::ClientTls>) -> anyhow::Result<replica::Upstream> {
+fn upstream(
+    target: &str,
+    tls: Option<crate::tls::ClientTls>,
+    service_config: &super::client::ServiceConfigSource,
+) -> anyhow::Result<replica::Upstream> {
     use crate::proto::userguide::v1::{
         user_guide_service_client::UserGuideServiceClient, GetPointRequest, Profile,
     };
@@ -273,6 +286,11 @@ fn upstream(target: &str, tls: Option<crate::tls::ClientTls>) -> anyhow::Result<
         crate::Balancer::builder(target).health_service(crate::proto::USERGUIDE_SERVICE);
     if let Some(tls) = tls {
         builder = builder.tls(tls);
+    }
+    if let Some(json) = &service_config.0 {
+        builder = builder
+            .service_config(json)
+            .map_err(|e| UsageError(format!("--upstream-service-config: {e}")))?;
     }
     let lb = builder
         .build_lazy()

@@ -31,7 +31,7 @@ fn target(replicas: &[Replica]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spreads_calls_over_three_replicas() {
     let replicas = three(Default::default()).await;
-    let lb = Balancer::builder(target(&replicas))
+    let lb = crate::support::userguide(target(&replicas))
         .health_service(SERVICE)
         .build()
         .await
@@ -55,7 +55,7 @@ async fn slow_replica_gets_a_small_share_and_recovers_when_fixed() {
     let slow = &replicas[0];
 
     // The baseline gives the slow replica its third, whatever its latency.
-    let rr = Balancer::builder(target(&replicas))
+    let rr = crate::support::userguide(target(&replicas))
         .policy(Policy::RoundRobin)
         .build()
         .await
@@ -64,7 +64,7 @@ async fn slow_replica_gets_a_small_share_and_recovers_when_fixed() {
     assert!(baseline.errors.is_empty());
     assert!(baseline.share(&slow.id) > 0.25, "{:?}", baseline.by_replica);
 
-    let lb = Balancer::builder(target(&replicas))
+    let lb = crate::support::userguide(target(&replicas))
         .health_service(SERVICE)
         // A short decay so the recovery below is seen within the test's deadline.
         .ewma(EwmaConfig {
@@ -101,7 +101,7 @@ async fn slow_replica_gets_a_small_share_and_recovers_when_fixed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_serving_replica_gets_no_calls_until_it_serves_again() {
     let replicas = three(Default::default()).await;
-    let lb = Balancer::builder(target(&replicas))
+    let lb = crate::support::userguide(target(&replicas))
         .health_service(SERVICE)
         .build()
         .await
@@ -156,7 +156,7 @@ async fn killed_replica_is_routed_around_and_no_call_fails() {
             )
         })
         .collect();
-    let lb = Balancer::builder(ipv4_target(
+    let lb = crate::support::userguide(ipv4_target(
         &procs.iter().map(|p| p.addr).collect::<Vec<_>>(),
     ))
     .health_service(SERVICE)
@@ -205,7 +205,7 @@ async fn frozen_replica_is_detected_by_keepalive_and_returns_after_sigcont() {
             )
         })
         .collect();
-    let lb = Balancer::builder(ipv4_target(
+    let lb = crate::support::userguide(ipv4_target(
         &procs.iter().map(|p| p.addr).collect::<Vec<_>>(),
     ))
     .health_service(SERVICE)
@@ -250,7 +250,7 @@ async fn frozen_replica_is_detected_by_keepalive_and_returns_after_sigcont() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_unhealthy_fails_fast_with_the_reason() {
     let replicas = three(Default::default()).await;
-    let lb = Balancer::builder(target(&replicas))
+    let lb = crate::support::userguide(target(&replicas))
         .health_service(SERVICE)
         .ready_wait(Duration::from_millis(300))
         .build()
@@ -285,12 +285,12 @@ async fn all_unhealthy_fails_fast_with_the_reason() {
 
 #[tokio::test]
 async fn malformed_target_is_a_clear_error() {
-    let err = Balancer::builder("ipv4:not-an-ip:50051")
+    let err = crate::support::userguide("ipv4:not-an-ip:50051")
         .build_lazy()
         .unwrap_err()
         .to_string();
     assert!(err.contains("not-an-ip"), "{err}");
-    let err = Balancer::builder("users.local")
+    let err = crate::support::userguide("users.local")
         .build_lazy()
         .unwrap_err()
         .to_string();
@@ -300,7 +300,7 @@ async fn malformed_target_is_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadline_bounds_a_call_to_a_slow_replica() {
     let replicas = three([latency(2000), latency(2000), latency(2000)]).await;
-    let lb = Balancer::builder(target(&replicas))
+    let lb = crate::support::userguide(target(&replicas))
         .timeout(Duration::from_millis(200))
         .build()
         .await
@@ -329,7 +329,7 @@ async fn deadline_bounds_a_call_to_a_slow_replica() {
 async fn a_slow_call_is_hedged_to_another_replica_within_the_budget() {
     use meshlb::balance::{HedgeConfig, HedgeDelay, OutlierConfig};
     let replicas = three([latency(0), latency(0), latency(400)]).await;
-    let lb = Balancer::builder(target(&replicas))
+    let lb = crate::support::userguide(target(&replicas))
         .health_service(SERVICE)
         // Hedging alone: no outlier ejection to take the slow replica out first.
         .outlier(OutlierConfig {
@@ -350,7 +350,7 @@ async fn a_slow_call_is_hedged_to_another_replica_within_the_budget() {
     // Every hedge draws on the retry budget: at most 20 % of calls plus 10 per second.
     assert!(hedges <= 200 / 5 + 10 * 10, "{hedges} hedges for 200 calls");
 
-    let off = Balancer::builder(target(&replicas))
+    let off = crate::support::userguide(target(&replicas))
         .hedge(HedgeConfig {
             delay: HedgeDelay::Off,
             ..HedgeConfig::default()
@@ -360,4 +360,44 @@ async fn a_slow_call_is_hedged_to_another_replica_within_the_budget() {
         .unwrap();
     drive(&off, 50, 4).await;
     assert_eq!(off.hedges(), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_service_config_makes_calls_retried() {
+    let flaky = FaultConfig {
+        fail_rate: 0.3,
+        ..FaultConfig::default()
+    };
+    let replicas = three([flaky, flaky, flaky]).await;
+    // A library user who gives no config gets no retries, whatever the service.
+    let bare = Balancer::builder(target(&replicas))
+        .health_service(meshlb::proto::USERGUIDE_SERVICE)
+        .build()
+        .await
+        .unwrap();
+    let tally = drive(&bare, 200, 4).await;
+    assert_eq!(bare.retries(), 0);
+    let failed = tally.errors.len();
+    assert!(
+        (30..=100).contains(&failed),
+        "{failed} of 200 failed without retries"
+    );
+    assert!(tally.errors.iter().all(|s| s.code() == Code::Unavailable));
+    // The UserGuide service config retries UNAVAILABLE (3 attempts): about 2.7 % fail.
+    let configured = crate::support::userguide(target(&replicas))
+        .build()
+        .await
+        .unwrap();
+    let tally = drive(&configured, 200, 4).await;
+    assert!(
+        configured.retries() > 30,
+        "{} retries",
+        configured.retries()
+    );
+    assert!(tally.errors.len() <= 20, "{:?}", tally.errors);
+    // A bad config is an error naming its field, before anything starts.
+    let error = Balancer::builder(target(&replicas))
+        .service_config(r#"{"methodConfig": [{"name": [{}], "timeout": "soon"}]}"#)
+        .unwrap_err();
+    assert_eq!(error.field, "methodConfig[0].timeout");
 }

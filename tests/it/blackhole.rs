@@ -73,7 +73,7 @@ async fn a_blackholed_replica_is_routed_around_within_a_second_and_no_call_fails
     let silent = Inside::start(&ns);
     let a = Replica::start("127.0.0.1", "loud-1", FaultConfig::default()).await;
     let b = Replica::start("127.0.0.1", "loud-2", FaultConfig::default()).await;
-    let lb = meshlb::Balancer::builder(crate::support::ipv4_target(&[a.addr, b.addr, silent.1]))
+    let lb = crate::support::userguide(crate::support::ipv4_target(&[a.addr, b.addr, silent.1]))
         .build()
         .await
         .unwrap();

@@ -4,7 +4,6 @@ use crate::dns_server::{DnsServer, Mode};
 use crate::support::{drive, eventually, Replica};
 use meshlb::discovery::DnsConfig;
 use meshlb::replica::ReplicaConfig;
-use meshlb::Balancer;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 use tonic::Code;
@@ -36,7 +35,7 @@ async fn follows_dns_answers_and_survives_a_dns_outage() {
     let dns = DnsServer::start(Mode::Records(vec![A])).await;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = meshlb::balance::Metrics::register(&mut registry);
-    let lb = Balancer::builder(format!("dns://{}/users.mesh.test:{port}", dns.addr))
+    let lb = crate::support::userguide(format!("dns://{}/users.mesh.test:{port}", dns.addr))
         .health_service(meshlb::proto::USERGUIDE_SERVICE)
         .dns(dns_config())
         .metrics(&metrics)
@@ -146,7 +145,7 @@ async fn rolling_restart_under_load_fails_no_call() {
     }
     let mut records: Vec<Ipv4Addr> = (2..=4).map(|l| Ipv4Addr::new(127, 0, 0, l)).collect();
     let dns = DnsServer::start(Mode::Records(records.clone())).await;
-    let lb = Balancer::builder(format!(
+    let lb = crate::support::userguide(format!(
         "dns://{}/users.meshlb.svc.cluster.local:{port}",
         dns.addr
     ))

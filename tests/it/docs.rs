@@ -660,6 +660,7 @@ const RUN_PAGES: &[&str] = &[
     "docs/commands.md",
     "docs/design.md",
     "docs/metrics.md",
+    "docs/service-config.md",
     "docs/tls.md",
 ];
 
@@ -689,6 +690,11 @@ fn the_tls_recipe_runs_as_written() {
 #[test]
 fn the_metrics_page_runs_as_written() {
     assert!(!run_document("docs/metrics.md").is_empty());
+}
+
+#[test]
+fn the_service_config_page_runs_as_written() {
+    assert!(!run_document("docs/service-config.md").is_empty());
 }
 
 #[test]

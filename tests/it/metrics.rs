@@ -65,7 +65,7 @@ async fn library_metrics_count_what_the_calls_saw() {
     .await;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = meshlb::balance::Metrics::register(&mut registry);
-    let lb = meshlb::Balancer::builder(ipv4_target(&[healthy.addr, flaky.addr]))
+    let lb = crate::support::userguide(ipv4_target(&[healthy.addr, flaky.addr]))
         .health_service(meshlb::proto::USERGUIDE_SERVICE)
         .metrics(&metrics)
         .build()

@@ -341,3 +341,11 @@ pub fn ipv4_target(addrs: &[SocketAddr]) -> String {
     let list: Vec<_> = addrs.iter().map(ToString::to_string).collect();
     format!("ipv4:{}", list.join(","))
 }
+
+/// A balancer for the UserGuide service as the tools build one: with its service config
+/// (`replicas/service-config.json`: GetPoint retried on UNAVAILABLE, throttled).
+pub fn userguide(target: impl Into<String>) -> meshlb::balance::Builder {
+    meshlb::Balancer::builder(target)
+        .service_config(meshlb::proto::USERGUIDE_SERVICE_CONFIG)
+        .expect("the built-in service config is valid")
+}

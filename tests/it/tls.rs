@@ -51,7 +51,7 @@ fn client(paths: &CertPaths, identity: bool, server_name: Option<&str>) -> Clien
 }
 
 async fn lb(target: String, tls: Option<ClientTls>) -> Balancer {
-    let mut builder = Balancer::builder(target)
+    let mut builder = crate::support::userguide(target)
         .health_service(meshlb::proto::USERGUIDE_SERVICE)
         .ready_wait(Duration::from_millis(1500));
     if let Some(tls) = tls {

@@ -4,7 +4,6 @@
 use crate::support::{get_point_request, state_of};
 use meshlb::balance::EndpointState;
 use meshlb::proto::userguide::v1::user_guide_service_client::UserGuideServiceClient;
-use meshlb::Balancer;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use tonic::Code;
@@ -76,7 +75,7 @@ async fn poisonable() -> SocketAddr {
 #[tokio::test]
 async fn a_poisoned_request_never_changes_the_endpoint_or_other_callers() {
     let addr = poisonable().await;
-    let lb = Balancer::builder(format!("ipv4:{addr}"))
+    let lb = crate::support::userguide(format!("ipv4:{addr}"))
         .build()
         .await
         .unwrap();
@@ -129,7 +128,7 @@ fn limited(max_calls: usize, latency_ms: u64) -> meshlb::replica::ReplicaConfig 
 #[tokio::test]
 async fn a_shed_call_is_retried_no_sooner_than_the_pushback() {
     let r = crate::support::Replica::start_with("127.0.0.1", limited(1, 300)).await;
-    let lb = Balancer::builder(format!("ipv4:{}", r.addr))
+    let lb = crate::support::userguide(format!("ipv4:{}", r.addr))
         .build()
         .await
         .unwrap();
@@ -168,7 +167,7 @@ async fn a_shed_call_is_retried_no_sooner_than_the_pushback() {
 async fn shedding_endpoints_are_avoided_within_the_retry_budget() {
     let small = crate::support::Replica::start_with("127.0.0.1", limited(1, 20)).await;
     let big = crate::support::Replica::start_with("127.0.0.1", limited(0, 20)).await;
-    let lb = Balancer::builder(crate::support::ipv4_target(&[small.addr, big.addr]))
+    let lb = crate::support::userguide(crate::support::ipv4_target(&[small.addr, big.addr]))
         .build()
         .await
         .unwrap();
