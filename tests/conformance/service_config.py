@@ -26,18 +26,6 @@ CALLS = 300
 MISSING_CALLS = 20
 
 
-def load_stubs():
-    from grpc_tools import protoc
-    out = tempfile.mkdtemp(prefix="meshlb-stubs-")
-    rc = protoc.main(["protoc", f"-I{os.path.join(ROOT, 'proto')}", f"--python_out={out}",
-                      f"--grpc_python_out={out}", "userguide/v1/userguide.proto"])
-    if rc != 0:
-        sys.exit(f"protoc failed with {rc}")
-    sys.path.insert(0, out)
-    from userguide.v1 import userguide_pb2, userguide_pb2_grpc  # noqa: E402
-    return userguide_pb2, userguide_pb2_grpc
-
-
 def not_found_answers(metrics_addr):
     with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -87,6 +75,9 @@ def meshlb_missing(meshlb, addr, config_path, calls):
 
 def main():
     meshlb = os.path.abspath(sys.argv[1])
+    # The stubs come from proto/ as the talk's Python client makes them.
+    sys.path.insert(0, os.path.join(ROOT, "examples", "python"))
+    from client import load_stubs  # noqa: E402
     pb2, pb2_grpc = load_stubs()
     with open(os.path.join(ROOT, "replicas", "service-config.json")) as f:
         with_retries = json.load(f)
