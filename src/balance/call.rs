@@ -6,16 +6,17 @@
 //!   `DEADLINE_EXCEEDED` (or `UNAVAILABLE` with the reason, when no endpoint is ready at all),
 //!   never a hang.
 //! - A method with a `retryPolicy` is tried up to `maxAttempts` times: again after a code its
-//!   policy lists (a failed connection counts as `UNAVAILABLE`), or after being shed by an
-//!   overloaded server (`RESOURCE_EXHAUSTED` with a `grpc-retry-pushback-ms`: the server did no
-//!   work). Between tries: the pushback when the server gave one (a negative or malformed one
-//!   means no retry), else a random backoff below `initialBackoff × backoffMultiplier^n`, at most
-//!   `maxBackoff`. Retries need both the config's `retryThrottling` bucket (when set) and
-//!   meshlb's retry budget (retries add at most `budget_percent` to the load, as Linkerd's does).
+//!   policy lists (a failed connection counts as `UNAVAILABLE`; a shed call is
+//!   `RESOURCE_EXHAUSTED`). Between tries: the server's `grpc-retry-pushback-ms` when it gave one
+//!   (a negative or malformed one means no retry; the backoff starts over after it), else a
+//!   random backoff below `initialBackoff × backoffMultiplier^n`, at most
+//!   `maxBackoff`. Retries need the config's `retryThrottling` bucket to be more than half full
+//!   or, for a config without one, meshlb's retry budget (retries add at most `budget_percent`
+//!   to the load, as Linkerd's does).
 //!   A fail-fast answer is not retried: nothing is ready to retry on.
 //! - A method with a `hedgingPolicy` is sent once more after `hedgingDelay` if it has not
-//!   answered; the first answer that is not a non-fatal failure wins (meshlb sends at most one
-//!   hedge). `Builder::hedge` adds meshlb's adaptive delay (the fleet's recent p95).
+//!   answered (at once if it failed with a non-fatal code before that); the first answer that is
+//!   not a non-fatal failure wins (meshlb sends at most one hedge). `Builder::hedge` adds meshlb's adaptive delay (the fleet's recent p95).
 //! - With no policy for the method, a call is tried once and its body is not copied.
 //! - The remaining time goes to the replica as `grpc-timeout`, and a streaming answer that stalls
 //!   past the deadline ends with `DEADLINE_EXCEEDED` ([`super::deadline`]).
@@ -82,16 +83,16 @@ impl CallConfig {
     }
 }
 
-/// What the config says of one call.
-struct Plan {
+/// What the config says of one call (borrowed from it: nothing is copied per call).
+struct Plan<'a> {
     deadline: Duration,
-    retry: Option<RetryPolicy>,
-    hedging: Option<HedgingPolicy>,
+    retry: Option<&'a RetryPolicy>,
+    hedging: Option<&'a HedgingPolicy>,
     adaptive_hedge: bool,
 }
 
-impl Plan {
-    fn of(config: &CallConfig, path: &str, caller: Option<Duration>) -> Self {
+impl<'a> Plan<'a> {
+    fn of(config: &'a CallConfig, path: &str, caller: Option<Duration>) -> Self {
         let method = config.service_config.method(path);
         // The shortest of the balancer's own, the method's and the caller's.
         let limit = method
@@ -100,8 +101,8 @@ impl Plan {
             .map_or(config.timeout, |t| t.min(config.timeout));
         Self {
             deadline: caller.map_or(limit, |t| t.min(limit)),
-            retry: method.and_then(|m| m.retry.clone()),
-            hedging: method.and_then(|m| m.hedging.clone()),
+            retry: method.and_then(|m| m.retry.as_ref()),
+            hedging: method.and_then(|m| m.hedging.as_ref()),
             adaptive_hedge: config.hedge.applies_to(path),
         }
     }
@@ -112,13 +113,12 @@ impl Plan {
     }
 
     fn max_attempts(&self) -> u32 {
-        self.retry.as_ref().map_or(1, |r| r.max_attempts)
+        self.retry.map_or(1, |r| r.max_attempts)
     }
 
     /// Whether a try that ended with `code` is worth another under the retry policy.
     fn retries(&self, code: Code) -> bool {
         self.retry
-            .as_ref()
             .is_some_and(|r| r.retryable_codes.contains(&code))
     }
 }
@@ -198,7 +198,7 @@ async fn run_in_span(
             Ok(collected) => collected.to_bytes(),
             Err(status) => return (Ok(status.into_http()), 1),
         };
-        let hedge = match &plan.hedging {
+        let hedge = match plan.hedging {
             Some(h) => Some(Hedge {
                 delay: h.hedging_delay,
                 non_fatal: h.non_fatal_codes.clone(),
@@ -212,6 +212,7 @@ async fn run_in_span(
             None => None,
         };
         let mut tries = 1;
+        let mut since_pushback = 0;
         loop {
             let result = hedged(
                 &buffer,
@@ -228,13 +229,16 @@ async fn run_in_span(
                 Err(_) => None,
             };
             let code = code_of(&result);
-            let retryable = code.is_some_and(|c| plan.retries(c))
-                || (plan.retry.is_some() && was_shed(&result));
+            // A listed code is retried; a shed answer (its pushback) only when its code,
+            // RESOURCE_EXHAUSTED, is listed too, as A6 says.
+            let retryable = code.is_some_and(|c| plan.retries(c));
             if let Some(throttle) = &shared.throttle {
-                if retryable {
-                    throttle.failed();
-                } else {
-                    throttle.succeeded();
+                // As grpc-core and grpc-go count: a success refills, a retryable failure drains,
+                // anything else (a code the policy does not retry, a fail-fast) leaves it.
+                match code {
+                    Some(Code::Ok) => throttle.succeeded(),
+                    _ if retryable => throttle.failed(),
+                    _ => {}
                 }
             }
             let again =
@@ -246,17 +250,22 @@ async fn run_in_span(
                 shared.registry.count_budget_exhausted();
                 return (result, tries);
             }
-            match (pushback, &plan.retry) {
+            match (pushback, plan.retry) {
                 // The server said when to try again. A pause that outlasts the deadline would
-                // only turn the server's answer into a timeout: give the caller the answer.
+                // only turn the server's answer into a timeout: give the caller the answer. The
+                // backoff starts over after a pushback, as grpc-go does.
                 (Some(Pushback::Wait(pause)), _) => {
                     if tokio::time::Instant::now() + pause >= expires {
                         return (result, tries);
                     }
                     tokio::time::sleep(pause).await;
+                    since_pushback = 0;
                 }
                 // A backoff past the deadline ends in the deadline's own answer.
-                (_, Some(retry)) => tokio::time::sleep(backoff(retry, tries + 1)).await,
+                (_, Some(retry)) => {
+                    since_pushback += 1;
+                    tokio::time::sleep(backoff(retry, since_pushback + 1)).await;
+                }
                 _ => {}
             }
             shared.registry.count_retry();
@@ -332,13 +341,42 @@ async fn hedged(
         return first.await;
     };
     tokio::pin!(first);
-    tokio::select! {
-        result = &mut first => return result,
-        () = tokio::time::sleep(hedge.delay) => {}
+    // A non-fatal failure before the delay sends the hedge at once (A6); its answer is then the
+    // only one left.
+    let early = tokio::select! {
+        result = &mut first => {
+            if !hedge.non_fatal(&result) {
+                return result;
+            }
+            Some(result)
+        }
+        () = tokio::time::sleep(hedge.delay) => None,
+    };
+    if early.is_some() {
+        if let Some(throttle) = &shared.throttle {
+            throttle.failed();
+        }
     }
     if !shared.may_send_another() {
         shared.registry.count_budget_exhausted();
-        return first.await;
+        return match early {
+            Some(result) => result,
+            None => first.await,
+        };
+    }
+    if let Some(failed) = early {
+        shared.registry.count_hedge(false);
+        drop(failed);
+        // Both tries failed or the hedge answered: its answer is the call's.
+        return attempt(
+            buffer.clone(),
+            rebuild(parts, body),
+            number,
+            true,
+            expires,
+            shared,
+        )
+        .await;
     }
     shared.registry.count_hedge(false);
     // An event on the call's span for traces, not a log line per hedge.
@@ -352,12 +390,19 @@ async fn hedged(
         shared,
     );
     tokio::pin!(second);
+    let non_fatal = |result: &Result<http::Response<Body>, BoxError>| {
+        let failed = hedge.non_fatal(result);
+        if let (true, Some(throttle)) = (failed, &shared.throttle) {
+            throttle.failed();
+        }
+        failed
+    };
     tokio::select! {
         result = &mut first => {
-            if hedge.non_fatal(&result) { second.await } else { result }
+            if non_fatal(&result) { second.await } else { result }
         }
         result = &mut second => {
-            if hedge.non_fatal(&result) {
+            if non_fatal(&result) {
                 first.await
             } else {
                 shared.registry.count_hedge(true);
@@ -453,19 +498,6 @@ fn backoff(retry: &RetryPolicy, attempt: u32) -> Duration {
     Duration::from_secs_f64(rand::rng().random_range(0.0..bound))
 }
 
-/// Shed by an overloaded server (`RESOURCE_EXHAUSTED` with a pushback): the call did no work
-/// there, so another endpoint may take it, after the pushback.
-fn was_shed(result: &Result<http::Response<Body>, BoxError>) -> bool {
-    match result {
-        Ok(response) => {
-            Pushback::of(response.headers()).is_some()
-                && Status::from_header_map(response.headers())
-                    .is_some_and(|s| s.code() == Code::ResourceExhausted)
-        }
-        Err(_) => false,
-    }
-}
-
 fn rebuild(parts: &http::request::Parts, body: &Bytes) -> http::Request<Body> {
     let mut request = http::Request::new(Body::new(Full::new(body.clone())));
     *request.method_mut() = parts.method.clone();
@@ -497,11 +529,8 @@ mod tests {
 
     #[test]
     fn without_a_config_nothing_is_retried_hedged_or_copied() {
-        let plan = Plan::of(
-            &CallConfig::default(),
-            "/userguide.v1.UserGuideService/GetPoint",
-            None,
-        );
+        let config = CallConfig::default();
+        let plan = Plan::of(&config, "/userguide.v1.UserGuideService/GetPoint", None);
         assert!(!plan.buffers());
         assert_eq!(plan.max_attempts(), 1);
         assert!(!plan.retries(Code::Unavailable));
@@ -581,11 +610,7 @@ mod tests {
             Pushback::of(shed.headers()),
             Some(Pushback::Wait(Duration::from_millis(20)))
         );
-        assert!(was_shed(&Ok(shed)));
-        // A quota error without a pushback is the caller's problem, not a shed.
-        assert!(!was_shed(&Ok(
-            Status::resource_exhausted("quota").into_http()
-        )));
+        assert_eq!(code_of(&Ok(shed)), Some(Code::ResourceExhausted));
         for bad in ["-1", "soon", ""] {
             let mut h = http::HeaderMap::new();
             h.insert("grpc-retry-pushback-ms", bad.parse().unwrap());

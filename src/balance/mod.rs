@@ -318,19 +318,26 @@ impl Builder {
         if let Some(tls) = &self.tls {
             connect.tls = Some(tls.config()?);
         }
-        // The config's balancing policy, unless the builder chose one itself.
-        let (policy, outlier) = match (&self.call.service_config.load_balancing, self.policy_set) {
-            (Some(service_config::LoadBalancing::RoundRobin), false) => {
-                (Policy::RoundRobin, self.outlier)
-            }
-            (Some(service_config::LoadBalancing::PickFirst), false) => {
-                (Policy::PickFirst, self.outlier)
-            }
-            (Some(service_config::LoadBalancing::P2c(o)), false) => {
-                (Policy::P2c, self.outlier.or(Some(*o)))
-            }
-            _ => (self.policy, self.outlier),
+        // The config's balancing policy, unless the builder chose one itself; its p2c outlier
+        // settings whenever the policy is p2c, unless the builder set its own.
+        let config_lb = &self.call.service_config.load_balancing;
+        let policy = match (config_lb, self.policy_set) {
+            (Some(service_config::LoadBalancing::RoundRobin), false) => Policy::RoundRobin,
+            (Some(service_config::LoadBalancing::PickFirst), false) => Policy::PickFirst,
+            (Some(service_config::LoadBalancing::P2c(_)), false) => Policy::P2c,
+            _ => self.policy,
         };
+        let outlier = match (config_lb, policy) {
+            (Some(service_config::LoadBalancing::P2c(o)), Policy::P2c) => self.outlier.or(Some(*o)),
+            _ => self.outlier,
+        };
+        let mut health = self.health.clone();
+        if let (true, Some(service)) = (
+            health.service.is_empty(),
+            &self.call.service_config.health_check_service,
+        ) {
+            health.service = service.clone();
+        }
         let discovery = discovery::spawn(&target, &self.dns)?;
         let registry = Registry::new(self.target.clone());
         if let Some(metrics) = &self.metrics {
@@ -346,7 +353,7 @@ impl Builder {
             move |endpoint: Endpoint| PeakEwma::new(endpoint, ewma.default_rtt, decay_ns, BodyEnd);
         let settings = EndpointSettings {
             connect,
-            health: self.health,
+            health,
             accrual: self.accrual,
         };
         let manager = tokio::spawn(registry::manage(

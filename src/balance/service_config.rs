@@ -34,6 +34,8 @@ pub struct ServiceConfig {
     pub retry_throttling: Option<RetryThrottling>,
     /// The balancing policy, if the config chooses one.
     pub load_balancing: Option<LoadBalancing>,
+    /// `healthCheckConfig.serviceName`: the grpc.health.v1 service each endpoint is watched for.
+    pub health_check_service: Option<String>,
 }
 
 /// The policy of the methods one `methodConfig` entry names.
@@ -148,6 +150,7 @@ impl ServiceConfig {
                 "retryThrottling",
                 "loadBalancingConfig",
                 "loadBalancingPolicy",
+                "healthCheckConfig",
             ],
         )?;
         let mut config = ServiceConfig::default();
@@ -161,14 +164,21 @@ impl ServiceConfig {
         }
         let mut seen: Vec<(&Name, usize)> = Vec::new();
         for (i, m) in config.methods.iter().enumerate() {
-            for name in &m.names {
+            for (k, name) in m.names.iter().enumerate() {
                 if let Some((_, j)) = seen.iter().find(|(n, _)| *n == name) {
                     return Err(error(
-                        &format!("methodConfig[{i}].name"),
+                        &format!("methodConfig[{i}].name[{k}]"),
                         format!("{} is already named by methodConfig[{j}]", name.describe()),
                     ));
                 }
                 seen.push((name, i));
+            }
+        }
+        if let Some(h) = root.get("healthCheckConfig") {
+            let h = object(h, "healthCheckConfig", &["serviceName"])?;
+            if let Some(name) = h.get("serviceName") {
+                let name = string(name, "healthCheckConfig.serviceName")?;
+                config.health_check_service = Some(name.to_owned());
             }
         }
         if let Some(t) = root.get("retryThrottling") {
@@ -475,13 +485,15 @@ fn throttling(value: &Value, field: &str) -> Result<RetryThrottling, ServiceConf
     }
     let ratio_field = format!("{field}.tokenRatio");
     let ratio = number(required(map, "tokenRatio", field)?, &ratio_field)?;
-    if ratio <= 0.0 {
-        return Err(error(&ratio_field, "must be more than 0"));
+
+    // gRPC keeps three decimal places; a ratio that truncates to nothing would never refill.
+    let token_ratio = (ratio * 1000.0).trunc() / 1000.0;
+    if token_ratio <= 0.0 {
+        return Err(error(&ratio_field, "must be at least 0.001"));
     }
     Ok(RetryThrottling {
         max_tokens,
-        // gRPC keeps three decimal places.
-        token_ratio: (ratio * 1000.0).trunc() / 1000.0,
+        token_ratio,
     })
 }
 
@@ -545,18 +557,29 @@ fn p2c(value: &Value, field: &str) -> Result<OutlierConfig, ServiceConfigError> 
     if let Some(f) = o.get("factor") {
         let field = format!("{at}.factor");
         outlier.factor = number(f, &field)?;
-        if outlier.factor <= 1.0 {
-            return Err(error(&field, "must be more than 1"));
+        if !(outlier.factor > 1.0 && outlier.factor <= 1000.0) {
+            return Err(error(&field, "must be more than 1 and at most 1000"));
         }
     }
+    // An hour at most: the detector adds and multiplies these, and must never overflow.
+    let at_most_an_hour = |d: Duration, field: String| {
+        if d > Duration::from_secs(3600) {
+            Err(error(&field, "must be at most 3600s"))
+        } else {
+            Ok(d)
+        }
+    };
     if let Some(d) = o.get("floor") {
-        outlier.floor = duration(d, &format!("{at}.floor"))?;
+        let field = format!("{at}.floor");
+        outlier.floor = at_most_an_hour(duration(d, &field)?, field)?;
     }
     if let Some(d) = o.get("window") {
-        outlier.window = positive_duration(d, &format!("{at}.window"))?;
+        let field = format!("{at}.window");
+        outlier.window = at_most_an_hour(positive_duration(d, &field)?, field)?;
     }
     if let Some(d) = o.get("interval") {
-        outlier.interval = positive_duration(d, &format!("{at}.interval"))?;
+        let field = format!("{at}.interval");
+        outlier.interval = at_most_an_hour(positive_duration(d, &field)?, field)?;
     }
     if let Some(n) = o.get("minSamples") {
         let field = format!("{at}.minSamples");
@@ -639,6 +662,13 @@ mod tests {
     }
 
     #[test]
+    fn the_health_check_service_is_read() {
+        let config =
+            ServiceConfig::from_json(r#"{"healthCheckConfig": {"serviceName": "a.B"}}"#).unwrap();
+        assert_eq!(config.health_check_service.as_deref(), Some("a.B"));
+    }
+
+    #[test]
     fn invalid_configs_name_the_field() {
         let cases = [
             ("[]", "(the document)", "must be an object"),
@@ -691,7 +721,7 @@ mod tests {
             ),
             (
                 r#"{"methodConfig": [{"name": [{"service": "a.B"}]}, {"name": [{"service": "a.B"}]}]}"#,
-                "methodConfig[1].name",
+                "methodConfig[1].name[0]",
                 "already named",
             ),
             (
@@ -703,6 +733,21 @@ mod tests {
                 r#"{"retryThrottling": {"maxTokens": 10}}"#,
                 "retryThrottling.tokenRatio",
                 "is required",
+            ),
+            (
+                r#"{"retryThrottling": {"maxTokens": 10, "tokenRatio": 0.0005}}"#,
+                "retryThrottling.tokenRatio",
+                "at least 0.001",
+            ),
+            (
+                r#"{"loadBalancingConfig": [{"meshlb_p2c": {"outlierEjection": {"factor": 1e30}}}]}"#,
+                "loadBalancingConfig[0].meshlb_p2c.outlierEjection.factor",
+                "at most 1000",
+            ),
+            (
+                r#"{"loadBalancingConfig": [{"meshlb_p2c": {"outlierEjection": {"floor": "99999s"}}}]}"#,
+                "loadBalancingConfig[0].meshlb_p2c.outlierEjection.floor",
+                "at most 3600s",
             ),
             (
                 r#"{"loadBalancingConfig": [{"grpclb": {}}]}"#,

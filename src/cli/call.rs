@@ -6,7 +6,6 @@ use crate::proto::userguide::v1::{
     user_guide_service_client::UserGuideServiceClient, GetPointRequest, ListUsersRequest, Point,
     Profile,
 };
-use crate::Policy;
 use serde_json::json;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -49,7 +48,7 @@ enum Method {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let lb = balancer(
         &args.target,
-        Policy::P2c,
+        None,
         args.timeout,
         crate::proto::USERGUIDE_SERVICE,
         &args.tls,

@@ -97,9 +97,10 @@ pub struct Args {
     /// Which call: get-point, list-users or mix.
     #[arg(long, env = "MESHLB_CALL", default_value = "get-point")]
     pub call: CallKind,
-    /// Balancing policy: p2c (peak-EWMA) or round-robin.
-    #[arg(long, env = "MESHLB_POLICY", default_value = "p2c")]
-    pub policy: Policy,
+    /// Balancing policy: p2c (peak-EWMA), round-robin or pick-first. Default: what the service
+    /// config chooses, else p2c.
+    #[arg(long, env = "MESHLB_POLICY")]
+    pub policy: Option<Policy>,
     /// Deadline of each call.
     #[arg(long, env = "MESHLB_TIMEOUT", value_parser = super::positive_duration, default_value = "10s")]
     pub timeout: Duration,
@@ -157,7 +158,7 @@ impl Args {
 /// Builds the balancer a command runs over; a bad target or TLS file is a usage error.
 pub fn balancer(
     target: &str,
-    policy: Policy,
+    policy: Option<Policy>,
     timeout: Duration,
     health: &str,
     tls: &TlsArgs,
@@ -165,9 +166,11 @@ pub fn balancer(
     service_config: &ServiceConfigSource,
 ) -> anyhow::Result<Balancer> {
     let mut builder = Balancer::builder(target)
-        .policy(policy)
         .timeout(timeout)
         .health_service(health);
+    if let Some(policy) = policy {
+        builder = builder.policy(policy);
+    }
     if let Some(json) = &service_config.0 {
         builder = builder
             .service_config(json)

@@ -80,7 +80,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
         let lb = balancer(
             &target,
-            policy,
+            Some(policy),
             Duration::from_secs(10),
             crate::proto::USERGUIDE_SERVICE,
             &Default::default(),
