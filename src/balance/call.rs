@@ -364,20 +364,6 @@ async fn hedged(
             None => first.await,
         };
     }
-    if let Some(failed) = early {
-        shared.registry.count_hedge(false);
-        drop(failed);
-        // Both tries failed or the hedge answered: its answer is the call's.
-        return attempt(
-            buffer.clone(),
-            rebuild(parts, body),
-            number,
-            true,
-            expires,
-            shared,
-        )
-        .await;
-    }
     shared.registry.count_hedge(false);
     // An event on the call's span for traces, not a log line per hedge.
     tracing::info!(target: telemetry::RPC_SPANS, delay_ms = hedge.delay.as_secs_f64() * 1000.0, "hedge");
@@ -389,6 +375,14 @@ async fn hedged(
         expires,
         shared,
     );
+    if early.is_some() {
+        // The first try failed already: the hedge's answer is the call's (a win when useful).
+        let result = second.await;
+        if !hedge.non_fatal(&result) {
+            shared.registry.count_hedge(true);
+        }
+        return result;
+    }
     tokio::pin!(second);
     let non_fatal = |result: &Result<http::Response<Body>, BoxError>| {
         let failed = hedge.non_fatal(result);

@@ -423,7 +423,7 @@ impl prometheus_client::collector::Collector for Collector {
             }),
             (
                 "meshlb_balancer_hedge_wins",
-                "Hedges that answered before the original",
+                "Hedges that gave the call its answer (before the original, or after it failed)",
                 |r| r.hedges().1,
             ),
             (

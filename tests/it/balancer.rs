@@ -329,7 +329,8 @@ async fn deadline_bounds_a_call_to_a_slow_replica() {
 async fn a_slow_call_is_hedged_to_another_replica_within_the_budget() {
     use meshlb::balance::{HedgeConfig, HedgeDelay, OutlierConfig};
     let replicas = three([latency(0), latency(0), latency(400)]).await;
-    let lb = crate::support::userguide(target(&replicas))
+    // No service config: meshlb's adaptive hedging alone, drawing on its retry budget.
+    let lb = Balancer::builder(target(&replicas))
         .health_service(SERVICE)
         // Hedging alone: no outlier ejection to take the slow replica out first.
         .outlier(OutlierConfig {
@@ -400,4 +401,46 @@ async fn only_the_service_config_makes_calls_retried() {
         .service_config(r#"{"methodConfig": [{"name": [{}], "timeout": "soon"}]}"#)
         .unwrap_err();
     assert_eq!(error.field, "methodConfig[0].timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedging_policy_hedges_and_a_fast_non_fatal_failure_hedges_at_once() {
+    let failing = FaultConfig {
+        fail_rate: 1.0,
+        ..FaultConfig::default()
+    };
+    let replicas = three([latency(0), latency(300), failing]).await;
+    let config = r#"{"methodConfig": [{"name": [{"service": "userguide.v1.UserGuideService"}],
+        "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "0.02s", "nonFatalStatusCodes": ["UNAVAILABLE"]}}],
+        "loadBalancingConfig": [{"round_robin": {}}]}"#;
+    // Failure accrual off, so the failing replica keeps its share of the calls.
+    let lb = Balancer::builder(target(&replicas))
+        .health_service(SERVICE)
+        .accrual(meshlb::balance::AccrualConfig {
+            threshold: u32::MAX,
+            ..Default::default()
+        })
+        .service_config(config)
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        lb.policy(),
+        Policy::RoundRobin,
+        "the config chose the policy"
+    );
+    let tally = drive(&lb, 60, 1).await;
+    // Round-robin sends a third of the calls to the failing replica: each fails at once with a
+    // non-fatal UNAVAILABLE, before the hedging delay, and is hedged then (without that, those
+    // ~20 calls would fail); a third go to the slow one and are hedged after 20 ms.
+    let (hedges, wins) = lb.hedges();
+    assert!(hedges >= 25, "{hedges} hedges for 60 calls");
+    assert!(wins > 0);
+    assert!(
+        tally.errors.len() <= 5,
+        "{} failed: {:?}",
+        tally.errors.len(),
+        tally.errors
+    );
 }
