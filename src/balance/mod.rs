@@ -195,9 +195,36 @@ pub struct Builder {
     tls: Option<crate::tls::ClientTls>,
     buffer: usize,
     metrics: Option<Metrics>,
+    discovery: Option<CustomDiscovery>,
+}
+
+/// A discovery stream handed to the builder, taken by the first balancer built from it.
+#[derive(Clone)]
+struct CustomDiscovery(
+    Arc<std::sync::Mutex<Option<futures::stream::BoxStream<'static, discovery::Update>>>>,
+);
+
+impl fmt::Debug for CustomDiscovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CustomDiscovery")
+    }
 }
 
 impl Builder {
+    /// Endpoints from your own discovery (a service registry, a file watch) instead of the
+    /// target's: a stream of `Change::Insert(addr, ())` and `Change::Remove(addr)`. The target
+    /// string then only names the balancer, in messages and metrics. The stream is taken by the
+    /// first balancer built; a second build from a clone of this builder discovers nothing.
+    pub fn discovery<S>(mut self, changes: S) -> Self
+    where
+        S: futures::Stream<Item = discovery::Update> + Send + 'static,
+    {
+        self.discovery = Some(CustomDiscovery(Arc::new(std::sync::Mutex::new(Some(
+            Box::pin(changes),
+        )))));
+        self
+    }
+
     /// Report into these metrics (see [`metrics`]); off by default.
     pub fn metrics(mut self, metrics: &Metrics) -> Self {
         self.metrics = Some(metrics.clone());
@@ -310,10 +337,23 @@ impl Builder {
     /// Builds the balancer without waiting; discovery and health checks start in the background.
     /// Must be called inside a tokio runtime.
     pub fn build_lazy(self) -> Result<Balancer, BuildError> {
-        let target: Target = self.target.parse().map_err(|source| BuildError::Target {
-            target: self.target.clone(),
-            source,
-        })?;
+        let custom = self.discovery.as_ref().map(|d| {
+            d.0.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or_else(|| Box::pin(futures::stream::pending()))
+        });
+        // With discovery of your own, the target only names the balancer.
+        let parsed = match custom {
+            Some(changes) => Err(changes),
+            None => Ok(self
+                .target
+                .parse::<Target>()
+                .map_err(|source| BuildError::Target {
+                    target: self.target.clone(),
+                    source,
+                })?),
+        };
         let mut connect = self.connect;
         if let Some(tls) = &self.tls {
             connect.tls = Some(tls.config()?);
@@ -338,7 +378,10 @@ impl Builder {
         ) {
             health.service = service.clone();
         }
-        let discovery = discovery::spawn(&target, &self.dns)?;
+        let discovery = match parsed {
+            Ok(target) => discovery::spawn(&target, &self.dns)?,
+            Err(changes) => discovery::from_stream(changes),
+        };
         let registry = Registry::new(self.target.clone());
         if let Some(metrics) = &self.metrics {
             metrics.attach(&registry);
@@ -491,6 +534,7 @@ impl Balancer {
             tls: None,
             buffer: 1024,
             metrics: None,
+            discovery: None,
         }
     }
 

@@ -11,6 +11,8 @@
 //!   (clamped to a floor and a ceiling), or early on [`Refresh::request`] (rate-limited). Each
 //!   answer is diffed against the last one. A failing DNS server keeps the last good set; an answer
 //!   with no records removes everything.
+//! - Your own source (a service registry, a file watch): [`from_stream`] takes any stream of
+//!   insertions and removals.
 
 mod dns;
 
@@ -109,4 +111,31 @@ pub fn spawn(target: &Target, config: &DnsConfig) -> Result<Discovery, Discovery
         refresh,
         task,
     })
+}
+
+/// Discovery from your own stream of insertions and removals (a service registry's watch, a
+/// file, a test). Early re-resolution requests are ignored: the stream says when things change.
+/// Must run inside a tokio runtime.
+pub fn from_stream<S>(changes: S) -> Discovery
+where
+    S: futures::Stream<Item = Update> + Send + 'static,
+{
+    use futures::StreamExt;
+    let (tx, updates) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut changes = std::pin::pin!(changes);
+        while let Some(change) = changes.next().await {
+            if tx.send(change).is_err() {
+                return;
+            }
+        }
+        // Keep the channel open: an ended stream would read as "the service went away".
+        tx.closed().await;
+    });
+    Discovery {
+        updates,
+        stats: DiscoveryStats::default(),
+        refresh: Refresh::default(),
+        task,
+    }
 }

@@ -444,3 +444,41 @@ async fn a_hedging_policy_hedges_and_a_fast_non_fatal_failure_hedges_at_once() {
         tally.errors
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn your_own_discovery_stream_adds_and_removes_endpoints() {
+    use tower::discover::Change;
+    let replicas = three([latency(0), latency(0), latency(0)]).await;
+    let (changes, discovered) = tokio::sync::mpsc::unbounded_channel();
+    for r in &replicas[..2] {
+        changes.send(Change::Insert(r.addr, ())).unwrap();
+    }
+    // The target only names the balancer: it need not parse as one.
+    let lb = crate::support::userguide("my registry")
+        .health_service(SERVICE)
+        .discovery(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            discovered,
+        ))
+        .build()
+        .await
+        .unwrap();
+    let tally = drive(&lb, 60, 3).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert!(tally.of(&replicas[0].id) > 0 && tally.of(&replicas[1].id) > 0);
+    assert_eq!(tally.of(&replicas[2].id), 0);
+    // The registry adds the third and removes the first.
+    changes.send(Change::Insert(replicas[2].addr, ())).unwrap();
+    changes.send(Change::Remove(replicas[0].addr)).unwrap();
+    eventually("the third endpoint is ready and the first gone", || async {
+        let e = lb.endpoints();
+        (e.len() == 2
+            && e.iter()
+                .any(|e| e.addr == replicas[2].addr && e.state == EndpointState::Ready))
+        .then_some(())
+    })
+    .await;
+    let tally = drive(&lb, 60, 3).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(tally.of(&replicas[0].id), 0);
+    assert!(tally.of(&replicas[2].id) > 0);
+}
