@@ -25,8 +25,8 @@
 //!   doubling backoff, then one probe call decides ([`endpoint`]).
 //! - **Latency-outlier ejection**: an endpoint far slower than the rest of the fleet for a while is
 //!   taken out the same way, never below half of the fleet ([`outlier`]).
-//! - **Silent-failure detection**: an endpoint whose calls are long overdue while the others
-//!   answer gets one health check; if that goes unanswered too, its gate shuts and its waiting
+//! - **Silent-failure detection**: an endpoint whose calls are long overdue while some other
+//!   endpoint's are not gets one health check; if that goes unanswered too, its gate shuts and its waiting
 //!   calls fail over to other endpoints ([`silence`]).
 //! - **Stream errors stay with their call** ([`failure`]): a reset stream is that call's status,
 //!   never a reason to shut or eject the endpoint.

@@ -7,7 +7,7 @@
 //! Each endpoint records *progress*: the last time one of its calls ended, or a call started on
 //! it while it had none in flight. A detector task looks every `interval`: an endpoint with calls
 //! in flight and no progress for `max(floor, factor × the fleet's median latency)`, while some
-//! other endpoint did make progress in that time, is *suspect*. A suspect gets one grpc.health.v1
+//! other endpoint in rotation is not overdue (it answered, or has nothing in flight), is *suspect*. A suspect gets one grpc.health.v1
 //! `Check` with a short deadline over its own connection. If that answers, the endpoint is only
 //! busy (a long stream), and the answer counts as progress. If it does not, the endpoint is
 //! declared silent: its gate shuts (the health watch must see `SERVING` again to reopen it) and
@@ -15,7 +15,7 @@
 //!
 //! No pings are sent on a timer, so servers that police pings (grpc-go's `too_many_pings`) see
 //! nothing unusual: one health check, only when calls are overdue. A uniformly slow fleet is never
-//! suspect: the threshold follows the fleet's own latency, and "the others answered" is required.
+//! suspect: the threshold follows the fleet's own latency, and an endpoint overdue alone is.
 //!
 //! Knows endpoints' progress and connections; nothing of discovery or how calls are balanced.
 
@@ -138,39 +138,66 @@ pub async fn detect(registry: Weak<Registry>, config: SilenceConfig) {
     .await;
 }
 
-/// The endpoints overdue while another made progress, with their connections.
+/// What the detector reads of one endpoint.
+#[derive(Debug, Clone, Copy)]
+struct Look {
+    in_rotation: bool,
+    in_flight: u64,
+    latency: Duration,
+    quiet: Duration,
+}
+
+impl Look {
+    fn of(e: &Shared, now: Instant) -> Self {
+        Self {
+            in_rotation: e.in_rotation(),
+            in_flight: e.in_flight(),
+            latency: e.latency().0,
+            quiet: e.progress().quiet_for(now),
+        }
+    }
+}
+
+/// The endpoints worth a probe, with their connections.
 fn suspects(
     endpoints: &[(Arc<Shared>, Channel)],
     config: &SilenceConfig,
     now: Instant,
 ) -> Vec<(Arc<Shared>, Channel)> {
-    let latencies: Vec<Duration> = endpoints
+    let looks: Vec<Look> = endpoints.iter().map(|(e, _)| Look::of(e, now)).collect();
+    overdue_alone(&looks, config)
+        .into_iter()
+        .map(|i| endpoints[i].clone())
+        .collect()
+}
+
+/// The indexes of the endpoints in rotation whose calls are overdue while another endpoint in
+/// rotation is not. Not "while another answered": when every caller is stuck on the silent
+/// endpoint (one caller, or p2c piling onto the endpoint that looked fastest), nobody else makes
+/// progress, yet the stuck calls must not wait out their deadline. A fleet overdue everywhere is
+/// slow, not silent.
+fn overdue_alone(looks: &[Look], config: &SilenceConfig) -> Vec<usize> {
+    let latencies: Vec<Duration> = looks
         .iter()
-        .filter(|(e, _)| e.in_rotation())
-        .map(|(e, _)| e.latency().0)
+        .filter(|l| l.in_rotation)
+        .map(|l| l.latency)
         .collect();
     if latencies.len() < 2 {
         return Vec::new();
     }
     let threshold = config.threshold(median(latencies));
-    let quiet: Vec<Duration> = endpoints
+    let overdue: Vec<bool> = looks
         .iter()
-        .map(|(e, _)| e.progress().quiet_for(now))
+        .map(|l| l.in_rotation && l.in_flight > 0 && l.quiet > threshold)
         .collect();
-    endpoints
-        .iter()
-        .zip(&quiet)
-        .enumerate()
-        .filter(|(i, ((e, _), q))| {
-            e.in_flight() > 0
-                && **q > threshold
-                && e.in_rotation()
-                && quiet
+    (0..looks.len())
+        .filter(|&i| {
+            overdue[i]
+                && looks
                     .iter()
                     .enumerate()
-                    .any(|(j, other)| j != *i && *other < threshold)
+                    .any(|(j, l)| j != i && l.in_rotation && !overdue[j])
         })
-        .map(|(_, (pair, _))| pair.clone())
         .collect()
 }
 
@@ -184,17 +211,21 @@ async fn probe(shared: Arc<Shared>, channel: Channel, config: SilenceConfig) {
     let answered = match tokio::time::timeout(config.probe_timeout, check).await {
         // Any answer, even an error status, means the connection carries frames.
         Ok(Ok(_)) => true,
-        Ok(Err(status)) => !matches!(
-            status.code(),
-            tonic::Code::Unavailable | tonic::Code::Unknown
-        ),
+        Ok(Err(status)) => {
+            tracing::debug!(addr = %shared.addr(), %status, "a suspect's health check failed");
+            !matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown
+            )
+        }
         Err(_) => false,
     };
     if answered {
+        tracing::debug!(addr = %shared.addr(), ?quiet, "a suspect answered its health check; only busy");
         shared.progress().call_ended();
     } else {
         let reason = format!(
-            "silent: calls waited {quiet:?} while the rest of the fleet answered, and a health check got no answer in {:?}",
+            "silent: calls waited {quiet:?} while the rest of the fleet was not overdue, and a health check got no answer in {:?}",
             config.probe_timeout
         );
         tracing::warn!(addr = %shared.addr(), %reason, "connection declared silent; failing its calls over");
@@ -233,6 +264,40 @@ mod tests {
             .await
             .expect("the waiter is released")
             .unwrap();
+    }
+
+    fn look(in_flight: u64, quiet_ms: u64) -> Look {
+        Look {
+            in_rotation: true,
+            in_flight,
+            latency: Duration::from_millis(1),
+            quiet: Duration::from_millis(quiet_ms),
+        }
+    }
+
+    #[test]
+    fn an_endpoint_overdue_alone_is_suspect_even_when_the_others_are_idle() {
+        let c = SilenceConfig::default();
+        // Busy others that answer, or others with nothing in flight: the stuck one is suspect.
+        assert_eq!(
+            overdue_alone(&[look(3, 900), look(2, 5), look(2, 1)], &c),
+            [0]
+        );
+        assert_eq!(
+            overdue_alone(&[look(0, 900), look(8, 900), look(0, 900)], &c),
+            [1]
+        );
+        // Overdue everywhere: a slow fleet, not a silent endpoint.
+        assert!(overdue_alone(&[look(3, 900), look(2, 900)], &c).is_empty());
+        // Quiet with nothing in flight, or not overdue yet: nothing to suspect.
+        assert!(overdue_alone(&[look(0, 900), look(2, 5)], &c).is_empty());
+        assert!(overdue_alone(&[look(3, 200), look(0, 900)], &c).is_empty());
+        // Out of rotation (ejected, or its gate shut): neither suspect nor a witness.
+        let out = Look {
+            in_rotation: false,
+            ..look(0, 0)
+        };
+        assert!(overdue_alone(&[look(3, 900), out], &c).is_empty());
     }
 
     #[test]
