@@ -32,7 +32,8 @@
 //!   metrics); [`metrics`]: `GET /metrics` for Prometheus, for the replica and the CLI.
 //! - [`fleet`]: a local fleet of replica processes; [`admin_client`]: a replica's admin service;
 //!   [`netns`]: network namespaces to blackhole a replica in.
-//! - [`load`]: load generation through any tonic transport; [`report`]: its tables and JSON.
+//! - [`load`]: load generation through any tonic transport; [`report`]: its tables and JSON;
+//!   [`dynamic`]: calls to any method, its schema from reflection or `.proto` files, JSON messages.
 //! - [`bench`](mod@bench): contenders compared scenario by scenario; [`chaos`]: faults for a
 //!   local fleet.
 //! - [`cli`]: the `meshlb` commands; the binary is a thin shell over it.
@@ -73,6 +74,8 @@ pub mod bench;
 pub mod chaos;
 #[cfg(feature = "tools")]
 pub mod cli;
+#[cfg(feature = "tools")]
+pub mod dynamic;
 #[cfg(feature = "tools")]
 pub mod fleet;
 #[cfg(feature = "tools")]

@@ -1,4 +1,5 @@
-//! Load generation: drives `UserGuideService` calls through a [`crate::Balancer`] (closed loop at a fixed
+//! Load generation: drives `UserGuideService` calls, or any unary or server-streaming method
+//! ([`Workload`]), through a [`crate::Balancer`] (closed loop at a fixed
 //! concurrency, or open loop at a fixed rate) and records what came back: latency histograms
 //! (HDR) overall and per replica, errors by status code and why calls were `UNAVAILABLE`. A closed
 //! loop whose calls come back `UNAVAILABLE` backs off instead of spinning. Knows nothing of how
@@ -47,6 +48,75 @@ impl std::str::FromStr for CallKind {
     }
 }
 
+/// What each call of a load is.
+#[derive(Debug, Clone)]
+pub enum Workload {
+    /// One of the UserGuide service's calls (typed, generated code).
+    UserGuide(CallKind),
+    /// Any unary or server-streaming method, known at run time (`--call package.Service/Method`).
+    Method(Arc<crate::dynamic::Invocation>),
+}
+
+impl From<CallKind> for Workload {
+    fn from(kind: CallKind) -> Self {
+        Workload::UserGuide(kind)
+    }
+}
+
+/// A worker's client for its workload.
+enum Caller<T> {
+    UserGuide(UserGuideServiceClient<T>, CallKind),
+    Method(tonic::client::Grpc<T>, Arc<crate::dynamic::Invocation>),
+}
+
+impl<T: Transport> Caller<T> {
+    fn new(lb: &T, workload: &Workload) -> Self {
+        match workload {
+            Workload::UserGuide(kind) => {
+                Caller::UserGuide(UserGuideServiceClient::new(lb.clone()), *kind)
+            }
+            Workload::Method(inv) => {
+                Caller::Method(tonic::client::Grpc::new(lb.clone()), inv.clone())
+            }
+        }
+    }
+
+    async fn call(&mut self, n: u64) -> CallOutcome {
+        match self {
+            Caller::UserGuide(client, kind) => one_call(client, *kind, n).await,
+            Caller::Method(grpc, inv) => {
+                let outcome = |served: Option<crate::dynamic::invoke::Served>| {
+                    let (metadata, addr, attempts) = match served {
+                        Some(s) => (Some(s.metadata), s.addr, s.attempts),
+                        None => (None, None, 1),
+                    };
+                    CallOutcome {
+                        replica: metadata
+                            .as_ref()
+                            .and_then(|m| crate::dynamic::invoke::server_of(m, addr)),
+                        addr,
+                        code: None,
+                        reason: None,
+                        attempts,
+                    }
+                };
+                match inv.once(grpc, n).await {
+                    Ok(served) => outcome(Some(served)),
+                    Err((status, served)) => {
+                        let mut o = outcome(served);
+                        if o.replica.is_none() {
+                            o.replica = replica_of(status.metadata());
+                        }
+                        o.code = Some(status.code());
+                        o.reason = reason_of(&status);
+                        o
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// When a run ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -66,7 +136,7 @@ pub struct LoadSpec {
     /// Calls per second for an open loop; `None` for a closed loop.
     pub rate: Option<f64>,
     /// Which call.
-    pub call: CallKind,
+    pub call: Workload,
 }
 
 /// Latency and error counts for one set of calls.
@@ -153,7 +223,8 @@ pub struct ReplicaStats {
     pub stats: Stats,
 }
 
-/// What a run recorded: totals and per replica (keyed by `x-replica-id`).
+/// What a run recorded: totals and per replica (keyed by `x-replica-id`, or by the endpoint's
+/// address for servers that do not send one).
 #[derive(Debug, Clone, Default)]
 pub struct Recording {
     /// All calls.
@@ -350,7 +421,7 @@ async fn one_call<T: Transport>(
         attempts: 1,
     };
     let served = |metadata: &tonic::metadata::MetadataMap, ext: &http::Extensions| CallOutcome {
-        replica: replica_of(metadata),
+        replica: crate::dynamic::invoke::server_of(metadata, ext.get::<ServedBy>().map(|s| s.0)),
         addr: ext.get::<ServedBy>().map(|s| s.0),
         code: None,
         reason: None,
@@ -439,19 +510,16 @@ async fn closed_loop<T: Transport>(
     deadline: Option<Instant>,
 ) {
     let workers = (0..spec.concurrency.max(1)).map(|_| {
-        let mut client = UserGuideServiceClient::new(lb.clone());
+        let mut caller = Caller::new(lb, &spec.call);
         let take_ticket = take_ticket.clone();
         let recorder = recorder.clone();
-        let kind = spec.call;
         async move {
             let mut backoff = Backoff::default();
             while let Some(n) = take_ticket() {
                 recorder.started.fetch_add(1, Ordering::Relaxed);
                 let span = recorder.call_span(n);
                 let sent = Instant::now();
-                let outcome = one_call(&mut client, kind, n)
-                    .instrument(span.clone())
-                    .await;
+                let outcome = caller.call(n).instrument(span.clone()).await;
                 recorder.record(&outcome, sent.elapsed());
                 recorder.note_trace(&span);
                 // UNAVAILABLE: nothing could serve the call (the balancer failed fast, or every
@@ -513,14 +581,11 @@ async fn open_loop<T: Transport>(
             break;
         };
         recorder.started.fetch_add(1, Ordering::Relaxed);
-        let mut client = UserGuideServiceClient::new(lb.clone());
+        let mut caller = Caller::new(lb, &spec.call);
         let recorder = recorder.clone();
-        let kind = spec.call;
         calls.spawn(async move {
             let span = recorder.call_span(n);
-            let outcome = one_call(&mut client, kind, n)
-                .instrument(span.clone())
-                .await;
+            let outcome = caller.call(n).instrument(span.clone()).await;
             recorder.record(&outcome, due.elapsed());
             recorder.note_trace(&span);
             drop(permit);

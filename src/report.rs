@@ -165,7 +165,8 @@ impl Report {
             let _ = writeln!(
                 out,
                 "{:<14} {:<22} {:>7} {:>5.1}%  {:<24} {:>6} {:>9} {:>9}",
-                r.id,
+                // A server that does not say who it is is known by its address alone.
+                if r.id == r.addr { "-" } else { r.id.as_str() },
                 r.addr,
                 r.calls,
                 share * 100.0,

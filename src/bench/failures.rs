@@ -220,7 +220,7 @@ async fn cut_run<T: Transport>(
         stop: Stop::Duration(config.duration),
         concurrency: config.concurrency,
         rate: None,
-        call: CallKind::GetPoint,
+        call: CallKind::GetPoint.into(),
     };
     let recorder = Recorder::default();
     let (_never, cancel) = tokio::sync::watch::channel(false);
@@ -291,7 +291,7 @@ async fn overload(
         stop: Stop::Duration(config.duration),
         concurrency: PER_REPLICA * addrs.len(),
         rate: None,
-        call: CallKind::GetPoint,
+        call: CallKind::GetPoint.into(),
     };
     let capacity = measure(&lb, &closed, config).await;
     let mut rows = vec![row(
@@ -305,7 +305,7 @@ async fn overload(
         stop: Stop::Duration(config.duration),
         concurrency: 1024,
         rate: Some(offered.max(1.0)),
-        call: CallKind::GetPoint,
+        call: CallKind::GetPoint.into(),
     };
 
     progress("overload / meshlb p2c at 3x");

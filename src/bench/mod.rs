@@ -380,7 +380,7 @@ async fn measure_on<T: Transport>(
         stop: Stop::Duration(d),
         concurrency: config.concurrency,
         rate: None,
-        call: CallKind::GetPoint,
+        call: CallKind::GetPoint.into(),
     };
     let (_never, cancel) = tokio::sync::watch::channel(false);
     load::run(

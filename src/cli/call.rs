@@ -1,7 +1,12 @@
-//! `meshlb call`: one balanced call, printing the answer and which replica served it.
+//! `meshlb call`: one balanced call, printing the answer and which replica served it: one of
+//! UserGuide's (typed), or any method by name (`--call package.Service/Method -d JSON`, the way
+//! grpcurl makes it).
 
 use super::client::balancer;
+use super::method::MethodArgs;
+use super::UsageError;
 use crate::balance::ServedBy;
+use crate::dynamic::{json, Answer};
 use crate::proto::userguide::v1::{
     user_guide_service_client::UserGuideServiceClient, GetPointRequest, ListUsersRequest, Point,
     Profile,
@@ -10,20 +15,44 @@ use serde_json::json;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// Where a one-shot command goes and how long it may take (`call`, `list`, `describe`).
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub struct OneShot {
     /// Where the replicas are (same syntax as `client --target`).
     #[arg(long, env = "MESHLB_TARGET")]
-    target: String,
+    pub target: String,
     /// Deadline of the whole command (waiting for a ready endpoint included).
     #[arg(long, env = "MESHLB_TIMEOUT", value_parser = super::positive_duration, default_value = "5s")]
-    timeout: Duration,
+    pub timeout: Duration,
     #[command(flatten)]
-    tls: super::client::TlsArgs,
+    pub tls: super::client::TlsArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    at: OneShot,
     #[command(flatten)]
     service_config: super::client::ServiceConfigArgs,
+    /// Any method, as package.Service/Method (instead of get-point or list-users): its schema
+    /// from server reflection, --proto or --protoset; its request from -d; the answers printed as
+    /// JSON, one per line.
+    #[arg(long, value_parser = parse_method)]
+    call: Option<String>,
+    #[command(flatten)]
+    any: MethodArgs,
+    /// The grpc.health.v1 service name to watch on each endpoint (default: the called service's
+    /// for UserGuide, else "", the whole server).
+    #[arg(long, env = "MESHLB_HEALTH_SERVICE")]
+    health_service: Option<String>,
     #[command(subcommand)]
-    method: Method,
+    method: Option<Method>,
+}
+
+fn parse_method(s: &str) -> Result<String, String> {
+    crate::dynamic::schema::split_method(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -46,19 +75,62 @@ enum Method {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let method = match (args.method, &args.call) {
+        (Some(_), Some(_)) => {
+            return Err(
+                UsageError("give a method as a subcommand or as --call, not both".into()).into(),
+            )
+        }
+        (None, None) => {
+            return Err(UsageError(
+                "no method: give get-point, list-users or --call package.Service/Method".into(),
+            )
+            .into())
+        }
+        (Some(_), None) if args.any.given() => {
+            return Err(UsageError(
+                "-d, -H, --proto and --protoset go with --call package.Service/Method".into(),
+            )
+            .into())
+        }
+        (Some(m), None) => Ok(m),
+        (None, Some(name)) => Err(name.as_str()),
+    };
+    let health = match (&args.health_service, &method) {
+        (Some(name), _) => name.as_str(),
+        (None, Err(name)) => super::method::health_service_for(name),
+        (None, Ok(_)) => crate::proto::USERGUIDE_SERVICE,
+    };
     let lb = balancer(
-        &args.target,
+        &args.at.target,
         None,
-        args.timeout,
-        crate::proto::USERGUIDE_SERVICE,
-        &args.tls,
+        args.at.timeout,
+        health,
+        &args.at.tls,
         None,
         &args.service_config.service_config,
     )?;
     // One deadline for the whole command: the wait for a ready endpoint counts against it.
-    let deadline = tokio::time::Instant::now() + args.timeout;
-    lb.wait_ready(args.timeout).await;
+    let deadline = tokio::time::Instant::now() + args.at.timeout;
+    lb.wait_ready(args.at.timeout).await;
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+    let method = match method {
+        Ok(m) => m,
+        Err(name) => {
+            let call = async {
+                let invocation = args.any.invocation(name, lb.clone()).await?;
+                anyhow::Ok(invocation.call(lb, Some(left())).await)
+            };
+            let answer = match tokio::time::timeout(left(), call).await {
+                Ok(answer) => answer?,
+                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {:?}",
+                    args.at.timeout
+                ))),
+            };
+            return Ok(print_answer(answer));
+        }
+    };
     let mut client = UserGuideServiceClient::new(lb);
     let served = |metadata: &tonic::metadata::MetadataMap, ext: &http::Extensions| {
         let id = metadata
@@ -71,7 +143,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             None => format!("served by {id}"),
         }
     };
-    let result = match args.method {
+    let result = match method {
         Method::GetPoint { name, age } => {
             let mut request = tonic::Request::new(GetPointRequest {
                 profile: Some(Profile { age, name }),
@@ -121,15 +193,41 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     };
+    Ok(exit(result))
+}
+
+fn exit(result: Result<(), tonic::Status>) -> ExitCode {
     match result {
-        Ok(()) => Ok(ExitCode::SUCCESS),
+        Ok(()) => ExitCode::SUCCESS,
         Err(status) => {
             eprintln!(
                 "error: {}: {}",
                 crate::grpc::code_name(status.code()),
                 status.message()
             );
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
     }
+}
+
+/// The answers as JSON lines, then who served them (`x-replica-id` and address, or the address).
+fn print_answer(answer: Result<Answer, tonic::Status>) -> ExitCode {
+    let answer = match answer {
+        Ok(a) => a,
+        Err(status) => return exit(Err(status)),
+    };
+    for message in &answer.messages {
+        println!("{}", json::to_line(message));
+    }
+    let id = answer
+        .metadata
+        .get("x-replica-id")
+        .and_then(|v| v.to_str().ok());
+    match (id, answer.served_by) {
+        (Some(id), Some(addr)) => println!("served by {id} ({addr})"),
+        (Some(id), None) => println!("served by {id}"),
+        (None, Some(addr)) => println!("served by {addr}"),
+        (None, None) => {}
+    }
+    exit(answer.ended.map_or(Ok(()), Err))
 }

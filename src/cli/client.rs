@@ -1,8 +1,10 @@
 //! `meshlb client`: load through the balancer, a progress bar or a live view, then the
 //! per-replica table (or JSON).
 
+use super::method::{CallChoice, MethodArgs};
 use super::UsageError;
-use crate::load::{self, CallKind, LoadSpec, Recorder, Stop};
+use crate::dynamic::invoke::Kind;
+use crate::load::{self, CallKind, LoadSpec, Recorder, Stop, Workload};
 use crate::report::{self, Report};
 use crate::{Balancer, Policy};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -94,9 +96,13 @@ pub struct Args {
     /// Open loop: this many calls per second (latency counts from when each call was due).
     #[arg(long, env = "MESHLB_RATE")]
     pub rate: Option<f64>,
-    /// Which call: get-point, list-users or mix.
+    /// Which call: get-point, list-users or mix (UserGuide's), or any unary or server-streaming
+    /// method as package.Service/Method (its schema by server reflection, --proto or --protoset;
+    /// its request from -d).
     #[arg(long, env = "MESHLB_CALL", default_value = "get-point")]
-    pub call: CallKind,
+    pub call: CallChoice,
+    #[command(flatten)]
+    pub method: MethodArgs,
     /// Balancing policy: p2c (peak-EWMA), round-robin or pick-first. Default: what the service
     /// config chooses, else p2c.
     #[arg(long, env = "MESHLB_POLICY")]
@@ -117,9 +123,10 @@ pub struct Args {
         default_value = "http://localhost:16686"
     )]
     pub jaeger_ui: String,
-    /// The grpc.health.v1 service name to watch on each endpoint.
-    #[arg(long, env = "MESHLB_HEALTH_SERVICE", default_value = crate::proto::USERGUIDE_SERVICE)]
-    pub health_service: String,
+    /// The grpc.health.v1 service name to watch on each endpoint (default: UserGuide's; with
+    /// --call of another service, "", the whole server).
+    #[arg(long, env = "MESHLB_HEALTH_SERVICE")]
+    pub health_service: Option<String>,
     /// Serve the balancer's metrics (Prometheus' text format, `GET /metrics`) here while the
     /// load runs; the address is printed on stderr (`metrics on ADDR`).
     #[arg(long, env = "MESHLB_METRICS_LISTEN")]
@@ -131,7 +138,7 @@ pub struct Args {
 }
 
 impl Args {
-    fn spec(&self) -> Result<LoadSpec, UsageError> {
+    fn spec(&self, call: Workload) -> Result<LoadSpec, UsageError> {
         if let Some(rate) = self.rate {
             if !(rate > 0.0 && rate <= MAX_RATE) {
                 return Err(UsageError(format!(
@@ -150,7 +157,7 @@ impl Args {
             stop,
             concurrency: self.concurrency as usize,
             rate: self.rate,
-            call: self.call,
+            call,
         })
     }
 }
@@ -207,7 +214,19 @@ async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<crate::bala
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let spec = args.spec()?;
+    // Checked before anything starts: flag mistakes are reported at once.
+    args.spec(CallKind::GetPoint.into())?;
+    let health = match (&args.health_service, &args.call) {
+        (Some(name), _) => name.as_str(),
+        (None, CallChoice::Method(method)) => super::method::health_service_for(method),
+        (None, CallChoice::UserGuide(_)) => crate::proto::USERGUIDE_SERVICE,
+    };
+    if args.method.given() && !matches!(args.call, CallChoice::Method(_)) {
+        return Err(UsageError(
+            "-d, -H, --proto and --protoset go with --call package.Service/Method".into(),
+        )
+        .into());
+    }
     let metrics = match args.metrics_listen {
         Some(addr) => Some(serve_metrics(addr).await?),
         None => None,
@@ -216,16 +235,34 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         &args.target,
         args.policy,
         args.timeout,
-        &args.health_service,
+        health,
         &args.tls,
         metrics.as_ref(),
         &args.service_config.service_config,
     )?;
-    // Warm-up (connections, first health answers) stays out of the figures, but counts against
-    // --duration: a run of 10 s takes 10 s, even against a dead target.
+    // Warm-up (connections, first health answers, the schema) stays out of the figures, but
+    // counts against --duration: a run of 10 s takes 10 s, even against a dead target.
     let waited = tokio::time::Instant::now();
     lb.wait_ready(Duration::from_secs(3)).await;
-    let mut spec = spec;
+    let call = match &args.call {
+        CallChoice::UserGuide(kind) => Workload::from(*kind),
+        CallChoice::Method(name) => {
+            let invocation =
+                tokio::time::timeout(args.timeout, args.method.invocation(name, lb.clone()))
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!("no schema for {name} within {:?}", args.timeout)
+                    })??;
+            if !matches!(invocation.kind(), Kind::Unary | Kind::ServerStreaming) {
+                return Err(UsageError(format!(
+                    "meshlb client loads unary and server-streaming methods; {name} streams its requests (meshlb call makes one such call)"
+                ))
+                .into());
+            }
+            Workload::Method(std::sync::Arc::new(invocation))
+        }
+    };
+    let mut spec = args.spec(call)?;
     if let Stop::Duration(d) = spec.stop {
         spec.stop = Stop::Duration(
             d.saturating_sub(waited.elapsed())

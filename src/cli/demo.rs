@@ -69,7 +69,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         stop: Stop::Duration(args.duration),
         concurrency: args.concurrency as usize,
         rate: None,
-        call: CallKind::GetPoint,
+        call: CallKind::GetPoint.into(),
     };
     let mut reports = Vec::new();
     for policy in [Policy::P2c, Policy::RoundRobin] {

@@ -7,6 +7,8 @@ mod certs;
 mod client;
 mod demo;
 mod faults;
+mod list;
+mod method;
 mod replica;
 mod up;
 
@@ -33,6 +35,10 @@ enum Command {
     Client(client::Args),
     /// Make one balanced call and show which replica served it.
     Call(call::Args),
+    /// List a server's services (or a service's methods), by server reflection or from .proto files.
+    List(list::Args),
+    /// Show a service, method, message or enum as its .proto declares it.
+    Describe(list::Args),
     /// Read or change a running replica's latency, failure rate or reported health (admin listener).
     Faults(faults::Args),
     /// Make throw-away TLS certificates (CA, server, client) for demos and tests.
@@ -102,6 +108,8 @@ pub fn main() -> ExitCode {
             Command::Up(args) => up::run(args).await,
             Command::Client(args) => client::run(args).await,
             Command::Call(args) => call::run(args).await,
+            Command::List(args) => list::list(args).await,
+            Command::Describe(args) => list::describe(args).await,
             Command::Faults(args) => faults::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Certs(args) => certs::run(args).await,

@@ -71,6 +71,10 @@ pub struct Args {
     /// Also answer grpc.health.v1 in plaintext on this address (Kubernetes' gRPC probe cannot speak TLS).
     #[arg(long, env = "MESHLB_HEALTH_LISTEN")]
     health_listen: Option<SocketAddr>,
+    /// Serve no gRPC server reflection (as servers without it do: clients then need the
+    /// service's .proto).
+    #[arg(long, env = "MESHLB_NO_REFLECTION")]
+    no_reflection: bool,
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "MESHLB_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
     max_message_size: usize,
@@ -227,6 +231,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.drain_grace = args.drain_grace;
     config.drain_timeout = args.drain_timeout;
     config.max_message_size = args.max_message_size;
+    config.reflection = !args.no_reflection;
     config.tls = tls;
     config.health_listen = args.health_listen;
     config.admin_allow = if mtls {

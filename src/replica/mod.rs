@@ -77,6 +77,8 @@ pub struct ReplicaConfig {
     /// gRPC calls beyond this many at once are shed with `RESOURCE_EXHAUSTED` and a pushback
     /// (health calls never are); 0: no limit.
     pub max_concurrent_calls: usize,
+    /// Serve gRPC server reflection (v1 and v1alpha) on the serving port and the admin listener.
+    pub reflection: bool,
 }
 
 /// A GetPoint answered elsewhere: `(name, age) -> points`. The replica only calls it; whoever
@@ -105,6 +107,7 @@ impl ReplicaConfig {
             limits: ConnLimits::default(),
             max_call_duration: Some(DEFAULT_MAX_CALL_DURATION),
             max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
+            reflection: true,
         }
     }
 }
@@ -122,6 +125,7 @@ impl std::fmt::Debug for ReplicaConfig {
             .field("limits", &self.limits)
             .field("max_call_duration", &self.max_call_duration)
             .field("max_concurrent_calls", &self.max_concurrent_calls)
+            .field("reflection", &self.reflection)
             .finish()
     }
 }

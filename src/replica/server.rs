@@ -122,15 +122,17 @@ pub async fn run(
     };
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_server = admin.map(|listener| {
-        let routes = tonic::service::Routes::new(AdminServiceServer::new(Admin::new(
+        let mut routes = tonic::service::Routes::new(AdminServiceServer::new(Admin::new(
             faults.clone(),
             health.clone(),
             state.clone(),
-        )))
-        .add_service(reflection_v1(ADMIN_SERVICES))
-        .add_service(reflection_v1alpha(ADMIN_SERVICES))
-        .prepare()
-        .into_axum_router();
+        )));
+        if config.reflection {
+            routes = routes
+                .add_service(reflection_v1(ADMIN_SERVICES))
+                .add_service(reflection_v1alpha(ADMIN_SERVICES));
+        }
+        let routes = routes.prepare().into_axum_router();
         let allow = config.admin_allow.clone();
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, ?allow, "admin service on its own listener");
@@ -149,7 +151,7 @@ pub async fn run(
 
     // Every service on the port has a decoding limit: health calls are never shed, so theirs is
     // what keeps unfinished health requests from holding memory.
-    let routes = tonic::service::Routes::new(
+    let mut routes = tonic::service::Routes::new(
         health_service
             .clone()
             .max_decoding_message_size(HEALTH_MESSAGE_LIMIT),
@@ -157,11 +159,17 @@ pub async fn run(
     .add_service(
         UserGuideServiceServer::new(userguide.clone())
             .max_decoding_message_size(config.max_message_size),
-    )
-    .add_service(reflection_v1(SERVING_SERVICES).max_decoding_message_size(config.max_message_size))
-    .add_service(
-        reflection_v1alpha(SERVING_SERVICES).max_decoding_message_size(config.max_message_size),
     );
+    if config.reflection {
+        routes = routes
+            .add_service(
+                reflection_v1(SERVING_SERVICES).max_decoding_message_size(config.max_message_size),
+            )
+            .add_service(
+                reflection_v1alpha(SERVING_SERVICES)
+                    .max_decoding_message_size(config.max_message_size),
+            );
+    }
     let router = ByContentType {
         grpc: routes.prepare().into_axum_router(),
         rest: rest::router(userguide),

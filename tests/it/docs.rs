@@ -210,6 +210,8 @@ impl Session {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        // The pages are read from a clone: `--proto proto/...` finds the repository's files.
+        std::os::unix::fs::symlink(Path::new(ROOT).join("proto"), dir.join("proto")).unwrap();
         Self {
             dir,
             fleet: None,
@@ -657,6 +659,7 @@ fn the_readme_runs_as_written_and_the_demo_reaches_its_verdict() {
 /// The pages with a test of their own below; a page with runnable blocks must be among them.
 const RUN_PAGES: &[&str] = &[
     "README.md",
+    "docs/any-service.md",
     "docs/commands.md",
     "docs/design.md",
     "docs/metrics.md",
@@ -675,6 +678,11 @@ fn every_page_with_console_blocks_runs_in_a_test() {
             "{file} has console blocks but no test runs it: add it to RUN_PAGES and a test"
         );
     }
+}
+
+#[test]
+fn the_any_service_page_runs_as_written() {
+    assert!(!run_document("docs/any-service.md").is_empty());
 }
 
 #[test]

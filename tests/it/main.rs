@@ -1,5 +1,6 @@
 //! Integration tests: real replicas on loopback sockets, one test binary.
 
+mod anycall;
 mod balancer;
 mod blackhole;
 mod cli;
