@@ -353,7 +353,8 @@ fn reason_of(status: &Status) -> Option<String> {
     (status.code() == Code::Unavailable).then(|| crate::grpc::bounded(status.message(), 300))
 }
 
-const USERS: [(&str, i32); 5] = [
+/// The users the UserGuide calls of a load ask about, in turn (all in the replicas' data).
+pub const USERS: [(&str, i32); 5] = [
     ("james", 26),
     ("jake", 27),
     ("molly", 26),

@@ -11,7 +11,7 @@ pub mod failures;
 use crate::admin_client::AdminAddr;
 use crate::balance::{HedgeConfig, OutlierConfig};
 use crate::fleet::{FleetSpec, Launch, RunningFleet};
-use crate::load::{self, CallKind, LoadSpec, Recorder, Recording, Stop, Transport};
+use crate::load::{self, CallKind, LoadSpec, Recorder, Recording, Stop, Transport, Workload};
 use crate::replica::FaultConfig;
 use crate::report::{ms, Latency};
 use crate::{Balancer, Policy};
@@ -97,6 +97,9 @@ pub enum Contender {
     MeshlbP2cPlain,
     /// meshlb p2c reporting into a metrics registry that is scraped every second.
     MeshlbP2cMetrics,
+    /// meshlb p2c making the same GetPoint calls as `--call package.Service/Method` does: the
+    /// schema by server reflection, the requests from JSON, dynamic messages on the wire.
+    MeshlbP2cAnyMethod,
     /// meshlb, round-robin.
     MeshlbRoundRobin,
     /// tonic's `Channel::balance_list`.
@@ -112,6 +115,7 @@ impl Contender {
             Contender::MeshlbP2cHedged => "p2c + hedging",
             Contender::MeshlbP2cPlain => "p2c, plain EWMA",
             Contender::MeshlbP2cMetrics => "p2c + metrics",
+            Contender::MeshlbP2cAnyMethod => "p2c, --call by reflection",
             Contender::MeshlbRoundRobin => "meshlb round-robin",
             Contender::TonicBalanceList => "tonic balance_list",
             Contender::Direct => "direct channel",
@@ -201,6 +205,10 @@ pub async fn run(
             Contender::MeshlbRoundRobin,
             Contender::TonicBalanceList,
         ];
+        if kind == ScenarioKind::NoLatency {
+            // Where the client's own cost shows: the dynamic path beside the typed one.
+            contenders.insert(1, Contender::MeshlbP2cAnyMethod);
+        }
         if kind.has_direct() {
             contenders.push(Contender::Direct);
         }
@@ -271,6 +279,7 @@ async fn measure(
         | Contender::MeshlbP2cHedged
         | Contender::MeshlbP2cPlain
         | Contender::MeshlbP2cMetrics
+        | Contender::MeshlbP2cAnyMethod
         | Contender::MeshlbRoundRobin => {
             let policy = if contender == Contender::MeshlbRoundRobin {
                 Policy::RoundRobin
@@ -313,7 +322,13 @@ async fn measure(
                     }
                 })
             });
-            let round = measure_on(&lb, kind, ids, slow_admin, config).await;
+            let call = if contender == Contender::MeshlbP2cAnyMethod {
+                lb.wait_ready(Duration::from_secs(3)).await;
+                Workload::Method(std::sync::Arc::new(get_point_by_reflection(&lb).await?))
+            } else {
+                CallKind::GetPoint.into()
+            };
+            let round = measure_on(&lb, call, kind, ids, slow_admin, config).await;
             if let Some(scraper) = scraper {
                 scraper.abort();
             }
@@ -325,11 +340,27 @@ async fn measure(
                 .map(|a| tonic_endpoint(*a, config))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
-            measure_on(&channel, kind, ids, slow_admin, config).await
+            measure_on(
+                &channel,
+                CallKind::GetPoint.into(),
+                kind,
+                ids,
+                slow_admin,
+                config,
+            )
+            .await
         }
         Contender::Direct => {
             let channel = tonic_endpoint(addrs[0], config)?.connect().await?;
-            measure_on(&channel, kind, ids, slow_admin, config).await
+            measure_on(
+                &channel,
+                CallKind::GetPoint.into(),
+                kind,
+                ids,
+                slow_admin,
+                config,
+            )
+            .await
         }
     }
 }
@@ -369,8 +400,24 @@ fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// GetPoint as `meshlb client --call` makes it: the schema asked of the fleet, the same users as
+/// the typed path's, from JSON.
+async fn get_point_by_reflection(lb: &Balancer) -> anyhow::Result<crate::dynamic::Invocation> {
+    use crate::dynamic::{json, Invocation, Schema};
+    let service = crate::proto::USERGUIDE_SERVICE;
+    let schema = Schema::from_reflection(lb.clone(), Some(&[service])).await?;
+    let method = schema.method(&format!("{service}/GetPoint"))?;
+    let lines: Vec<String> = load::USERS
+        .iter()
+        .map(|(name, age)| serde_json::json!({"profile": {"name": name, "age": age}}).to_string())
+        .collect();
+    let requests = json::messages(&method.input(), &lines.join("\n"))?;
+    Ok(Invocation::new(method, requests, Default::default())?)
+}
+
 async fn measure_on<T: Transport>(
     transport: &T,
+    call: Workload,
     kind: ScenarioKind,
     ids: &[String],
     slow_admin: Option<&AdminAddr>,
@@ -380,7 +427,7 @@ async fn measure_on<T: Transport>(
         stop: Stop::Duration(d),
         concurrency: config.concurrency,
         rate: None,
-        call: CallKind::GetPoint.into(),
+        call: call.clone(),
     };
     let (_never, cancel) = tokio::sync::watch::channel(false);
     load::run(

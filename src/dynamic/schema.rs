@@ -478,3 +478,58 @@ impl Session {
 fn unexpected(answer: &MessageResponse) -> Status {
     Status::internal(format!("an unexpected reflection answer: {answer:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_split_at_the_slash_or_the_last_dot() {
+        assert_eq!(split_method("a.b.S/M").unwrap(), ("a.b.S", "M"));
+        assert_eq!(split_method("/a.b.S/M").unwrap(), ("a.b.S", "M"));
+        assert_eq!(split_method("a.b.S.M").unwrap(), ("a.b.S", "M"));
+        for bad in ["", "M", "S/", "/M", "."] {
+            assert!(split_method(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn imports_come_from_the_import_path() {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = std::env::temp_dir().join(format!("meshlb-schema-{}-{n}", std::process::id()));
+        let (api, common) = (root.join("api"), root.join("shared/common"));
+        std::fs::create_dir_all(&api).unwrap();
+        std::fs::create_dir_all(&common).unwrap();
+        std::fs::write(
+            common.join("money.proto"),
+            "syntax = \"proto3\";\npackage common;\nmessage Money { int64 cents = 1; }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            api.join("shop.proto"),
+            "syntax = \"proto3\";\npackage shop.v1;\nimport \"common/money.proto\";\n\
+             import \"google/protobuf/empty.proto\";\n\
+             service Shop { rpc Price(google.protobuf.Empty) returns (common.Money); }\n",
+        )
+        .unwrap();
+        let file = api.join("shop.proto");
+        // Without the import path the import is not found, and the error says which.
+        let e = Schema::from_proto(std::slice::from_ref(&file), &[]).unwrap_err();
+        assert!(e.to_string().contains("common/money.proto"), "{e}");
+        let schema = Schema::from_proto(&[file], &[api.clone(), root.join("shared")]).unwrap();
+        let _ = std::fs::remove_dir_all(&root);
+        let price = schema.method("shop.v1.Shop/Price").unwrap();
+        assert_eq!(price.output().full_name(), "common.Money");
+        assert_eq!(schema.service_names(), ["shop.v1.Shop"]);
+        assert_eq!(
+            schema.describe("shop.v1.Shop.Price").unwrap(),
+            "rpc Price(google.protobuf.Empty) returns (common.Money);"
+        );
+        let e = schema.method("shop.v1.Shop/Cost").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown method Cost of shop.v1.Shop; there are: Price"
+        );
+    }
+}

@@ -323,3 +323,65 @@ async fn unknown_names_misfit_json_and_bad_flags_are_named() {
     refused(&out, "go with --call");
     a.stop().await;
 }
+
+#[tokio::test]
+async fn an_older_server_with_only_v1alpha_reflection_is_understood() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meshlb::proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(reflection)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let target = format!("ipv4:{addr}");
+    let out = meshlb(&["list", "--target", &target], "").await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        lines(&out).contains(&"userguide.v1.UserGuideService".to_owned()),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = meshlb(&["describe", "--target", &target, LIST_USERS], "").await;
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "rpc ListUsers(userguide.v1.ListUsersRequest) returns (stream userguide.v1.ListUsersResponse);"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_bidirectional_stream_takes_json_lines_and_prints_each_answer() {
+    // The reflection service is itself a bidirectional stream: two requests, two answers.
+    let a = Replica::start("127.0.0.1", "bidi-1", FaultConfig::default()).await;
+    let dir = std::env::temp_dir().join(format!("meshlb-bidi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let set = dir.join("reflection.protoset");
+    std::fs::write(&set, tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).unwrap();
+    let out = call(
+        &ipv4_target(&[a.addr]),
+        "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        &["--protoset", set.to_str().unwrap(), "-d", "@-"],
+        "{\"listServices\": \"\"}\n{\"fileContainingSymbol\": \"userguide.v1.User\"}\n",
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = lines(&out);
+    assert_eq!(got.len(), 3, "{got:?}");
+    let first: serde_json::Value = serde_json::from_str(&got[0]).unwrap();
+    assert_eq!(
+        first["listServicesResponse"]["service"][0]["name"], "userguide.v1.UserGuideService",
+        "{first}"
+    );
+    let second: serde_json::Value = serde_json::from_str(&got[1]).unwrap();
+    assert!(
+        second["fileDescriptorResponse"]["fileDescriptorProto"][0].is_string(),
+        "bytes as base64: {second}"
+    );
+    assert!(got[2].starts_with("served by bidi-1"), "{got:?}");
+    a.stop().await;
+}
