@@ -334,33 +334,18 @@ async fn measure(
             }
             round
         }
-        Contender::TonicBalanceList => {
-            let endpoints = addrs
-                .iter()
-                .map(|a| tonic_endpoint(*a, config))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
-            measure_on(
-                &channel,
-                CallKind::GetPoint.into(),
-                kind,
-                ids,
-                slow_admin,
-                config,
-            )
-            .await
-        }
-        Contender::Direct => {
-            let channel = tonic_endpoint(addrs[0], config)?.connect().await?;
-            measure_on(
-                &channel,
-                CallKind::GetPoint.into(),
-                kind,
-                ids,
-                slow_admin,
-                config,
-            )
-            .await
+        Contender::TonicBalanceList | Contender::Direct => {
+            let channel = if contender == Contender::Direct {
+                tonic_endpoint(addrs[0], config)?.connect().await?
+            } else {
+                let endpoints = addrs
+                    .iter()
+                    .map(|a| tonic_endpoint(*a, config))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                tonic::transport::Channel::balance_list(endpoints.into_iter())
+            };
+            let typed = CallKind::GetPoint.into();
+            measure_on(&channel, typed, kind, ids, slow_admin, config).await
         }
     }
 }
