@@ -8,9 +8,13 @@
 //! Knows nothing of what is traced; the balancer and the replica open their own spans.
 
 use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, SamplingDecision, SdkTracerProvider, ShouldSample,
+};
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt, LevelFilter, Targets};
@@ -186,9 +190,14 @@ fn exporter_provider(default_service: &str) -> Result<SdkTracerProvider, String>
     if !named_by_env {
         resource = resource.with_service_name(default_service.to_owned());
     }
+    // The sampler the environment names (OTEL_TRACES_SAMPLER), kept for `decide_call`.
+    let sampler = opentelemetry_sdk::trace::Config::default().sampler;
+    let _ = SAMPLER.set(sampler.clone());
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(Recorded(exporter))
         .with_resource(resource.build())
+        .with_sampler(sampler)
+        .with_id_generator(DecidedIds::default())
         .build())
 }
 
@@ -242,6 +251,97 @@ pub fn sampled_trace_id(span: &tracing::Span) -> Option<String> {
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     (sc.is_valid() && sc.is_sampled()).then(|| sc.trace_id().to_string())
+}
+
+/// The sampler the exporter was built with (from `OTEL_TRACES_SAMPLER`), for [`decide_call`].
+static SAMPLER: std::sync::OnceLock<Box<dyn ShouldSample>> = std::sync::OnceLock::new();
+
+thread_local! {
+    /// The trace id [`decide_call`] sampled a new trace on, for the span it is about to open.
+    static NEXT_TRACE_ID: std::cell::Cell<Option<TraceId>> = const { std::cell::Cell::new(None) };
+}
+
+/// Random ids, except that a new trace started right after [`decide_call`] sampled it gets the
+/// trace id the decision was made on: the exporter's sampler then decides the same way.
+#[derive(Debug, Default)]
+struct DecidedIds(RandomIdGenerator);
+
+impl IdGenerator for DecidedIds {
+    fn new_trace_id(&self) -> TraceId {
+        NEXT_TRACE_ID
+            .with(std::cell::Cell::take)
+            .unwrap_or_else(|| self.0.new_trace_id())
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        self.0.new_span_id()
+    }
+}
+
+/// How a call is traced, decided when it starts.
+#[derive(Debug, Clone)]
+pub enum CallTrace {
+    /// Spans for the call and its attempts (exported and sampled, or not exported at all: then
+    /// spans are disabled and cost next to nothing).
+    Spans,
+    /// Exported but not sampled: no span is built; this context (the caller's, or a new trace)
+    /// goes out with the call, its sampled flag clear, so the next hops do not sample it either.
+    Forward(opentelemetry::Context),
+}
+
+/// Decides, before any span exists, whether the call about to start under the current span is
+/// sampled, with the exporter's own sampler. Building spans (with tracing-opentelemetry) costs
+/// the same sampled or not; an unsampled call builds none.
+pub fn decide_call() -> CallTrace {
+    let Some(sampler) = SAMPLER.get().filter(|_| exporting()) else {
+        return CallTrace::Spans;
+    };
+    let parent = tracing::Span::current().context();
+    let psc = parent.span().span_context().clone();
+    let trace_id = if psc.is_valid() {
+        psc.trace_id()
+    } else {
+        TraceId::from(rand::random::<u128>())
+    };
+    let result = sampler.should_sample(
+        Some(&parent),
+        trace_id,
+        "grpc.call",
+        &opentelemetry::trace::SpanKind::Internal,
+        &[],
+        &[],
+    );
+    if result.decision == SamplingDecision::RecordAndSample {
+        if !psc.is_valid() {
+            NEXT_TRACE_ID.with(|next| next.set(Some(trace_id)));
+        }
+        return CallTrace::Spans;
+    }
+    let forward = if psc.is_valid() {
+        SpanContext::new(
+            psc.trace_id(),
+            psc.span_id(),
+            TraceFlags::default(),
+            true,
+            psc.trace_state().clone(),
+        )
+    } else {
+        SpanContext::new(
+            trace_id,
+            SpanId::from(rand::random::<u64>()),
+            TraceFlags::default(),
+            false,
+            TraceState::default(),
+        )
+    };
+    CallTrace::Forward(opentelemetry::Context::new().with_remote_span_context(forward))
+}
+
+/// Writes `cx`'s trace context into outgoing request headers (gRPC metadata).
+pub fn inject_context(cx: &opentelemetry::Context, headers: &mut http::HeaderMap) {
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(cx, &mut HeaderInjector(headers));
+    });
 }
 
 /// `(service, method)` of a gRPC path such as `/userguide.v1.UserGuideService/GetPoint`.

@@ -30,7 +30,7 @@ use super::metrics::MeteredBody;
 use super::service_config::{HedgingPolicy, RetryPolicy, ServiceConfig};
 use super::Buffered;
 use crate::grpc::Pushback;
-use crate::telemetry;
+use crate::telemetry::{self, CallTrace};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
@@ -127,13 +127,45 @@ impl<'a> Plan<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attempts(pub u32);
 
-/// Runs one call to completion of its response headers, inside a span for the logical call with
-/// one child span per attempt (the replica's server span is a child of the attempt that reached it).
+/// Runs one call to completion of its response headers. A sampled call (or any, when spans are
+/// not exported) runs inside a span for the logical call with one child span per attempt (the
+/// replica's server span is a child of the attempt that reached it); an unsampled one builds no
+/// span at all.
 pub(super) async fn run(
     buffer: Buffered,
     shared: Arc<super::Shared>,
-    request: http::Request<Body>,
+    mut request: http::Request<Body>,
 ) -> Result<http::Response<Body>, BoxError> {
+    let mut metered = shared
+        .metrics
+        .as_ref()
+        .map(|m| m.call(shared.registry.target(), request.uri().path()));
+    let response = match telemetry::decide_call() {
+        CallTrace::Spans => traced(buffer, &shared, request).await,
+        forward => {
+            // The attempts learn it from the request, and forward the context instead of a span.
+            request.extensions_mut().insert(forward);
+            run_in_span(buffer, &shared, request).await
+        }
+    };
+    let response = match metered.take() {
+        None => response,
+        // A trailers-only answer is complete: its status is in its headers.
+        Some(mut call) if Status::from_header_map(response.headers()).is_some() => {
+            call.finish(status_of(&response));
+            response
+        }
+        Some(call) => response.map(|body| Body::new(MeteredBody::new(body, call))),
+    };
+    Ok(response)
+}
+
+/// The call inside its `grpc.call` span.
+async fn traced(
+    buffer: Buffered,
+    shared: &super::Shared,
+    request: http::Request<Body>,
+) -> http::Response<Body> {
     let (service, method) = telemetry::rpc_names(request.uri().path());
     let span = tracing::info_span!(
         target: crate::telemetry::RPC_SPANS,
@@ -149,11 +181,7 @@ pub(super) async fn run(
         rpc.grpc.status_code = Empty,
         otel.status_code = Empty,
     );
-    let mut metered = shared
-        .metrics
-        .as_ref()
-        .map(|m| m.call(shared.registry.target(), request.uri().path()));
-    let response = run_in_span(buffer, &shared, request)
+    let response = run_in_span(buffer, shared, request)
         .instrument(span.clone())
         .await;
     let code = status_of(&response);
@@ -164,16 +192,7 @@ pub(super) async fn run(
     if let Some(Attempts(n)) = response.extensions().get::<Attempts>() {
         span.record("meshlb.attempts", n);
     }
-    let response = match metered.take() {
-        None => response,
-        // A trailers-only answer is complete: its status is in its headers.
-        Some(mut call) if Status::from_header_map(response.headers()).is_some() => {
-            call.finish(code);
-            response
-        }
-        Some(call) => response.map(|body| Body::new(MeteredBody::new(body, call))),
-    };
-    Ok(response)
+    response
 }
 
 async fn run_in_span(
@@ -420,8 +439,57 @@ async fn attempt(
     request
         .headers_mut()
         .insert("grpc-timeout", crate::grpc::timeout_value(left));
-    let (service, method) = telemetry::rpc_names(request.uri().path());
-    let span = tracing::info_span!(
+    // An unsampled call builds no span: it only passes the trace on, not sampled.
+    let span = match request.extensions_mut().remove::<CallTrace>() {
+        Some(CallTrace::Forward(cx)) => {
+            telemetry::inject_context(&cx, request.headers_mut());
+            None
+        }
+        _ => {
+            let span = attempt_span(request.uri().path(), number, hedge);
+            telemetry::inject(&span, request.headers_mut());
+            Some(span)
+        }
+    };
+    let started = tokio::time::Instant::now();
+    let call = async {
+        buffer.ready().await?;
+        buffer.call(request).await
+    };
+    let result = match &span {
+        Some(span) => call.instrument(span.clone()).await,
+        None => call.await,
+    };
+    let code = match &result {
+        Ok(response) => status_of(response),
+        Err(_) => Code::Unavailable,
+    };
+    if let Some(span) = &span {
+        let served_by = match &result {
+            Ok(response) => response.extensions().get::<ServedBy>().map(|s| s.0),
+            Err(error) => error.downcast_ref::<EndpointError>().map(|e| e.addr),
+        };
+        if let Some(addr) = served_by {
+            span.record("server.address", tracing::field::display(addr.ip()));
+            span.record("server.port", addr.port());
+        }
+        span.record("rpc.grpc.status_code", code as i32);
+        if code != Code::Ok {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+    if code == Code::Ok {
+        if let HedgeDelay::Quantile { quantile, .. } = shared.config.hedge.delay {
+            shared.latency.record(started.elapsed(), quantile);
+        }
+    }
+    result
+}
+
+/// The client span of try `number` of a call to `path`.
+fn attempt_span(path: &str, number: u32, hedge: bool) -> tracing::Span {
+    let (service, method) = telemetry::rpc_names(path);
+    tracing::info_span!(
         target: crate::telemetry::RPC_SPANS,
         "grpc.attempt",
         otel.name = %format_args!("{service}/{method}"),
@@ -435,34 +503,7 @@ async fn attempt(
         server.port = Empty,
         rpc.grpc.status_code = Empty,
         otel.status_code = Empty,
-    );
-    telemetry::inject(&span, request.headers_mut());
-    let started = tokio::time::Instant::now();
-    let result = async {
-        buffer.ready().await?;
-        buffer.call(request).await
-    }
-    .instrument(span.clone())
-    .await;
-    let served_by = match &result {
-        Ok(response) => response.extensions().get::<ServedBy>().map(|s| s.0),
-        Err(error) => error.downcast_ref::<EndpointError>().map(|e| e.addr),
-    };
-    if let Some(addr) = served_by {
-        span.record("server.address", tracing::field::display(addr.ip()));
-        span.record("server.port", addr.port());
-    }
-    let code = match &result {
-        Ok(response) => status_of(response),
-        Err(_) => Code::Unavailable,
-    };
-    span.record("rpc.grpc.status_code", code as i32);
-    if code != Code::Ok {
-        span.record("otel.status_code", "ERROR");
-    } else if let HedgeDelay::Quantile { quantile, .. } = shared.config.hedge.delay {
-        shared.latency.record(started.elapsed(), quantile);
-    }
-    result
+    )
 }
 
 /// The status a response carries in its headers (a trailers-only answer); OK otherwise, since a

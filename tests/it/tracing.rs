@@ -381,3 +381,79 @@ async fn no_trace_link_when_the_collector_never_got_the_spans() {
 fn replica_plain(id: &str) -> Process {
     Process::spawn("127.0.0.1", &["--id", id])
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_is_decided_once_per_call_and_kept_by_every_hop() {
+    // The client samples 30 % of new traces; the replica (parent-based, the default) follows.
+    let (receiver, collector) = Receiver::start().await;
+    let r = replica(collector, "sampled", &["--id", "sampled-1"]);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
+    otel_env(&mut cmd, collector, "client");
+    let out = cmd
+        .env("OTEL_TRACES_SAMPLER", "traceidratio")
+        .env("OTEL_TRACES_SAMPLER_ARG", "0.3")
+        .args(["client", "--target", &format!("ipv4:{}", r.addr)])
+        .args([
+            "--requests",
+            "200",
+            "--concurrency",
+            "4",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let is_call = |s: &Span| s.service == "client" && !s.attr("meshlb.target").is_empty();
+    let is_attempt = |s: &Span| s.service == "client" && s.kind == SPAN_CLIENT;
+    let is_served =
+        |s: &Span| s.service == "sampled" && s.kind == SPAN_SERVER && s.name.contains("GetPoint");
+    // Every sampled attempt reached the replica, whose span is exported too.
+    let spans = eventually("the replica's spans match the client's attempts", || {
+        let spans = receiver.spans();
+        async move {
+            let attempts = spans.iter().filter(|s| is_attempt(s)).count();
+            let served = spans.iter().filter(|s| is_served(s)).count();
+            (attempts > 0 && served == attempts).then_some(spans)
+        }
+    })
+    .await;
+    let calls: Vec<&Span> = spans.iter().filter(|s| is_call(s)).collect();
+    // About 60 of 200 (a standard deviation of 6.5): not all, not none, and not 30 % of 30 %
+    // (a second, independent decision by the exporter would leave about 18).
+    assert!(
+        (30..=90).contains(&calls.len()),
+        "{} calls sampled of 200",
+        calls.len()
+    );
+    let ids = |f: &dyn Fn(&Span) -> bool| -> std::collections::HashSet<String> {
+        spans
+            .iter()
+            .filter(|s| f(s))
+            .map(|s| s.span_id.clone())
+            .collect()
+    };
+    let (call_ids, attempt_ids) = (ids(&is_call), ids(&is_attempt));
+    for s in spans.iter().filter(|s| is_attempt(s)) {
+        assert!(
+            call_ids.contains(&s.parent),
+            "an attempt without its call span: {s:?}"
+        );
+    }
+    for s in spans.iter().filter(|s| is_served(s)) {
+        assert!(
+            attempt_ids.contains(&s.parent),
+            "a server span of an unsampled call: {s:?}"
+        );
+    }
+    for c in &calls {
+        assert!(
+            spans.iter().any(|s| is_attempt(s) && s.parent == c.span_id),
+            "a call span without its attempt: {c:?}"
+        );
+    }
+}
