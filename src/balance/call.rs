@@ -27,12 +27,13 @@ use super::endpoint::{BoxError, EndpointError, ServedBy};
 use super::failfast::FailedFast;
 use super::hedge::{HedgeConfig, HedgeDelay};
 use super::metrics::MeteredBody;
+use super::replay;
 use super::service_config::{HedgingPolicy, RetryPolicy, ServiceConfig};
 use super::Buffered;
 use crate::grpc::Pushback;
 use crate::telemetry::{self, CallTrace};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::body::Body;
@@ -58,6 +59,9 @@ pub struct CallConfig {
     pub service_config: Arc<ServiceConfig>,
     /// meshlb's adaptive hedging (opt-in), besides the config's `hedgingPolicy`.
     pub hedge: HedgeConfig,
+    /// The largest request body kept so that a call can be tried again; a larger one (or one
+    /// its caller is still writing) is sent once ([`super::replay`]).
+    pub retry_buffer_limit: usize,
 }
 
 impl Default for CallConfig {
@@ -69,6 +73,7 @@ impl Default for CallConfig {
             budget_min_per_sec: 10,
             service_config: Arc::default(),
             hedge: HedgeConfig::default(),
+            retry_buffer_limit: super::replay::DEFAULT_LIMIT,
         }
     }
 }
@@ -213,8 +218,14 @@ async fn run_in_span(
             return (result, 1);
         }
         let (parts, body) = request.into_parts();
-        let body = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
+        let body = match replay::read(body, config.retry_buffer_limit).await {
+            Ok(replay::Request::Kept(bytes)) => bytes,
+            // Still being written, or too big to keep: one try, as it comes.
+            Ok(replay::Request::Once(body)) => {
+                let request = http::Request::from_parts(parts, body);
+                let result = attempt(buffer, request, 1, false, expires, shared).await;
+                return (result, 1);
+            }
             Err(status) => return (Ok(status.into_http()), 1),
         };
         let hedge = match plan.hedging {

@@ -32,7 +32,8 @@
 //!   never a reason to shut or eject the endpoint.
 //! - **Fail fast**: no ready endpoint within `ready_wait` → `UNAVAILABLE` saying why
 //!   ([`failfast`]); every call has a deadline; idempotent calls are retried within a budget
-//!   ([`call`]), and can be hedged ([`hedge`], opt-in: it measured worse than ejection alone).
+//!   ([`call`]), and can be hedged ([`hedge`], opt-in: it measured worse than ejection alone);
+//!   what a retry sends again is the request as already written, up to a limit ([`replay`]).
 //! - Discovery, connection and health checks run on their own tasks, so the endpoint set is warm
 //!   before the first call.
 //!
@@ -61,6 +62,7 @@ pub mod hedge;
 pub mod metrics;
 pub mod outlier;
 pub mod registry;
+pub mod replay;
 pub mod round_robin;
 pub mod service_config;
 pub mod silence;
@@ -282,6 +284,14 @@ impl Builder {
     pub fn service_config(mut self, json: &str) -> Result<Self, ServiceConfigError> {
         self.call.service_config = Arc::new(ServiceConfig::from_json(json)?);
         Ok(self)
+    }
+
+    /// The largest request body kept so that a retry or a hedge can send it again (256 KiB by
+    /// default, as grpc-go's). A larger request, or one whose caller is still writing it (a live
+    /// client or bidirectional stream), is sent once and never tried again.
+    pub fn retry_buffer_limit(mut self, bytes: usize) -> Self {
+        self.call.retry_buffer_limit = bytes;
+        self
     }
 
     /// Which calls are hedged, and when (`HedgeDelay::Off` turns hedging off).

@@ -482,3 +482,52 @@ async fn your_own_discovery_stream_adds_and_removes_endpoints() {
     assert_eq!(tally.of(&replicas[0].id), 0);
     assert!(tally.of(&replicas[2].id) > 0);
 }
+
+/// A config that retries every method (`"name": [{}]`) must not hold a live stream back: a
+/// bidirectional call whose caller writes its next message only after the answer to the last
+/// goes through message by message (waiting for the request's end to keep it would deadlock).
+#[tokio::test]
+async fn a_live_stream_is_sent_as_it_comes_even_under_a_retry_policy() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, ServerReflectionRequest,
+    };
+    let r = Replica::start("127.0.0.1", "stream-1", FaultConfig::default()).await;
+    let config = r#"{"methodConfig": [{"name": [{}], "retryPolicy": {"maxAttempts": 3,
+        "initialBackoff": "0.01s", "maxBackoff": "0.1s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#;
+    let lb = Balancer::builder(crate::support::ipv4_target(&[r.addr]))
+        .service_config(config)
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let ask = |symbol: &str| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+    };
+    tx.send(ask("userguide.v1.User")).await.unwrap();
+    let exchange = async {
+        let mut answers = ServerReflectionClient::new(lb.clone())
+            .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = answers.message().await.unwrap().expect("a first answer");
+        // Only now the caller writes its second message.
+        tx.send(ask("userguide.v1.Point")).await.unwrap();
+        let second = answers.message().await.unwrap().expect("a second answer");
+        drop(tx);
+        (first, second, answers.message().await.unwrap())
+    };
+    let (first, second, end) = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("the stream is not held back");
+    assert!(first.message_response.is_some() && second.message_response.is_some());
+    assert!(
+        end.is_none(),
+        "the stream ends when the caller stops writing"
+    );
+    r.stop().await;
+}

@@ -1,0 +1,143 @@
+//! What a call that may be tried again keeps of its request: the body the caller has already
+//! written, up to a limit. A unary request (and a streaming one whose messages are all there) is
+//! read at once and kept, so a retry or a hedge sends it again. A request still being written (a
+//! client stream waiting for its caller, a bidirectional stream waiting for answers) or one over
+//! the limit is sent once, as it comes: waiting for its end would hold the call back, or deadlock
+//! it, and keeping it all would hold its memory (gRPC's A6 commits such calls the same way).
+//!
+//! Knows HTTP bodies only; nothing of policies or endpoints.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body as _, Frame};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tonic::body::Body;
+
+/// The largest request body kept for a retry by default (grpc-go's and grpc-core's retry buffer).
+pub const DEFAULT_LIMIT: usize = 256 * 1024;
+
+/// A request body as [`read`] found it.
+pub enum Request {
+    /// Complete and within the limit: may be sent again.
+    Kept(Bytes),
+    /// Still being written, or over the limit: to be sent once.
+    Once(Body),
+}
+
+/// Reads what `body` holds right now, without waiting for more.
+pub async fn read(mut body: Body, limit: usize) -> Result<Request, tonic::Status> {
+    let mut kept = BytesMut::new();
+    std::future::poll_fn(move |cx| loop {
+        match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(None) => return Poll::Ready(Ok(Request::Kept(kept.split().freeze()))),
+            Poll::Ready(Some(Err(status))) => return Poll::Ready(Err(status)),
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(mut data) => {
+                    kept.extend_from_slice(&data.copy_to_bytes(data.remaining()));
+                    if kept.len() > limit {
+                        return Poll::Ready(Ok(Request::Once(resumed(&mut kept, &mut body))));
+                    }
+                }
+                // gRPC requests carry no trailers; a body that sends some is passed on as is.
+                Err(frame) => {
+                    let rest = std::mem::replace(&mut body, Body::empty());
+                    let body = Resumed {
+                        prefix: Some(kept.split().freeze()),
+                        pending: Some(frame),
+                        rest,
+                    };
+                    return Poll::Ready(Ok(Request::Once(Body::new(body))));
+                }
+            },
+            // The caller has not written the rest yet: this call is not tried again.
+            Poll::Pending => return Poll::Ready(Ok(Request::Once(resumed(&mut kept, &mut body)))),
+        }
+    })
+    .await
+}
+
+fn resumed(kept: &mut BytesMut, body: &mut Body) -> Body {
+    Body::new(Resumed {
+        prefix: Some(kept.split().freeze()),
+        pending: None,
+        rest: std::mem::replace(body, Body::empty()),
+    })
+}
+
+/// What was read, then the rest of the body as it comes.
+struct Resumed {
+    prefix: Option<Bytes>,
+    pending: Option<Frame<Bytes>>,
+    rest: Body,
+}
+
+impl http_body::Body for Resumed {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(prefix) = self.prefix.take().filter(|p| !p.is_empty()) {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        if let Some(frame) = self.pending.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.as_ref().is_none_or(Bytes::is_empty)
+            && self.pending.is_none()
+            && self.rest.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn streamed() -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let frames = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(|b| Ok::<_, tonic::Status>(Frame::data(b)));
+        (tx, Body::new(http_body_util::StreamBody::new(frames)))
+    }
+
+    use tokio_stream::StreamExt as _;
+
+    #[tokio::test]
+    async fn a_request_written_in_full_is_kept() {
+        let body = Body::new(http_body_util::Full::new(Bytes::from_static(b"hello")));
+        match read(body, 16).await.unwrap() {
+            Request::Kept(bytes) => assert_eq!(bytes, "hello"),
+            Request::Once(_) => panic!("a complete body within the limit is kept"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_still_being_written_is_sent_once_and_whole() {
+        let (tx, body) = streamed();
+        tx.send(Bytes::from_static(b"first ")).await.unwrap();
+        let Request::Once(body) = read(body, 1024).await.unwrap() else {
+            panic!("a body whose caller has not finished is not kept");
+        };
+        // The caller goes on writing after the call has started.
+        tx.send(Bytes::from_static(b"second")).await.unwrap();
+        drop(tx);
+        let all = body.collect().await.unwrap().to_bytes();
+        assert_eq!(all, "first second");
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_limit_is_sent_once_and_whole() {
+        let body = Body::new(http_body_util::Full::new(Bytes::from(vec![7u8; 100])));
+        let Request::Once(body) = read(body, 10).await.unwrap() else {
+            panic!("a body over the limit is not kept");
+        };
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 100);
+    }
+}
