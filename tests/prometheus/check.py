@@ -127,9 +127,12 @@ def main():
         total = sum(server.values())
         if not (0.8 * RATE <= total <= 1.2 * RATE):
             failures.append(f"replicas' call rate {total:.1f}/s, offered {RATE}/s")
+        # The two sides are scraped up to a scrape interval apart, and p2c moves calls between
+        # replicas from second to second: the smaller share's rate can differ by more than 15 % of
+        # itself while both count the same calls (the exact counts are compared after the run).
         for rid, r in replicas.items():
             s, c = server.get(rid, 0.0), client_side.get(r["addr"], 0.0)
-            if abs(s - c) > 0.15 * max(s, c, 1.0):
+            if abs(s - c) > max(0.15 * max(s, c, 1.0), 0.1 * total):
                 failures.append(f"{rid}: {s:.1f}/s counted by the replica, {c:.1f}/s by the client")
 
         out, err = client.communicate(timeout=LOAD_SECONDS + 30)
