@@ -9,7 +9,7 @@
 pub mod failures;
 
 use crate::admin_client::AdminAddr;
-use crate::balance::{HedgeConfig, OutlierConfig};
+use crate::balance::{EwmaConfig, HedgeConfig, OutlierConfig};
 use crate::fleet::{FleetSpec, Launch, RunningFleet};
 use crate::load::{self, CallKind, LoadSpec, Recorder, Recording, Stop, Transport, Workload};
 use crate::replica::FaultConfig;
@@ -102,6 +102,9 @@ pub enum Contender {
     MeshlbP2cAnyMethod,
     /// meshlb, round-robin.
     MeshlbRoundRobin,
+    /// tower's p2c over `PeakEwmaDiscover`, latency to the end of the body, on plain tonic
+    /// channels: what a tonic user builds by hand, with none of meshlb's layers.
+    TowerP2c,
     /// tonic's `Channel::balance_list`.
     TonicBalanceList,
     /// One `Channel` to the first (fast) replica.
@@ -117,6 +120,7 @@ impl Contender {
             Contender::MeshlbP2cMetrics => "p2c + metrics",
             Contender::MeshlbP2cAnyMethod => "p2c, --call by reflection",
             Contender::MeshlbRoundRobin => "meshlb round-robin",
+            Contender::TowerP2c => "tower p2c (hand-rolled)",
             Contender::TonicBalanceList => "tonic balance_list",
             Contender::Direct => "direct channel",
         }
@@ -210,6 +214,7 @@ pub async fn run(
             contenders.insert(1, Contender::MeshlbP2cAnyMethod);
         }
         if kind.has_direct() {
+            contenders.push(Contender::TowerP2c);
             contenders.push(Contender::Direct);
         }
         // Round by round, every contender once per round: the machine's drift (another
@@ -333,6 +338,24 @@ async fn measure(
                 scraper.abort();
             }
             round
+        }
+        Contender::TowerP2c => {
+            let channels = addrs
+                .iter()
+                .map(|a| Ok(tonic_endpoint(*a, config)?.connect_lazy()))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let ewma = EwmaConfig::default();
+            let discover = tower::load::PeakEwmaDiscover::new(
+                tower::discover::ServiceList::new(channels),
+                ewma.default_rtt,
+                ewma.decay,
+                crate::balance::completion::BodyEnd,
+            );
+            let p2c =
+                tower::balance::p2c::Balance::<_, http::Request<tonic::body::Body>>::new(discover);
+            let svc = tower::buffer::Buffer::new(p2c, 1024);
+            let typed = CallKind::GetPoint.into();
+            measure_on(&svc, typed, kind, ids, slow_admin, config).await
         }
         Contender::TonicBalanceList | Contender::Direct => {
             let channel = if contender == Contender::Direct {
