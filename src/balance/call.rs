@@ -27,6 +27,7 @@ use super::endpoint::{BoxError, EndpointError, ServedBy};
 use super::failfast::FailedFast;
 use super::hedge::{HedgeConfig, HedgeDelay};
 use super::metrics::MeteredBody;
+use super::probe;
 use super::replay;
 use super::service_config::{HedgingPolicy, RetryPolicy, ServiceConfig};
 use super::Buffered;
@@ -464,10 +465,17 @@ async fn attempt(
     };
     let started = tokio::time::Instant::now();
     let call = async {
-        buffer.ready().await?;
-        buffer.call(request).await
+        let mut request = request;
+        loop {
+            buffer.ready().await?;
+            match buffer.call(request).await {
+                Ok(response) => return Ok(response),
+                // An ejected endpoint took a copy as its probe: this try goes elsewhere.
+                Err(error) => request = probe::again(error)?,
+            }
+        }
     };
-    let result = match &span {
+    let result: Result<http::Response<Body>, BoxError> = match &span {
         Some(span) => call.instrument(span.clone()).await,
         None => call.await,
     };
@@ -551,6 +559,9 @@ fn rebuild(parts: &http::request::Parts, body: &Bytes) -> http::Request<Body> {
     *request.version_mut() = parts.version;
     *request.headers_mut() = parts.headers.clone();
     *request.extensions_mut() = parts.extensions.clone();
+    request
+        .extensions_mut()
+        .insert(probe::Duplicable(body.clone()));
     request
 }
 

@@ -526,6 +526,26 @@ impl Service<http::Request<Body>> for Endpoint {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let probe = std::mem::take(&mut self.next_is_probe);
         if probe {
+            // The caller need not wait for an endpoint under judgement: a copy is the probe.
+            if let Some(copy) = super::probe::copy_of(&request) {
+                super::probe::run_detached(self.dispatch(copy, true));
+                return Box::pin(std::future::ready(Err(super::probe::Detached::boxed(
+                    request,
+                ))));
+            }
+        }
+        self.dispatch(request, probe)
+    }
+}
+
+impl Endpoint {
+    /// Sends `request` on the connection (the readiness `poll_ready` reserved), tracking it.
+    fn dispatch(
+        &mut self,
+        request: http::Request<Body>,
+        probe: bool,
+    ) -> <Self as Service<http::Request<Body>>>::Future {
+        if probe {
             lock(&self.shared.accrual).probe_in_flight = true;
             self.shared.probes.fetch_add(1, Ordering::Relaxed);
         }

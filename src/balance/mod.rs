@@ -22,7 +22,8 @@
 //!   ([`crate::health`]); its readiness is `Pending` otherwise, so the balancer never evicts it for
 //!   good and takes it back as soon as it recovers.
 //! - **Failure accrual**: N consecutive transport failures or `UNAVAILABLE`s eject an endpoint for a
-//!   doubling backoff, then one probe call decides ([`endpoint`]).
+//!   doubling backoff, then one probe call decides ([`endpoint`]); a probe is a copy of a call
+//!   that may be duplicated, so its caller does not wait for the judged endpoint ([`probe`]).
 //! - **Latency-outlier ejection**: an endpoint far slower than the rest of the fleet for a while is
 //!   taken out the same way, never below half of the fleet ([`outlier`]).
 //! - **Silent-failure detection**: an endpoint whose calls are long overdue while some other
@@ -61,6 +62,7 @@ pub mod failure;
 pub mod hedge;
 pub mod metrics;
 pub mod outlier;
+pub mod probe;
 pub mod registry;
 pub mod replay;
 pub mod round_robin;

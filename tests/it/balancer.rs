@@ -531,3 +531,53 @@ async fn a_live_stream_is_sent_as_it_comes_even_under_a_retry_policy() {
     );
     r.stop().await;
 }
+
+/// GetPoint calls a replica answered, as its own metrics count them.
+async fn answered(replica: &Replica) -> u64 {
+    let (_, text) = crate::support::http_get(replica.metrics, "/metrics").await;
+    text.lines()
+        .filter(|l| l.starts_with("grpc_server_handled_total{") && l.contains("GetPoint"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// An ejected replica is still probed (it gets calls), but with a method that may be duplicated
+/// the probe is a copy: no caller waits for the slow replica, however many probes it gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_of_an_ejected_replica_never_cost_a_caller() {
+    let replicas = three([latency(50), latency(0), latency(0)]).await;
+    let slow = &replicas[0];
+    // The UserGuide config retries GetPoint: its calls may be duplicated.
+    let lb = crate::support::userguide(target(&replicas))
+        .build()
+        .await
+        .unwrap();
+    eventually(
+        "the slow replica is ejected as a latency outlier",
+        || async {
+            drive(&lb, 30, 6).await;
+            (state_of(&lb, slow.addr) == Some(EndpointState::EjectedLatency)).then_some(())
+        },
+    )
+    .await;
+    // Every call dispatched so far has ended: from here, what the slow replica answers is probes.
+    let before = answered(slow).await;
+    let (by_slow, calls) = (
+        std::sync::atomic::AtomicUsize::new(0),
+        std::sync::atomic::AtomicUsize::new(0),
+    );
+    eventually("two probes of the ejected replica", || async {
+        let tally = drive(&lb, 60, 6).await;
+        assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+        by_slow.fetch_add(tally.of(&slow.id), Ordering::Relaxed);
+        calls.fetch_add(tally.ok(), Ordering::Relaxed);
+        (answered(slow).await >= before + 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        by_slow.load(Ordering::Relaxed),
+        0,
+        "callers waited for the slow replica's probes ({} calls)",
+        calls.load(Ordering::Relaxed)
+    );
+}
