@@ -81,14 +81,7 @@ async fn slow_replica_gets_a_small_share_and_recovers_when_fixed() {
         "slow replica got {:?}",
         tally.by_replica
     );
-    eventually(
-        "the slow replica is ejected as a latency outlier",
-        || async {
-            drive(&lb, 30, 6).await;
-            (state_of(&lb, slow.addr) == Some(EndpointState::EjectedLatency)).then_some(())
-        },
-    )
-    .await;
+    ejected_under_load(&lb, slow).await;
 
     set_faults(slow.admin, FaultConfig::default()).await;
     eventually("the fixed replica gets its share back", || async {
@@ -532,6 +525,18 @@ async fn a_live_stream_is_sent_as_it_comes_even_under_a_retry_policy() {
     r.stop().await;
 }
 
+/// Drives load until `slow` is ejected as a latency outlier; every call has ended on return.
+async fn ejected_under_load(lb: &Balancer, slow: &Replica) {
+    eventually(
+        "the slow replica is ejected as a latency outlier",
+        || async {
+            drive(lb, 30, 6).await;
+            (state_of(lb, slow.addr) == Some(EndpointState::EjectedLatency)).then_some(())
+        },
+    )
+    .await;
+}
+
 /// GetPoint calls a replica answered, as its own metrics count them.
 async fn answered(replica: &Replica) -> u64 {
     let (_, text) = crate::support::http_get(replica.metrics, "/metrics").await;
@@ -552,14 +557,7 @@ async fn probes_of_an_ejected_replica_never_cost_a_caller() {
         .build()
         .await
         .unwrap();
-    eventually(
-        "the slow replica is ejected as a latency outlier",
-        || async {
-            drive(&lb, 30, 6).await;
-            (state_of(&lb, slow.addr) == Some(EndpointState::EjectedLatency)).then_some(())
-        },
-    )
-    .await;
+    ejected_under_load(&lb, slow).await;
     // Every call dispatched so far has ended: from here, what the slow replica answers is probes.
     let before = answered(slow).await;
     let (by_slow, calls) = (
