@@ -7,6 +7,7 @@
 //! beyond producing rows; [`Scenario::markdown`] and [`Scenario::table`] render them.
 
 pub mod failures;
+pub mod scale;
 
 use crate::admin_client::AdminAddr;
 use crate::balance::{EwmaConfig, HedgeConfig, OutlierConfig};
@@ -391,13 +392,13 @@ fn tonic_endpoint(
 }
 
 #[cfg(not(unix))]
-fn cpu_time() -> Duration {
+pub(crate) fn cpu_time() -> Duration {
     // Not measured off Unix: the column reads 0.
     Duration::ZERO
 }
 
 #[cfg(unix)]
-fn cpu_time() -> Duration {
+pub(crate) fn cpu_time() -> Duration {
     // SAFETY: getrusage fills the struct we hand it; a zeroed rusage is a valid initial value.
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
@@ -406,6 +407,20 @@ fn cpu_time() -> Duration {
     };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// A cancel signal that never fires while its sender is kept.
+pub(crate) type Never = (
+    tokio::sync::watch::Sender<bool>,
+    tokio::sync::watch::Receiver<bool>,
+);
+
+/// Runs `warmup` unmeasured; returns the measured run's cancel signal (keep the sender: a dropped
+/// one reads as "cancelled").
+pub(crate) async fn warm_up<T: Transport>(transport: &T, warmup: &LoadSpec) -> Never {
+    let (never, cancel) = tokio::sync::watch::channel(false);
+    load::run(transport, warmup, Recorder::default(), cancel.clone()).await;
+    (never, cancel)
 }
 
 /// GetPoint as `meshlb client --call` makes it: the schema asked of the fleet, the same users as
@@ -437,14 +452,7 @@ async fn measure_on<T: Transport>(
         rate: None,
         call: call.clone(),
     };
-    let (_never, cancel) = tokio::sync::watch::channel(false);
-    load::run(
-        transport,
-        &spec(config.warmup),
-        Recorder::default(),
-        cancel.clone(),
-    )
-    .await;
+    let (_never, cancel) = warm_up(transport, &spec(config.warmup)).await;
 
     let recorder = Recorder::default();
     let degrade = if kind == ScenarioKind::Degrade {
@@ -569,7 +577,7 @@ fn phases(
     (Some(p99), below)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         0.0

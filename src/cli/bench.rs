@@ -10,13 +10,13 @@ use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Scenarios, comma-separated: uniform, one-slow, spread, degrade, no-latency, and the
-    /// failure scenarios blackhole (needs root) and overload.
+    /// Scenarios, comma-separated: uniform, one-slow, spread, degrade, no-latency, the failure
+    /// scenarios blackhole (needs root) and overload, and scale (3 to 300 replicas).
     #[arg(
         long,
         env = "MESHLB_SCENARIOS",
         value_delimiter = ',',
-        default_value = "uniform,one-slow,spread,degrade,no-latency,blackhole,overload",
+        default_value = "uniform,one-slow,spread,degrade,no-latency,blackhole,overload,scale",
         value_parser = parse_scenario
     )]
     scenarios: Vec<Scenario>,
@@ -43,20 +43,24 @@ pub struct Args {
     data: Option<PathBuf>,
 }
 
-/// A performance scenario or a failure scenario.
+/// A performance scenario, a failure scenario or the scale scenario.
 #[derive(Debug, Clone, Copy)]
 enum Scenario {
     Perf(ScenarioKind),
     Failure(FailureKind),
+    Scale,
 }
 
 fn parse_scenario(s: &str) -> Result<Scenario, String> {
+    if s == "scale" {
+        return Ok(Scenario::Scale);
+    }
     if let Some(kind) = FailureKind::parse(s) {
         return Ok(Scenario::Failure(kind));
     }
     s.parse::<ScenarioKind>()
         .map(Scenario::Perf)
-        .map_err(|_| format!("unknown scenario {s:?}: expected uniform, one-slow, spread, degrade, no-latency, blackhole or overload"))
+        .map_err(|_| format!("unknown scenario {s:?}: expected uniform, one-slow, spread, degrade, no-latency, blackhole, overload or scale"))
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -78,7 +82,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .iter()
             .filter_map(|s| match s {
                 Scenario::Perf(k) => Some(*k),
-                Scenario::Failure(_) => None,
+                Scenario::Failure(_) | Scenario::Scale => None,
             })
             .collect(),
         duration: args.duration,
@@ -94,6 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(|s| match s {
             Scenario::Perf(k) => k.name(),
             Scenario::Failure(k) => k.name(),
+            Scenario::Scale => "scale",
         })
         .collect();
     let mut markdown = format!(
@@ -124,12 +129,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             failure_results.push(result);
         }
     }
+    let mut scale = None;
+    if args.scenarios.iter().any(|s| matches!(s, Scenario::Scale)) {
+        let result =
+            crate::bench::scale::run(&config, &launch, &|what| eprintln!("measuring {what}"))
+                .await?;
+        print!("{}", result.table());
+        markdown.push_str(&result.markdown());
+        scale = Some(result);
+    }
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(
         args.out.join("bench.json"),
         serde_json::to_string_pretty(&serde_json::json!({
             "scenarios": results,
             "failures": failure_results,
+            "scale": scale,
         }))?,
     )?;
     std::fs::write(args.out.join("bench.md"), markdown)?;

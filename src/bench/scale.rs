@@ -1,0 +1,198 @@
+//! The scale scenario: what the balancer costs as the fleet grows. The same closed-loop load over
+//! 3, 30, 100 and 300 replicas (processes, no injected latency): calls/s, latency, the client's
+//! CPU per call, and the library's resident memory per endpoint (the process's growth while the
+//! balancer connects and watches every endpoint, divided by their number).
+//!
+//! Knows the load generator and the fleet; nothing of how the figures are judged.
+
+use super::{cpu_time, median, BenchConfig};
+use crate::fleet::{FleetSpec, Launch, RunningFleet};
+use crate::load::{self, CallKind, LoadSpec, Recorder, Stop};
+use crate::replica::FaultConfig;
+use crate::report::{ms, Latency};
+use crate::Balancer;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+/// The fleet sizes measured.
+pub const SIZES: [usize; 4] = [3, 30, 100, 300];
+
+/// One fleet size.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleRow {
+    /// Endpoints in the balancer.
+    pub endpoints: usize,
+    /// Calls per second (median over rounds).
+    pub rps: f64,
+    /// Latency of the median round, ms.
+    pub latency_ms: Latency,
+    /// The client's CPU time per call (median over rounds).
+    pub cpu_us_per_call: f64,
+    /// The client's resident memory growth per endpoint once every endpoint is ready, KiB.
+    pub memory_kib_per_endpoint: f64,
+}
+
+/// The scale scenario's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleScenario {
+    /// What was done, in a line.
+    pub setup: String,
+    /// One row per fleet size.
+    pub rows: Vec<ScaleRow>,
+}
+
+/// Runs the scale scenario.
+pub async fn run(
+    config: &BenchConfig,
+    launch: &Launch,
+    progress: &impl Fn(&str),
+) -> anyhow::Result<ScaleScenario> {
+    let largest = SIZES[SIZES.len() - 1];
+    progress(&format!("scale / starting {largest} replicas"));
+    let faults = vec![FaultConfig::default(); largest];
+    let spec = FleetSpec::uniform(IpAddr::V4(Ipv4Addr::LOCALHOST), &faults);
+    let fleet = RunningFleet::start(&spec, launch).await?;
+    let addrs: Vec<SocketAddr> = fleet.members.iter().map(|m| m.addr).collect();
+    let mut rows = Vec::new();
+    // Each balancer stays alive until the end, so that the next one's memory is not drawn from
+    // what an earlier one freed (the figure would then read low).
+    let mut alive = Vec::new();
+    for n in SIZES {
+        let before = resident_bytes();
+        let lb = Balancer::builder(crate::Target::Static(addrs[..n].to_vec()).to_string())
+            .health_service(crate::proto::USERGUIDE_SERVICE)
+            .service_config(crate::proto::USERGUIDE_SERVICE_CONFIG)?
+            .build()
+            .await?;
+        all_ready(&lb, n).await?;
+        let memory = resident_bytes().saturating_sub(before) as f64 / 1024.0 / n as f64;
+        let mut rounds = Vec::new();
+        for round in 0..config.rounds {
+            progress(&format!("scale / {n} endpoints / round {}", round + 1));
+            rounds.push(measure(&lb, config).await);
+        }
+        let rps = median(rounds.iter().map(|r| r.0).collect());
+        let cpu = median(rounds.iter().map(|r| r.2).collect());
+        let latency = rounds
+            .iter()
+            .min_by(|a, b| (a.0 - rps).abs().total_cmp(&(b.0 - rps).abs()))
+            .map(|r| r.1)
+            .unwrap_or_default();
+        rows.push(ScaleRow {
+            endpoints: n,
+            rps,
+            latency_ms: latency,
+            cpu_us_per_call: cpu,
+            memory_kib_per_endpoint: memory,
+        });
+        alive.push(lb);
+    }
+    drop(alive);
+    let _ = fleet.drain(Duration::from_secs(20)).await;
+    Ok(ScaleScenario {
+        setup: format!(
+            "{} replicas with no latency, the balancer over the first 3, 30, 100 and 300; {} in flight",
+            largest, config.concurrency
+        ),
+        rows,
+    })
+}
+
+/// Waits until `n` endpoints are ready (connections made, health answered).
+async fn all_ready(lb: &Balancer, n: usize) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = lb
+            .endpoints()
+            .iter()
+            .filter(|e| e.state == crate::balance::EndpointState::Ready)
+            .count();
+        if ready == n {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("scale: only {ready} of {n} endpoints became ready within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One round: (calls/s, latency, CPU µs per call).
+async fn measure(lb: &Balancer, config: &BenchConfig) -> (f64, Latency, f64) {
+    let spec = |d| LoadSpec {
+        stop: Stop::Duration(d),
+        concurrency: config.concurrency,
+        rate: None,
+        call: CallKind::GetPoint.into(),
+    };
+    let (_never, cancel) = super::warm_up(lb, &spec(config.warmup)).await;
+    let cpu_before = cpu_time();
+    let started = tokio::time::Instant::now();
+    let recorder = load::run(lb, &spec(config.duration), Recorder::default(), cancel).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_time().saturating_sub(cpu_before).as_secs_f64();
+    let total = recorder.total();
+    let calls = total.total.ok_count() + total.total.error_count();
+    (
+        calls as f64 / elapsed.max(1e-9),
+        Latency::of(&total.total),
+        cpu * 1e6 / calls.max(1) as f64,
+    )
+}
+
+/// The process's resident memory, from `/proc/self/statm` (0 where there is none).
+fn resident_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+impl ScaleScenario {
+    fn cells(r: &ScaleRow) -> [String; 6] {
+        [
+            r.endpoints.to_string(),
+            format!("{:.0}", r.rps),
+            ms(r.latency_ms.p50),
+            ms(r.latency_ms.p99),
+            format!("{:.1}µs", r.cpu_us_per_call),
+            format!("{:.1} KiB", r.memory_kib_per_endpoint),
+        ]
+    }
+
+    /// The scenario as a terminal table.
+    pub fn table(&self) -> String {
+        let mut out = format!("\nscale ({})\n", self.setup);
+        let _ = writeln!(
+            out,
+            "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16}",
+            "endpoints", "calls/s", "p50", "p99", "CPU per call", "memory/endpoint"
+        );
+        for r in &self.rows {
+            let c = Self::cells(r);
+            let _ = writeln!(
+                out,
+                "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16}",
+                c[0], c[1], c[2], c[3], c[4], c[5]
+            );
+        }
+        out
+    }
+
+    /// The scenario as a Markdown section.
+    pub fn markdown(&self) -> String {
+        let mut out = format!("### scale ({})\n\n", self.setup);
+        out.push_str(
+            "| endpoints | calls/s | p50 | p99 | client CPU per call | memory per endpoint |\n",
+        );
+        out.push_str("|---|---|---|---|---|---|\n");
+        for r in &self.rows {
+            let _ = writeln!(out, "| {} |", Self::cells(r).join(" | "));
+        }
+        out.push('\n');
+        out
+    }
+}
