@@ -428,7 +428,7 @@ pub(crate) async fn warm_up<T: Transport>(transport: &T, warmup: &LoadSpec) -> N
 async fn get_point_by_reflection(lb: &Balancer) -> anyhow::Result<crate::dynamic::Invocation> {
     use crate::dynamic::{json, Invocation, Schema};
     let service = crate::proto::USERGUIDE_SERVICE;
-    let schema = Schema::from_reflection(lb.clone(), Some(&[service])).await?;
+    let schema = Schema::from_reflection(lb.clone(), Some(&[service]), &Default::default()).await?;
     let method = schema.method(&format!("{service}/GetPoint"))?;
     let lines: Vec<String> = load::USERS
         .iter()

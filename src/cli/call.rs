@@ -96,6 +96,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         (Some(m), None) => Ok(m),
         (None, Some(name)) => Err(name.as_str()),
     };
+    // -d and -H are read and checked before anything else: a bad one is a usage error, and
+    // `-d @-` may wait for its writer, which no deadline should count.
+    let prepared = match &method {
+        Err(_) => Some(args.any.prepare()?),
+        Ok(_) => None,
+    };
     let health = match (&args.health_service, &method) {
         (Some(name), _) => name.as_str(),
         (None, Err(name)) => super::method::health_service_for(name),
@@ -117,9 +123,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let method = match method {
         Ok(m) => m,
         Err(name) => {
+            let prepared = prepared.ok_or_else(|| anyhow::anyhow!("no request prepared"))?;
             let call = async {
-                let invocation = args.any.invocation(name, lb.clone()).await?;
-                anyhow::Ok(invocation.call(lb, Some(left())).await)
+                let invocation = args.any.invocation(prepared, name, lb.clone()).await?;
+                if invocation.kind().takes_one_request() && invocation.requests() > 1 {
+                    return Err(UsageError(format!(
+                        "-d: {name} takes one request message, got {}",
+                        invocation.requests()
+                    ))
+                    .into());
+                }
+                // Printed as they come: a stream may be long, or endless.
+                let mut print =
+                    |m: &prost_reflect::DynamicMessage| println!("{}", json::to_line(m));
+                anyhow::Ok(invocation.call(lb, Some(left()), &mut print).await)
             };
             let answer = match tokio::time::timeout(left(), call).await {
                 Ok(answer) => answer?,
@@ -210,15 +227,13 @@ fn exit(result: Result<(), tonic::Status>) -> ExitCode {
     }
 }
 
-/// The answers as JSON lines, then who served them (`x-replica-id` and address, or the address).
+/// After the answers (printed as they came): who served them (`x-replica-id` and address, or the
+/// address), and the status that ended a stream, if any.
 fn print_answer(answer: Result<Answer, tonic::Status>) -> ExitCode {
     let answer = match answer {
         Ok(a) => a,
         Err(status) => return exit(Err(status)),
     };
-    for message in &answer.messages {
-        println!("{}", json::to_line(message));
-    }
     let id = answer
         .metadata
         .get("x-replica-id")

@@ -227,6 +227,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         )
         .into());
     }
+    // -d and -H first: a bad one is a usage error, and `-d @-` may wait for its writer.
+    let prepared = match &args.call {
+        CallChoice::Method(_) => Some(args.method.prepare()?),
+        CallChoice::UserGuide(_) => None,
+    };
     let metrics = match args.metrics_listen {
         Some(addr) => Some(serve_metrics(addr).await?),
         None => None,
@@ -247,12 +252,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let call = match &args.call {
         CallChoice::UserGuide(kind) => Workload::from(*kind),
         CallChoice::Method(name) => {
-            let invocation =
-                tokio::time::timeout(args.timeout, args.method.invocation(name, lb.clone()))
-                    .await
-                    .map_err(|_| {
-                        anyhow::anyhow!("no schema for {name} within {:?}", args.timeout)
-                    })??;
+            let prepared = prepared.ok_or_else(|| anyhow::anyhow!("no request prepared"))?;
+            let schema = args.method.invocation(prepared, name, lb.clone());
+            let invocation = tokio::time::timeout(args.timeout, schema)
+                .await
+                .map_err(|_| anyhow::anyhow!("no schema for {name} within {:?}", args.timeout))??;
             if !matches!(invocation.kind(), Kind::Unary | Kind::ServerStreaming) {
                 return Err(UsageError(format!(
                     "meshlb client loads unary and server-streaming methods; {name} streams its requests (meshlb call makes one such call)"

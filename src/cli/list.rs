@@ -13,13 +13,18 @@ pub struct Args {
     at: OneShot,
     #[command(flatten)]
     schema: SchemaArgs,
+    /// A header (gRPC metadata) to send with the reflection call, `key: value` (repeatable).
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
     /// `list`: a service, to list its methods. `describe`: a service, method, message or enum.
     symbol: Option<String>,
 }
 
 /// Lists services, or a service's methods.
 pub async fn list(args: Args) -> anyhow::Result<ExitCode> {
-    let schema = load(&args).await?;
+    // Names alone need no descriptors; a service's methods need only its own files.
+    let only = Some(args.symbol.as_slice());
+    let schema = load(&args, only).await?;
     match &args.symbol {
         None => {
             for name in schema.service_names() {
@@ -38,7 +43,8 @@ pub async fn list(args: Args) -> anyhow::Result<ExitCode> {
 
 /// Writes out a symbol (every service when none is given) as a .proto file would.
 pub async fn describe(args: Args) -> anyhow::Result<ExitCode> {
-    let schema = load(&args).await?;
+    // A symbol may be a message no service names: every service's files are read.
+    let schema = load(&args, None).await?;
     let symbols: Vec<String> = match &args.symbol {
         Some(s) => vec![s.clone()],
         None => schema.service_names().to_vec(),
@@ -49,7 +55,10 @@ pub async fn describe(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn load(args: &Args) -> anyhow::Result<Schema> {
+/// The schema; by reflection, of the `services` named (all of them when `None`).
+async fn load(args: &Args, services: Option<&[String]>) -> anyhow::Result<Schema> {
+    let metadata = crate::dynamic::invoke::metadata(&args.headers)
+        .map_err(|e| super::UsageError(e.to_string()))?;
     // Reflection is asked of any endpoint that answers the server's own health (""); any one
     // will do.
     let lb = balancer(
@@ -64,11 +73,16 @@ async fn load(args: &Args) -> anyhow::Result<Schema> {
     let source = args.schema.source();
     if !matches!(source, Source::Reflection) {
         // A file needs no server.
-        return Schema::load(&source, lb, None).await.map_err(usage);
+        return Schema::load(&source, lb, None, &metadata)
+            .await
+            .map_err(usage);
     }
+    let names: Option<Vec<&str>> = services.map(|s| s.iter().map(String::as_str).collect());
     let work = async {
         lb.wait_ready(args.at.timeout).await;
-        Schema::load(&source, lb.clone(), None).await.map_err(usage)
+        Schema::from_reflection(lb.clone(), names.as_deref(), &metadata)
+            .await
+            .map_err(usage)
     };
     tokio::time::timeout(args.at.timeout, work)
         .await

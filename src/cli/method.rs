@@ -84,6 +84,15 @@ impl MethodArgs {
             || self.schema.protoset.is_some()
     }
 
+    /// The request text and the headers, read and checked before anything goes on the network
+    /// (and before any deadline runs: reading `-d @-` waits for the writer).
+    pub fn prepare(&self) -> Result<Prepared, UsageError> {
+        Ok(Prepared {
+            text: self.text()?,
+            metadata: invoke::metadata(&self.headers).map_err(|e| UsageError(e.to_string()))?,
+        })
+    }
+
     fn text(&self) -> Result<String, UsageError> {
         let data = self.data.as_deref().unwrap_or("{}");
         match data.strip_prefix('@') {
@@ -96,30 +105,37 @@ impl MethodArgs {
     }
 
     /// The call of `method`: its schema (from the server through `transport` unless a file is
-    /// given), the request messages and the headers.
+    /// given, asked with the call's headers), the request messages and the headers.
     pub async fn invocation<T: Transport>(
         &self,
+        prepared: Prepared,
         method: &str,
         transport: T,
     ) -> anyhow::Result<Invocation> {
         let (service, _) = schema::split_method(method).map_err(usage)?;
-        let schema = Schema::load(&self.schema.source(), transport, Some(service))
+        let source = self.schema.source();
+        let schema = Schema::load(&source, transport, Some(service), &prepared.metadata)
             .await
             .map_err(usage)?;
         let descriptor = schema.method(method).map_err(usage)?;
-        let text = self.text()?;
-        let requests = json::messages(&descriptor.input(), &text)
+        let requests = json::messages(&descriptor.input(), &prepared.text)
             .map_err(|e| UsageError(format!("-d: {e}")))?;
-        let metadata = invoke::metadata(&self.headers).map_err(|e| UsageError(e.to_string()))?;
-        Invocation::new(descriptor, requests, metadata).map_err(usage)
+        Invocation::new(descriptor, requests, prepared.metadata).map_err(usage)
     }
 }
 
+/// What `-d` and `-H` gave, read before the call.
+#[derive(Debug)]
+pub struct Prepared {
+    text: String,
+    metadata: tonic::metadata::MetadataMap,
+}
+
 /// A schema error as the command reports it: the user's (exit code 2) unless reflection failed on
-/// the wire.
+/// the wire or the server's descriptors are unusable (exit code 1).
 pub fn usage(error: SchemaError) -> anyhow::Error {
     match error {
-        SchemaError::Reflection(_) => anyhow::Error::new(error),
+        SchemaError::Reflection(_) | SchemaError::ServerDescriptors(_) => anyhow::Error::new(error),
         other => UsageError(other.to_string()).into(),
     }
 }

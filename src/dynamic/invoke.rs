@@ -28,6 +28,11 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Whether a call sends one request message (unary, server streaming).
+    pub fn takes_one_request(self) -> bool {
+        matches!(self, Kind::Unary | Kind::ServerStreaming)
+    }
+
     /// The kind of `method`.
     pub fn of(method: &MethodDescriptor) -> Self {
         match (method.is_client_streaming(), method.is_server_streaming()) {
@@ -69,8 +74,8 @@ pub struct Invocation {
 /// What a call got back.
 #[derive(Debug)]
 pub struct Answer {
-    /// The answers, in order.
-    pub messages: Vec<DynamicMessage>,
+    /// How many answers came.
+    pub messages: usize,
     /// The answer's headers.
     pub metadata: MetadataMap,
     /// The endpoint that served it, when the balancer made the call.
@@ -80,16 +85,6 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn single(response: tonic::Response<DynamicMessage>) -> Self {
-        let (metadata, message, extensions) = response.into_parts();
-        Self {
-            messages: vec![message],
-            metadata,
-            served_by: extensions.get::<ServedBy>().map(|s| s.0),
-            ended: None,
-        }
-    }
-
     /// Who served it: the replica's `x-replica-id`, else the endpoint's address.
     pub fn server(&self) -> Option<String> {
         server_of(&self.metadata, self.served_by)
@@ -143,6 +138,11 @@ impl Invocation {
         Kind::of(&self.method)
     }
 
+    /// How many request messages it has.
+    pub fn requests(&self) -> usize {
+        self.requests.len()
+    }
+
     fn request<M>(&self, message: M, timeout: Option<Duration>) -> tonic::Request<M> {
         let mut request = tonic::Request::new(message);
         *request.metadata_mut() = self.metadata.clone();
@@ -159,11 +159,13 @@ impl Invocation {
         }
     }
 
-    /// Makes the call and keeps every answer.
+    /// Makes the call, handing each answer to `each` as it arrives (a stream may be long, or
+    /// endless).
     pub async fn call<T: Transport>(
         &self,
         transport: T,
         timeout: Option<Duration>,
+        each: &mut (dyn FnMut(&DynamicMessage) + Send),
     ) -> Result<Answer, Status> {
         let mut grpc = tonic::client::Grpc::new(transport);
         grpc.ready()
@@ -172,18 +174,29 @@ impl Invocation {
         let codec = DynamicCodec::new(self.method.output());
         let path = self.path.clone();
         let all = || tokio_stream::iter(self.requests.clone());
+        let single = |response: tonic::Response<DynamicMessage>,
+                      each: &mut dyn FnMut(&DynamicMessage)| {
+            let (metadata, message, extensions) = response.into_parts();
+            each(&message);
+            Answer {
+                messages: 1,
+                metadata,
+                served_by: extensions.get::<ServedBy>().map(|s| s.0),
+                ended: None,
+            }
+        };
         let (metadata, mut stream, extensions) = match self.kind() {
             Kind::Unary => {
                 let r = grpc
                     .unary(self.request(self.nth(0), timeout), path, codec)
                     .await?;
-                return Ok(Answer::single(r));
+                return Ok(single(r, each));
             }
             Kind::ClientStreaming => {
                 let r = grpc
                     .client_streaming(self.request(all(), timeout), path, codec)
                     .await?;
-                return Ok(Answer::single(r));
+                return Ok(single(r, each));
             }
             Kind::ServerStreaming => grpc
                 .server_streaming(self.request(self.nth(0), timeout), path, codec)
@@ -195,14 +208,17 @@ impl Invocation {
                 .into_parts(),
         };
         let mut answer = Answer {
-            messages: Vec::new(),
+            messages: 0,
             metadata,
             served_by: extensions.get::<ServedBy>().map(|s| s.0),
             ended: None,
         };
         loop {
             match stream.message().await {
-                Ok(Some(m)) => answer.messages.push(m),
+                Ok(Some(m)) => {
+                    answer.messages += 1;
+                    each(&m);
+                }
                 Ok(None) => return Ok(answer),
                 Err(status) => {
                     answer.ended = Some(status);

@@ -12,6 +12,7 @@ use prost_reflect::{DescriptorPool, MethodDescriptor, ServiceDescriptor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use tonic::codegen::http::uri::PathAndQuery;
+use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 use tonic_reflection::pb::v1::{
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
@@ -63,6 +64,9 @@ pub enum SchemaError {
         /// What is wrong.
         error: String,
     },
+    /// The server's descriptors are not usable (garbage, missing imports, too many).
+    #[error("the server's descriptors: {0}")]
+    ServerDescriptors(String),
     /// `--call` is not `package.Service/Method`.
     #[error("expected package.Service/Method, got {0:?}")]
     BadName(String),
@@ -128,7 +132,10 @@ impl Schema {
         let mut compiler = protox::Compiler::new(&imports).map_err(proto_error)?;
         compiler.include_imports(true);
         compiler.open_files(files).map_err(proto_error)?;
-        Ok(Self::of_pool(compiler.descriptor_pool()))
+        Ok(Self::of_pool(checked(
+            compiler.descriptor_pool(),
+            "the .proto files",
+        )?))
     }
 
     /// Reads an encoded `FileDescriptorSet`.
@@ -137,12 +144,26 @@ impl Schema {
             path: path.display().to_string(),
             error,
         })?;
-        let pool =
-            DescriptorPool::decode(bytes.as_slice()).map_err(|e| SchemaError::Descriptors {
-                what: format!("{} is not a usable FileDescriptorSet", path.display()),
+        let what = format!("{} is not a usable FileDescriptorSet", path.display());
+        let set = prost_reflect::prost_types::FileDescriptorSet::decode(bytes.as_slice()).map_err(
+            |e| SchemaError::Descriptors {
+                what: what.clone(),
+                error: e.to_string(),
+            },
+        )?;
+        if let Some(file) = import_cycle(&set.file) {
+            return Err(SchemaError::Descriptors {
+                what,
+                error: format!("{file} imports itself"),
+            });
+        }
+        let mut pool = DescriptorPool::new();
+        pool.add_file_descriptor_protos(set.file)
+            .map_err(|e| SchemaError::Descriptors {
+                what: what.clone(),
                 error: e.to_string(),
             })?;
-        Ok(Self::of_pool(pool))
+        Ok(Self::of_pool(checked(pool, &what)?))
     }
 
     /// Asks the server through `transport`: the services it lists and, for `services` (all of
@@ -150,10 +171,11 @@ impl Schema {
     pub async fn from_reflection<T: Transport>(
         transport: T,
         services: Option<&[&str]>,
+        metadata: &MetadataMap,
     ) -> Result<Self, SchemaError> {
         let mut opened = None;
         for path in REFLECTION_PATHS {
-            match Session::open(transport.clone(), path).await {
+            match Session::open(transport.clone(), path, metadata).await {
                 Ok(s) => {
                     opened = Some(s);
                     break;
@@ -180,28 +202,35 @@ impl Schema {
             None => listed.clone(),
         };
         let files = session.files_for(&wanted).await?;
+        if let Some(file) = import_cycle(&files) {
+            return Err(server_descriptors(format!(
+                "{} imports itself",
+                one_line(&file)
+            )));
+        }
         let mut pool = DescriptorPool::new();
         pool.add_file_descriptor_protos(files)
-            .map_err(|e| SchemaError::Descriptors {
-                what: "the server's descriptors".into(),
-                error: e.to_string(),
-            })?;
+            .map_err(|e| server_descriptors(e.to_string()))?;
+        let pool = checked(pool, "the server's descriptors")
+            .map_err(|e| server_descriptors(e.to_string()))?;
         Ok(Self {
             pool,
-            services: listed,
+            services: listed.iter().map(|s| one_line(s)).collect(),
         })
     }
 
-    /// Descriptors from `source`; reflection asks only for `service` when given.
+    /// Descriptors from `source`; reflection asks only for `service` when given, sending
+    /// `metadata` (a server may want credentials for reflection too).
     pub async fn load<T: Transport>(
         source: &Source,
         transport: T,
         service: Option<&str>,
+        metadata: &MetadataMap,
     ) -> Result<Self, SchemaError> {
         match source {
             Source::Reflection => {
                 let services = service.map(|s| [s]);
-                Self::from_reflection(transport, services.as_ref().map(|s| &s[..])).await
+                Self::from_reflection(transport, services.as_ref().map(|s| &s[..]), metadata).await
             }
             Source::Proto { files, imports } => Self::from_proto(files, imports),
             Source::Protoset(path) => Self::from_protoset(path),
@@ -299,14 +328,15 @@ pub fn signature(m: &MethodDescriptor) -> String {
 }
 
 fn label(f: &prost_reflect::FieldDescriptor) -> &'static str {
+    use prost_reflect::prost_types::field_descriptor_proto::Label;
+    let proto = f.field_descriptor_proto();
     if f.is_map() {
         ""
     } else if f.is_list() {
         "repeated "
-    } else if f.supports_presence()
-        && f.containing_oneof().is_none()
-        && !matches!(f.kind(), prost_reflect::Kind::Message(_))
-    {
+    } else if proto.label() == Label::Required {
+        "required "
+    } else if proto.proto3_optional() || f.parent_file().syntax() == prost_reflect::Syntax::Proto2 {
         "optional "
     } else {
         ""
@@ -376,6 +406,7 @@ impl Session {
     async fn open<T: Transport>(
         transport: T,
         path: &'static str,
+        metadata: &MetadataMap,
     ) -> Result<(Self, Vec<String>), Status> {
         let (tx, requests) = tokio::sync::mpsc::channel(4);
         let mut grpc = tonic::client::Grpc::new(transport);
@@ -387,13 +418,11 @@ impl Session {
         tx.send(request(MessageRequest::ListServices(String::new())))
             .await
             .map_err(|_| Status::internal("the reflection request stream closed"))?;
-        let stream = tokio_stream::wrappers::ReceiverStream::new(requests);
+        let mut request =
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(requests));
+        *request.metadata_mut() = metadata.clone();
         let response = grpc
-            .streaming(
-                tonic::Request::new(stream),
-                PathAndQuery::from_static(path),
-                codec,
-            )
+            .streaming(request, PathAndQuery::from_static(path), codec)
             .await?;
         let mut session = Self {
             tx,
@@ -427,12 +456,16 @@ impl Session {
         self.answer().await
     }
 
-    /// The files that define `symbols`, and every file they import, by name.
+    /// The files that define `symbols`, and every file they import, by name. Each file is asked
+    /// for at most once, and a server that sends more than [`MAX_FILES`] files or
+    /// [`MAX_SCHEMA_BYTES`] is refused: a server cannot keep the client asking.
     async fn files_for(
         &mut self,
         symbols: &[String],
     ) -> Result<Vec<FileDescriptorProto>, SchemaError> {
         let mut files: BTreeMap<String, FileDescriptorProto> = BTreeMap::new();
+        let mut asked: BTreeSet<String> = BTreeSet::new();
+        let mut bytes_total = 0usize;
         let mut missing: Vec<MessageRequest> = symbols
             .iter()
             .map(|s| MessageRequest::FileContainingSymbol(s.clone()))
@@ -445,43 +478,163 @@ impl Session {
                     return Err(SchemaError::Reflection(format!(
                         "{}: {}",
                         crate::grpc::code_name(Code::from_i32(e.error_code)),
-                        e.error_message
+                        one_line(&e.error_message)
                     )))
                 }
                 other => return Err(reflection_failed(&unexpected(&other))),
             };
             for bytes in encoded {
-                let file = FileDescriptorProto::decode(bytes.as_slice()).map_err(|e| {
-                    SchemaError::Descriptors {
-                        what: "the server's descriptors".into(),
-                        error: e.to_string(),
-                    }
-                })?;
+                bytes_total += bytes.len();
+                let file = FileDescriptorProto::decode(bytes.as_slice())
+                    .map_err(|e| server_descriptors(e.to_string()))?;
                 files.insert(file.name().to_owned(), file);
             }
-            // Imports the server did not send along.
+            if files.len() > MAX_FILES || bytes_total > MAX_SCHEMA_BYTES {
+                return Err(server_descriptors(format!(
+                    "more than {MAX_FILES} files or {} MiB of descriptors",
+                    MAX_SCHEMA_BYTES >> 20
+                )));
+            }
+            // Imports the server did not send along, each asked for once.
             for file in files.values() {
                 for dep in &file.dependency {
-                    let asked = missing
-                        .iter()
-                        .any(|m| matches!(m, MessageRequest::FileByFilename(n) if n == dep));
-                    if !files.contains_key(dep) && !asked {
+                    if !files.contains_key(dep) && asked.insert(dep.clone()) {
                         missing.push(MessageRequest::FileByFilename(dep.clone()));
                     }
                 }
             }
         }
+        if let Some(dep) = files
+            .values()
+            .flat_map(|f| &f.dependency)
+            .find(|d| !files.contains_key(*d))
+        {
+            return Err(server_descriptors(format!(
+                "the server did not send {}",
+                one_line(dep)
+            )));
+        }
         Ok(files.into_values().collect())
     }
 }
 
+/// The most files reflection may bring.
+const MAX_FILES: usize = 10_000;
+/// The most descriptor bytes reflection may bring.
+const MAX_SCHEMA_BYTES: usize = 64 << 20;
+
+fn server_descriptors(error: String) -> SchemaError {
+    SchemaError::ServerDescriptors(error)
+}
+
+/// Text from a server, fit for one error line: control characters out, at most 300 characters.
+fn one_line(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    crate::grpc::bounded(&clean, 300)
+}
+
+/// Checks what prost-reflect takes on trust: map entries without their key and value fields
+/// (its accessors panic on them).
+fn checked(pool: DescriptorPool, what: &str) -> Result<DescriptorPool, SchemaError> {
+    for m in pool.all_messages() {
+        if m.is_map_entry() && (m.get_field(1).is_none() || m.get_field(2).is_none()) {
+            return Err(SchemaError::Descriptors {
+                what: what.to_owned(),
+                error: format!("{} is a map entry without its key and value", m.full_name()),
+            });
+        }
+    }
+    Ok(pool)
+}
+
+/// The first file that imports itself through some chain of imports (prost-reflect's resolver
+/// would recurse without end on it), if there is one.
+fn import_cycle(files: &[FileDescriptorProto]) -> Option<String> {
+    let deps: BTreeMap<&str, &[String]> = files
+        .iter()
+        .map(|f| (f.name(), f.dependency.as_slice()))
+        .collect();
+    for (start, first) in &deps {
+        let mut seen = BTreeSet::new();
+        let mut stack: Vec<&str> = first.iter().map(String::as_str).collect();
+        while let Some(name) = stack.pop() {
+            if name == *start {
+                return Some((*start).to_owned());
+            }
+            if seen.insert(name) {
+                if let Some(next) = deps.get(name) {
+                    stack.extend(next.iter().map(String::as_str));
+                }
+            }
+        }
+    }
+    None
+}
+
 fn unexpected(answer: &MessageResponse) -> Status {
-    Status::internal(format!("an unexpected reflection answer: {answer:?}"))
+    let kind = match answer {
+        MessageResponse::FileDescriptorResponse(_) => "file descriptors",
+        MessageResponse::AllExtensionNumbersResponse(_) => "extension numbers",
+        MessageResponse::ListServicesResponse(_) => "a service list",
+        MessageResponse::ErrorResponse(_) => "an error",
+    };
+    Status::internal(format!("an unexpected reflection answer ({kind})"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file(name: &str, deps: &[&str]) -> FileDescriptorProto {
+        FileDescriptorProto {
+            name: Some(name.into()),
+            dependency: deps.iter().map(|d| (*d).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn import_cycles_are_found_before_the_resolver_recurses_on_them() {
+        assert_eq!(import_cycle(&[file("a", &["a"])]), Some("a".into()));
+        assert_eq!(
+            import_cycle(&[file("a", &["b"]), file("b", &["c"]), file("c", &["a"])]),
+            Some("a".into())
+        );
+        assert_eq!(
+            import_cycle(&[file("a", &["b", "c"]), file("b", &["c"]), file("c", &[])]),
+            None
+        );
+    }
+
+    #[test]
+    fn a_map_entry_without_its_fields_is_refused_not_a_panic_later() {
+        use prost_reflect::prost_types::{DescriptorProto, MessageOptions};
+        let mut f = file("m.proto", &[]);
+        f.package = Some("p".into());
+        f.message_type = vec![DescriptorProto {
+            name: Some("Entry".into()),
+            options: Some(MessageOptions {
+                map_entry: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        let mut pool = DescriptorPool::new();
+        // prost-reflect takes it as it is; `checked` must not.
+        pool.add_file_descriptor_protos([f]).unwrap();
+        let e = checked(pool, "test").unwrap_err();
+        assert!(e.to_string().contains("p.Entry"), "{e}");
+    }
+
+    #[test]
+    fn server_text_is_one_short_line() {
+        let line = one_line(&format!("bad\nthing\u{1b}[31m{}", "x".repeat(1000)));
+        assert!(!line.contains('\n') && !line.contains('\u{1b}'));
+        assert!(line.len() < 400, "{}", line.len());
+    }
 
     #[test]
     fn names_split_at_the_slash_or_the_last_dot() {

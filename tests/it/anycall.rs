@@ -318,6 +318,12 @@ async fn unknown_names_misfit_json_and_bad_flags_are_named() {
     refused(&out, "bad header");
     let out = call(&target, GET_POINT, &["-d", "@/nonexistent.json"], "").await;
     refused(&out, "/nonexistent.json");
+    refused(
+        &with(GET_POINT, "{}\n{}").await,
+        "takes one request message, got 2",
+    );
+    let out = meshlb(&["list", "--target", &target, "-H", "no colon"], "").await;
+    refused(&out, "bad header");
     // -d goes with --call; the UserGuide calls keep their own flags.
     let out = meshlb(&["client", "--target", &target, "-d", "{}"], "").await;
     refused(&out, "go with --call");
