@@ -43,7 +43,6 @@ pub async fn list(args: Args) -> anyhow::Result<ExitCode> {
 
 /// Writes out a symbol (every service when none is given) as a .proto file would.
 pub async fn describe(args: Args) -> anyhow::Result<ExitCode> {
-    // A symbol may be a message no service names: every service's files are read.
     let schema = load(&args, None).await?;
     let symbols: Vec<String> = match &args.symbol {
         Some(s) => vec![s.clone()],
@@ -55,7 +54,8 @@ pub async fn describe(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The schema; by reflection, of the `services` named (all of them when `None`).
+/// The schema; by reflection, of the `services` named (all of them when `None`; for `describe`
+/// of one symbol, the files that define it).
 async fn load(args: &Args, services: Option<&[String]>) -> anyhow::Result<Schema> {
     let metadata = crate::dynamic::invoke::metadata(&args.headers)
         .map_err(|e| super::UsageError(e.to_string()))?;
@@ -80,9 +80,12 @@ async fn load(args: &Args, services: Option<&[String]>) -> anyhow::Result<Schema
     let names: Option<Vec<&str>> = services.map(|s| s.iter().map(String::as_str).collect());
     let work = async {
         lb.wait_ready(args.at.timeout).await;
-        Schema::from_reflection(lb.clone(), names.as_deref(), &metadata)
-            .await
-            .map_err(usage)
+        let schema = match (&names, &args.symbol) {
+            // describe SYMBOL: whatever defines it, used by a service or not.
+            (None, Some(symbol)) => Schema::for_symbol(lb.clone(), symbol, &metadata).await,
+            _ => Schema::from_reflection(lb.clone(), names.as_deref(), &metadata).await,
+        };
+        schema.map_err(usage)
     };
     tokio::time::timeout(args.at.timeout, work)
         .await

@@ -173,20 +173,7 @@ impl Schema {
         services: Option<&[&str]>,
         metadata: &MetadataMap,
     ) -> Result<Self, SchemaError> {
-        let mut opened = None;
-        for path in REFLECTION_PATHS {
-            match Session::open(transport.clone(), path, metadata).await {
-                Ok(s) => {
-                    opened = Some(s);
-                    break;
-                }
-                Err(status) if status.code() == Code::Unimplemented => continue,
-                Err(status) => return Err(reflection_failed(&status)),
-            }
-        }
-        let Some((mut session, listed)) = opened else {
-            return Err(SchemaError::NoReflection);
-        };
+        let (mut session, listed) = Session::open_any(transport, metadata).await?;
         let wanted: Vec<String> = match services {
             Some(names) => {
                 for name in names {
@@ -202,6 +189,30 @@ impl Schema {
             None => listed.clone(),
         };
         let files = session.files_for(&wanted).await?;
+        Self::of_server(files, listed)
+    }
+
+    /// Asks the server for the file that defines `symbol` (a service, method, message or enum,
+    /// whether or not a service uses it) and every file it imports.
+    pub async fn for_symbol<T: Transport>(
+        transport: T,
+        symbol: &str,
+        metadata: &MetadataMap,
+    ) -> Result<Self, SchemaError> {
+        let (mut session, listed) = Session::open_any(transport, metadata).await?;
+        // A method is found by its service.
+        let asked = match split_method(symbol) {
+            Ok((service, _)) if symbol.contains('/') => service,
+            _ => symbol,
+        };
+        let files = session.files_for(&[asked.to_owned()]).await?;
+        Self::of_server(files, listed)
+    }
+
+    fn of_server(
+        files: Vec<FileDescriptorProto>,
+        listed: Vec<String>,
+    ) -> Result<Self, SchemaError> {
         if let Some(file) = import_cycle(&files) {
             return Err(server_descriptors(format!(
                 "{} imports itself",
@@ -401,6 +412,21 @@ fn request(message: MessageRequest) -> ServerReflectionRequest {
 }
 
 impl Session {
+    /// Opens reflection v1, else v1alpha (for older servers); returns the services listed.
+    async fn open_any<T: Transport>(
+        transport: T,
+        metadata: &MetadataMap,
+    ) -> Result<(Self, Vec<String>), SchemaError> {
+        for path in REFLECTION_PATHS {
+            match Self::open(transport.clone(), path, metadata).await {
+                Ok(opened) => return Ok(opened),
+                Err(status) if status.code() == Code::Unimplemented => continue,
+                Err(status) => return Err(reflection_failed(&status)),
+            }
+        }
+        Err(SchemaError::NoReflection)
+    }
+
     /// Opens the stream at `path` with a `ListServices` request (some servers send their
     /// headers only once a request arrived) and returns the services it lists.
     async fn open<T: Transport>(
@@ -471,9 +497,26 @@ impl Session {
             .map(|s| MessageRequest::FileContainingSymbol(s.clone()))
             .collect();
         while let Some(ask) = missing.pop() {
-            let answer = self.ask(ask).await.map_err(|s| reflection_failed(&s))?;
+            let symbol = match &ask {
+                MessageRequest::FileContainingSymbol(s) => Some(s.clone()),
+                _ => None,
+            };
+            // Servers say "no such symbol" as an error answer, or (tonic) by ending the stream.
+            let answer = self.ask(ask).await.map_err(|status| match &symbol {
+                Some(name) if status.code() == Code::NotFound => {
+                    SchemaError::UnknownSymbol(one_line(name))
+                }
+                _ => reflection_failed(&status),
+            })?;
             let encoded = match answer {
                 MessageResponse::FileDescriptorResponse(r) => r.file_descriptor_proto,
+                MessageResponse::ErrorResponse(e)
+                    if symbol.is_some() && Code::from_i32(e.error_code) == Code::NotFound =>
+                {
+                    return Err(SchemaError::UnknownSymbol(one_line(
+                        symbol.as_deref().unwrap_or_default(),
+                    )))
+                }
                 MessageResponse::ErrorResponse(e) => {
                     return Err(SchemaError::Reflection(format!(
                         "{}: {}",

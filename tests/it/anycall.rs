@@ -156,6 +156,20 @@ async fn reflection_gives_the_schema_and_json_goes_both_ways() {
         text(&out.stdout),
         "message userguide.v1.ListUsersResponse {\n  userguide.v1.User user = 1;\n}\n"
     );
+    // A message no service of this port uses is still found by what defines it.
+    let out = meshlb(
+        &["describe", "--target", &target, "meshlb.admin.v1.Faults"],
+        "",
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("message meshlb.admin.v1.Faults {"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = meshlb(&["describe", "--target", &target, "userguide.v1.Nope"], "").await;
+    refused(&out, "unknown symbol userguide.v1.Nope");
     a.stop().await;
     b.stop().await;
 }
