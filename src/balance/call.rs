@@ -134,9 +134,9 @@ impl<'a> Plan<'a> {
 pub struct Attempts(pub u32);
 
 /// Runs one call to completion of its response headers. A sampled call (or any, when spans are
-/// not exported) runs inside a span for the logical call with one child span per attempt (the
-/// replica's server span is a child of the attempt that reached it); an unsampled one builds no
-/// span at all.
+/// not exported) runs inside one client span that is also its first try's; a retry or a hedge
+/// adds a child span of its own (the replica's server span is a child of the try that reached
+/// it). An unsampled call builds no span at all.
 pub(super) async fn run(
     buffer: Buffered,
     shared: Arc<super::Shared>,
@@ -177,13 +177,18 @@ async fn traced(
         target: crate::telemetry::RPC_SPANS,
         "grpc.call",
         otel.name = %format_args!("{service}/{method}"),
-        otel.kind = "internal",
+        otel.kind = "client",
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
         meshlb.target = %shared.registry.target(),
         meshlb.policy = %shared.policy,
         meshlb.attempts = Empty,
+        // The call span is also its first try's client span: a call tried once is one span.
+        meshlb.attempt = 1,
+        meshlb.first_status_code = Empty,
+        server.address = Empty,
+        server.port = Empty,
         rpc.grpc.status_code = Empty,
         otel.status_code = Empty,
     );
@@ -437,7 +442,8 @@ async fn hedged(
     }
 }
 
-/// One try, in its own client span, with the trace context in the request's metadata.
+/// One try, with the trace context in the request's metadata: reported on the call's span for a
+/// first try, on a span of its own for a retry or a hedge.
 async fn attempt(
     mut buffer: Buffered,
     mut request: http::Request<Body>,
@@ -452,15 +458,22 @@ async fn attempt(
         .headers_mut()
         .insert("grpc-timeout", crate::grpc::timeout_value(left));
     // An unsampled call builds no span: it only passes the trace on, not sampled.
-    let span = match request.extensions_mut().remove::<CallTrace>() {
+    // Which span the try reports to: none for an unsampled call, the call's own span for its
+    // first try (a call tried once is one span), a span of its own for a retry or a hedge.
+    let (span, own) = match request.extensions_mut().remove::<CallTrace>() {
         Some(CallTrace::Forward(cx)) => {
             telemetry::inject_context(&cx, request.headers_mut());
-            None
+            (None, false)
+        }
+        _ if number == 1 && !hedge => {
+            let call = tracing::Span::current();
+            telemetry::inject(&call, request.headers_mut());
+            (Some(call), false)
         }
         _ => {
             let span = attempt_span(request.uri().path(), number, hedge);
             telemetry::inject(&span, request.headers_mut());
-            Some(span)
+            (Some(span), true)
         }
     };
     let started = tokio::time::Instant::now();
@@ -476,8 +489,8 @@ async fn attempt(
         }
     };
     let result: Result<http::Response<Body>, BoxError> = match &span {
-        Some(span) => call.instrument(span.clone()).await,
-        None => call.await,
+        Some(span) if own => call.instrument(span.clone()).await,
+        _ => call.await,
     };
     let code = match &result {
         Ok(response) => status_of(response),
@@ -492,9 +505,14 @@ async fn attempt(
             span.record("server.address", tracing::field::display(addr.ip()));
             span.record("server.port", addr.port());
         }
-        span.record("rpc.grpc.status_code", code as i32);
-        if code != Code::Ok {
-            span.record("otel.status_code", "ERROR");
+        if own {
+            span.record("rpc.grpc.status_code", code as i32);
+            if code != Code::Ok {
+                span.record("otel.status_code", "ERROR");
+            }
+        } else {
+            // The call's own status is its last try's, recorded when it ends.
+            span.record("meshlb.first_status_code", code as i32);
         }
     }
     if code == Code::Ok {
