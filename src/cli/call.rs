@@ -150,15 +150,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let mut client = UserGuideServiceClient::new(lb);
     let served = |metadata: &tonic::metadata::MetadataMap, ext: &http::Extensions| {
-        let id = metadata
-            .get("x-replica-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("?")
-            .to_owned();
-        match ext.get::<ServedBy>() {
-            Some(ServedBy(addr)) => format!("served by {id} ({addr})"),
-            None => format!("served by {id}"),
-        }
+        served_by(metadata, ext.get::<ServedBy>().map(|s| s.0))
     };
     let result = match method {
         Method::GetPoint { name, age } => {
@@ -234,15 +226,20 @@ fn print_answer(answer: Result<Answer, tonic::Status>) -> ExitCode {
         Ok(a) => a,
         Err(status) => return exit(Err(status)),
     };
-    let id = answer
-        .metadata
-        .get("x-replica-id")
-        .and_then(|v| v.to_str().ok());
-    match (id, answer.served_by) {
-        (Some(id), Some(addr)) => println!("served by {id} ({addr})"),
-        (Some(id), None) => println!("served by {id}"),
-        (None, Some(addr)) => println!("served by {addr}"),
-        (None, None) => {}
-    }
+    println!("{}", served_by(&answer.metadata, answer.served_by));
     exit(answer.ended.map_or(Ok(()), Err))
+}
+
+/// `served by ID (ADDR)`: the answer's `x-replica-id` and the endpoint, whichever are known.
+fn served_by(
+    metadata: &tonic::metadata::MetadataMap,
+    addr: Option<std::net::SocketAddr>,
+) -> String {
+    let id = metadata.get("x-replica-id").and_then(|v| v.to_str().ok());
+    match (id, addr) {
+        (Some(id), Some(addr)) => format!("served by {id} ({addr})"),
+        (Some(id), None) => format!("served by {id}"),
+        (None, Some(addr)) => format!("served by {addr}"),
+        (None, None) => "served by ?".to_owned(),
+    }
 }

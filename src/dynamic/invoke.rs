@@ -84,13 +84,6 @@ pub struct Answer {
     pub ended: Option<Status>,
 }
 
-impl Answer {
-    /// Who served it: the replica's `x-replica-id`, else the endpoint's address.
-    pub fn server(&self) -> Option<String> {
-        server_of(&self.metadata, self.served_by)
-    }
-}
-
 /// Who served a call: `x-replica-id` when the server says, else the endpoint's address.
 pub fn server_of(metadata: &MetadataMap, addr: Option<SocketAddr>) -> Option<String> {
     metadata
