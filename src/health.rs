@@ -12,17 +12,18 @@
 //! [`Gate::poll_open`], and may ask for an immediate re-check with [`Gate::recheck`] when it saw the
 //! connection fail.
 
+use crate::backoff::Backoff;
+use crate::connection::Connection;
 use futures::task::AtomicWaker;
-use rand::Rng;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::Notify;
-use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+use tower::Service;
 
 /// What the gate knows of an endpoint's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,13 +137,13 @@ impl Default for HealthConfig {
     }
 }
 
-/// Watches `channel`'s health until the returned task is aborted, writing into `gate`.
+/// Watches `connection`'s health until the returned task is aborted, writing into `gate`.
 pub fn spawn_watch(
-    channel: Channel,
+    connection: Connection,
     config: HealthConfig,
     gate: Arc<Gate>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(watch_loop(HealthClient::new(channel), config, gate))
+    tokio::spawn(watch_loop(connection, config, gate))
 }
 
 /// How one watch ended.
@@ -157,29 +158,23 @@ enum Ended {
     Recheck,
 }
 
-async fn watch_loop(mut client: HealthClient<Channel>, config: HealthConfig, gate: Arc<Gate>) {
-    let mut failures: u32 = 0;
+async fn watch_loop(mut connection: Connection, config: HealthConfig, gate: Arc<Gate>) {
+    let mut client = HealthClient::new(connection.clone());
+    let mut backoff = Backoff::new(config.backoff_base, config.backoff_max);
     loop {
-        let wait = match watch_once(&mut client, &config, &gate).await {
+        let wait = match watch_once(&mut connection, &mut client, &config, &gate).await {
             Ended::Recheck => continue,
             Ended::Unimplemented => {
                 gate.set(Health::Serving);
-                failures = 0;
+                backoff.reset();
                 // Nothing to watch; only a failed call (recheck) or a slow poll looks again.
                 config.backoff_max * 6
             }
             Ended::AfterAnswer => {
-                failures = 0;
+                backoff.reset();
                 config.backoff_base
             }
-            Ended::WithoutAnswer => {
-                failures = failures.saturating_add(1);
-                let exp = config
-                    .backoff_base
-                    .saturating_mul(1 << failures.min(16))
-                    .min(config.backoff_max);
-                exp.mul_f64(rand::rng().random_range(0.5..=1.0))
-            }
+            Ended::WithoutAnswer => backoff.next_delay(),
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -189,7 +184,8 @@ async fn watch_loop(mut client: HealthClient<Channel>, config: HealthConfig, gat
 }
 
 async fn watch_once(
-    client: &mut HealthClient<Channel>,
+    connection: &mut Connection,
+    client: &mut HealthClient<Connection>,
     config: &HealthConfig,
     gate: &Gate,
 ) -> Ended {
@@ -197,6 +193,16 @@ async fn watch_once(
         service: config.service.clone(),
     };
     let started = async {
+        // Asked apart from the watch, so that a connection that cannot be made is reported in
+        // its own words ("tcp connect error: …"), not as tonic's "service was not ready".
+        std::future::poll_fn(|cx| connection.poll_ready(cx))
+            .await
+            .map_err(|e| {
+                tonic::Status::unavailable(with_causes(
+                    e.to_string(),
+                    std::error::Error::source(&*e),
+                ))
+            })?;
         let mut stream = client.watch(request).await?.into_inner();
         let first = stream.message().await?;
         Ok::<_, tonic::Status>((stream, first))

@@ -21,6 +21,8 @@
 //! The library, stage by stage:
 //! - [`target`]: parses gRPC-style target strings (`dns:///host:port`, `ipv4:a:p,b:p`).
 //! - [`discovery`]: turns a target into a stream of endpoint insertions and removals, on its own task.
+//! - [`connection`]: one HTTP/2 connection per endpoint, driven with hyper and remade after a
+//!   [`backoff`] when it ends.
 //! - [`health`]: watches each endpoint's grpc.health.v1 status and opens or shuts its gate.
 //! - [`balance`]: the balanced, cloneable service a tonic client runs over (p2c over peak-EWMA,
 //!   failure accrual, latency-outlier ejection, fail-fast, deadlines, retries, hedging).
@@ -50,7 +52,9 @@
 #![warn(missing_docs)]
 
 // The client library: always built.
+pub mod backoff;
 pub mod balance;
+pub mod connection;
 pub mod discovery;
 pub mod grpc;
 pub mod health;

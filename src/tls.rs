@@ -1,6 +1,7 @@
 //! TLS for the mesh: throw-away certificates (a CA, a server certificate, a client certificate,
 //! made with rcgen), the rustls server config a replica serves with (optionally requiring client
-//! certificates: mTLS), and the tonic client config the balancer connects with.
+//! certificates: mTLS), and the client configs: the rustls connector the balancer connects with,
+//! the tonic one the tools' plain channels use.
 //!
 //! Every file problem is an error naming the file. Knows nothing of balancing or serving.
 
@@ -159,6 +160,90 @@ impl ClientTls {
             config = config.domain_name(name.clone());
         }
         Ok(config)
+    }
+}
+
+impl ClientTls {
+    /// The rustls connector the balancer's own connections use (ALPN h2; files are read now).
+    pub fn connector(&self) -> Result<Connector, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certs(&self.ca)? {
+            roots.add(cert).map_err(|e| TlsError::Pem {
+                path: self.ca.clone(),
+                message: format!("not a usable CA certificate: {e}"),
+            })?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots);
+        let mut config = match &self.identity {
+            Some((cert, key_path)) => builder
+                .with_client_auth_cert(certs(cert)?, key(key_path)?)
+                .map_err(|e| {
+                    TlsError::Config(format!(
+                        "{} and {} do not match: {e}",
+                        cert.display(),
+                        key_path.display()
+                    ))
+                })?,
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let server_name = match &self.server_name {
+            Some(name) => Some(
+                rustls_pki_types::ServerName::try_from(name.clone())
+                    .map_err(|e| TlsError::Config(format!("server name {name:?}: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Connector {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+}
+
+/// How the balancer's connections do TLS: a rustls client config and the name to verify.
+#[derive(Clone)]
+pub struct Connector {
+    config: Arc<rustls::ClientConfig>,
+    server_name: Option<rustls_pki_types::ServerName<'static>>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// Runs the handshake over `io` with the endpoint at `addr`: verifies the configured name, or
+    /// else the address itself (discovered endpoints are IPs). Fails unless the server agreed to
+    /// HTTP/2.
+    pub async fn connect<IO>(
+        &self,
+        addr: std::net::SocketAddr,
+        io: IO,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<IO>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let name = self
+            .server_name
+            .clone()
+            .unwrap_or_else(|| rustls_pki_types::ServerName::IpAddress(addr.ip().into()));
+        let stream = tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(name, io)
+            .await?;
+        if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(std::io::Error::other(
+                "the server did not agree to HTTP/2 (ALPN h2)",
+            ));
+        }
+        Ok(stream)
     }
 }
 

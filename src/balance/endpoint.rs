@@ -7,6 +7,7 @@
 use super::completion::{Completion, Outcome, TrackedBody};
 use super::failure::{self, Blame};
 use super::silence::Progress;
+use crate::connection::Connection;
 use crate::discovery::Refresh;
 use crate::grpc::Pushback;
 use crate::health::{Gate, Health};
@@ -20,7 +21,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
-use tonic::transport::Channel;
 use tower::Service;
 
 /// The error type of the balancer's inner services.
@@ -463,7 +463,7 @@ impl Drop for CallGuard {
 /// The per-endpoint service the balancer picks from.
 pub struct Endpoint {
     shared: Arc<Shared>,
-    channel: Channel,
+    channel: Connection,
     refresh: Refresh,
     ejection: Option<Pin<Box<Sleep>>>,
     next_is_probe: bool,
@@ -472,7 +472,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// An endpoint over `channel`, gated by `shared`'s gate. `refresh` asks discovery to look again
     /// when the connection fails.
-    pub fn new(shared: Arc<Shared>, channel: Channel, refresh: Refresh) -> Self {
+    pub fn new(shared: Arc<Shared>, channel: Connection, refresh: Refresh) -> Self {
         Self {
             shared,
             channel,
@@ -560,10 +560,10 @@ impl Endpoint {
         };
         let addr = self.shared.addr;
         let refresh = self.refresh.clone();
-        let call = self.channel.call(request);
+        let call = self.channel.send(request);
         Box::pin(async move {
             let result = tokio::select! {
-                result = call => result.map_err(BoxError::from),
+                result = call => result,
                 () = failed_over => Err(BoxError::from(
                     "the connection went silent (see the endpoint's last error); failed over",
                 )),
@@ -575,7 +575,7 @@ impl Endpoint {
                         guard.shared.shed.fetch_add(1, Ordering::Relaxed);
                     }
                     parts.extensions.insert(ServedBy(addr));
-                    let body = TrackedBody::new(body, guard, &parts.headers);
+                    let body = TrackedBody::new(Body::new(body), guard, &parts.headers);
                     Ok(http::Response::from_parts(parts, body))
                 }
                 Err(error) => {

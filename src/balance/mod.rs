@@ -368,7 +368,7 @@ impl Builder {
         };
         let mut connect = self.connect;
         if let Some(tls) = &self.tls {
-            connect.tls = Some(tls.config()?);
+            connect.tls = Some(tls.connector()?);
         }
         // The config's balancing policy, unless the builder chose one itself; its p2c outlier
         // settings whenever the policy is p2c, unless the builder set its own.

@@ -25,7 +25,7 @@ pub struct ConnectConfig {
     /// How long a keepalive ping may go unanswered.
     pub keepalive_timeout: Duration,
     /// TLS towards the endpoints (`https`), if set.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    pub tls: Option<crate::tls::Connector>,
 }
 
 impl Default for ConnectConfig {
@@ -41,7 +41,7 @@ impl Default for ConnectConfig {
 
 struct Entry {
     shared: Arc<Shared>,
-    channel: tonic::transport::Channel,
+    channel: crate::connection::Connection,
     watch: JoinHandle<()>,
 }
 
@@ -248,7 +248,7 @@ impl Registry {
     }
 
     /// Every endpoint's shared state with its connection (what the silence detector probes).
-    pub fn connected_endpoints(&self) -> Vec<(Arc<Shared>, tonic::transport::Channel)> {
+    pub fn connected_endpoints(&self) -> Vec<(Arc<Shared>, crate::connection::Connection)> {
         self.lock()
             .values()
             .map(|e| (e.shared.clone(), e.channel.clone()))
@@ -259,7 +259,7 @@ impl Registry {
         &self,
         addr: SocketAddr,
         shared: Arc<Shared>,
-        channel: tonic::transport::Channel,
+        channel: crate::connection::Connection,
         watch: JoinHandle<()>,
     ) {
         let entry = Entry {
@@ -315,7 +315,7 @@ pub struct EndpointSettings {
     pub accrual: AccrualConfig,
 }
 
-/// Consumes discovery updates until the balancer goes away: connects each new address lazily,
+/// Consumes discovery updates until the balancer goes away: connects to each new address,
 /// starts its health watch, registers it and hands it to the balancer (through `wrap`, which adds
 /// the load measure).
 pub async fn manage<S>(
@@ -332,13 +332,7 @@ pub async fn manage<S>(
     while let Some(update) = discovery.updates.recv().await {
         let change = match update {
             Update::Insert(addr, ()) => {
-                let channel = match connect_lazy(addr, &settings.connect) {
-                    Ok(channel) => channel,
-                    Err(error) => {
-                        tracing::warn!(%addr, %error, "cannot make a channel");
-                        continue;
-                    }
-                };
+                let channel = connect(addr, &settings.connect);
                 let gate = Gate::new();
                 let shared = Shared::new(addr, gate.clone(), settings.accrual);
                 let watch = health::spawn_watch(channel.clone(), settings.health.clone(), gate);
@@ -368,24 +362,15 @@ pub async fn manage<S>(
     }
 }
 
-fn connect_lazy(
-    addr: SocketAddr,
-    config: &ConnectConfig,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let scheme = if config.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?
-        .connect_timeout(config.connect_timeout)
-        .http2_keep_alive_interval(config.keepalive_interval)
-        .keep_alive_timeout(config.keepalive_timeout)
-        .keep_alive_while_idle(true)
-        .http2_max_header_list_size(super::failure::MAX_HEADER_LIST_SIZE)
-        .tcp_nodelay(true);
-    if let Some(tls) = &config.tls {
-        endpoint = endpoint.tls_config(tls.clone())?;
-    }
-    Ok(endpoint.connect_lazy())
+fn connect(addr: SocketAddr, config: &ConnectConfig) -> crate::connection::Connection {
+    crate::connection::Connection::spawn(
+        addr,
+        crate::connection::Settings {
+            connect_timeout: config.connect_timeout,
+            keepalive_interval: config.keepalive_interval,
+            keepalive_timeout: config.keepalive_timeout,
+            max_header_list_size: super::failure::MAX_HEADER_LIST_SIZE,
+            tls: config.tls.clone(),
+        },
+    )
 }

@@ -21,12 +21,12 @@
 
 use super::endpoint::Shared;
 use super::registry::Registry;
+use crate::connection::Connection;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 /// Silent-failure detection settings.
 #[derive(Debug, Clone, Copy)]
@@ -160,10 +160,10 @@ impl Look {
 
 /// The endpoints worth a probe, with their connections.
 fn suspects(
-    endpoints: &[(Arc<Shared>, Channel)],
+    endpoints: &[(Arc<Shared>, Connection)],
     config: &SilenceConfig,
     now: Instant,
-) -> Vec<(Arc<Shared>, Channel)> {
+) -> Vec<(Arc<Shared>, Connection)> {
     let looks: Vec<Look> = endpoints.iter().map(|(e, _)| Look::of(e, now)).collect();
     overdue_alone(&looks, config)
         .into_iter()
@@ -201,7 +201,7 @@ fn overdue_alone(looks: &[Look], config: &SilenceConfig) -> Vec<usize> {
         .collect()
 }
 
-async fn probe(shared: Arc<Shared>, channel: Channel, config: SilenceConfig) {
+async fn probe(shared: Arc<Shared>, channel: Connection, config: SilenceConfig) {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
     let quiet = shared.progress().quiet_for(Instant::now());
     let mut client = HealthClient::new(channel);

@@ -4,6 +4,7 @@ mod anycall;
 mod balancer;
 mod blackhole;
 mod cli;
+mod connection;
 mod dns;
 mod dns_server;
 mod docs;

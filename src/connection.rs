@@ -1,0 +1,297 @@
+//! One HTTP/2 connection to one endpoint, driven directly with hyper's client.
+//!
+//! tonic's `Channel` puts a buffer task in front of each connection, so a balanced call would
+//! cross two queues (the balancer's and the channel's) and several boxed layers before hyper's
+//! own. Here a call goes straight to hyper's `SendRequest`. One task per endpoint connects (TCP
+//! with `TCP_NODELAY`, then TLS when configured, then the HTTP/2 handshake), drives the connection
+//! until it ends, and connects again after a jittered backoff, for as long as anyone holds a
+//! [`Connection`]. Handles are cheap clones over that one connection: the balancer's endpoint,
+//! the health watch and the silence detector's probes share it, so what health sees is what
+//! calls get.
+//!
+//! Readiness: a handle is ready while the connection is up, `Pending` while it is being made,
+//! and an error once when an attempt failed (the caller decides what a failure means; this
+//! module knows nothing of health, accrual or balancing).
+
+use crate::backoff::Backoff;
+use crate::tls::Connector;
+use http::uri::{Authority, Scheme};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+use tonic::body::Body;
+use tower::Service;
+
+/// An error on the way to a connection, or of one.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How connections are made and kept.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long the TCP connect and the TLS handshake may take together.
+    pub connect_timeout: Duration,
+    /// HTTP/2 keepalive ping interval; a peer that stops answering pings is cut off.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered.
+    pub keepalive_timeout: Duration,
+    /// The largest header list accepted in an answer.
+    pub max_header_list_size: u32,
+    /// TLS towards the endpoint, if set.
+    pub tls: Option<Connector>,
+}
+
+/// Backoff between failed attempts to connect: soon at first (a replica restarting), at most
+/// every few seconds for an address that stays dead.
+const RECONNECT_BASE: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// A connection that lived at least this long ended normally; a shorter one counts as a failed
+/// attempt, so a peer that accepts and at once closes is not reconnected to in a tight loop.
+const HEALTHY_LIFETIME: Duration = Duration::from_secs(1);
+
+/// `meshlb/VERSION`, sent unless the caller set its own (gRPC's spec asks clients to send one).
+const USER_AGENT: http::HeaderValue =
+    http::HeaderValue::from_static(concat!("meshlb/", env!("CARGO_PKG_VERSION")));
+
+/// Why there is no connection right now.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct ConnectError {
+    what: &'static str,
+    #[source]
+    source: std::io::Error,
+}
+
+#[derive(Clone)]
+enum Current {
+    Connecting,
+    Up(SendRequest<Body>),
+    Failed(Arc<ConnectError>),
+}
+
+struct Slot {
+    state: Mutex<(Current, Vec<Waker>)>,
+}
+
+impl Slot {
+    fn set(&self, current: Current) {
+        let wakers = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.0 = current;
+            std::mem::take(&mut state.1)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// A handle on one endpoint's connection; a `tower::Service` for HTTP/2 requests whose URI is a
+/// path (as tonic's generated clients send them): the endpoint's origin is added here.
+#[derive(Clone)]
+pub struct Connection {
+    slot: Arc<Slot>,
+    /// This handle's copy of the sender, so that a ready connection costs no lock.
+    send: Option<SendRequest<Body>>,
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("authority", &self.authority)
+            .field("up", &self.send.is_some())
+            .finish()
+    }
+}
+
+impl Connection {
+    /// A connection to `addr`, made on its own task at once and remade whenever it ends, until
+    /// the last handle is dropped. Needs a Tokio runtime.
+    pub fn spawn(addr: SocketAddr, settings: Settings) -> Self {
+        let slot = Arc::new(Slot {
+            state: Mutex::new((Current::Connecting, Vec::new())),
+        });
+        let scheme = if settings.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let authority = Authority::try_from(addr.to_string())
+            .unwrap_or_else(|_| Authority::from_static("localhost"));
+        tokio::spawn(drive(Arc::downgrade(&slot), addr, settings));
+        Self {
+            slot,
+            send: None,
+            scheme,
+            authority,
+        }
+    }
+
+    /// Sends `request` on the connection [`Service::poll_ready`] found up. Inherent (not the
+    /// `Service` future) so that a caller can await it without a box.
+    pub fn send(
+        &mut self,
+        request: http::Request<Body>,
+    ) -> impl Future<Output = Result<http::Response<hyper::body::Incoming>, BoxError>> + Send + 'static
+    {
+        let (mut parts, body) = request.into_parts();
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = Some(self.scheme.clone());
+        uri.authority = Some(self.authority.clone());
+        parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
+        if !parts.headers.contains_key(http::header::USER_AGENT) {
+            parts.headers.insert(http::header::USER_AGENT, USER_AGENT);
+        }
+        let request = http::Request::from_parts(parts, body);
+        let sent = self.send.as_mut().map(|send| send.send_request(request));
+        async move {
+            match sent {
+                Some(response) => response.await.map_err(BoxError::from),
+                None => Err(BoxError::from("called before the connection was ready")),
+            }
+        }
+    }
+
+    fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let mut state = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &state.0 {
+            Current::Up(send) if !send.is_closed() => {
+                self.send = Some(send.clone());
+                Poll::Ready(Ok(()))
+            }
+            Current::Failed(error) => Poll::Ready(Err(Box::new(Shared(error.clone())))),
+            Current::Up(_) | Current::Connecting => {
+                if !state.1.iter().any(|w| w.will_wake(cx.waker())) {
+                    state.1.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Service<http::Request<Body>> for Connection {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if let Some(send) = &self.send {
+            if !send.is_closed() {
+                return Poll::Ready(Ok(()));
+            }
+            // That connection ended; the task is making the next one.
+            self.send = None;
+        }
+        self.poll_slot(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        Box::pin(self.send(request))
+    }
+}
+
+/// A failed attempt, shared by every handle that asks (the error itself is not `Clone`).
+#[derive(Debug)]
+struct Shared(Arc<ConnectError>);
+
+impl std::fmt::Display for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Shared {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0.source)
+    }
+}
+
+/// The connection's task: connect, serve, repeat, while any handle lives.
+async fn drive(slot: Weak<Slot>, addr: SocketAddr, settings: Settings) {
+    let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
+    loop {
+        let outcome = tokio::time::timeout(settings.connect_timeout, connect(addr, &settings))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ConnectError {
+                    what: "connect timed out",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no connection within {:?}", settings.connect_timeout),
+                    ),
+                })
+            });
+        let Some(live) = slot.upgrade() else { return };
+        match outcome {
+            Ok((send, connection)) => {
+                live.set(Current::Up(send));
+                // Hold no strong reference while the connection runs: dropping the last handle
+                // drops the last sender, which ends the connection.
+                drop(live);
+                let started = tokio::time::Instant::now();
+                if let Err(error) = connection.await {
+                    tracing::debug!(%addr, %error, "connection ended");
+                }
+                let Some(live) = slot.upgrade() else { return };
+                live.set(Current::Connecting);
+                if started.elapsed() >= HEALTHY_LIFETIME {
+                    backoff.reset();
+                    continue;
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%addr, %error, "cannot connect");
+                live.set(Current::Failed(Arc::new(error)));
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+        let Some(live) = slot.upgrade() else { return };
+        live.set(Current::Connecting);
+    }
+}
+
+type Handshake = (
+    SendRequest<Body>,
+    Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>,
+);
+
+async fn connect(addr: SocketAddr, settings: &Settings) -> Result<Handshake, ConnectError> {
+    let fail = |what| move |source| ConnectError { what, source };
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(fail("tcp connect error"))?;
+    tcp.set_nodelay(true).map_err(fail("tcp connect error"))?;
+    let mut http2 = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .max_header_list_size(settings.max_header_list_size);
+    let h2_error = |e: hyper::Error| ConnectError {
+        what: "http2 handshake error",
+        source: std::io::Error::other(e),
+    };
+    match &settings.tls {
+        Some(tls) => {
+            let stream = tls
+                .connect(addr, tcp)
+                .await
+                .map_err(fail("tls handshake error"))?;
+            let (send, conn) = http2
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(h2_error)?;
+            Ok((send, Box::pin(conn)))
+        }
+        None => {
+            let (send, conn) = http2.handshake(TokioIo::new(tcp)).await.map_err(h2_error)?;
+            Ok((send, Box::pin(conn)))
+        }
+    }
+}

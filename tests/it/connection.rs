@@ -1,0 +1,111 @@
+//! The balancer's own connections: one per endpoint, shared by calls and the health watch, remade
+//! when cut, and closed when the balancer goes. A counting TCP relay stands between the balancer
+//! and a real replica, so the test sees every connection the balancer opens and can cut them.
+
+use crate::support::{drive, eventually, userguide, Replica};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Relays every connection it accepts to `to`, counting them, and can cut them all.
+struct Relay {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(ip: &str, to: SocketAddr) -> Self {
+        let listener = TcpListener::bind(format!("{ip}:0")).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let links = Arc::new(Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let (accepted, open, links) = (accepted.clone(), open.clone(), links.clone());
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    open.fetch_add(1, Ordering::SeqCst);
+                    let open = open.clone();
+                    let link = tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(to).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                        open.fetch_sub(1, Ordering::SeqCst);
+                    });
+                    links.lock().unwrap().push(link);
+                }
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            open,
+            links,
+            accept,
+        }
+    }
+
+    /// Drops every relayed connection at once (both sockets close: the balancer sees EOF).
+    fn cut(&self) {
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+        // An aborted link never ran its decrement.
+        self.open.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_per_endpoint_remade_when_cut_and_closed_with_the_balancer() {
+    let replica = Replica::start("127.0.0.2", "c1", Default::default()).await;
+    let relay = Relay::start("127.0.0.3", replica.addr).await;
+    let lb = userguide(format!("ipv4:{}", relay.addr))
+        .health_service(meshlb::proto::USERGUIDE_SERVICE)
+        .build()
+        .await
+        .unwrap();
+
+    // Calls and the health watch ride one connection.
+    let tally = drive(&lb, 200, 8).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(tally.of("c1"), 200);
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 1, "one connection");
+
+    // Cut: the connection is made again on its own, and calls go on over the new one.
+    relay.cut();
+    eventually("a second connection", || async {
+        (relay.accepted.load(Ordering::SeqCst) == 2).then_some(())
+    })
+    .await;
+    eventually("calls succeed over the new connection", || async {
+        drive(&lb, 20, 4).await.errors.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(
+        relay.accepted.load(Ordering::SeqCst),
+        2,
+        "still one connection at a time"
+    );
+
+    // Dropping the balancer closes its connection; nothing reconnects afterwards.
+    drop(lb);
+    eventually("the connection closes with the balancer", || async {
+        (relay.open.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 2, "no reconnect");
+}
