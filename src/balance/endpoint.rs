@@ -371,7 +371,7 @@ impl Shared {
         self.gate.shut(reason);
     }
 
-    fn finish(&self, outcome: Outcome, elapsed: Duration, was_probe: bool) {
+    pub(super) fn finish(&self, outcome: Outcome, elapsed: Duration, was_probe: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.progress.call_ended();
         let sample = elapsed.as_micros() as f64;

@@ -102,7 +102,7 @@ struct Inner {
     handled: Family<HandledLabels, Counter>,
     handling: Family<MethodLabels, Histogram, fn() -> Histogram>,
     /// Method label sets created so far (at most [`MAX_METHODS`] are kept apart).
-    methods: std::sync::atomic::AtomicUsize,
+    methods: std::sync::Mutex<usize>,
     balancers: Arc<Balancers>,
 }
 
@@ -157,9 +157,7 @@ impl Metrics {
             grpc_service: service.to_owned(),
             grpc_method: method.to_owned(),
         };
-        if self.inner.handling.get(&labels).is_none()
-            && self.inner.methods.fetch_add(1, Ordering::Relaxed) >= MAX_METHODS
-        {
+        if self.inner.handling.get(&labels).is_none() && !self.admit_method(&labels) {
             labels.grpc_service = "other".into();
             labels.grpc_method = "other".into();
         }
@@ -169,6 +167,24 @@ impl Metrics {
             start: Instant::now(),
             done: false,
         }
+    }
+}
+
+impl Metrics {
+    /// Whether a method not seen before gets series of its own. Its histogram is made here, at
+    /// the first call's start and under the lock, so that many first calls at once count as one
+    /// method, not many.
+    fn admit_method(&self, labels: &MethodLabels) -> bool {
+        let mut seen = self.inner.methods.lock().unwrap_or_else(|e| e.into_inner());
+        if self.inner.handling.get(labels).is_some() {
+            return true;
+        }
+        if *seen >= MAX_METHODS {
+            return false;
+        }
+        *seen += 1;
+        drop(self.inner.handling.get_or_create(labels));
+        true
     }
 }
 
@@ -529,6 +545,149 @@ mod tests {
             .count();
         assert_eq!(kept, MAX_METHODS + 1, "{text}");
         assert!(text.contains("grpc_method=\"other\""), "{text}");
+    }
+
+    #[test]
+    fn first_calls_at_once_to_one_method_count_as_one() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        // More first calls than the cap, all in flight at once, to one method.
+        let open: Vec<CallMetrics> = (0..MAX_METHODS + 10)
+            .map(|_| metrics.call("t", "/s.S/Same"))
+            .collect();
+        drop(open);
+        metrics.call("t", "/s.S/Next").finish(Code::Ok);
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("grpc_method=\"Next\""), "{text}");
+        assert!(!text.contains("grpc_method=\"other\""), "{text}");
+    }
+
+    /// Each series' label names, from the text a scrape gets.
+    fn label_names(text: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut all = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, rest) = line.split_once('{').unwrap_or((line, ""));
+            let name = name.split_whitespace().next().unwrap_or_default();
+            let labels = rest.split_once('}').map_or("", |(l, _)| l);
+            let mut names: Vec<String> = labels
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, _)| k.to_owned())
+                .filter(|k| k != "le")
+                .collect();
+            names.sort();
+            let name = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_count")
+                .trim_end_matches("_sum");
+            all.entry(name.to_owned()).or_insert(names);
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn every_series_keeps_its_label_names() {
+        use crate::balance::endpoint::{AccrualConfig, Shared};
+        let mut prom = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut prom);
+        let balancer = super::super::registry::Registry::new("ipv4:127.0.0.1:1".into());
+        let addr: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let connection = crate::connection::Connection::spawn(
+            addr,
+            crate::connection::Settings {
+                connect_timeout: std::time::Duration::from_millis(100),
+                keepalive_interval: std::time::Duration::from_secs(10),
+                keepalive_timeout: std::time::Duration::from_secs(5),
+                max_header_list_size: 1 << 20,
+                tls: None,
+            },
+        );
+        let shared = Shared::new(addr, crate::health::Gate::new(), AccrualConfig::default());
+        shared.finish(
+            crate::balance::completion::Outcome::Status(Code::NotFound),
+            std::time::Duration::from_millis(1),
+            false,
+        );
+        balancer.insert(addr, shared, connection, tokio::spawn(async {}));
+        metrics.attach(&balancer);
+        metrics.call("ipv4:127.0.0.1:1", "/s.S/M").finish(Code::Ok);
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &prom).unwrap();
+        let got = label_names(&text);
+        // Dashboards and alerts group and filter by these: renaming one breaks them.
+        let (t, e) = ("target", "endpoint");
+        let expected: &[(&str, &[&str])] = &[
+            (
+                "grpc_client_handled_total",
+                &["grpc_code", "grpc_method", "grpc_service", t],
+            ),
+            (
+                "grpc_client_handling_seconds",
+                &["grpc_method", "grpc_service", t],
+            ),
+            ("meshlb_balancer_budget_exhausted_total", &[t]),
+            ("meshlb_balancer_fail_fast_total", &["reason", t]),
+            ("meshlb_balancer_hedge_wins_total", &[t]),
+            ("meshlb_balancer_hedges_total", &[t]),
+            ("meshlb_balancer_retries_total", &[t]),
+            ("meshlb_discovery_dns_errors_total", &[t]),
+            ("meshlb_discovery_endpoints_added_total", &[t]),
+            ("meshlb_discovery_endpoints_removed_total", &[t]),
+            ("meshlb_endpoint_calls_total", &[e, "grpc_code", t]),
+            ("meshlb_endpoint_ejections_total", &[e, "reason", t]),
+            ("meshlb_endpoint_in_flight_calls", &[e, t]),
+            ("meshlb_endpoint_latency_ewma_seconds", &[e, t]),
+            ("meshlb_endpoint_probes_total", &[e, t]),
+            ("meshlb_endpoint_state", &[e, "state", t]),
+        ];
+        let expected: std::collections::BTreeMap<String, Vec<String>> = expected
+            .iter()
+            .map(|(n, l)| (n.to_string(), l.iter().map(|s| s.to_string()).collect()))
+            .collect();
+        assert_eq!(got, expected, "{text}");
+        // And the values a dashboard selects on.
+        let values = |series: &str, label: &str| -> Vec<String> {
+            let prefix = format!("{series}{{");
+            let key = format!("{label}=\"");
+            let mut v: Vec<String> = text
+                .lines()
+                .filter(|l| l.starts_with(&prefix))
+                .filter_map(|l| l.split_once(&key))
+                .filter_map(|(_, rest)| rest.split_once('"'))
+                .map(|(value, _)| value.to_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            values("meshlb_endpoint_state", "state"),
+            [
+                "connecting",
+                "ejected_failures",
+                "ejected_latency",
+                "ready",
+                "unhealthy"
+            ]
+        );
+        assert_eq!(
+            values("meshlb_endpoint_ejections_total", "reason"),
+            ["failures", "latency"]
+        );
+        assert_eq!(
+            values("meshlb_balancer_fail_fast_total", "reason"),
+            [
+                "connecting",
+                "ejected",
+                "no_endpoints",
+                "other",
+                "unhealthy"
+            ]
+        );
+        assert_eq!(
+            values("meshlb_endpoint_calls_total", "grpc_code"),
+            ["NotFound"]
+        );
     }
 
     #[test]

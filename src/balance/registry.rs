@@ -255,7 +255,7 @@ impl Registry {
             .collect()
     }
 
-    fn insert(
+    pub(super) fn insert(
         &self,
         addr: SocketAddr,
         shared: Arc<Shared>,

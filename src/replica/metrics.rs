@@ -33,8 +33,12 @@ pub const NAMES: &[&str] = &[
     "meshlb_replica_fault_fail_rate",
     "meshlb_replica_fault_jitter_seconds",
     "meshlb_replica_fault_latency_seconds",
+    "meshlb_replica_http_in_flight_requests",
+    "meshlb_replica_http_received_bytes_total",
     "meshlb_replica_http_request_seconds",
+    "meshlb_replica_http_requests_started_total",
     "meshlb_replica_http_requests_total",
+    "meshlb_replica_http_sent_bytes_total",
     "meshlb_replica_in_flight_calls",
     "meshlb_replica_received_bytes_total",
     "meshlb_replica_sent_bytes_total",
@@ -111,6 +115,10 @@ pub struct ReplicaMetrics {
     sent: Family<MethodLabels, Counter>,
     rest: Family<RouteCodeLabels, Counter>,
     rest_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    rest_started: Family<RouteLabels, Counter>,
+    rest_in_flight: Family<RouteLabels, Gauge>,
+    rest_received: Family<RouteLabels, Counter>,
+    rest_sent: Family<RouteLabels, Counter>,
 }
 
 impl std::fmt::Debug for ReplicaMetrics {
@@ -131,6 +139,10 @@ impl ReplicaMetrics {
         let sent = Family::<MethodLabels, Counter>::default();
         let rest = Family::<RouteCodeLabels, Counter>::default();
         let rest_seconds = Family::new_with_constructor(histogram as fn() -> Histogram);
+        let rest_started = Family::<RouteLabels, Counter>::default();
+        let rest_in_flight = Family::<RouteLabels, Gauge>::default();
+        let rest_received = Family::<RouteLabels, Counter>::default();
+        let rest_sent = Family::<RouteLabels, Counter>::default();
         registry.register(
             "grpc_server_started",
             "gRPC calls started on the server",
@@ -168,8 +180,28 @@ impl ReplicaMetrics {
         );
         registry.register(
             "meshlb_replica_http_request_seconds",
-            "REST request latency",
+            "REST request latency, to the answer's headers",
             rest_seconds.clone(),
+        );
+        registry.register(
+            "meshlb_replica_http_requests_started",
+            "REST requests started, by route",
+            rest_started.clone(),
+        );
+        registry.register(
+            "meshlb_replica_http_in_flight_requests",
+            "REST requests started and not yet answered",
+            rest_in_flight.clone(),
+        );
+        registry.register(
+            "meshlb_replica_http_received_bytes",
+            "REST request body bytes received",
+            rest_received.clone(),
+        );
+        registry.register(
+            "meshlb_replica_http_sent_bytes",
+            "REST answer body bytes sent",
+            rest_sent.clone(),
         );
         registry.register_collector(Box::new(StateCollector { faults, state }));
         registry.register_collector(Box::new(crate::metrics::ProcessCollector));
@@ -183,6 +215,10 @@ impl ReplicaMetrics {
             sent,
             rest,
             rest_seconds,
+            rest_started,
+            rest_in_flight,
+            rest_received,
+            rest_sent,
         }
     }
 
@@ -206,26 +242,83 @@ impl ReplicaMetrics {
     }
 
     /// Counts request body bytes of a call to `path`.
+    #[cfg(test)]
     fn received(&self, labels: &MethodLabels, bytes: usize) {
         self.received.get_or_create(labels).inc_by(bytes as u64);
     }
 
-    /// Records a REST request to `path` answered with `status` after `start`.
-    pub fn rest(&self, path: &str, status: http::StatusCode, start: Instant) {
-        let route = ROUTES
-            .iter()
-            .find(|r| **r == path)
-            .copied()
-            .unwrap_or("other");
-        self.rest
+    /// A REST request to `path` begins: counted as started and in flight until it is answered
+    /// ([`RestCall::answered`]) or dropped.
+    pub fn rest_call(&self, path: &str) -> RestCall {
+        let route = RouteLabels {
+            route: ROUTES
+                .iter()
+                .find(|r| **r == path)
+                .copied()
+                .unwrap_or("other"),
+        };
+        self.rest_started.get_or_create(&route).inc();
+        self.rest_in_flight.get_or_create(&route).inc();
+        RestCall {
+            metrics: self.clone(),
+            route,
+            start: Instant::now(),
+            done: false,
+        }
+    }
+
+    /// A REST request to `path` answered at once (before any handler ran) with `response`.
+    pub fn rest_refused<B: http_body::Body>(&self, path: &str, response: &http::Response<B>) {
+        self.rest_call(path).answered(response);
+    }
+}
+
+/// One REST request in flight.
+pub struct RestCall {
+    metrics: ReplicaMetrics,
+    route: RouteLabels,
+    start: Instant,
+    done: bool,
+}
+
+impl RestCall {
+    /// A counter of this request's body bytes.
+    pub fn request_counter(&self) -> RequestBytes {
+        RequestBytes(
+            self.metrics
+                .rest_received
+                .get_or_create(&self.route)
+                .clone(),
+        )
+    }
+
+    /// Answered with `response`: its status, latency and body size (REST answers are whole JSON
+    /// documents, so the size is known before they are sent).
+    pub fn answered<B: http_body::Body>(mut self, response: &http::Response<B>) {
+        self.done = true;
+        let m = &self.metrics;
+        m.rest_in_flight.get_or_create(&self.route).dec();
+        m.rest
             .get_or_create(&RouteCodeLabels {
-                route,
-                code: status.as_u16(),
+                route: self.route.route,
+                code: response.status().as_u16(),
             })
             .inc();
-        self.rest_seconds
-            .get_or_create(&RouteLabels { route })
-            .observe(start.elapsed().as_secs_f64());
+        m.rest_seconds
+            .get_or_create(&self.route)
+            .observe(self.start.elapsed().as_secs_f64());
+        let hint = response.body().size_hint();
+        m.rest_sent
+            .get_or_create(&self.route)
+            .inc_by(hint.exact().unwrap_or(hint.lower()));
+    }
+}
+
+impl Drop for RestCall {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.rest_in_flight.get_or_create(&self.route).dec();
+        }
     }
 }
 
@@ -284,10 +377,7 @@ impl GrpcCall {
 
     /// A counter of this call's request body bytes.
     pub fn request_counter(&self) -> RequestBytes {
-        RequestBytes {
-            metrics: self.metrics.clone(),
-            labels: self.labels.clone(),
-        }
+        RequestBytes(self.metrics.received.get_or_create(&self.labels).clone())
     }
 }
 
@@ -297,11 +387,8 @@ impl Drop for GrpcCall {
     }
 }
 
-/// Counts one call's request body bytes.
-pub struct RequestBytes {
-    metrics: ReplicaMetrics,
-    labels: MethodLabels,
-}
+/// Counts one call's request body bytes (a gRPC method's or a REST route's counter).
+pub struct RequestBytes(Counter);
 
 pin_project_lite::pin_project! {
     /// A request body whose data bytes are counted.
@@ -330,9 +417,7 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for CountedRequest<B> {
         let this = self.project();
         let frame = std::task::ready!(this.inner.poll_frame(cx));
         if let Some(Ok(Some(data))) = frame.as_ref().map(|f| f.as_ref().map(|f| f.data_ref())) {
-            this.counter
-                .metrics
-                .received(&this.counter.labels, data.len());
+            this.counter.0.inc_by(data.len() as u64);
         }
         Poll::Ready(frame)
     }
@@ -485,7 +570,12 @@ mod tests {
         call.sent(10);
         metrics.received(&call.labels, 10);
         call.finish(tonic::Code::NotFound);
-        metrics.rest("/v1/points", http::StatusCode::OK, Instant::now());
+        let rest = metrics.rest_call("/v1/points");
+        rest.request_counter().0.inc_by(3);
+        rest.answered(&http::Response::new(http_body_util::Full::new(
+            Bytes::from_static(b"{}"),
+        )));
+        let _in_flight = metrics.rest_call("/v1/users");
         let text = crate::metrics::encode(metrics.registry());
         let mut names: Vec<&str> = text
             .lines()
@@ -503,6 +593,16 @@ mod tests {
             ),
             "{text}"
         );
+        for line in [
+            "meshlb_replica_http_requests_total{route=\"/v1/points\",code=\"200\"} 1",
+            "meshlb_replica_http_requests_started_total{route=\"/v1/points\"} 1",
+            "meshlb_replica_http_in_flight_requests{route=\"/v1/points\"} 0",
+            "meshlb_replica_http_in_flight_requests{route=\"/v1/users\"} 1",
+            "meshlb_replica_http_received_bytes_total{route=\"/v1/points\"} 3",
+            "meshlb_replica_http_sent_bytes_total{route=\"/v1/points\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]

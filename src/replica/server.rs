@@ -337,22 +337,19 @@ where
                 "INVALID_ARGUMENT",
                 "absolute-form request targets are not served: this server is not a proxy",
             );
-            self.metrics.rest(
-                req.uri().path(),
-                response.status(),
-                tokio::time::Instant::now(),
-            );
+            self.metrics.rest_refused(req.uri().path(), &response);
             return Box::pin(async move { Ok(stamped(response, id)) });
         }
         match kind_of(req.headers()) {
             Kind::Rest => {
                 let rest = self.rest.clone();
-                let metrics = self.metrics.clone();
-                let start = tokio::time::Instant::now();
+                let metered = self.metrics.rest_call(req.uri().path());
+                let counter = metered.request_counter();
                 Box::pin(async move {
-                    let path = req.uri().path().to_owned();
-                    let response = rest.oneshot(req.map(Body::new)).await?;
-                    metrics.rest(&path, response.status(), start);
+                    let response = rest
+                        .oneshot(req.map(|b| Body::new(CountedRequest::new(b, counter))))
+                        .await?;
+                    metered.answered(&response);
                     Ok(stamped(response, id))
                 })
             }
@@ -370,11 +367,7 @@ where
                         crate::grpc::bounded(&content_type, super::ECHO_LIMIT)
                     ),
                 );
-                self.metrics.rest(
-                    req.uri().path(),
-                    response.status(),
-                    tokio::time::Instant::now(),
-                );
+                self.metrics.rest_refused(req.uri().path(), &response);
                 Box::pin(async move { Ok(stamped(response, id)) })
             }
             Kind::Grpc => self.call_grpc(req, id),
