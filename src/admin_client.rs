@@ -25,6 +25,28 @@ pub struct AdminAddr {
     pub tls: Option<ClientTlsConfig>,
 }
 
+/// What a replica's admin service says of it.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaState {
+    /// Its fault knobs.
+    pub faults: FaultConfig,
+    /// It reports SERVING.
+    pub serving: bool,
+    /// It is draining (and reports NOT_SERVING).
+    pub draining: bool,
+}
+
+impl ReplicaState {
+    /// `serving`, `not-serving` or `draining`, as `meshlb faults` prints it.
+    pub fn health_word(&self) -> &'static str {
+        match (self.draining, self.serving) {
+            (true, _) => "draining",
+            (false, true) => "serving",
+            (false, false) => "not-serving",
+        }
+    }
+}
+
 impl AdminAddr {
     /// A plaintext admin listener.
     pub fn plaintext(addr: SocketAddr) -> Self {
@@ -54,10 +76,22 @@ impl AdminAddr {
 
     /// The replica's current fault knobs.
     pub async fn get_faults(&self) -> Result<FaultConfig, Status> {
-        let response = self.client().await?.get_faults(GetFaultsRequest {}).await?;
-        Ok(crate::replica::admin::from_wire(
-            response.into_inner().faults.unwrap_or_default(),
-        ))
+        Ok(self.state().await?.faults)
+    }
+
+    /// The replica's fault knobs and the health it reports.
+    pub async fn state(&self) -> Result<ReplicaState, Status> {
+        let response = self
+            .client()
+            .await?
+            .get_faults(GetFaultsRequest {})
+            .await?
+            .into_inner();
+        Ok(ReplicaState {
+            faults: crate::replica::admin::from_wire(response.faults.unwrap_or_default()),
+            serving: response.serving,
+            draining: response.draining,
+        })
     }
 
     /// Replaces the replica's fault knobs; returns the previous ones.

@@ -153,8 +153,17 @@ impl Report {
 
     /// The whole report as a terminal table.
     pub fn table(&self) -> String {
+        format!(
+            "target {}  policy {}\n{}",
+            self.target,
+            self.policy,
+            self.figures()
+        )
+    }
+
+    /// The table without its `target … policy …` line (the live view's header names both).
+    pub fn figures(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "target {}  policy {}", self.target, self.policy);
         let _ = writeln!(
             out,
             "{:<14} {:<22} {:>7} {:>6}  {:<24} {:>6} {:>9} {:>9}",

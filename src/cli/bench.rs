@@ -64,6 +64,11 @@ fn parse_scenario(s: &str) -> Result<Scenario, String> {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let data_flag = args
+        .data
+        .as_ref()
+        .map(|d| format!(" --data {}", d.display()))
+        .unwrap_or_default();
     let mut launch = launch(args.data)?;
     if std::env::var_os("RUST_LOG").is_none() {
         launch.log = "warn".into();
@@ -102,7 +107,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         })
         .collect();
     let mut markdown = format!(
-        "Command: `meshlb bench --scenarios {} --duration {} --warmup {} --concurrency {} --rounds {}{}` ({} build); \
+        "Command: `meshlb bench --scenarios {} --duration {} --warmup {} --concurrency {} --rounds {}{}{}` ({} build); \
          closed loop, GetPoint; every figure is the median of {} rounds.\n\n",
         scenarios.join(","),
         humantime::format_duration(config.duration),
@@ -110,6 +115,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         config.concurrency,
         config.rounds,
         if config.tls.is_some() { " --tls" } else { "" },
+        data_flag,
         if cfg!(debug_assertions) { "debug" } else { "release" },
         config.rounds,
     );

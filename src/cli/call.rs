@@ -75,6 +75,17 @@ enum Method {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let code = call(args).await?;
+    if crate::telemetry::exporting() {
+        let exported = tokio::task::spawn_blocking(crate::telemetry::flush).await;
+        if let Ok(Err(error)) | Err(error) = exported.map_err(|e| e.to_string()) {
+            eprintln!("warning: spans were not exported ({error})");
+        }
+    }
+    Ok(code)
+}
+
+async fn call(args: Args) -> anyhow::Result<ExitCode> {
     let method = match (args.method, &args.call) {
         (Some(_), Some(_)) => {
             return Err(

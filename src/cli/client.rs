@@ -414,6 +414,6 @@ fn live_frame(lb: &Balancer, recorder: &Recorder, elapsed: Duration, retries: u6
         );
     }
     let _ = writeln!(out, "\nlast second:");
-    out.push_str(&second.table());
+    out.push_str(&second.figures());
     out
 }

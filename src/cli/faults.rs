@@ -49,14 +49,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         } else {
             ""
         };
+        // tonic's "transport error" alone says nothing; the TLS or connection error under it does.
+        let message =
+            crate::health::with_causes(s.message().to_owned(), std::error::Error::source(&s));
         anyhow::anyhow!(
-            "{}: {} {}{hint}",
+            "{}: {} {message}{hint}",
             args.addr,
             crate::grpc::code_name(s.code()),
-            s.message()
         )
     };
-    let mut faults = admin.get_faults().await.map_err(fail)?;
+    let mut state = admin.state().await.map_err(fail)?;
+    let faults = &mut state.faults;
     let changes = args.latency.is_some() || args.jitter.is_some() || args.fail_rate.is_some();
     if changes {
         let wanted = FaultConfig {
@@ -66,24 +69,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         wanted.validate().map_err(UsageError)?;
         admin.set_faults(wanted).await.map_err(fail)?;
-        faults = wanted;
+        *faults = wanted;
     }
-    let serving = if args.serving || args.not_serving {
+    if args.serving || args.not_serving {
         admin.set_serving(args.serving).await.map_err(fail)?;
-        if args.serving {
-            " serving"
-        } else {
-            " not-serving"
-        }
-    } else {
-        ""
-    };
+        state.serving = args.serving;
+    }
     println!(
-        "{}: latency={} jitter={} fail-rate={}{serving}",
+        "{}: latency={} jitter={} fail-rate={} {}",
         args.addr,
-        humantime::format_duration(faults.latency),
-        humantime::format_duration(faults.jitter),
-        faults.fail_rate
+        humantime::format_duration(state.faults.latency),
+        humantime::format_duration(state.faults.jitter),
+        state.faults.fail_rate,
+        state.health_word()
     );
     Ok(ExitCode::SUCCESS)
 }

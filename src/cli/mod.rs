@@ -43,7 +43,7 @@ enum Command {
     Faults(faults::Args),
     /// Make throw-away TLS certificates (CA, server, client) for demos and tests.
     Certs(certs::Args),
-    /// Compare meshlb p2c, round-robin, tonic balance_list and a direct channel, scenario by scenario.
+    /// Compare meshlb's policies with tonic's balance_list, a hand-rolled tower p2c and a direct channel, scenario by scenario.
     Bench(bench::Args),
 }
 
@@ -54,6 +54,17 @@ pub(crate) fn positive_duration(value: &str) -> Result<std::time::Duration, Stri
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// The command whose help a usage error points to: `meshlb SUBCOMMAND` when the arguments name
+/// one, else `meshlb`.
+fn help_for(args: impl Iterator<Item = String>) -> String {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let names: Vec<&str> = cli.get_subcommands().map(|c| c.get_name()).collect();
+    args.take_while(|a| !a.starts_with('-'))
+        .find(|a| names.contains(&a.as_str()))
+        .map_or_else(|| "meshlb".to_owned(), |name| format!("meshlb {name}"))
 }
 
 /// A failure the user caused (bad flag, target or file): exit code 2.
@@ -72,7 +83,11 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         Err(e) if e.use_stderr() => {
-            eprintln!("{} (see meshlb --help)", one_line(&e.render().to_string()));
+            eprintln!(
+                "{} (see {} --help)",
+                one_line(&e.render().to_string()),
+                help_for(std::env::args().skip(1))
+            );
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -96,10 +111,12 @@ pub fn main() -> ExitCode {
     let (result, telemetry) = runtime.block_on(async {
         // A server logs what it does; the tools log only what goes wrong, so their own output
         // (tables, the live view, progress bars) stays readable. RUST_LOG=info shows more.
+        // The exporter's own errors are left out of the tools' output: they say once, in their
+        // own words, when spans did not reach the collector.
         let level = if service == "meshlb-replica" {
             "info"
         } else {
-            "warn"
+            "warn,opentelemetry_sdk=off,opentelemetry_otlp=off"
         };
         let telemetry = crate::telemetry::init(service, level);
         let result = match cli.command {

@@ -113,8 +113,11 @@ impl admin::admin_service_server::AdminService for Admin {
         &self,
         _request: tonic::Request<admin::GetFaultsRequest>,
     ) -> Result<tonic::Response<admin::GetFaultsResponse>, Status> {
+        let flag = |b: &std::sync::atomic::AtomicBool| b.load(std::sync::atomic::Ordering::Acquire);
         Ok(tonic::Response::new(admin::GetFaultsResponse {
             faults: Some(to_wire(self.faults.get())),
+            serving: flag(&self.state.serving),
+            draining: flag(&self.state.draining),
         }))
     }
 }

@@ -1,6 +1,7 @@
 //! The real `meshlb` binary: up, client, call, demo, and bad usage.
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 
 fn meshlb() -> Command {
@@ -17,7 +18,7 @@ fn up(replicas: &str) -> (Child, String) {
 
 fn up_with(args: &[&str], replicas: usize) -> (Child, String) {
     let (child, target, serving, lines) = spawn_up(args);
-    assert_eq!(serving, replicas);
+    assert_eq!(serving.len(), replicas);
     // Keep draining stdout so `up` never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     (child, target)
@@ -25,9 +26,9 @@ fn up_with(args: &[&str], replicas: usize) -> (Child, String) {
 
 type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
 
-/// `meshlb up` on free ports: the child, its target, how many replicas said SERVING, and the rest
-/// of its output.
-fn spawn_up(args: &[&str]) -> (Child, String, usize, Lines) {
+/// `meshlb up` on free ports: the child, its target, the lines of the replicas that said
+/// SERVING, and the rest of its output.
+fn spawn_up(args: &[&str]) -> (Child, String, Vec<String>, Lines) {
     // From another folder: `up` needs nothing from the repository (its fleet and data are built in).
     let mut child = meshlb()
         .current_dir(std::env::temp_dir())
@@ -39,14 +40,14 @@ fn spawn_up(args: &[&str]) -> (Child, String, usize, Lines) {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
-    let mut serving = 0;
+    let mut serving = Vec::new();
     let target = loop {
         let line = lines
             .next()
             .expect("up printed its target before exiting")
             .unwrap();
         if line.contains("SERVING") {
-            serving += 1;
+            serving.push(line.clone());
         }
         if let Some(t) = line.strip_prefix("target: ") {
             break t.to_owned();
@@ -288,34 +289,135 @@ fn a_two_tier_fleet_answers_through_the_front() {
     stop(child);
 }
 
+/// What each line of a `--watch` frame is, runs of rows counted once: the frame's structure,
+/// whatever the figures.
+fn frame_structure(frame: &[String]) -> Vec<&'static str> {
+    let mut kinds: Vec<&'static str> = Vec::new();
+    for line in frame {
+        let kind = if line.starts_with("meshlb client --watch ") {
+            "title"
+        } else if line.split_whitespace().collect::<Vec<_>>()
+            == [
+                "endpoint",
+                "state",
+                "in-flight",
+                "served",
+                "errors",
+                "shed",
+                "ewma",
+            ]
+        {
+            "endpoint header"
+        } else if line.starts_with(|c: char| c.is_ascii_digit()) {
+            "endpoint"
+        } else if line.is_empty() {
+            "blank"
+        } else if line == "last second:" {
+            "last second"
+        } else if line.split_whitespace().collect::<Vec<_>>()
+            == [
+                "replica", "address", "calls", "share", "errors", "p50", "p99",
+            ]
+        {
+            "replica header"
+        } else if line.starts_with("calls ") && line.contains(" calls/s over ") {
+            "totals"
+        } else if line.starts_with("latency p50 ") {
+            "latency"
+        } else {
+            "replica"
+        };
+        if kinds.last() != Some(&kind) || !matches!(kind, "endpoint" | "replica") {
+            kinds.push(kind);
+        }
+    }
+    kinds
+}
+
+/// The README's sample of the live view (the `text` block that starts with the watch title).
+fn readme_watch_sample() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("```text\nmeshlb client --watch ")
+        .expect("the README shows a --watch frame");
+    let body = &readme[start + "```text\n".len()..];
+    body[..body.find("```").unwrap()]
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
-fn watch_shows_live_states_and_ctrl_c_prints_the_final_table() {
-    let (fleet, target) = up("3");
+fn watch_runs_until_ctrl_c_counts_retries_per_second_and_looks_as_the_readme_shows() {
+    let (mut fleet, target, serving, lines) = spawn_up(&["--replicas", "3"]);
+    std::thread::spawn(move || lines.for_each(drop));
+    let pid_of = |name: &str| -> i32 {
+        serving
+            .iter()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("pid=")))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("up prints {name}'s pid: {serving:?}"))
+    };
+    // No --duration: a watch runs until Ctrl-C, however many calls that is.
     let mut watch = meshlb()
         .args([
             "client",
             "--target",
             &target,
             "--watch",
-            "--duration",
-            "120s",
             "--concurrency",
-            "2",
+            "8",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = watch.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    // A live frame lists every endpoint with its state.
-    let mut ready = 0;
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut frames: Vec<Vec<String>> = Vec::new();
+    let mut frame = Vec::new();
+    let mut killed = false;
+    let mut retried_then_calm = false;
+    let mut retries_seen = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if line.contains(" ready ") {
-            ready += 1;
+        if line.starts_with("meshlb client --watch ") && !frame.is_empty() {
+            frames.push(std::mem::take(&mut frame));
         }
-        if ready >= 2 && line.starts_with("last second:") {
+        if let Some(retries) = line
+            .strip_prefix("calls ")
+            .and_then(|l| l.split("retries ").nth(1))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            if killed && retries > 0 {
+                retries_seen += 1;
+            } else if retries_seen > 0 && retries == 0 {
+                // Per second: the count falls back once the kill's retries are a second old.
+                retried_then_calm = true;
+            }
+        }
+        frame.push(line);
+        let served: u64 = frames.last().map_or(0, |f| {
+            f.iter()
+                .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+                .filter_map(|l| {
+                    l.split_whitespace()
+                        .nth(3 + usize::from(l.contains("(latency)")))
+                })
+                .filter_map(|n| n.parse::<u64>().ok())
+                .sum()
+        });
+        if !killed && frames.len() >= 2 && served > 1000 {
+            // SAFETY: kill(2) on a child of `up`, which we started; no memory effects.
+            unsafe {
+                libc::kill(pid_of("users-2"), libc::SIGKILL);
+            }
+            killed = true;
+        }
+        if retried_then_calm || std::time::Instant::now() > deadline {
             break;
         }
     }
@@ -325,6 +427,14 @@ fn watch_shows_live_states_and_ctrl_c_prints_the_final_table() {
     }
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = watch.wait().unwrap();
+    assert!(
+        killed,
+        "the watch passed 1000 calls without --duration: {frames:?}"
+    );
+    assert!(
+        retried_then_calm,
+        "retries after the kill, then a second without: {frames:?}"
+    );
     assert_eq!(status.code(), Some(0), "{rest:?}");
     let last = rest
         .iter()
@@ -337,8 +447,23 @@ fn watch_shows_live_states_and_ctrl_c_prints_the_final_table() {
         last.contains("latency p50"),
         "final table expected, got: {last}"
     );
-    assert!(rest.iter().any(|l| l.starts_with("calls ")), "totals line");
-    stop(fleet);
+    // A frame after the kill has the README sample's lines, in its order.
+    let after_kill = frames
+        .iter()
+        .rev()
+        .find(|f| f.iter().any(|l| l.contains(" connecting ")))
+        .unwrap_or_else(|| panic!("users-2 shows as connecting: {frames:?}"));
+    assert_eq!(
+        frame_structure(after_kill),
+        frame_structure(&readme_watch_sample()),
+        "{after_kill:#?}"
+    );
+    // users-2 is gone, so `up`'s exit status after SIGTERM says so; only its ending matters.
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe {
+        libc::kill(fleet.id() as i32, libc::SIGTERM);
+    }
+    fleet.wait().unwrap();
 }
 
 #[test]
@@ -398,4 +523,87 @@ fn usage_errors_name_what_is_wrong() {
     assert_eq!(out.status.code(), Some(2));
     let help = String::from_utf8_lossy(&out.stderr);
     assert!(help.contains("Usage:") && help.contains("demo"), "{help}");
+}
+
+#[test]
+fn up_tls_cleans_up_its_own_certificates_and_uses_a_folder_it_is_given() {
+    let ca_of = |lines: &[String]| -> PathBuf {
+        let try_line = lines
+            .iter()
+            .find(|l| l.starts_with("try:"))
+            .unwrap_or_else(|| panic!("a try: line in {lines:?}"));
+        let words: Vec<&str> = try_line.split_whitespace().collect();
+        let at = words
+            .iter()
+            .position(|w| *w == "--tls-ca")
+            .expect("--tls-ca");
+        PathBuf::from(words[at + 1])
+    };
+    let lines_of = crate::support::lines_until_try;
+    let up = |extra: &[&str]| {
+        meshlb()
+            .current_dir(std::env::temp_dir())
+            .args(["up", "--base-port", "0", "--replicas", "1", "--tls"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // No --certs: a temporary folder, named in the client flags, gone after Ctrl-C.
+    let mut child = up(&[]);
+    let ca = ca_of(&lines_of(&mut child));
+    assert!(ca.exists(), "{} exists while up runs", ca.display());
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    assert!(child.wait().unwrap().success());
+    assert!(!ca.exists(), "{} is removed with the fleet", ca.display());
+    assert!(!ca.parent().unwrap().exists());
+
+    // --certs DIR: those certificates, named as given, left in place.
+    let dir = std::env::temp_dir().join(format!("meshlb-it-certs-{}", std::process::id()));
+    let made = meshlb()
+        .args(["certs", "--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let mut child = up(&["--certs", dir.to_str().unwrap()]);
+    let ca = ca_of(&lines_of(&mut child));
+    assert_eq!(ca, dir.join("ca.pem"));
+    stop(child);
+    assert!(dir.join("ca.pem").exists(), "a given folder is the user's");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn tools_log_only_warnings_by_default_and_never_colour_a_pipe() {
+    let (fleet, target) = up("2");
+    let client = |rust_log: Option<&str>| {
+        let mut cmd = meshlb();
+        cmd.env_remove("RUST_LOG");
+        if let Some(level) = rust_log {
+            cmd.env("RUST_LOG", level);
+        }
+        let out = cmd
+            .args(["client", "--target", &target, "--requests", "50"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Asked for, the balancer's own lines are there (so the default below filters something)...
+    let verbose = client(Some("meshlb=debug"));
+    assert!(verbose.contains("DEBUG"), "{verbose}");
+    // ... and never with colour codes when stderr is not a terminal.
+    assert!(!verbose.contains('\u{1b}'), "{verbose:?}");
+    // By default: nothing below a warning.
+    let quiet = client(None);
+    assert!(
+        !quiet.contains("INFO") && !quiet.contains("DEBUG"),
+        "{quiet}"
+    );
+    assert!(!quiet.contains('\u{1b}'), "{quiet:?}");
+    stop(fleet);
 }

@@ -593,6 +593,7 @@ async fn faults_changes_only_the_knobs_it_names() {
         shown.contains("latency=40ms") && shown.contains("fail-rate=0.1"),
         "{shown}"
     );
+    assert!(shown.trim_end().ends_with(" serving"), "{shown}");
     let out = faults(&["--not-serving"]);
     assert!(out.status.success(), "{out:?}");
     eventually("the replica reports NOT_SERVING", || async {
@@ -601,6 +602,12 @@ async fn faults_changes_only_the_knobs_it_names() {
         .then_some(())
     })
     .await;
+    // No knobs again: the health it reports is shown with the knobs.
+    let shown = String::from_utf8_lossy(&faults(&[]).stdout).into_owned();
+    assert!(
+        shown.trim_end().ends_with(" not-serving") && shown.contains("latency=40ms"),
+        "{shown}"
+    );
     // The serving port has no admin service.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshlb"))
         .args(["faults", "--addr", &p.addr.to_string(), "--latency", "1s"])

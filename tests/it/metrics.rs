@@ -391,17 +391,7 @@ fn spawn_up() -> (std::process::Child, Vec<String>) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let done = line.starts_with("try:");
-        seen.push(line);
-        if done {
-            break;
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
+    let seen = crate::support::lines_until_try(&mut up);
     (up, seen)
 }
 

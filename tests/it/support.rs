@@ -349,3 +349,20 @@ pub fn userguide(target: impl Into<String>) -> meshlb::balance::Builder {
         .service_config(meshlb::proto::USERGUIDE_SERVICE_CONFIG)
         .expect("the built-in service config is valid")
 }
+
+/// `meshlb up`'s lines up to its `try:` line; the rest is drained on a thread so that `up` never
+/// blocks on a full pipe.
+pub fn lines_until_try(child: &mut Child) -> Vec<String> {
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout piped")).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("up's output is text");
+        let done = line.starts_with("try:");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    seen
+}
