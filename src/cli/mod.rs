@@ -17,7 +17,13 @@ use std::process::ExitCode;
 
 /// Client-side load balancing for gRPC, shown as a small service mesh.
 #[derive(Debug, Parser)]
-#[command(name = "meshlb", version, about, arg_required_else_help = true)]
+#[command(
+    name = "meshlb",
+    version,
+    about,
+    arg_required_else_help = true,
+    after_help = "Logs: the tools print warnings only, a replica logs at info; RUST_LOG=info (or debug) shows more."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
