@@ -26,6 +26,7 @@ use super::deadline::DeadlineBody;
 use super::endpoint::{BoxError, EndpointError, ServedBy};
 use super::failfast::FailedFast;
 use super::hedge::{HedgeConfig, HedgeDelay};
+use super::limit::Permit;
 use super::metrics::MeteredBody;
 use super::probe;
 use super::replay;
@@ -141,17 +142,18 @@ pub(super) async fn run(
     buffer: Buffered,
     shared: Arc<super::Shared>,
     mut request: http::Request<Body>,
+    permit: Option<Permit>,
 ) -> Result<http::Response<Body>, BoxError> {
     let mut metered = shared
         .metrics
         .as_ref()
         .map(|m| m.call(shared.registry.target(), request.uri().path()));
     let response = match telemetry::decide_call() {
-        CallTrace::Spans => traced(buffer, &shared, request).await,
+        CallTrace::Spans => traced(buffer, &shared, request, permit).await,
         forward => {
             // The attempts learn it from the request, and forward the context instead of a span.
             request.extensions_mut().insert(forward);
-            run_in_span(buffer, &shared, request).await
+            run_in_span(buffer, &shared, request, permit).await
         }
     };
     let response = match metered.take() {
@@ -171,6 +173,7 @@ async fn traced(
     buffer: Buffered,
     shared: &super::Shared,
     request: http::Request<Body>,
+    permit: Option<Permit>,
 ) -> http::Response<Body> {
     let (service, method) = telemetry::rpc_names(request.uri().path());
     let span = tracing::info_span!(
@@ -192,7 +195,7 @@ async fn traced(
         rpc.grpc.status_code = Empty,
         otel.status_code = Empty,
     );
-    let response = run_in_span(buffer, shared, request)
+    let response = run_in_span(buffer, shared, request, permit)
         .instrument(span.clone())
         .await;
     let code = status_of(&response);
@@ -206,10 +209,12 @@ async fn traced(
     response
 }
 
+/// `permit` is the call's share of the balancer's in-flight bound: it ends with the answer.
 async fn run_in_span(
     buffer: Buffered,
     shared: &super::Shared,
     request: http::Request<Body>,
+    permit: Option<Permit>,
 ) -> http::Response<Body> {
     let config = &shared.config;
     let path = request.uri().path().to_owned();
@@ -338,7 +343,7 @@ async fn run_in_span(
         // A trailers-only answer is complete already.
         return response;
     }
-    response.map(|body| Body::new(DeadlineBody::new(body, expires)))
+    response.map(|body| Body::new(DeadlineBody::new(body, expires, permit)))
 }
 
 /// When to hedge a call, and which failures of one try leave the other to answer.

@@ -1,7 +1,8 @@
 //! A call's deadline after its response headers: a streaming answer that stalls past the deadline
 //! ends with `DEADLINE_EXCEEDED` instead of hanging the caller. (Up to the headers, `call` bounds
 //! the wait itself.) The timer is only armed when the body actually has to wait, so a unary answer
-//! that is already complete costs no timer.
+//! that is already complete costs no timer. It also holds the call's share of the balancer's
+//! in-flight bound ([`super::limit`]) until the answer ends.
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -21,17 +22,19 @@ pin_project! {
         expires: Instant,
         timer: Option<Pin<Box<Sleep>>>,
         expired: bool,
+        permit: Option<super::limit::Permit>,
     }
 }
 
 impl DeadlineBody {
-    /// Bounds `inner` by `expires`.
-    pub fn new(inner: Body, expires: Instant) -> Self {
+    /// Bounds `inner` by `expires`; `permit` is released when the answer ends.
+    pub fn new(inner: Body, expires: Instant, permit: Option<super::limit::Permit>) -> Self {
         Self {
             inner,
             expires,
             timer: None,
             expired: false,
+            permit,
         }
     }
 }
@@ -48,7 +51,12 @@ impl HttpBody for DeadlineBody {
         if *this.expired {
             return Poll::Ready(None);
         }
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+        let mut inner = this.inner;
+        if let Poll::Ready(frame) = inner.as_mut().poll_frame(cx) {
+            if frame.is_none() || inner.is_end_stream() {
+                // The answer is over, even if the caller keeps the body: free its slot.
+                this.permit.take();
+            }
             return Poll::Ready(frame);
         }
         let expires = *this.expires;
@@ -58,6 +66,7 @@ impl HttpBody for DeadlineBody {
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => {
                 *this.expired = true;
+                this.permit.take();
                 Poll::Ready(Some(Err(Status::deadline_exceeded(
                     "the call's deadline passed while the answer was streaming",
                 ))))
@@ -87,7 +96,7 @@ mod tests {
             futures::stream::iter([Ok::<_, Status>(Frame::data(Bytes::from_static(b"first")))])
                 .chain(futures::stream::pending());
         let inner = Body::new(StreamBody::new(frames));
-        let mut body = DeadlineBody::new(inner, Instant::now() + Duration::from_secs(2));
+        let mut body = DeadlineBody::new(inner, Instant::now() + Duration::from_secs(2), None);
         assert!(body.frame().await.unwrap().unwrap().is_data());
         let started = Instant::now();
         let err = body.frame().await.unwrap().unwrap_err();
@@ -99,7 +108,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_complete_body_passes_through_untouched() {
         let inner = Body::new(http_body_util::Full::new(Bytes::from_static(b"all")));
-        let mut body = DeadlineBody::new(inner, Instant::now());
+        let mut body = DeadlineBody::new(inner, Instant::now(), None);
         let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&data[..], b"all");
     }

@@ -9,7 +9,7 @@
 //! # What this does
 //! ```text
 //!  discovery task ──Change<addr>──> registry task ──Change<addr, PeakEwma<Endpoint>>──> Balance (p2c)
-//!                                   (connect lazily,                                    or RoundRobin
+//!                                   (connect at once,                                   or RoundRobin
 //!                                    start health watch)                                   │
 //!  caller ──> Balancer (deadline, retries) ──> Buffer ──> FailFast (bounded wait) ─────────┘
 //! ```
@@ -60,6 +60,7 @@ pub mod endpoint;
 pub mod failfast;
 pub mod failure;
 pub mod hedge;
+pub mod limit;
 pub mod metrics;
 pub mod outlier;
 pub mod probe;
@@ -198,6 +199,7 @@ pub struct Builder {
     silence: SilenceConfig,
     tls: Option<crate::tls::ClientTls>,
     buffer: usize,
+    max_in_flight: usize,
     metrics: Option<Metrics>,
     discovery: Option<CustomDiscovery>,
 }
@@ -271,6 +273,15 @@ impl Builder {
     /// Every call's deadline, unless the caller's `grpc-timeout` is shorter (default 10 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.call.timeout = timeout;
+        self
+    }
+
+    /// At most this many calls in flight through the balancer, all clones together (default
+    /// 10,000; at least 1). A full balancer is not ready: tonic's clients wait in `ready()` until
+    /// an answer ends (a stream counts until its last message), so a runaway caller meets
+    /// backpressure instead of piling up requests.
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = max.max(1);
         self
     }
 
@@ -451,6 +462,7 @@ impl Builder {
         let budget = self.call.budget();
         Ok(Balancer {
             buffer,
+            limit: limit::InFlight::new(self.max_in_flight),
             shared: Arc::new(Shared {
                 registry,
                 policy,
@@ -479,6 +491,7 @@ impl Builder {
 pub struct Balancer {
     buffer: Buffered,
     shared: Arc<Shared>,
+    limit: limit::InFlight,
 }
 
 pub(crate) struct Shared {
@@ -545,6 +558,7 @@ impl Balancer {
             silence: SilenceConfig::default(),
             tls: None,
             buffer: 1024,
+            max_in_flight: limit::DEFAULT_MAX_IN_FLIGHT,
             metrics: None,
             discovery: None,
         }
@@ -600,13 +614,19 @@ impl Service<http::Request<Body>> for Balancer {
     type Error = BoxError;
     type Future = futures::future::BoxFuture<'static, Result<http::Response<Body>, BoxError>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Readiness is awaited inside the call, under its deadline, so it can end in a status
-        // instead of a hang.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Backpressure is the in-flight bound only. An endpoint's readiness is awaited inside
+        // the call, under its deadline, so that it can end in a status instead of a hang.
+        std::task::ready!(self.limit.poll_acquire(cx));
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        Box::pin(call::run(self.buffer.clone(), self.shared.clone(), request))
+        let reserved = self.limit.take();
+        let (buffer, shared) = (self.buffer.clone(), self.shared.clone());
+        Box::pin(async move {
+            let permit = reserved.get().await;
+            call::run(buffer, shared, request, permit).await
+        })
     }
 }

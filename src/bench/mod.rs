@@ -341,20 +341,7 @@ async fn measure(
             round
         }
         Contender::TowerP2c => {
-            let channels = addrs
-                .iter()
-                .map(|a| Ok(tonic_endpoint(*a, config)?.connect_lazy()))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let ewma = EwmaConfig::default();
-            let discover = tower::load::PeakEwmaDiscover::new(
-                tower::discover::ServiceList::new(channels),
-                ewma.default_rtt,
-                ewma.decay,
-                crate::balance::completion::BodyEnd,
-            );
-            let p2c =
-                tower::balance::p2c::Balance::<_, http::Request<tonic::body::Body>>::new(discover);
-            let svc = tower::buffer::Buffer::new(p2c, 1024);
+            let svc = tower_p2c(addrs, config)?;
             let typed = CallKind::GetPoint.into();
             measure_on(&svc, typed, kind, ids, slow_admin, config).await
         }
@@ -373,6 +360,39 @@ async fn measure(
         }
     }
 }
+
+/// What a tonic user builds by hand: tower's p2c over `PeakEwmaDiscover` (latency to the end of
+/// the body) on plain tonic channels, behind a `Buffer`.
+pub(crate) fn tower_p2c(addrs: &[SocketAddr], config: &BenchConfig) -> anyhow::Result<TowerP2c> {
+    let channels = addrs
+        .iter()
+        .map(|a| Ok(tonic_endpoint(*a, config)?.connect_lazy()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ewma = EwmaConfig::default();
+    let discover = tower::load::PeakEwmaDiscover::new(
+        tower::discover::ServiceList::new(channels),
+        ewma.default_rtt,
+        ewma.decay,
+        crate::balance::completion::BodyEnd,
+    );
+    Ok(tower::buffer::Buffer::new(
+        TowerBalance::new(discover),
+        1024,
+    ))
+}
+
+pub(crate) type TowerP2c = tower::buffer::Buffer<
+    http::Request<tonic::body::Body>,
+    <TowerBalance as tower::Service<http::Request<tonic::body::Body>>>::Future,
+>;
+
+type TowerBalance = tower::balance::p2c::Balance<
+    tower::load::PeakEwmaDiscover<
+        tower::discover::ServiceList<Vec<tonic::transport::Channel>>,
+        crate::balance::completion::BodyEnd,
+    >,
+    http::Request<tonic::body::Body>,
+>;
 
 /// A plain tonic endpoint, with the run's TLS if any.
 fn tonic_endpoint(

@@ -1,7 +1,10 @@
 //! The scale scenario: what the balancer costs as the fleet grows. The same closed-loop load over
 //! 3, 30, 100 and 300 replicas (processes, no injected latency): calls/s, latency, the client's
 //! CPU per call, and the library's resident memory per endpoint (the process's growth while the
-//! balancer connects and watches every endpoint, divided by their number).
+//! balancer connects and watches every endpoint, divided by their number). Beside it, at each
+//! size, the hand-rolled tower p2c (`PeakEwmaDiscover` over tonic channels) under the same load:
+//! how much of the growth is the transport's (more connections, each call alone on one) and how
+//! much meshlb's.
 //!
 //! Knows the load generator and the fleet; nothing of how the figures are judged.
 
@@ -30,6 +33,10 @@ pub struct ScaleRow {
     pub latency_ms: Latency,
     /// The client's CPU time per call (median over rounds).
     pub cpu_us_per_call: f64,
+    /// The hand-rolled tower p2c over the same endpoints: calls/s and CPU per call.
+    pub tower_rps: f64,
+    /// Its CPU time per call, µs.
+    pub tower_cpu_us_per_call: f64,
     /// The client's resident memory growth per endpoint once every endpoint is ready, KiB.
     pub memory_kib_per_endpoint: f64,
 }
@@ -68,11 +75,15 @@ pub async fn run(
             .await?;
         all_ready(&lb, n).await?;
         let memory = resident_bytes().saturating_sub(before) as f64 / 1024.0 / n as f64;
+        let tower = super::tower_p2c(&addrs[..n], config)?;
         let mut rounds = Vec::new();
+        let mut tower_rounds = Vec::new();
         for round in 0..config.rounds {
             progress(&format!("scale / {n} endpoints / round {}", round + 1));
             rounds.push(measure(&lb, config).await);
+            tower_rounds.push(measure(&tower, config).await);
         }
+        drop(tower);
         let rps = median(rounds.iter().map(|r| r.0).collect());
         let cpu = median(rounds.iter().map(|r| r.2).collect());
         let latency = rounds
@@ -85,6 +96,8 @@ pub async fn run(
             rps,
             latency_ms: latency,
             cpu_us_per_call: cpu,
+            tower_rps: median(tower_rounds.iter().map(|r| r.0).collect()),
+            tower_cpu_us_per_call: median(tower_rounds.iter().map(|r| r.2).collect()),
             memory_kib_per_endpoint: memory,
         });
         alive.push(lb);
@@ -120,7 +133,7 @@ async fn all_ready(lb: &Balancer, n: usize) -> anyhow::Result<()> {
 }
 
 /// One round: (calls/s, latency, CPU µs per call).
-async fn measure(lb: &Balancer, config: &BenchConfig) -> (f64, Latency, f64) {
+async fn measure<T: load::Transport>(lb: &T, config: &BenchConfig) -> (f64, Latency, f64) {
     let spec = |d| LoadSpec {
         stop: Stop::Duration(d),
         concurrency: config.concurrency,
@@ -152,7 +165,7 @@ fn resident_bytes() -> u64 {
 }
 
 impl ScaleScenario {
-    fn cells(r: &ScaleRow) -> [String; 6] {
+    fn cells(r: &ScaleRow) -> [String; 8] {
         [
             r.endpoints.to_string(),
             format!("{:.0}", r.rps),
@@ -160,6 +173,8 @@ impl ScaleScenario {
             ms(r.latency_ms.p99),
             format!("{:.1}µs", r.cpu_us_per_call),
             format!("{:.1} KiB", r.memory_kib_per_endpoint),
+            format!("{:.0}", r.tower_rps),
+            format!("{:.1}µs", r.tower_cpu_us_per_call),
         ]
     }
 
@@ -168,15 +183,22 @@ impl ScaleScenario {
         let mut out = format!("\nscale ({})\n", self.setup);
         let _ = writeln!(
             out,
-            "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16}",
-            "endpoints", "calls/s", "p50", "p99", "CPU per call", "memory/endpoint"
+            "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14}",
+            "endpoints",
+            "calls/s",
+            "p50",
+            "p99",
+            "CPU per call",
+            "memory/endpoint",
+            "tower calls/s",
+            "tower CPU/call"
         );
         for r in &self.rows {
             let c = Self::cells(r);
             let _ = writeln!(
                 out,
-                "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16}",
-                c[0], c[1], c[2], c[3], c[4], c[5]
+                "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14}",
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
             );
         }
         out
@@ -186,9 +208,9 @@ impl ScaleScenario {
     pub fn markdown(&self) -> String {
         let mut out = format!("### scale ({})\n\n", self.setup);
         out.push_str(
-            "| endpoints | calls/s | p50 | p99 | client CPU per call | memory per endpoint |\n",
+            "| endpoints | calls/s | p50 | p99 | client CPU per call | memory per endpoint | tower p2c calls/s | tower p2c CPU per call |\n",
         );
-        out.push_str("|---|---|---|---|---|---|\n");
+        out.push_str("|---|---|---|---|---|---|---|---|\n");
         for r in &self.rows {
             let _ = writeln!(out, "| {} |", Self::cells(r).join(" | "));
         }

@@ -3,10 +3,10 @@
 //! are logged once, not per attempt.
 
 use super::{DiscoveryError, Refresh, Update};
+use crate::backoff::Backoff;
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::{Resolver, TokioResolver};
-use rand::Rng;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,10 +77,15 @@ pub(super) struct Watch {
     port: u16,
     config: DnsConfig,
     current: BTreeSet<SocketAddr>,
-    failures: u32,
+    /// Failed lookups in a row, and how long to wait before the next.
+    backoff: Backoff,
     /// Every failed lookup, for metrics.
     failed_lookups: Arc<AtomicU64>,
 }
+
+/// The first retry of a failed lookup comes after about this long, doubling up to
+/// `DnsConfig::backoff_max`.
+const RETRY_BASE: Duration = Duration::from_millis(250);
 
 /// What one lookup gave.
 enum Answer {
@@ -101,9 +106,9 @@ impl Watch {
             resolver,
             host,
             port,
-            config,
             current: BTreeSet::new(),
-            failures: 0,
+            backoff: Backoff::new(RETRY_BASE, config.backoff_max),
+            config,
             failed_lookups,
         }
     }
@@ -131,11 +136,12 @@ impl Watch {
                 }
                 Answer::Failed(error) => {
                     self.failed_lookups.fetch_add(1, Ordering::Relaxed);
-                    if self.failures == 0 {
+                    if self.backoff.failures() == 0 {
                         tracing::warn!(host = %self.host, %error, kept = self.current.len(), "DNS lookup failed: keeping the last good set and retrying");
                     }
-                    self.failures += 1;
-                    self.backoff()
+                    // Jittered, so that many clients do not retry a recovering DNS server in
+                    // lockstep.
+                    self.backoff.next_delay()
                 }
             };
             tokio::select! {
@@ -172,18 +178,10 @@ impl Watch {
     }
 
     fn recovered(&mut self) {
-        if self.failures > 0 {
-            tracing::info!(host = %self.host, failures = self.failures, "DNS lookups succeed again");
-            self.failures = 0;
+        if self.backoff.failures() > 0 {
+            tracing::info!(host = %self.host, failures = self.backoff.failures(), "DNS lookups succeed again");
+            self.backoff.reset();
         }
-    }
-
-    fn backoff(&self) -> Duration {
-        let base = Duration::from_millis(250);
-        let exp = base.saturating_mul(1 << self.failures.min(10));
-        let capped = exp.min(self.config.backoff_max);
-        // Jitter so that many clients do not retry a recovering DNS server in lockstep.
-        capped.mul_f64(rand::rng().random_range(0.5..=1.0))
     }
 
     /// Sends the difference between the current set and `next`; false when nobody listens.

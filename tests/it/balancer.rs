@@ -579,3 +579,53 @@ async fn probes_of_an_ejected_replica_never_cost_a_caller() {
         calls.load(Ordering::Relaxed)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_balancer_is_not_ready_until_an_answer_ends() {
+    use meshlb::proto::userguide::v1::{
+        user_guide_service_client::UserGuideServiceClient, ListUsersRequest, Point,
+    };
+    let replica = Replica::start("127.0.0.2", "bp-1", FaultConfig::default()).await;
+    let lb = crate::support::userguide(format!("ipv4:{}", replica.addr))
+        .health_service(SERVICE)
+        .max_in_flight(1)
+        .build()
+        .await
+        .unwrap();
+    // One stream open and not yet read to its end: the balancer is full.
+    let mut first = UserGuideServiceClient::new(lb.clone());
+    let stream = first
+        .list_users(ListUsersRequest {
+            point: Some(Point { value: 1000 }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The balancer itself says so: not ready, which is what tonic's `ready()` waits on.
+    let mut probe = lb.clone();
+    let mut ready = tokio_test::task::spawn(std::future::poll_fn(|cx| {
+        tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut probe, cx)
+    }));
+    assert!(ready.poll().is_pending(), "a full balancer is not ready");
+    // Its place in the queue goes with it (a clone that waited keeps its turn).
+    drop(ready);
+    drop(probe);
+    let mut second = UserGuideServiceClient::new(lb.clone());
+    let mut waiting =
+        tokio_test::task::spawn(second.get_point(crate::support::get_point_request()));
+    assert!(
+        waiting.poll().is_pending(),
+        "a second call waits in ready() while the stream is open"
+    );
+    assert!(!waiting.is_woken());
+    // The stream's end frees its slot, and the waiting caller goes on.
+    drop(stream);
+    eventually("the waiting call is woken", || async {
+        waiting.is_woken().then_some(())
+    })
+    .await;
+    let answer = tokio::time::timeout(crate::support::DEADLINE, waiting)
+        .await
+        .expect("the call ends");
+    assert!(answer.is_ok(), "{answer:?}");
+}
