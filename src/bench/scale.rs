@@ -66,6 +66,7 @@ pub async fn run(
     // Each balancer stays alive until the end, so that the next one's memory is not drawn from
     // what an earlier one freed (the figure would then read low).
     let mut alive = Vec::new();
+    let mut tower_alive = Vec::new();
     for n in SIZES {
         let before = resident_bytes();
         let lb = Balancer::builder(crate::Target::Static(addrs[..n].to_vec()).to_string())
@@ -83,7 +84,7 @@ pub async fn run(
             rounds.push(measure(&lb, config).await);
             tower_rounds.push(measure(&tower, config).await);
         }
-        drop(tower);
+        tower_alive.push(tower);
         let rps = median(rounds.iter().map(|r| r.0).collect());
         let cpu = median(rounds.iter().map(|r| r.2).collect());
         let latency = rounds
@@ -103,6 +104,7 @@ pub async fn run(
         alive.push(lb);
     }
     drop(alive);
+    drop(tower_alive);
     let _ = fleet.drain(Duration::from_secs(20)).await;
     Ok(ScaleScenario {
         setup: format!(
