@@ -271,7 +271,7 @@ async fn the_admin_service_is_called_the_same_way_and_grouped_by_address() {
     assert_eq!(
         lines(&out),
         [
-            r#"{"faults":{"latencyUs":"1500","failRate":0.25}}"#.to_owned(),
+            r#"{"faults":{"latencyUs":"1500","failRate":0.25},"serving":true}"#.to_owned(),
             format!("served by {}", a.admin)
         ]
     );
