@@ -11,7 +11,9 @@ use prost_reflect::{DynamicMessage, MethodDescriptor};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
+use tonic::metadata::{
+    AsciiMetadataKey, AsciiMetadataValue, BinaryMetadataKey, BinaryMetadataValue, MetadataMap,
+};
 use tonic::Status;
 
 /// The four kinds of gRPC method.
@@ -46,18 +48,29 @@ impl Kind {
 
 /// A header given as `key: value` that gRPC metadata cannot carry.
 #[derive(Debug, thiserror::Error)]
-#[error("bad header {0:?}: expected 'key: value' with an ASCII name and value (binary -bin keys are not supported)")]
+#[error("bad header {0:?}: expected 'key: value' with an ASCII name and value (base64 for a key ending in -bin)")]
 pub struct BadHeader(String);
 
-/// Request metadata from `key: value` lines.
+/// Request metadata from `key: value` lines. A key ending in `-bin` is binary metadata, its value
+/// given in base64 (padded or not), as grpcurl takes it; it is sent as the bytes it stands for.
 pub fn metadata(headers: &[String]) -> Result<MetadataMap, BadHeader> {
+    use base64::Engine as _;
     let mut map = MetadataMap::new();
     for h in headers {
         let bad = || BadHeader(h.clone());
         let (k, v) = h.split_once(':').ok_or_else(bad)?;
-        let key: AsciiMetadataKey = k.trim().parse().map_err(|_| bad())?;
-        let value: AsciiMetadataValue = v.trim().parse().map_err(|_| bad())?;
-        map.append(key, value);
+        let (k, v) = (k.trim(), v.trim());
+        if k.to_ascii_lowercase().ends_with("-bin") {
+            let key: BinaryMetadataKey = k.parse().map_err(|_| bad())?;
+            let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(v.trim_end_matches('='))
+                .map_err(|_| bad())?;
+            map.append_bin(key, BinaryMetadataValue::from_bytes(&bytes));
+        } else {
+            let key: AsciiMetadataKey = k.parse().map_err(|_| bad())?;
+            let value: AsciiMetadataValue = v.parse().map_err(|_| bad())?;
+            map.append(key, value);
+        }
     }
     Ok(map)
 }
@@ -259,5 +272,34 @@ impl Invocation {
             .map_err(|s| (s, None))?;
         let (metadata, _, ext) = response.into_parts();
         Ok(served(metadata, &ext))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_ascii_or_base64_binary() {
+        let map = metadata(&[
+            "x-user: james".into(),
+            "x-trace-bin: AAEC/w==".into(),
+            "x-raw-bin: AAEC/w".into(),
+        ])
+        .unwrap();
+        assert_eq!(map.get("x-user").unwrap(), "james");
+        for key in ["x-trace-bin", "x-raw-bin"] {
+            let value = map.get_bin(key).unwrap().to_bytes().unwrap();
+            assert_eq!(&value[..], &[0u8, 1, 2, 255], "{key}");
+        }
+        for bad in [
+            "no colon",
+            "x-bin: not base64!",
+            "bad key: v",
+            "x: line\nbreak",
+        ] {
+            let err = metadata(&[bad.into()]).unwrap_err().to_string();
+            assert!(err.contains("bad header"), "{bad}: {err}");
+        }
     }
 }

@@ -328,6 +328,22 @@ async fn unknown_names_misfit_json_and_bad_flags_are_named() {
     );
     refused(&with(GET_POINT, "{").await, "not JSON");
     refused(&with("NoDots", "{}").await, "package.Service/Method");
+    // Binary metadata in base64, as grpcurl takes it, goes through; bad base64 is named.
+    let out = call(
+        &target,
+        GET_POINT,
+        &[
+            "-d",
+            r#"{"profile": {"name": "james", "age": 26}}"#,
+            "-H",
+            "x-trace-bin: AAEC/w==",
+        ],
+        "",
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = call(&target, GET_POINT, &["-H", "x-trace-bin: not base64!"], "").await;
+    refused(&out, "bad header");
     let out = call(&target, GET_POINT, &["-H", "no colon"], "").await;
     refused(&out, "bad header");
     let out = call(&target, GET_POINT, &["-d", "@/nonexistent.json"], "").await;
