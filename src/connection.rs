@@ -10,8 +10,10 @@
 //! calls get.
 //!
 //! Readiness: a handle is ready while the connection is up, `Pending` while it is being made,
-//! and an error once when an attempt failed (the caller decides what a failure means; this
-//! module knows nothing of health, accrual or balancing).
+//! and an error once per failed attempt (then `Pending` until the next attempt's outcome, so a
+//! caller that looks again during the backoff waits for the next try instead of failing at
+//! once). The caller decides what a failure means; this module knows nothing of health, accrual
+//! or balancing.
 
 use crate::backoff::Backoff;
 use crate::tls::Connector;
@@ -70,7 +72,8 @@ pub struct ConnectError {
 enum Current {
     Connecting,
     Up(SendRequest<Body>),
-    Failed(Arc<ConnectError>),
+    /// The last attempt failed; the number tells attempts apart (from 1).
+    Failed(Arc<ConnectError>, u64),
 }
 
 struct Slot {
@@ -95,6 +98,8 @@ pub struct Connection {
     slot: Arc<Slot>,
     /// This handle's copy of the sender, so that a ready connection costs no lock.
     send: Option<SendRequest<Body>>,
+    /// The failed attempt this handle last reported, so each is reported once.
+    reported: u64,
     scheme: Scheme,
     authority: Authority,
 }
@@ -126,6 +131,7 @@ impl Connection {
         Self {
             slot,
             send: None,
+            reported: 0,
             scheme,
             authority,
         }
@@ -142,6 +148,9 @@ impl Connection {
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
         uri.scheme = Some(self.scheme.clone());
         uri.authority = Some(self.authority.clone());
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
         parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
         if !parts.headers.contains_key(http::header::USER_AGENT) {
             parts.headers.insert(http::header::USER_AGENT, USER_AGENT);
@@ -163,8 +172,11 @@ impl Connection {
                 self.send = Some(send.clone());
                 Poll::Ready(Ok(()))
             }
-            Current::Failed(error) => Poll::Ready(Err(Box::new(Shared(error.clone())))),
-            Current::Up(_) | Current::Connecting => {
+            Current::Failed(error, attempt) if *attempt != self.reported => {
+                self.reported = *attempt;
+                Poll::Ready(Err(Box::new(Shared(error.clone()))))
+            }
+            Current::Up(_) | Current::Connecting | Current::Failed(..) => {
                 if !state.1.iter().any(|w| w.will_wake(cx.waker())) {
                     state.1.push(cx.waker().clone());
                 }
@@ -214,6 +226,7 @@ impl std::error::Error for Shared {
 /// The connection's task: connect, serve, repeat, while any handle lives.
 async fn drive(slot: Weak<Slot>, addr: SocketAddr, settings: Settings) {
     let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
+    let mut attempt: u64 = 0;
     loop {
         let outcome = tokio::time::timeout(settings.connect_timeout, connect(addr, &settings))
             .await
@@ -227,28 +240,44 @@ async fn drive(slot: Weak<Slot>, addr: SocketAddr, settings: Settings) {
                 })
             });
         let Some(live) = slot.upgrade() else { return };
-        match outcome {
+        let failure = match outcome {
             Ok((send, connection)) => {
                 live.set(Current::Up(send));
                 // Hold no strong reference while the connection runs: dropping the last handle
                 // drops the last sender, which ends the connection.
                 drop(live);
                 let started = tokio::time::Instant::now();
-                if let Err(error) = connection.await {
+                let ended = connection.await;
+                if let Err(error) = &ended {
                     tracing::debug!(%addr, %error, "connection ended");
                 }
-                let Some(live) = slot.upgrade() else { return };
-                live.set(Current::Connecting);
                 if started.elapsed() >= HEALTHY_LIFETIME {
                     backoff.reset();
+                    let Some(live) = slot.upgrade() else { return };
+                    live.set(Current::Connecting);
                     continue;
+                }
+                // Closed right after it was made (a server that speaks no HTTP/2, or refuses
+                // this client): a failed attempt, with the reason when hyper has one.
+                ConnectError {
+                    what: "connection closed right after the handshake",
+                    source: match ended {
+                        Err(error) => std::io::Error::other(error),
+                        Ok(()) => std::io::Error::other("the server closed it"),
+                    },
                 }
             }
             Err(error) => {
-                tracing::debug!(%addr, %error, "cannot connect");
-                live.set(Current::Failed(Arc::new(error)));
+                drop(live);
+                error
             }
-        }
+        };
+        tracing::debug!(%addr, error = %failure, "cannot connect");
+        attempt += 1;
+        let Some(live) = slot.upgrade() else { return };
+        live.set(Current::Failed(Arc::new(failure), attempt));
+        // Nobody is kept alive by the wait: the handles may all go meanwhile.
+        drop(live);
         tokio::time::sleep(backoff.next_delay()).await;
         let Some(live) = slot.upgrade() else { return };
         live.set(Current::Connecting);
@@ -293,5 +322,80 @@ async fn connect(addr: SocketAddr, settings: &Settings) -> Result<Handshake, Con
             let (send, conn) = http2.handshake(TokioIo::new(tcp)).await.map_err(h2_error)?;
             Ok((send, Box::pin(conn)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::task::noop_waker_ref;
+
+    fn settings() -> Settings {
+        Settings {
+            connect_timeout: Duration::from_secs(2),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            max_header_list_size: 1 << 20,
+            tls: None,
+        }
+    }
+
+    /// Polls until the handle reports something other than `Pending`, for at most 10 s.
+    async fn outcome(c: &mut Connection) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut cx = Context::from_waker(noop_waker_ref());
+            if let Poll::Ready(result) = c.poll_ready(&mut cx) {
+                return result.map_err(|e| e.to_string());
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no outcome");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn each_failed_attempt_is_reported_once_then_the_next_is_awaited() {
+        // A port nobody listens on: bind one, then free it.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let mut c = Connection::spawn(addr, settings());
+        let first = outcome(&mut c).await.expect_err("refused");
+        assert!(first.starts_with("tcp connect error: "), "{first}");
+        // Looked at again at once: the same failure is not reported twice; the handle waits for
+        // the next attempt, whose failure it then reports.
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(c.poll_ready(&mut cx).is_pending());
+        let second = outcome(&mut c).await.expect_err("refused again");
+        assert!(second.starts_with("tcp connect error: "), "{second}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_closes_at_once_is_a_failed_attempt_with_a_reason() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let addr = listener.local_addr().expect("its address");
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let mut c = Connection::spawn(addr, settings());
+        // The handshake may look done before the close arrives: up first, at most briefly.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let error = loop {
+            match outcome(&mut c).await {
+                Err(e) => break e,
+                Ok(()) => {
+                    assert!(tokio::time::Instant::now() < deadline, "never failed");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        assert!(
+            error.contains("closed right after the handshake") || error.contains("handshake"),
+            "{error}"
+        );
     }
 }

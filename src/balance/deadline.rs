@@ -53,8 +53,9 @@ impl HttpBody for DeadlineBody {
         }
         let mut inner = this.inner;
         if let Poll::Ready(frame) = inner.as_mut().poll_frame(cx) {
-            if frame.is_none() || inner.is_end_stream() {
-                // The answer is over, even if the caller keeps the body: free its slot.
+            if !matches!(frame, Some(Ok(_))) || inner.is_end_stream() {
+                // The answer is over (ended, or broken off), even if the caller keeps the body:
+                // free its slot.
                 this.permit.take();
             }
             return Poll::Ready(frame);

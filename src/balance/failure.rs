@@ -31,6 +31,17 @@ pub fn blame(error: &(dyn Error + 'static)) -> Blame {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
             return blame_h2(h2);
         }
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            // The request never left: the connection closed (a graceful GOAWAY, or a close the
+            // call raced) before it was sent. Nothing was processed, so it may go elsewhere, and
+            // the closing is the connection's own business, not a failure of the endpoint.
+            return Blame::Call(
+                Code::Unavailable,
+                "the connection closed before the call was sent; the call was not processed".into(),
+            );
+        }
         next = e.source();
     }
     Blame::Endpoint

@@ -157,7 +157,9 @@ impl Metrics {
             grpc_service: service.to_owned(),
             grpc_method: method.to_owned(),
         };
-        if self.inner.handling.get(&labels).is_none() && !self.admit_method(&labels) {
+        // The read guard `get` returns must be gone before `admit_method` may create the series.
+        let known = self.inner.handling.get(&labels).is_some();
+        if !known && !self.admit_method(&labels) {
             labels.grpc_service = "other".into();
             labels.grpc_method = "other".into();
         }

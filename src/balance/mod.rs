@@ -279,7 +279,11 @@ impl Builder {
     /// At most this many calls in flight through the balancer, all clones together (default
     /// 10,000; at least 1). A full balancer is not ready: tonic's clients wait in `ready()` until
     /// an answer ends (a stream counts until its last message), so a runaway caller meets
-    /// backpressure instead of piling up requests.
+    /// backpressure instead of piling up requests. That wait is the caller's, as with any tower
+    /// service, and a call's deadline starts once it has its slot (a caller that skips
+    /// `poll_ready` waits inside the call, at most its deadline, then gets
+    /// `RESOURCE_EXHAUSTED`). A clone that polled while full keeps its turn until it is dropped
+    /// or polled again.
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.max_in_flight = max.max(1);
         self
@@ -625,7 +629,14 @@ impl Service<http::Request<Body>> for Balancer {
         let reserved = self.limit.take();
         let (buffer, shared) = (self.buffer.clone(), self.shared.clone());
         Box::pin(async move {
-            let permit = reserved.get().await;
+            // A caller that skipped `poll_ready` waits here, at most a call's deadline.
+            let Ok(permit) = tokio::time::timeout(shared.config.timeout, reserved.get()).await
+            else {
+                return Ok(tonic::Status::resource_exhausted(
+                    "the balancer's in-flight bound stayed full for the call's whole deadline",
+                )
+                .into_http());
+            };
             call::run(buffer, shared, request, permit).await
         })
     }

@@ -62,8 +62,11 @@ pub fn metadata(headers: &[String]) -> Result<MetadataMap, BadHeader> {
         let (k, v) = (k.trim(), v.trim());
         if k.to_ascii_lowercase().ends_with("-bin") {
             let key: BinaryMetadataKey = k.parse().map_err(|_| bad())?;
+            // Standard or URL-safe alphabet, as grpcurl takes either.
+            let unpadded = v.trim_end_matches('=');
             let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-                .decode(v.trim_end_matches('='))
+                .decode(unpadded)
+                .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(unpadded))
                 .map_err(|_| bad())?;
             map.append_bin(key, BinaryMetadataValue::from_bytes(&bytes));
         } else {
@@ -285,10 +288,11 @@ mod tests {
             "x-user: james".into(),
             "x-trace-bin: AAEC/w==".into(),
             "x-raw-bin: AAEC/w".into(),
+            "x-url-bin: AAEC_w".into(),
         ])
         .unwrap();
         assert_eq!(map.get("x-user").unwrap(), "james");
-        for key in ["x-trace-bin", "x-raw-bin"] {
+        for key in ["x-trace-bin", "x-raw-bin", "x-url-bin"] {
             let value = map.get_bin(key).unwrap().to_bytes().unwrap();
             assert_eq!(&value[..], &[0u8, 1, 2, 255], "{key}");
         }
