@@ -8,6 +8,7 @@
 
 pub mod failures;
 pub mod scale;
+pub mod tracing;
 
 use crate::admin_client::AdminAddr;
 use crate::balance::{EwmaConfig, HedgeConfig, OutlierConfig};

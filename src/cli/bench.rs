@@ -11,12 +11,13 @@ use std::time::Duration;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Scenarios, comma-separated: uniform, one-slow, spread, degrade, no-latency, the failure
-    /// scenarios blackhole (needs root) and overload, and scale (3 to 300 replicas).
+    /// scenarios blackhole (needs root) and overload, scale (3 to 300 replicas), and tracing (the
+    /// client exporting spans to an OTLP sink).
     #[arg(
         long,
         env = "MESHLB_SCENARIOS",
         value_delimiter = ',',
-        default_value = "uniform,one-slow,spread,degrade,no-latency,blackhole,overload,scale",
+        default_value = "uniform,one-slow,spread,degrade,no-latency,blackhole,overload,scale,tracing",
         value_parser = parse_scenario
     )]
     scenarios: Vec<Scenario>,
@@ -43,24 +44,28 @@ pub struct Args {
     data: Option<PathBuf>,
 }
 
-/// A performance scenario, a failure scenario or the scale scenario.
+/// A performance scenario, a failure scenario, the scale or the tracing scenario.
 #[derive(Debug, Clone, Copy)]
 enum Scenario {
     Perf(ScenarioKind),
     Failure(FailureKind),
     Scale,
+    Tracing,
 }
 
 fn parse_scenario(s: &str) -> Result<Scenario, String> {
     if s == "scale" {
         return Ok(Scenario::Scale);
     }
+    if s == "tracing" {
+        return Ok(Scenario::Tracing);
+    }
     if let Some(kind) = FailureKind::parse(s) {
         return Ok(Scenario::Failure(kind));
     }
     s.parse::<ScenarioKind>()
         .map(Scenario::Perf)
-        .map_err(|_| format!("unknown scenario {s:?}: expected uniform, one-slow, spread, degrade, no-latency, blackhole, overload or scale"))
+        .map_err(|_| format!("unknown scenario {s:?}: expected uniform, one-slow, spread, degrade, no-latency, blackhole, overload, scale or tracing"))
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -87,7 +92,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .iter()
             .filter_map(|s| match s {
                 Scenario::Perf(k) => Some(*k),
-                Scenario::Failure(_) | Scenario::Scale => None,
+                Scenario::Failure(_) | Scenario::Scale | Scenario::Tracing => None,
             })
             .collect(),
         duration: args.duration,
@@ -104,6 +109,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Scenario::Perf(k) => k.name(),
             Scenario::Failure(k) => k.name(),
             Scenario::Scale => "scale",
+            Scenario::Tracing => "tracing",
         })
         .collect();
     let mut markdown = format!(
@@ -144,6 +150,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         markdown.push_str(&result.markdown());
         scale = Some(result);
     }
+    let mut tracing = None;
+    if args
+        .scenarios
+        .iter()
+        .any(|s| matches!(s, Scenario::Tracing))
+    {
+        let result =
+            crate::bench::tracing::run(&config, &launch, &|what| eprintln!("measuring {what}"))
+                .await?;
+        print!("{}", result.table());
+        markdown.push_str(&result.markdown());
+        tracing = Some(result);
+    }
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(
         args.out.join("bench.json"),
@@ -151,6 +170,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             "scenarios": results,
             "failures": failure_results,
             "scale": scale,
+            "tracing": tracing,
         }))?,
     )?;
     std::fs::write(args.out.join("bench.md"), markdown)?;
