@@ -1,16 +1,29 @@
 //! `meshlb list` and `meshlb describe`: the services and methods a server offers (by server
 //! reflection, or from --proto / --protoset files), as grpcurl shows them.
 
-use super::call::OneShot;
-use super::client::{balancer, ServiceConfigSource};
+use super::client::{balancer, ServiceConfigSource, TlsArgs};
 use super::method::{usage, SchemaArgs};
 use crate::dynamic::schema::{Schema, Source};
 use std::process::ExitCode;
 
+/// Where the server is; not needed when a file gives the schema.
+#[derive(Debug, clap::Args)]
+pub struct At {
+    /// Where the replicas are (same syntax as `client --target`); not needed with --proto or
+    /// --protoset.
+    #[arg(long, env = "MESHLB_TARGET", required_unless_present_any = ["proto", "protoset"])]
+    pub target: Option<String>,
+    /// Deadline of the whole command (waiting for a ready endpoint included).
+    #[arg(long, env = "MESHLB_TIMEOUT", value_parser = super::positive_duration, default_value = "5s")]
+    pub timeout: std::time::Duration,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    at: OneShot,
+    at: At,
     #[command(flatten)]
     schema: SchemaArgs,
     /// A header (gRPC metadata) to send with the reflection call, `key: value` (repeatable).
@@ -59,10 +72,21 @@ pub async fn describe(args: Args) -> anyhow::Result<ExitCode> {
 async fn load(args: &Args, services: Option<&[String]>) -> anyhow::Result<Schema> {
     let metadata = crate::dynamic::invoke::metadata(&args.headers)
         .map_err(|e| super::UsageError(e.to_string()))?;
+    // A file needs no server (nor a target).
+    match args.schema.source() {
+        Source::Reflection => {}
+        Source::Proto { files, imports } => {
+            return Schema::from_proto(&files, &imports).map_err(usage)
+        }
+        Source::Protoset(path) => return Schema::from_protoset(&path).map_err(usage),
+    }
+    let target = args.at.target.as_deref().ok_or_else(|| {
+        super::UsageError("--target is needed without --proto or --protoset".into())
+    })?;
     // Reflection is asked of any endpoint that answers the server's own health (""); any one
     // will do.
     let lb = balancer(
-        &args.at.target,
+        target,
         None,
         args.at.timeout,
         "",
@@ -70,13 +94,6 @@ async fn load(args: &Args, services: Option<&[String]>) -> anyhow::Result<Schema
         None,
         &ServiceConfigSource(None),
     )?;
-    let source = args.schema.source();
-    if !matches!(source, Source::Reflection) {
-        // A file needs no server.
-        return Schema::load(&source, lb, None, &metadata)
-            .await
-            .map_err(usage);
-    }
     let names: Option<Vec<&str>> = services.map(|s| s.iter().map(String::as_str).collect());
     let work = async {
         lb.wait_ready(args.at.timeout).await;
@@ -89,11 +106,5 @@ async fn load(args: &Args, services: Option<&[String]>) -> anyhow::Result<Schema
     };
     tokio::time::timeout(args.at.timeout, work)
         .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "no answer from {} within {:?}",
-                args.at.target,
-                args.at.timeout
-            )
-        })?
+        .map_err(|_| anyhow::anyhow!("no answer from {target} within {:?}", args.at.timeout))?
 }

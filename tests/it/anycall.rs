@@ -246,6 +246,15 @@ async fn the_replica_flag_turns_reflection_off() {
         "{}",
         text(&out.stderr)
     );
+    // A file needs no server, so no --target either; without a file, --target is named.
+    let out = meshlb(&["list", "--proto", PROTO], "").await;
+    assert_eq!(
+        lines(&out),
+        ["userguide.v1.UserGuideService"],
+        "{}",
+        text(&out.stderr)
+    );
+    refused(&meshlb(&["describe"], "").await, "--target");
 }
 
 #[tokio::test]
