@@ -40,31 +40,16 @@ impl InFlight {
         Poll::Ready(())
     }
 
-    /// The permit `poll_acquire` reserved, or, for a caller that skipped `poll_ready`, a future
-    /// that waits for one.
-    pub fn take(&mut self) -> Reserved {
-        match self.reserved.take() {
-            Some(permit) => Reserved::Now(permit),
-            None => Reserved::Later(self.semaphore.clone_inner()),
-        }
+    /// The permit `poll_acquire` reserved: `None` for a caller that skipped `poll_ready`.
+    pub fn take(&mut self) -> Option<Permit> {
+        self.reserved.take()
     }
-}
 
-/// A permit in hand, or the semaphore to wait on for one.
-pub enum Reserved {
-    /// Reserved by `poll_ready`.
-    Now(Permit),
-    /// `call` without `poll_ready`: wait inside the call.
-    Later(std::sync::Arc<Semaphore>),
-}
-
-impl Reserved {
-    /// The permit.
-    pub async fn get(self) -> Option<Permit> {
-        match self {
-            Reserved::Now(permit) => Some(permit),
-            Reserved::Later(semaphore) => semaphore.acquire_owned().await.ok(),
-        }
+    /// For a caller that skipped `poll_ready`: waits for a permit (`None` only if the bound
+    /// were closed, which it never is).
+    pub fn acquire(&self) -> impl std::future::Future<Output = Option<Permit>> + Send + 'static {
+        let semaphore = self.semaphore.clone_inner();
+        async move { semaphore.acquire_owned().await.ok() }
     }
 }
 
@@ -94,8 +79,8 @@ mod tests {
         // Readiness is held, not counted twice.
         assert!(a.poll_acquire(&mut cx).is_ready());
         assert!(c.poll_acquire(&mut cx).is_pending(), "two in flight: full");
-        let first = a.take().get().await.expect("a permit");
-        let _second = b.take().get().await.expect("a permit");
+        let first = a.take().expect("reserved by poll_acquire");
+        let _second = b.take().expect("reserved by poll_acquire");
         assert!(c.poll_acquire(&mut cx).is_pending());
         drop(first);
         assert!(

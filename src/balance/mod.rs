@@ -626,16 +626,21 @@ impl Service<http::Request<Body>> for Balancer {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let reserved = self.limit.take();
         let (buffer, shared) = (self.buffer.clone(), self.shared.clone());
+        // The usual case, reserved by `poll_ready`, costs no wait and no timer.
+        let reserved = self.limit.take();
+        let later = reserved.is_none().then(|| self.limit.acquire());
         Box::pin(async move {
-            // A caller that skipped `poll_ready` waits here, at most a call's deadline.
-            let Ok(permit) = tokio::time::timeout(shared.config.timeout, reserved.get()).await
-            else {
-                return Ok(tonic::Status::resource_exhausted(
-                    "the balancer's in-flight bound stayed full for the call's whole deadline",
-                )
-                .into_http());
+            let permit = match later {
+                None => reserved,
+                // A caller that skipped `poll_ready` waits here, at most a call's deadline.
+                Some(wait) => match tokio::time::timeout(shared.config.timeout, wait).await {
+                    Ok(permit) => permit,
+                    Err(_) => return Ok(tonic::Status::resource_exhausted(
+                        "the balancer's in-flight bound stayed full for the call's whole deadline",
+                    )
+                    .into_http()),
+                },
             };
             call::run(buffer, shared, request, permit).await
         })
