@@ -1,8 +1,10 @@
 //! The real `meshlb` binary: up, client, call, demo, and bad usage.
 
 use std::io::{BufRead, BufReader};
+use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn meshlb() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
@@ -11,12 +13,48 @@ fn meshlb() -> Command {
     cmd
 }
 
+/// A running `meshlb up`, stopped (SIGTERM, then SIGKILL) however the test ends: a failed
+/// assertion must not leave its replicas running behind the test.
+struct Fleet(Child);
+
+impl Deref for Fleet {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Fleet {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        // `up` stops its replicas on SIGTERM; SIGKILL only if it does not end in time.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `meshlb up` on free ports; returns the child and the target it printed.
-fn up(replicas: &str) -> (Child, String) {
+fn up(replicas: &str) -> (Fleet, String) {
     up_with(&["--replicas", replicas], replicas.parse().unwrap())
 }
 
-fn up_with(args: &[&str], replicas: usize) -> (Child, String) {
+fn up_with(args: &[&str], replicas: usize) -> (Fleet, String) {
     let (child, target, serving, lines) = spawn_up(args);
     assert_eq!(serving.len(), replicas);
     // Keep draining stdout so `up` never blocks on a full pipe.
@@ -28,16 +66,18 @@ type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
 
 /// `meshlb up` on free ports: the child, its target, the lines of the replicas that said
 /// SERVING, and the rest of its output.
-fn spawn_up(args: &[&str]) -> (Child, String, Vec<String>, Lines) {
+fn spawn_up(args: &[&str]) -> (Fleet, String, Vec<String>, Lines) {
     // From another folder: `up` needs nothing from the repository (its fleet and data are built in).
-    let mut child = meshlb()
-        .current_dir(std::env::temp_dir())
-        .args(["up", "--base-port", "0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Fleet(
+        meshlb()
+            .current_dir(std::env::temp_dir())
+            .args(["up", "--base-port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let mut serving = Vec::new();
@@ -73,7 +113,7 @@ fn get_point(target: &str, name: &str, age: &str) -> Output {
         .unwrap()
 }
 
-fn stop(mut child: Child) {
+fn stop(mut child: Fleet) {
     // SAFETY: kill(2) on our own child's pid has no memory effects.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
@@ -223,10 +263,10 @@ fn bad_usage_exits_2_with_one_clear_line() {
 fn a_dead_target_fails_fast_once_backs_off_and_says_why() {
     let dead = "ipv4:127.0.0.1:1,127.0.0.1:2,127.0.0.1:3";
     // One bounded wait (3 s), not two; a margin for a loaded machine.
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let (out, report) = json_client(dead, &["--requests", "10"]);
     assert!(
-        started.elapsed() < std::time::Duration::from_millis(4500),
+        started.elapsed() < Duration::from_millis(4500),
         "took {:?}",
         started.elapsed()
     );
@@ -249,7 +289,7 @@ fn call_honours_its_timeout_against_a_silent_endpoint() {
     // Accepts connections and never answers: the HTTP/2 handshake never completes.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let target = format!("ipv4:{}", silent.local_addr().unwrap());
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let out = meshlb()
         .args(["call", "--target", &target, "--timeout", "1s"])
         .args(["get-point", "--name", "james", "--age", "26"])
@@ -257,10 +297,7 @@ fn call_honours_its_timeout_against_a_silent_endpoint() {
         .unwrap();
     let took = started.elapsed();
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        took < std::time::Duration::from_millis(2500),
-        "took {took:?}"
-    );
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("error: UNAVAILABLE"), "{stderr}");
 }
@@ -360,6 +397,21 @@ fn watch_runs_until_ctrl_c_counts_retries_per_second_and_looks_as_the_readme_sho
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("up prints {name}'s pid: {serving:?}"))
     };
+    // A replica that answers at once has its calls on the wire for microseconds, so a kill
+    // often finds none there and nothing is retried. 10 ms on the two fast replicas keeps calls
+    // on users-2 when it dies (users-3, at 40 ms, is still the latency outlier).
+    for name in ["users-1", "users-2"] {
+        let admin = serving
+            .iter()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("admin=")))
+            .unwrap_or_else(|| panic!("up prints {name}'s admin address: {serving:?}"));
+        let out = meshlb()
+            .args(["faults", "--addr", admin, "--latency", "10ms"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
     // No --duration: a watch runs until Ctrl-C, however many calls that is.
     let mut watch = meshlb()
         .args([
@@ -380,7 +432,7 @@ fn watch_runs_until_ctrl_c_counts_retries_per_second_and_looks_as_the_readme_sho
     let mut killed = false;
     let mut retried_then_calm = false;
     let mut retries_seen = 0;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60);
     for line in lines.by_ref() {
         let line = line.unwrap();
         if line.starts_with("meshlb client --watch ") && !frame.is_empty() {
@@ -411,13 +463,20 @@ fn watch_runs_until_ctrl_c_counts_retries_per_second_and_looks_as_the_readme_sho
                 .sum()
         });
         if !killed && frames.len() >= 2 && served > 1000 {
-            // SAFETY: kill(2) on a child of `up`, which we started; no memory effects.
-            unsafe {
-                libc::kill(pid_of("users-2"), libc::SIGKILL);
-            }
+            // Not at once: a frame has just been drawn, and while the client draws, its calls
+            // wait on it rather than on the replicas, so a kill now can find none on the wire.
+            // Half a second later the calls are back on the replicas.
+            let pid = pid_of("users-2");
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(500));
+                // SAFETY: kill(2) on a child of `up`, which we started; no memory effects.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            });
             killed = true;
         }
-        if retried_then_calm || std::time::Instant::now() > deadline {
+        if retried_then_calm || Instant::now() > deadline {
             break;
         }
     }
@@ -541,14 +600,16 @@ fn up_tls_cleans_up_its_own_certificates_and_uses_a_folder_it_is_given() {
     };
     let lines_of = crate::support::lines_until_try;
     let up = |extra: &[&str]| {
-        meshlb()
-            .current_dir(std::env::temp_dir())
-            .args(["up", "--base-port", "0", "--replicas", "1", "--tls"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        Fleet(
+            meshlb()
+                .current_dir(std::env::temp_dir())
+                .args(["up", "--base-port", "0", "--replicas", "1", "--tls"])
+                .args(extra)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     };
     // No --certs: a temporary folder, named in the client flags, gone after Ctrl-C.
     let mut child = up(&[]);
