@@ -1,18 +1,176 @@
-//! A call's deadline after its response headers: a streaming answer that stalls past the deadline
-//! ends with `DEADLINE_EXCEEDED` instead of hanging the caller. (Up to the headers, `call` bounds
-//! the wait itself.) The timer is only armed when the body actually has to wait, so a unary answer
-//! that is already complete costs no timer. It also holds the call's share of the balancer's
-//! in-flight bound ([`super::limit`]) until the answer ends.
+//! The top of the call path: every call's deadline, as a tower layer ([`DeadlineLayer`]).
+//!
+//! - The deadline is the shortest of the balancer's timeout, the method's `timeout` in the
+//!   service config and the caller's `grpc-timeout`. It goes down the stack in the request's
+//!   extensions ([`Expires`]), so that every try tells the server how long is left.
+//! - Up to the response headers, the call is bounded by a timer: past it the caller gets
+//!   `DEADLINE_EXCEEDED`, or `UNAVAILABLE` with the reason when no endpoint is ready at all (the
+//!   reason is worth more than the timeout), never a hang.
+//! - After the headers, [`DeadlineBody`]: a streaming answer that stalls past the deadline ends
+//!   with `DEADLINE_EXCEEDED`. Its timer is only armed when the body actually has to wait, so a
+//!   unary answer that is already complete costs no timer. It also holds the call's share of the
+//!   balancer's in-flight bound ([`super::limit`]) until the answer ends.
+//! - Whatever happens below, the caller gets a gRPC response: errors become a `grpc-status`.
+//!
+//! Knows the service config's timeouts; nothing of retries, endpoints or how a try is made.
 
+use super::endpoint::BoxError;
+use super::limit::Permit;
+use super::retry::Attempts;
+use super::service_config::ServiceConfig;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
 use tonic::Status;
+use tower::{Layer, Service};
+
+/// In a request's extensions: when its call's deadline passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expires(pub Instant);
+
+/// What the deadline layer asks of the balancer below it when a call times out before its
+/// answer: whether any endpoint is ready, and if not, why.
+pub trait Readiness: Send + Sync {
+    /// The balancer's name, for messages.
+    fn target(&self) -> &str;
+    /// `None` when some endpoint is ready; otherwise why none is, counted as a fail-fast.
+    fn why_unready(&self) -> Option<String>;
+}
+
+/// The deadline's settings.
+#[derive(Clone)]
+pub struct DeadlineLayer {
+    settings: Arc<Settings>,
+}
+
+struct Settings {
+    timeout: Duration,
+    service_config: Arc<ServiceConfig>,
+    readiness: Arc<dyn Readiness>,
+}
+
+impl DeadlineLayer {
+    /// Every call bounded by `timeout`, or less, as `service_config` and the caller say.
+    pub fn new(
+        timeout: Duration,
+        service_config: Arc<ServiceConfig>,
+        readiness: Arc<dyn Readiness>,
+    ) -> Self {
+        Self {
+            settings: Arc::new(Settings {
+                timeout,
+                service_config,
+                readiness,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+    fn layer(&self, inner: S) -> Deadline<S> {
+        Deadline {
+            inner,
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+/// A service whose calls end by their deadline.
+#[derive(Clone)]
+pub struct Deadline<S> {
+    inner: S,
+    settings: Arc<Settings>,
+}
+
+impl Settings {
+    /// The shortest of the balancer's own, the method's and the caller's.
+    fn deadline(&self, path: &str, caller: Option<Duration>) -> Duration {
+        let limit = self
+            .service_config
+            .method(path)
+            .and_then(|m| m.timeout)
+            .filter(|t| !t.is_zero())
+            .map_or(self.timeout, |t| t.min(self.timeout));
+        caller.map_or(limit, |t| t.min(limit))
+    }
+}
+
+/// The answer for a try that failed on its connection.
+pub(super) fn connection_failed(target: &str, error: &BoxError) -> http::Response<Body> {
+    Status::unavailable(format!("{target}: connection failed: {error}")).into_http()
+}
+
+impl<S> Deadline<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    /// Calls with `permit`, the call's share of the in-flight bound, held until the answer ends.
+    pub fn call_with(
+        &mut self,
+        mut request: http::Request<Body>,
+        permit: Option<Permit>,
+    ) -> BoxFuture<'static, Result<http::Response<Body>, BoxError>> {
+        let caller = crate::grpc::timeout(request.headers()).ok().flatten();
+        let deadline = self.settings.deadline(request.uri().path(), caller);
+        let expires = Instant::now() + deadline;
+        request.extensions_mut().insert(Expires(expires));
+        let answer = self.inner.call(request);
+        let settings = self.settings.clone();
+        Box::pin(async move {
+            let mut response = match tokio::time::timeout(deadline, answer).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) => connection_failed(settings.readiness.target(), &error),
+                Err(_) => {
+                    let readiness = &settings.readiness;
+                    let status = match readiness.why_unready() {
+                        Some(why) => Status::unavailable(why),
+                        None => Status::deadline_exceeded(format!(
+                            "no answer from {} within {deadline:?}",
+                            readiness.target()
+                        )),
+                    };
+                    return Ok(status.into_http());
+                }
+            };
+            if response.extensions().get::<Attempts>().is_none() {
+                response.extensions_mut().insert(Attempts(1));
+            }
+            if Status::from_header_map(response.headers()).is_some() {
+                // A trailers-only answer is complete already.
+                return Ok(response);
+            }
+            Ok(response.map(|body| Body::new(DeadlineBody::new(body, expires, permit))))
+        })
+    }
+}
+
+impl<S> Service<http::Request<Body>> for Deadline<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        self.call_with(request, None)
+    }
+}
 
 pin_project! {
     /// A response body that fails with `DEADLINE_EXCEEDED` once `expires` passes.
@@ -115,4 +273,112 @@ mod tests {
     }
 
     use futures::StreamExt;
+
+    mod layer {
+        use super::super::*;
+        use crate::balance::testing::answered;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tonic::Code;
+        use tower::ServiceExt;
+        use tower_test::mock;
+
+        struct Fleet {
+            ready: bool,
+            asked: AtomicU64,
+        }
+
+        impl Readiness for Fleet {
+            fn target(&self) -> &str {
+                "t"
+            }
+            fn why_unready(&self) -> Option<String> {
+                self.asked.fetch_add(1, Ordering::Relaxed);
+                (!self.ready).then(|| "all 3 endpoints are connecting".to_owned())
+            }
+        }
+
+        const CONFIG: &str =
+            r#"{"methodConfig": [{"name": [{"service": "a.S"}], "timeout": "2s"}]}"#;
+
+        type Mock = mock::Mock<http::Request<Body>, http::Response<Body>>;
+        type Handle = mock::Handle<http::Request<Body>, http::Response<Body>>;
+
+        fn deadline(ready: bool) -> (Deadline<Mock>, Handle, Arc<Fleet>) {
+            let fleet = Arc::new(Fleet {
+                ready,
+                asked: AtomicU64::new(0),
+            });
+            let config = Arc::new(ServiceConfig::from_json(CONFIG).unwrap());
+            let layer = DeadlineLayer::new(Duration::from_secs(10), config, fleet.clone());
+            let (service, handle) = mock::pair();
+            (layer.layer(service), handle, fleet)
+        }
+
+        fn request(path: &str, timeout: Option<&str>) -> http::Request<Body> {
+            let mut request = http::Request::new(Body::empty());
+            *request.uri_mut() = format!("http://x{path}").parse().unwrap();
+            if let Some(t) = timeout {
+                request
+                    .headers_mut()
+                    .insert("grpc-timeout", t.parse().unwrap());
+            }
+            request
+        }
+
+        fn status(response: &http::Response<Body>) -> Status {
+            Status::from_header_map(response.headers()).expect("a trailers-only status")
+        }
+
+        #[test]
+        fn the_deadline_is_the_shortest_of_the_balancers_the_methods_and_the_callers() {
+            let (service, _, _) = deadline(true);
+            let s = &service.settings;
+            assert_eq!(s.deadline("/a.S/Get", None), Duration::from_secs(2));
+            assert_eq!(s.deadline("/b.T/Get", None), Duration::from_secs(10));
+            let short = Some(Duration::from_millis(300));
+            assert_eq!(s.deadline("/a.S/Get", short), Duration::from_millis(300));
+            let long = Some(Duration::from_secs(60));
+            assert_eq!(s.deadline("/a.S/Get", long), Duration::from_secs(2));
+            assert_eq!(s.deadline("/b.T/Get", long), Duration::from_secs(10));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_unanswered_call_ends_at_its_deadline_saying_why() {
+            let (service, mut handle, fleet) = deadline(true);
+            let started = Instant::now();
+            let call = tokio::spawn(service.clone().oneshot(request("/a.S/Get", Some("300m"))));
+            let (tried, _never) = handle.next_request().await.unwrap();
+            assert_eq!(
+                tried.extensions().get::<Expires>(),
+                Some(&Expires(started + Duration::from_millis(300))),
+                "the tries below learn when the call expires"
+            );
+            let response = answered(call).await;
+            assert_eq!(started.elapsed(), Duration::from_millis(300));
+            assert_eq!(status(&response).code(), Code::DeadlineExceeded);
+            assert_eq!(fleet.asked.load(Ordering::Relaxed), 1);
+
+            // Nothing ready: the reason, not the timeout.
+            let (service, mut handle, _) = deadline(false);
+            let call = tokio::spawn(service.oneshot(request("/a.S/Get", None)));
+            let (_, _never) = handle.next_request().await.unwrap();
+            let response = answered(call).await;
+            let status = status(&response);
+            assert_eq!(status.code(), Code::Unavailable);
+            assert_eq!(status.message(), "all 3 endpoints are connecting");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_failed_try_becomes_unavailable_and_every_answer_counts_its_tries() {
+            let (service, mut handle, _) = deadline(true);
+            let call = tokio::spawn(service.clone().oneshot(request("/a.S/Get", None)));
+            let (_, answer) = handle.next_request().await.unwrap();
+            answer.send_error("connection refused");
+            let response = answered(call).await;
+            let status = status(&response);
+            assert_eq!(status.code(), Code::Unavailable);
+            assert_eq!(status.message(), "t: connection failed: connection refused");
+            assert_eq!(response.extensions().get::<Attempts>(), Some(&Attempts(1)));
+        }
+    }
 }

@@ -11,8 +11,10 @@
 //!  discovery task ──Change<addr>──> registry task ──Change<addr, PeakEwma<Endpoint>>──> Balance (p2c)
 //!                                   (connect at once,                                   or RoundRobin
 //!                                    start health watch)                                   │
-//!  caller ──> Balancer (deadline, retries) ──> Buffer ──> FailFast (bounded wait) ─────────┘
+//!  caller ──> Balancer (in-flight bound) ──> call path ──> Buffer ──> FailFast ──────────┘
+//!             Deadline ─> Replay ─> Retry ─> Hedge ─> Attempt     (bounded wait)
 //! ```
+//! The call path is a stack of tower layers, one module each ([`call`] draws it).
 //! - **p2c over peak-EWMA** (tower's `p2c::Balance` and `PeakEwma`): pick two ready endpoints at
 //!   random, send to the one with the lower cost, where cost is the peak-sensitive EWMA of latency
 //!   times (in-flight calls + 1). Latency is measured to the end of the response body
@@ -53,6 +55,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attempt;
 pub mod call;
 pub mod completion;
 pub mod deadline;
@@ -66,17 +69,21 @@ pub mod outlier;
 pub mod probe;
 pub mod registry;
 pub mod replay;
+pub mod retry;
 pub mod round_robin;
 pub mod service_config;
 pub mod silence;
+#[cfg(test)]
+mod testing;
 pub mod throttle;
 
-pub use call::{Attempts, CallConfig};
+pub use call::CallConfig;
 pub use endpoint::{AccrualConfig, BoxError, EndpointSnapshot, EndpointState, ServedBy};
 pub use hedge::{HedgeConfig, HedgeDelay};
 pub use metrics::Metrics;
 pub use outlier::OutlierConfig;
 pub use registry::ConnectConfig;
+pub use retry::Attempts;
 pub use service_config::{ServiceConfig, ServiceConfigError};
 pub use silence::SilenceConfig;
 
@@ -97,7 +104,6 @@ use tonic::body::Body;
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
 use tower::load::PeakEwma;
-use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::util::BoxService;
 use tower::{Service, ServiceExt};
 
@@ -463,21 +469,13 @@ impl Builder {
         let ready_wait = self.call.ready_wait.min(self.call.timeout);
         let stack = FailFast::new(inner, ready_wait, registry.clone());
         let buffer = Buffer::new(stack, self.buffer);
-        let budget = self.call.budget();
         Ok(Balancer {
-            buffer,
+            stack: call::stack(&self.call, &registry, buffer),
             limit: limit::InFlight::new(self.max_in_flight),
             shared: Arc::new(Shared {
                 registry,
                 policy,
-                budget,
-                throttle: self
-                    .call
-                    .service_config
-                    .retry_throttling
-                    .map(throttle::Throttle::new),
                 config: self.call,
-                latency: hedge::LatencyWindow::default(),
                 manager,
                 detector,
                 silence_detector,
@@ -493,7 +491,7 @@ impl Builder {
 /// every clone shares the same endpoints. Background tasks stop when the last clone is dropped.
 #[derive(Clone)]
 pub struct Balancer {
-    buffer: Buffered,
+    stack: call::Stack,
     shared: Arc<Shared>,
     limit: limit::InFlight,
 }
@@ -501,26 +499,11 @@ pub struct Balancer {
 pub(crate) struct Shared {
     registry: Arc<Registry>,
     policy: Policy,
-    budget: TpsBudget,
-    throttle: Option<throttle::Throttle>,
     config: CallConfig,
-    latency: hedge::LatencyWindow,
     manager: tokio::task::JoinHandle<()>,
     detector: Option<tokio::task::JoinHandle<()>>,
     silence_detector: Option<tokio::task::JoinHandle<()>>,
     metrics: Option<Metrics>,
-}
-
-impl Shared {
-    /// Whether one more try (a retry or a hedge) may be sent: the service config's
-    /// `retryThrottling` bucket when it has one, else meshlb's budget (retries at most
-    /// `budget_percent` of the calls, as Linkerd's).
-    fn may_send_another(&self) -> bool {
-        match &self.throttle {
-            Some(throttle) => throttle.allows(),
-            None => self.budget.withdraw(),
-        }
-    }
 }
 
 impl Drop for Shared {
@@ -622,11 +605,11 @@ impl Service<http::Request<Body>> for Balancer {
         // Backpressure is the in-flight bound only. An endpoint's readiness is awaited inside
         // the call, under its deadline, so that it can end in a status instead of a hang.
         std::task::ready!(self.limit.poll_acquire(cx));
-        Poll::Ready(Ok(()))
+        self.stack.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let (buffer, shared) = (self.buffer.clone(), self.shared.clone());
+        let (stack, shared) = (self.stack.clone(), self.shared.clone());
         // The usual case, reserved by `poll_ready`, costs no wait and no timer.
         let reserved = self.limit.take();
         let later = reserved.is_none().then(|| self.limit.acquire());
@@ -642,7 +625,7 @@ impl Service<http::Request<Body>> for Balancer {
                     .into_http()),
                 },
             };
-            call::run(buffer, shared, request, permit).await
+            call::run(stack, shared, request, permit).await
         })
     }
 }

@@ -49,10 +49,7 @@ struct Entry {
 pub struct Registry {
     target: String,
     endpoints: Mutex<BTreeMap<SocketAddr, Entry>>,
-    retries: AtomicU64,
-    hedges: AtomicU64,
-    hedge_wins: AtomicU64,
-    counters: BalancerCounters,
+    counters: Arc<BalancerCounters>,
 }
 
 /// Why calls failed fast, for metrics.
@@ -92,9 +89,16 @@ impl FailFastReason {
     }
 }
 
-/// A balancer's own counters, beyond its endpoints', read when metrics are scraped.
+/// A balancer's own counters, beyond its endpoints', read when metrics are scraped. The call
+/// path's layers count into them through their own handle, without seeing the registry.
 #[derive(Debug, Default)]
 pub struct BalancerCounters {
+    /// Retries made.
+    pub retries: AtomicU64,
+    /// Hedges sent.
+    pub hedges: AtomicU64,
+    /// Hedges that gave the call its answer.
+    pub hedge_wins: AtomicU64,
     /// Retries or hedges the budget refused.
     pub budget_exhausted: AtomicU64,
     /// Calls failed fast, by [`FailFastReason`] (in `ALL` order).
@@ -107,16 +111,49 @@ pub struct BalancerCounters {
     pub dns_errors: std::sync::OnceLock<Arc<AtomicU64>>,
 }
 
+impl super::deadline::Readiness for Registry {
+    fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn why_unready(&self) -> Option<String> {
+        (!self.any_ready()).then(|| self.fail_fast())
+    }
+}
+
+impl BalancerCounters {
+    /// Counts a retry or hedge the budget refused.
+    pub fn count_budget_exhausted(&self) {
+        self.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a retry.
+    pub fn count_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a hedge sent, and whether it won.
+    pub fn count_hedge(&self, won: bool) {
+        let counter = if won { &self.hedge_wins } else { &self.hedges };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Hedges sent and hedges that answered first.
+    pub fn hedges(&self) -> (u64, u64) {
+        (
+            self.hedges.load(Ordering::Relaxed),
+            self.hedge_wins.load(Ordering::Relaxed),
+        )
+    }
+}
+
 impl Registry {
     /// An empty registry for `target` (used in messages).
     pub fn new(target: String) -> Arc<Self> {
         Arc::new(Self {
             target,
             endpoints: Mutex::new(BTreeMap::new()),
-            retries: AtomicU64::new(0),
-            hedges: AtomicU64::new(0),
-            hedge_wins: AtomicU64::new(0),
-            counters: BalancerCounters::default(),
+            counters: Arc::default(),
         })
     }
 
@@ -125,11 +162,9 @@ impl Registry {
         &self.counters
     }
 
-    /// Counts a retry or hedge the budget refused.
-    pub fn count_budget_exhausted(&self) {
-        self.counters
-            .budget_exhausted
-            .fetch_add(1, Ordering::Relaxed);
+    /// The counters, for the layers that count into them.
+    pub fn counters_handle(&self) -> Arc<BalancerCounters> {
+        self.counters.clone()
     }
 
     /// Why no endpoint is ready, counted as one call failed fast.
@@ -155,28 +190,14 @@ impl Registry {
         self.lock().values().map(|e| e.shared.snapshot()).collect()
     }
 
-    /// Counts a retry.
-    pub fn count_retry(&self) {
-        self.retries.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts a hedge sent, and whether it won.
-    pub fn count_hedge(&self, won: bool) {
-        let counter = if won { &self.hedge_wins } else { &self.hedges };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Hedges sent and hedges that answered first, so far.
     pub fn hedges(&self) -> (u64, u64) {
-        (
-            self.hedges.load(Ordering::Relaxed),
-            self.hedge_wins.load(Ordering::Relaxed),
-        )
+        self.counters.hedges()
     }
 
     /// Retries made so far.
     pub fn retries(&self) -> u64 {
-        self.retries.load(Ordering::Relaxed)
+        self.counters.retries.load(Ordering::Relaxed)
     }
 
     /// Why no endpoint is ready, in words for an `UNAVAILABLE` message.

@@ -5,13 +5,136 @@
 //! the limit is sent once, as it comes: waiting for its end would hold the call back, or deadlock
 //! it, and keeping it all would hold its memory (gRPC's A6 commits such calls the same way).
 //!
-//! Knows HTTP bodies only; nothing of policies or endpoints.
+//! As a tower layer ([`ReplayLayer`]), it reads the body of a call that its method's policy may
+//! send more than once, and hands the request down with the body kept in its extensions
+//! ([`Duplicable`]), which is what the retry and hedge layers copy it from ([`copy`]). A call
+//! that will be sent once passes through untouched: its body is not copied.
+//!
+//! Knows HTTP bodies and which methods have a policy; nothing of endpoints or of how tries go.
 
+use super::endpoint::BoxError;
+use super::hedge::HedgeConfig;
+use super::probe::Duplicable;
+use super::service_config::ServiceConfig;
 use bytes::{Buf, Bytes, BytesMut};
+use futures::future::{BoxFuture, Either};
 use http_body::{Body as _, Frame};
+use http_body_util::Full;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::body::Body;
+use tower::{Layer, Service};
+
+/// Which calls keep their body, and how much of it at most.
+#[derive(Clone)]
+pub struct ReplayLayer {
+    settings: Arc<Settings>,
+}
+
+struct Settings {
+    service_config: Arc<ServiceConfig>,
+    adaptive_hedge: HedgeConfig,
+    limit: usize,
+}
+
+impl ReplayLayer {
+    /// Keeps the body (up to `limit` bytes) of a call whose method `service_config` retries or
+    /// hedges, or that `adaptive_hedge` hedges.
+    pub fn new(
+        service_config: Arc<ServiceConfig>,
+        adaptive_hedge: HedgeConfig,
+        limit: usize,
+    ) -> Self {
+        Self {
+            settings: Arc::new(Settings {
+                service_config,
+                adaptive_hedge,
+                limit,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for ReplayLayer {
+    type Service = Replay<S>;
+    fn layer(&self, inner: S) -> Replay<S> {
+        Replay {
+            inner,
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+/// A service whose retryable calls carry their body, kept.
+#[derive(Clone)]
+pub struct Replay<S> {
+    inner: S,
+    settings: Arc<Settings>,
+}
+
+impl Settings {
+    fn keeps(&self, path: &str) -> bool {
+        self.service_config
+            .method(path)
+            .is_some_and(|m| m.retry.is_some() || m.hedging.is_some())
+            || self.adaptive_hedge.applies_to(path)
+    }
+}
+
+impl<S> Service<http::Request<Body>> for Replay<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = Either<S::Future, BoxFuture<'static, Result<http::Response<Body>, BoxError>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if !self.settings.keeps(request.uri().path()) {
+            return Either::Left(self.inner.call(request));
+        }
+        // The ready service goes with the call; a clone stays for the next one.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let limit = self.settings.limit;
+        Either::Right(Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let request = match read(body, limit).await {
+                Ok(Request::Kept(bytes)) => {
+                    let mut request =
+                        http::Request::from_parts(parts, Body::new(Full::new(bytes.clone())));
+                    request.extensions_mut().insert(Duplicable(bytes));
+                    request
+                }
+                // Still being written, or too big to keep: one try, as it comes.
+                Ok(Request::Once(body)) => http::Request::from_parts(parts, body),
+                Err(status) => return Ok(status.into_http()),
+            };
+            inner.call(request).await
+        }))
+    }
+}
+
+/// A copy of `request`, extensions and all, when its body was kept ([`Duplicable`]).
+pub fn copy(request: &http::Request<Body>) -> Option<http::Request<Body>> {
+    let Duplicable(body) = request.extensions().get::<Duplicable>()?;
+    let mut copy = http::Request::new(Body::new(Full::new(body.clone())));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    Some(copy)
+}
 
 /// The largest request body kept for a retry by default (grpc-go's and grpc-core's retry buffer).
 pub const DEFAULT_LIMIT: usize = 256 * 1024;

@@ -2,10 +2,64 @@
 //! shared by every call of one balancer. A failed try (a code the method's policy would retry)
 //! costs a token, a success earns `tokenRatio`; while the bucket is at or below half full, no
 //! retry or hedge is sent. It keeps a failing service from being asked twice for every call.
+//! Without that bucket, meshlb's retry budget decides ([`Allowance`]: retries add at most a share
+//! of the calls, as Linkerd's). Retries and hedges draw on the same [`Allowance`].
 //! It knows nothing of how calls are made.
 
 use super::service_config::RetryThrottling;
 use std::sync::Mutex;
+use tonic::Code;
+use tower::retry::budget::{Budget, TpsBudget};
+
+/// Whether a balancer may send one more try (a retry or a hedge), shared by all its calls.
+#[derive(Debug)]
+pub struct Allowance {
+    budget: TpsBudget,
+    throttle: Option<Throttle>,
+}
+
+impl Allowance {
+    /// The config's `retryThrottling` bucket when it has one, else `budget`.
+    pub fn new(budget: TpsBudget, throttling: Option<RetryThrottling>) -> Self {
+        Self {
+            budget,
+            throttle: throttling.map(Throttle::new),
+        }
+    }
+
+    /// A call started: the budget grows with the calls.
+    pub fn deposit(&self) {
+        self.budget.deposit();
+    }
+
+    /// Whether one more try may be sent now (takes it from the budget when it may).
+    pub fn may_send_another(&self) -> bool {
+        match &self.throttle {
+            Some(throttle) => throttle.allows(),
+            None => self.budget.withdraw(),
+        }
+    }
+
+    /// A try ended with `code` (`None`: failed fast, nothing was tried); `retryable` when the
+    /// method's policy retries that code. As grpc-core and grpc-go count: a success refills, a
+    /// retryable failure drains, anything else leaves the bucket.
+    pub fn record(&self, code: Option<Code>, retryable: bool) {
+        if let Some(throttle) = &self.throttle {
+            match code {
+                Some(Code::Ok) => throttle.succeeded(),
+                _ if retryable => throttle.failed(),
+                _ => {}
+            }
+        }
+    }
+
+    /// A hedged try failed with a non-fatal code.
+    pub fn hedge_failed(&self) {
+        if let Some(throttle) = &self.throttle {
+            throttle.failed();
+        }
+    }
+}
 
 /// The token bucket.
 #[derive(Debug)]

@@ -1,0 +1,158 @@
+//! One try of a call, the bottom of the call path above the balancer's buffer: it tells the
+//! server how long the caller still waits (`grpc-timeout`, from [`Expires`]), passes the trace
+//! on, waits for a ready endpoint (the fail-fast layer below bounds that wait), and sends the
+//! request; when an ejected endpoint took a copy of it as its probe ([`probe`]), the request
+//! goes to another endpoint at once.
+//!
+//! Which span the try reports to: none for an unsampled call (it only forwards the trace
+//! context, not sampled), the call's own span for its first try (a call tried once is one
+//! span), a span of its own for a retry or a hedge ([`Try`]).
+//!
+//! Knows requests, spans and the latency window hedging reads; nothing of policies.
+
+use super::deadline::Expires;
+use super::endpoint::{BoxError, EndpointError, ServedBy};
+use super::hedge::{HedgeDelay, LatencyWindow};
+use super::probe;
+use super::retry::{status_of, Try};
+use super::Buffered;
+use crate::telemetry::{self, CallTrace};
+use futures::future::BoxFuture;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tonic::body::Body;
+use tonic::Code;
+use tower::{Service, ServiceExt};
+use tracing::field::Empty;
+use tracing::Instrument;
+
+/// Tries, each through the balancer's buffer.
+#[derive(Clone)]
+pub struct Attempt {
+    buffer: Buffered,
+    /// Where successful tries' latencies go, and at which quantile, for adaptive hedging.
+    latency: Option<(Arc<LatencyWindow>, f64)>,
+}
+
+impl Attempt {
+    /// Tries through `buffer`; with `HedgeDelay::Quantile`, each success is recorded in `latency`.
+    pub fn new(buffer: Buffered, latency: Arc<LatencyWindow>, delay: HedgeDelay) -> Self {
+        let latency = match delay {
+            HedgeDelay::Quantile { quantile, .. } => Some((latency, quantile)),
+            _ => None,
+        };
+        Self { buffer, latency }
+    }
+}
+
+impl Service<http::Request<Body>> for Attempt {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, BoxError>>;
+
+    /// Always ready: the wait for an endpoint is inside the try, where the fail-fast layer
+    /// bounds it and turns it into a status.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        Box::pin(self.clone().run(request))
+    }
+}
+
+impl Attempt {
+    /// Polled inside the call's span (when it has one), which is what `Span::current` finds.
+    async fn run(self, mut request: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
+        let Try { number, hedge } = request.extensions().get::<Try>().copied().unwrap_or(Try {
+            number: 1,
+            hedge: false,
+        });
+        if let Some(Expires(expires)) = request.extensions().get::<Expires>().copied() {
+            let left = expires.saturating_duration_since(tokio::time::Instant::now());
+            request
+                .headers_mut()
+                .insert("grpc-timeout", crate::grpc::timeout_value(left));
+        }
+        let (span, own) = match request.extensions_mut().remove::<CallTrace>() {
+            Some(CallTrace::Forward(cx)) => {
+                telemetry::inject_context(&cx, request.headers_mut());
+                (None, false)
+            }
+            _ if number == 1 && !hedge => {
+                let call = tracing::Span::current();
+                telemetry::inject(&call, request.headers_mut());
+                (Some(call), false)
+            }
+            _ => {
+                let span = attempt_span(request.uri().path(), number, hedge);
+                telemetry::inject(&span, request.headers_mut());
+                (Some(span), true)
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let mut buffer = self.buffer;
+        let send = async {
+            let mut request = request;
+            loop {
+                buffer.ready().await?;
+                match buffer.call(request).await {
+                    Ok(response) => return Ok(response),
+                    // An ejected endpoint took a copy as its probe: this try goes elsewhere.
+                    Err(error) => request = probe::again(error)?,
+                }
+            }
+        };
+        let result: Result<http::Response<Body>, BoxError> = match &span {
+            Some(span) if own => send.instrument(span.clone()).await,
+            _ => send.await,
+        };
+        let code = match &result {
+            Ok(response) => status_of(response),
+            Err(_) => Code::Unavailable,
+        };
+        if let Some(span) = &span {
+            let served_by = match &result {
+                Ok(response) => response.extensions().get::<ServedBy>().map(|s| s.0),
+                Err(error) => error.downcast_ref::<EndpointError>().map(|e| e.addr),
+            };
+            if let Some(addr) = served_by {
+                span.record("server.address", tracing::field::display(addr.ip()));
+                span.record("server.port", addr.port());
+            }
+            if own {
+                span.record("rpc.grpc.status_code", code as i32);
+                if code != Code::Ok {
+                    span.record("otel.status_code", "ERROR");
+                }
+            } else {
+                // The call's own status is its last try's, recorded when it ends.
+                span.record("meshlb.first_status_code", code as i32);
+            }
+        }
+        if let (Code::Ok, Some((window, quantile))) = (code, &self.latency) {
+            window.record(started.elapsed(), *quantile);
+        }
+        result
+    }
+}
+
+/// The client span of try `number` of a call to `path`.
+fn attempt_span(path: &str, number: u32, hedge: bool) -> tracing::Span {
+    let (service, method) = telemetry::rpc_names(path);
+    tracing::info_span!(
+        target: crate::telemetry::RPC_SPANS,
+        "grpc.attempt",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        meshlb.attempt = number,
+        meshlb.hedge = hedge,
+        server.address = Empty,
+        server.port = Empty,
+        rpc.grpc.status_code = Empty,
+        otel.status_code = Empty,
+    )
+}

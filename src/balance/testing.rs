@@ -1,0 +1,29 @@
+//! What the layers' unit tests share: requests as the layers above would hand them down, and
+//! a bounded wait for an answer (on tokio's paused clock, a call that never ends fails the
+//! test at once instead of hanging it).
+
+use super::endpoint::BoxError;
+use super::probe::Duplicable;
+use bytes::Bytes;
+use std::time::Duration;
+use tonic::body::Body;
+
+/// A request to `path` whose body was kept, as the replay layer hands it down.
+pub fn kept_request(path: &str) -> http::Request<Body> {
+    let body = Bytes::from_static(b"hello");
+    let mut request = http::Request::new(Body::new(http_body_util::Full::new(body.clone())));
+    *request.uri_mut() = format!("http://x{path}").parse().unwrap();
+    request.extensions_mut().insert(Duplicable(body));
+    request
+}
+
+/// The call's answer.
+pub async fn answered(
+    call: tokio::task::JoinHandle<Result<http::Response<Body>, BoxError>>,
+) -> http::Response<Body> {
+    tokio::time::timeout(Duration::from_secs(600), call)
+        .await
+        .expect("the call ended")
+        .expect("the call did not panic")
+        .expect("the layer answers with a response")
+}
