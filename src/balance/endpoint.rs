@@ -1,9 +1,11 @@
 //! One endpoint as the balancer sees it: a connection, the health gate in front of it, failure
-//! accrual (ejection with backoff, then one probe call), and the counters behind `endpoints()`.
+//! accrual ([`super::accrual`]: ejection with backoff, then one probe call), and the counters
+//! behind `endpoints()`.
 //!
 //! Its `poll_ready` never fails: a shut gate or an ejection is `Pending`, with a wake-up
 //! registered, so tower's ready cache keeps the endpoint instead of evicting it for good.
 
+use super::accrual::{Accrual, AccrualConfig, Admit, Reason};
 use super::completion::{Completion, Outcome, TrackedBody};
 use super::failure::{self, Blame};
 use super::silence::Progress;
@@ -39,27 +41,6 @@ pub struct EndpointError {
 /// Added to each response: the address of the endpoint that served it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServedBy(pub SocketAddr);
-
-/// Failure accrual settings.
-#[derive(Debug, Clone, Copy)]
-pub struct AccrualConfig {
-    /// Consecutive failures (transport errors or `UNAVAILABLE`) that eject an endpoint.
-    pub threshold: u32,
-    /// The first ejection's length; doubles while the endpoint keeps failing its probes.
-    pub backoff_base: Duration,
-    /// The longest ejection.
-    pub backoff_max: Duration,
-}
-
-impl Default for AccrualConfig {
-    fn default() -> Self {
-        Self {
-            threshold: 5,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(30),
-        }
-    }
-}
 
 /// An endpoint's state as `endpoints()` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -146,103 +127,6 @@ pub struct EndpointCounters {
     pub ejections_latency: u64,
 }
 
-/// Why an endpoint is out of rotation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reason {
-    Failures,
-    Latency,
-}
-
-#[derive(Debug)]
-struct Accrual {
-    config: AccrualConfig,
-    consecutive: u32,
-    ejected_until: Option<Instant>,
-    backoff: Duration,
-    probing: bool,
-    probe_in_flight: bool,
-    reason: Option<Reason>,
-    /// Ejections so far, for failures and for latency.
-    ejections: [u64; 2],
-}
-
-/// What accrual allows right now.
-enum Admit {
-    Yes,
-    Probe,
-    EjectedUntil(Instant),
-    ProbeInFlight,
-}
-
-impl Accrual {
-    fn admit(&mut self, now: Instant) -> Admit {
-        if let Some(until) = self.ejected_until {
-            if now < until {
-                return Admit::EjectedUntil(until);
-            }
-            self.ejected_until = None;
-            self.probing = true;
-        }
-        match (self.probing, self.probe_in_flight) {
-            (false, _) => Admit::Yes,
-            (true, false) => Admit::Probe,
-            (true, true) => Admit::ProbeInFlight,
-        }
-    }
-
-    /// Takes the endpoint out: for the base backoff, or for twice the last one after a failed probe.
-    fn eject(&mut self, now: Instant, reason: Reason, again: bool) {
-        self.backoff = if again {
-            (self.backoff * 2).min(self.config.backoff_max)
-        } else {
-            self.config.backoff_base
-        };
-        self.ejected_until = Some(now + self.backoff);
-        self.probing = false;
-        self.reason = Some(reason);
-        self.ejections[reason as usize] += 1;
-    }
-
-    /// `probe_too_slow`: the call was slower than the fleet's outlier threshold.
-    fn record(&mut self, outcome: Outcome, was_probe: bool, probe_too_slow: bool, now: Instant) {
-        if was_probe {
-            self.probe_in_flight = false;
-        }
-        match outcome {
-            // Says nothing about the endpoint: no reset of the count, no verdict on a probe (the
-            // next call probes again). A reset stream is one call's problem (see `failure`).
-            Outcome::Cancelled | Outcome::StreamError(_) => {}
-            o if o.is_endpoint_failure() => {
-                self.consecutive = self.consecutive.saturating_add(1);
-                if was_probe {
-                    self.eject(now, Reason::Failures, true);
-                } else if !self.probing
-                    && self.ejected_until.is_none()
-                    && self.consecutive >= self.config.threshold
-                {
-                    self.eject(now, Reason::Failures, false);
-                }
-            }
-            _ => {
-                self.consecutive = 0;
-                if was_probe {
-                    if probe_too_slow && self.reason == Some(Reason::Latency) {
-                        self.eject(now, Reason::Latency, true);
-                    } else {
-                        self.probing = false;
-                        self.backoff = self.config.backoff_base;
-                        self.reason = None;
-                    }
-                }
-            }
-        }
-    }
-
-    fn is_out(&self, now: Instant) -> bool {
-        self.ejected_until.is_some_and(|until| now < until)
-    }
-}
-
 impl Shared {
     /// New shared state for an endpoint behind `gate`.
     pub fn new(addr: SocketAddr, gate: Arc<Gate>, accrual: AccrualConfig) -> Arc<Self> {
@@ -253,16 +137,7 @@ impl Shared {
             served: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             ewma_rtt_us: Mutex::new(0.0),
-            accrual: Mutex::new(Accrual {
-                config: accrual,
-                consecutive: 0,
-                ejected_until: None,
-                backoff: accrual.backoff_base,
-                probing: false,
-                probe_in_flight: false,
-                reason: None,
-                ejections: [0; 2],
-            }),
+            accrual: Mutex::new(Accrual::new(accrual)),
             accrual_waker: AtomicWaker::new(),
             latency_threshold_us: AtomicU64::new(0),
             shed: AtomicU64::new(0),
@@ -296,13 +171,7 @@ impl Shared {
 
     /// Ejects the endpoint as a latency outlier, unless it is already out or being probed.
     pub fn eject_for_latency(&self) -> bool {
-        let mut accrual = lock(&self.accrual);
-        let now = Instant::now();
-        if accrual.is_out(now) || accrual.probing {
-            return false;
-        }
-        accrual.eject(now, Reason::Latency, false);
-        true
+        lock(&self.accrual).eject_for_latency(Instant::now())
     }
 
     /// The endpoint's health gate.
@@ -314,7 +183,7 @@ impl Shared {
     pub fn snapshot(&self) -> EndpointSnapshot {
         let ejected = {
             let accrual = lock(&self.accrual);
-            accrual.is_out(Instant::now()).then_some(accrual.reason)
+            accrual.is_out(Instant::now()).then_some(accrual.reason())
         };
         let state = if let Some(reason) = ejected {
             if reason == Some(Reason::Latency) {
@@ -347,7 +216,7 @@ impl Shared {
 
     /// Its counters, for metrics.
     pub fn counters(&self) -> EndpointCounters {
-        let ejections = lock(&self.accrual).ejections;
+        let ejections = lock(&self.accrual).ejections();
         EndpointCounters {
             by_code: std::array::from_fn(|i| self.by_code[i].load(Ordering::Relaxed)),
             probes: self.probes.load(Ordering::Relaxed),
@@ -546,7 +415,7 @@ impl Endpoint {
         probe: bool,
     ) -> <Self as Service<http::Request<Body>>>::Future {
         if probe {
-            lock(&self.shared.accrual).probe_in_flight = true;
+            lock(&self.shared.accrual).probe_sent();
             self.shared.probes.fetch_add(1, Ordering::Relaxed);
         }
         let before = self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -606,131 +475,5 @@ impl Endpoint {
                 }
             }
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn accrual() -> Accrual {
-        Accrual {
-            config: AccrualConfig {
-                threshold: 3,
-                backoff_base: Duration::from_secs(1),
-                backoff_max: Duration::from_secs(8),
-            },
-            consecutive: 0,
-            ejected_until: None,
-            backoff: Duration::from_secs(1),
-            probing: false,
-            probe_in_flight: false,
-            reason: None,
-            ejections: [0; 2],
-        }
-    }
-
-    use tonic::Code;
-
-    impl Accrual {
-        fn record_plain(&mut self, outcome: Outcome, was_probe: bool, now: Instant) {
-            self.record(outcome, was_probe, false, now);
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn stream_errors_neither_eject_nor_forgive() {
-        let mut a = accrual();
-        let now = Instant::now();
-        for _ in 0..10 {
-            a.record_plain(Outcome::StreamError(Code::Internal), false, now);
-        }
-        assert!(!a.is_out(now), "resets alone never eject");
-        a.record_plain(Outcome::Broken, false, now);
-        a.record_plain(Outcome::Broken, false, now);
-        // A reset in between does not wipe the count of real failures.
-        a.record_plain(Outcome::StreamError(Code::Internal), false, now);
-        a.record_plain(Outcome::Broken, false, now);
-        assert!(a.is_out(now), "three connection failures eject");
-        // Nor does a reset on the probe end the ejection's verdict.
-        tokio::time::advance(Duration::from_secs(2)).await;
-        let later = Instant::now();
-        assert!(matches!(a.admit(later), Admit::Probe));
-        a.probe_in_flight = true;
-        a.record_plain(Outcome::StreamError(Code::Internal), true, later);
-        assert!(a.probing, "still probing after an inconclusive probe");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_slow_probe_keeps_a_latency_ejection_and_a_fast_one_ends_it() {
-        let mut a = accrual();
-        let t0 = Instant::now();
-        a.eject(t0, Reason::Latency, false);
-        assert!(matches!(a.admit(t0), Admit::EjectedUntil(_)));
-        let t1 = t0 + Duration::from_secs(1);
-        assert!(matches!(a.admit(t1), Admit::Probe));
-        a.probe_in_flight = true;
-        a.record(Outcome::Ok, true, true, t1);
-        assert!(
-            matches!(a.admit(t1), Admit::EjectedUntil(u) if u == t1 + Duration::from_secs(2)),
-            "a slow probe doubles the ejection"
-        );
-        let t2 = t1 + Duration::from_secs(2);
-        assert!(matches!(a.admit(t2), Admit::Probe));
-        a.probe_in_flight = true;
-        a.record(Outcome::Ok, true, false, t2);
-        assert!(matches!(a.admit(t2), Admit::Yes));
-        assert_eq!(a.reason, None);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn ejects_after_threshold_then_probes_and_doubles() {
-        let mut a = accrual();
-        let t0 = Instant::now();
-        let fail = Outcome::Status(tonic::Code::Unavailable);
-        a.record_plain(fail, false, t0);
-        a.record_plain(Outcome::Status(tonic::Code::NotFound), false, t0);
-        a.record_plain(fail, false, t0);
-        assert!(matches!(a.admit(t0), Admit::Yes), "NOT_FOUND reset the run");
-        a.record_plain(fail, false, t0);
-        a.record_plain(fail, false, t0);
-        assert!(matches!(a.admit(t0), Admit::EjectedUntil(u) if u == t0 + Duration::from_secs(1)));
-
-        let t1 = t0 + Duration::from_secs(1);
-        assert!(matches!(a.admit(t1), Admit::Probe));
-        a.probe_in_flight = true;
-        assert!(matches!(a.admit(t1), Admit::ProbeInFlight));
-        a.record_plain(Outcome::Broken, true, t1);
-        assert!(matches!(a.admit(t1), Admit::EjectedUntil(u) if u == t1 + Duration::from_secs(2)));
-
-        let t2 = t1 + Duration::from_secs(2);
-        assert!(matches!(a.admit(t2), Admit::Probe));
-        a.probe_in_flight = true;
-        a.record_plain(Outcome::Ok, true, t2);
-        assert!(matches!(a.admit(t2), Admit::Yes));
-        assert_eq!(
-            a.backoff,
-            Duration::from_secs(1),
-            "backoff resets on success"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn backoff_is_capped() {
-        let mut a = accrual();
-        let mut now = Instant::now();
-        for _ in 0..3 {
-            a.record_plain(Outcome::Broken, false, now);
-        }
-        for _ in 0..10 {
-            let Admit::EjectedUntil(until) = a.admit(now) else {
-                panic!("expected ejection")
-            };
-            now = until;
-            assert!(matches!(a.admit(now), Admit::Probe));
-            a.probe_in_flight = true;
-            a.record_plain(Outcome::Broken, true, now);
-        }
-        assert_eq!(a.backoff, Duration::from_secs(8));
     }
 }

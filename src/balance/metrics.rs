@@ -590,7 +590,8 @@ mod tests {
 
     #[tokio::test]
     async fn every_series_keeps_its_label_names() {
-        use crate::balance::endpoint::{AccrualConfig, Shared};
+        use crate::balance::accrual::AccrualConfig;
+        use crate::balance::endpoint::Shared;
         let mut prom = prometheus_client::registry::Registry::default();
         let metrics = Metrics::register(&mut prom);
         let balancer = super::super::registry::Registry::new("ipv4:127.0.0.1:1".into());

@@ -24,7 +24,7 @@
 //!   ([`crate::health`]); its readiness is `Pending` otherwise, so the balancer never evicts it for
 //!   good and takes it back as soon as it recovers.
 //! - **Failure accrual**: N consecutive transport failures or `UNAVAILABLE`s eject an endpoint for a
-//!   doubling backoff, then one probe call decides ([`endpoint`]); a probe is a copy of a call
+//!   doubling backoff, then one probe call decides ([`accrual`]); a probe is a copy of a call
 //!   that may be duplicated, so its caller does not wait for the judged endpoint ([`probe`]).
 //! - **Latency-outlier ejection**: an endpoint far slower than the rest of the fleet for a while is
 //!   taken out the same way, never below half of the fleet ([`outlier`]).
@@ -55,6 +55,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod accrual;
 pub mod attempt;
 pub mod call;
 pub mod completion;
@@ -77,8 +78,9 @@ pub mod silence;
 mod testing;
 pub mod throttle;
 
+pub use accrual::AccrualConfig;
 pub use call::CallConfig;
-pub use endpoint::{AccrualConfig, BoxError, EndpointSnapshot, EndpointState, ServedBy};
+pub use endpoint::{BoxError, EndpointSnapshot, EndpointState, ServedBy};
 pub use hedge::{HedgeConfig, HedgeDelay};
 pub use metrics::Metrics;
 pub use outlier::OutlierConfig;

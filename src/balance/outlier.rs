@@ -137,7 +137,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::endpoint::{AccrualConfig, EndpointState};
+    use crate::balance::accrual::AccrualConfig;
+    use crate::balance::endpoint::EndpointState;
     use crate::health::{Gate, Health};
 
     fn endpoint(port: u16) -> Arc<Shared> {

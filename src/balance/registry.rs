@@ -3,7 +3,8 @@
 //! balancer. This is the one place that joins discovery, health and balancing; each of those
 //! knows nothing of the others.
 
-use super::endpoint::{AccrualConfig, Endpoint, EndpointSnapshot, EndpointState, Shared};
+use super::accrual::AccrualConfig;
+use super::endpoint::{Endpoint, EndpointSnapshot, EndpointState, Shared};
 use crate::discovery::{Discovery, Update};
 use crate::health::{self, Gate, HealthConfig};
 use std::collections::BTreeMap;
