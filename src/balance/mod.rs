@@ -94,7 +94,7 @@ use crate::health::HealthConfig;
 use crate::target::{Target, TargetError};
 use completion::BodyEnd;
 use endpoint::Endpoint;
-use failfast::FailFast;
+use failfast::{FailFast, FailFastLayer};
 use futures::StreamExt;
 use registry::{EndpointSettings, Registry};
 use std::convert::Infallible;
@@ -107,7 +107,7 @@ use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
 use tower::load::PeakEwma;
 use tower::util::BoxService;
-use tower::{Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 /// How the balancer chooses among ready endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -469,7 +469,7 @@ impl Builder {
         };
         // The wait for a ready endpoint is never longer than a call's deadline.
         let ready_wait = self.call.ready_wait.min(self.call.timeout);
-        let stack = FailFast::new(inner, ready_wait, registry.clone());
+        let stack = FailFastLayer::new(ready_wait, registry.clone()).layer(inner);
         let buffer = Buffer::new(stack, self.buffer);
         Ok(Balancer {
             stack: call::stack(&self.call, &registry, buffer),

@@ -201,11 +201,6 @@ impl Registry {
         self.counters.retries.load(Ordering::Relaxed)
     }
 
-    /// Why no endpoint is ready, in words for an `UNAVAILABLE` message.
-    pub fn why_unavailable(&self) -> String {
-        self.unavailable().1
-    }
-
     fn unavailable(&self) -> (FailFastReason, String) {
         let all = self.snapshot();
         if all.is_empty() {
