@@ -167,8 +167,17 @@ impl Accrual {
             }
             _ => {
                 self.consecutive = 0;
+                // A probe the server gave up on (its deadline, or the copy's own) did not show
+                // the endpoint able to answer: out again, for the same reason.
+                let timed_out = matches!(
+                    outcome,
+                    Outcome::Status(tonic::Code::Cancelled | tonic::Code::DeadlineExceeded)
+                );
                 if was_probe {
-                    if probe_too_slow && self.reason == Some(Reason::Latency) {
+                    if timed_out {
+                        let reason = self.reason.unwrap_or(Reason::Failures);
+                        self.eject(now, reason, true);
+                    } else if probe_too_slow && self.reason == Some(Reason::Latency) {
                         self.eject(now, Reason::Latency, true);
                     } else {
                         self.probing = false;
@@ -278,6 +287,30 @@ mod tests {
         assert_eq!(a.admit(t2), Admit::Yes);
         assert_eq!(a.reason(), None);
         assert_eq!(a.ejections(), [0, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_timed_out_ejects_again_for_its_reason() {
+        for code in [Code::DeadlineExceeded, Code::Cancelled] {
+            let mut a = accrual();
+            let t0 = Instant::now();
+            assert!(a.eject_for_latency(t0));
+            let t1 = t0 + ejected_for(&mut a, t0);
+            assert_eq!(a.admit(t1), Admit::Probe);
+            a.probe_sent();
+            // Quick, because the server gave up at once: still no verdict of "fast".
+            a.record(Outcome::Status(code), true, false, t1);
+            let second = ejected_for(&mut a, t1);
+            assert!(jittered(second, Duration::from_secs(2)), "{second:?}");
+            assert_eq!(a.reason(), Some(Reason::Latency));
+            // Not a probe: a deadline is the caller's business, and forgives nothing either way.
+            let t2 = t1 + second;
+            assert_eq!(a.admit(t2), Admit::Probe);
+            a.probe_sent();
+            a.record(Outcome::Ok, true, false, t2);
+            a.record_plain(Outcome::Status(code), false, t2);
+            assert_eq!(a.admit(t2), Admit::Yes);
+        }
     }
 
     #[tokio::test(start_paused = true)]

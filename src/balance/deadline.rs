@@ -45,6 +45,9 @@ pub trait Readiness: Send + Sync {
     fn why_unready(&self) -> Option<String>;
 }
 
+/// Where a deadline that cannot be represented ends: beyond any call's life.
+const FAR_AWAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// The deadline's settings.
 #[derive(Clone)]
 pub struct DeadlineLayer {
@@ -122,7 +125,9 @@ where
     ) -> BoxFuture<'static, Result<http::Response<Body>, BoxError>> {
         let caller = crate::grpc::timeout(request.headers()).ok().flatten();
         let deadline = self.settings.deadline(request.uri().path(), caller);
-        let expires = Instant::now() + deadline;
+        // A deadline too far to represent (`Duration::MAX` as "none") is simply far away.
+        let now = Instant::now();
+        let expires = now.checked_add(deadline).unwrap_or_else(|| now + FAR_AWAY);
         request.extensions_mut().insert(Expires(expires));
         let answer = self.inner.call(request);
         let settings = self.settings.clone();
@@ -226,6 +231,9 @@ impl HttpBody for DeadlineBody {
             Poll::Ready(()) => {
                 *this.expired = true;
                 this.permit.take();
+                // Let go of the stream now (its endpoint counts it in flight until it is
+                // dropped), not when the caller drops a body that has ended.
+                inner.set(Body::empty());
                 Poll::Ready(Some(Err(Status::deadline_exceeded(
                     "the call's deadline passed while the answer was streaming",
                 ))))
@@ -251,9 +259,21 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stalled_stream_ends_at_the_deadline() {
+        struct Held(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Held {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let held = Held(dropped.clone());
         let frames =
             futures::stream::iter([Ok::<_, Status>(Frame::data(Bytes::from_static(b"first")))])
-                .chain(futures::stream::pending());
+                .chain(futures::stream::pending())
+                .map(move |frame| {
+                    let _ = &held;
+                    frame
+                });
         let inner = Body::new(StreamBody::new(frames));
         let mut body = DeadlineBody::new(inner, Instant::now() + Duration::from_secs(2), None);
         assert!(body.frame().await.unwrap().unwrap().is_data());
@@ -261,6 +281,10 @@ mod tests {
         let err = body.frame().await.unwrap().unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
         assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert!(
+            dropped.load(std::sync::atomic::Ordering::Relaxed),
+            "the stalled stream is let go of at the deadline"
+        );
         assert!(body.frame().await.is_none());
     }
 
@@ -366,6 +390,23 @@ mod tests {
             let status = status(&response);
             assert_eq!(status.code(), Code::Unavailable);
             assert_eq!(status.message(), "all 3 endpoints are connecting");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn no_deadline_at_all_is_a_far_one_not_a_panic() {
+            let fleet = Arc::new(Fleet {
+                ready: true,
+                asked: AtomicU64::new(0),
+            });
+            let layer = DeadlineLayer::new(Duration::MAX, Arc::default(), fleet);
+            let (service, mut handle) = mock::pair();
+            let call = tokio::spawn(layer.layer(service).oneshot(request("/a.S/Get", None)));
+            let (tried, answer) = handle.next_request().await.unwrap();
+            let expires = tried.extensions().get::<Expires>().expect("an expiry").0;
+            assert!(expires - Instant::now() > Duration::from_secs(3600 * 24 * 365));
+            answer.send_response(Status::ok("").into_http());
+            let response = answered(call).await;
+            assert_eq!(status(&response).code(), Code::Ok);
         }
 
         #[tokio::test(start_paused = true)]

@@ -326,7 +326,14 @@ where
     };
     tokio::select! {
         result = &mut first => {
-            if non_fatal(&result) { hedge.await } else { result }
+            if !non_fatal(&result) {
+                return result;
+            }
+            let result = hedge.await;
+            if !plan.non_fatal(&result) {
+                shared.counters.count_hedge(true);
+            }
+            result
         }
         result = &mut hedge => {
             if non_fatal(&result) {
@@ -412,6 +419,24 @@ mod tests {
         answer.send_response(Status::ok("").into_http());
         assert_eq!(status_of(&answered(call).await), Code::Ok);
         assert_eq!(counters.hedges(), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedge_in_flight_that_answers_after_the_first_try_failed_is_a_win() {
+        let (service, mut handle, counters) = hedged();
+        let call = tokio::spawn(service.oneshot(kept_request("/a.S/Get")));
+        let (_, first) = handle.next_request().await.unwrap();
+        let (hedge, second) = handle.next_request().await.unwrap();
+        assert!(is_hedge(&hedge));
+        first.send_response(Status::unavailable("down").into_http());
+        tokio::time::advance(Duration::from_millis(5)).await;
+        second.send_response(Status::ok("").into_http());
+        assert_eq!(status_of(&answered(call).await), Code::Ok);
+        assert_eq!(
+            counters.hedges(),
+            (1, 1),
+            "the hedge's answer was the call's"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,7 +21,7 @@ pub const PROBE_LIMIT: Duration = Duration::from_secs(10);
 
 /// In a request's extensions: its body, kept, so that the request may be sent more than once.
 #[derive(Debug, Clone)]
-pub struct Duplicable(pub Bytes);
+pub(crate) struct Duplicable(pub(crate) Bytes);
 
 /// The error a caller's try gets when the endpoint took a copy of it as its probe: the request
 /// inside goes to another endpoint.
@@ -62,6 +62,10 @@ pub fn copy_of(request: &http::Request<Body>) -> Option<http::Request<Body>> {
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
     *copy.headers_mut() = request.headers().clone();
+    // The probe's own time, not what its caller had left: a probe cut short by the caller's
+    // deadline would prove nothing.
+    copy.headers_mut()
+        .insert("grpc-timeout", crate::grpc::timeout_value(PROBE_LIMIT));
     Some(copy)
 }
 
@@ -102,6 +106,9 @@ mod tests {
         let mut request = http::Request::new(Body::empty());
         *request.uri_mut() = "/s.S/M".parse().unwrap();
         request.headers_mut().insert("x-a", "1".parse().unwrap());
+        request
+            .headers_mut()
+            .insert("grpc-timeout", "3m".parse().unwrap());
         assert!(copy_of(&request).is_none());
         request
             .extensions_mut()
@@ -109,6 +116,11 @@ mod tests {
         let copy = copy_of(&request).unwrap();
         assert_eq!(copy.uri(), request.uri());
         assert_eq!(copy.headers()["x-a"], "1");
+        assert_eq!(
+            copy.headers()["grpc-timeout"],
+            "10000m",
+            "the probe's own time"
+        );
         let body = copy.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "payload");
     }

@@ -153,30 +153,28 @@ impl tower::retry::Policy<http::Request<Body>, http::Response<Body>, BoxError> f
             self.done(result);
             return None;
         }
+        // The server's pushback, or the policy's backoff (counted since the last pushback).
+        let (pause, since_pushback) = match (pushback, policy) {
+            (Some(Pushback::Wait(pause)), _) => (pause, 0),
+            (_, Some(policy)) => (
+                backoff(policy, self.since_pushback + 2),
+                self.since_pushback + 1,
+            ),
+            _ => (Duration::ZERO, self.since_pushback),
+        };
+        // A pause that outlasts the deadline would only turn the server's answer into a
+        // timeout, and spend a token on a retry never sent: give the caller the answer.
+        let expires = request.extensions().get::<Expires>().map(|e| e.0);
+        if expires.is_some_and(|e| Instant::now() + pause >= e) {
+            self.done(result);
+            return None;
+        }
         if !shared.allowance.may_send_another() {
             shared.counters.count_budget_exhausted();
             self.done(result);
             return None;
         }
-        let pause = match (pushback, policy) {
-            // The server said when to try again. A pause that outlasts the deadline would only
-            // turn the server's answer into a timeout: give the caller the answer.
-            (Some(Pushback::Wait(pause)), _) => {
-                let expires = request.extensions().get::<Expires>().map(|e| e.0);
-                if expires.is_some_and(|e| Instant::now() + pause >= e) {
-                    self.done(result);
-                    return None;
-                }
-                self.since_pushback = 0;
-                pause
-            }
-            // A backoff past the deadline ends in the deadline's own answer.
-            (_, Some(policy)) => {
-                self.since_pushback += 1;
-                backoff(policy, self.since_pushback + 1)
-            }
-            _ => Duration::ZERO,
-        };
+        self.since_pushback = since_pushback;
         shared.counters.count_retry();
         tracing::debug!(
             path = request.uri().path(),
@@ -350,6 +348,31 @@ mod tests {
             "{status:?}"
         );
         assert_eq!(response.extensions().get::<Attempts>(), Some(&Attempts(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_is_counted_or_paid_for_when_its_pause_would_outlast_the_deadline() {
+        let (policy, counters) = policy(None);
+        let (service, mut handle) = mock::pair::<http::Request<Body>, http::Response<Body>>();
+        let service = policy.layer().layer(service);
+        // A backoff, then a pushback, each longer than the time left (none).
+        for pushback in [None, Some("250")] {
+            let mut request = kept_request("/a.S/Get");
+            request.extensions_mut().insert(Expires(Instant::now()));
+            let call = tokio::spawn(service.clone().oneshot(request));
+            answer_next(&mut handle, answer(Code::Unavailable, pushback)).await;
+            let response = answered(call).await;
+            assert_eq!(
+                status_of(&response),
+                Code::Unavailable,
+                "the server's answer"
+            );
+            assert_eq!(response.extensions().get::<Attempts>(), Some(&Attempts(1)));
+        }
+        let counted =
+            |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(counted(&counters.retries), 0);
+        assert_eq!(counted(&counters.budget_exhausted), 0, "no budget asked");
     }
 
     #[tokio::test(start_paused = true)]
