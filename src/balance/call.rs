@@ -23,6 +23,7 @@ use super::deadline::{Deadline, DeadlineLayer, Readiness};
 use super::endpoint::BoxError;
 use super::hedge::{Hedge, HedgeConfig, HedgeLayer, LatencyWindow};
 use super::limit::Permit;
+use super::live_config::LiveConfig;
 use super::metrics::MeteredBody;
 use super::registry::Registry;
 use super::replay::{Replay, ReplayLayer};
@@ -44,13 +45,18 @@ use tracing::Instrument;
 /// The call path's layers over the balancer's buffer.
 pub(crate) type Stack = Deadline<Replay<Retry<RetryPolicy, Hedge<Attempt>>>>;
 
-/// The layers, configured by `config`, over `buffer`; `registry` answers why nothing is ready
-/// and holds the counters.
-pub(super) fn stack(config: &CallConfig, registry: &Arc<Registry>, buffer: Buffered) -> Stack {
-    let service_config = config.service_config.clone();
+/// The layers, configured by `config` and reading their policies from `service_config`, over
+/// `buffer`; `registry` answers why nothing is ready and holds the counters.
+pub(super) fn stack(
+    config: &CallConfig,
+    service_config: &LiveConfig,
+    registry: &Arc<Registry>,
+    buffer: Buffered,
+) -> Stack {
+    // Throttling is the balancer's, fixed when it is built; method policies may change.
     let allowance = Arc::new(Allowance::new(
         config.budget(),
-        service_config.retry_throttling,
+        config.service_config.retry_throttling,
     ));
     let counters = registry.counters_handle();
     let latency = Arc::new(LatencyWindow::default());
@@ -76,7 +82,7 @@ pub(super) fn stack(config: &CallConfig, registry: &Arc<Registry>, buffer: Buffe
             .layer(),
         )
         .layer(HedgeLayer::new(
-            service_config,
+            service_config.clone(),
             config.hedge.clone(),
             latency.clone(),
             allowance,

@@ -16,8 +16,8 @@
 
 use super::endpoint::BoxError;
 use super::limit::Permit;
+use super::live_config::LiveConfig;
 use super::retry::Attempts;
-use super::service_config::ServiceConfig;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -56,7 +56,7 @@ pub struct DeadlineLayer {
 
 struct Settings {
     timeout: Duration,
-    service_config: Arc<ServiceConfig>,
+    service_config: LiveConfig,
     readiness: Arc<dyn Readiness>,
 }
 
@@ -64,13 +64,13 @@ impl DeadlineLayer {
     /// Every call bounded by `timeout`, or less, as `service_config` and the caller say.
     pub fn new(
         timeout: Duration,
-        service_config: Arc<ServiceConfig>,
+        service_config: impl Into<LiveConfig>,
         readiness: Arc<dyn Readiness>,
     ) -> Self {
         Self {
             settings: Arc::new(Settings {
                 timeout,
-                service_config,
+                service_config: service_config.into(),
                 readiness,
             }),
         }
@@ -99,6 +99,7 @@ impl Settings {
     fn deadline(&self, path: &str, caller: Option<Duration>) -> Duration {
         let limit = self
             .service_config
+            .current()
             .method(path)
             .and_then(|m| m.timeout)
             .filter(|t| !t.is_zero())
@@ -300,6 +301,7 @@ mod tests {
 
     mod layer {
         use super::super::*;
+        use crate::balance::service_config::ServiceConfig;
         use crate::balance::testing::answered;
         use std::sync::atomic::{AtomicU64, Ordering};
         use tonic::Code;
@@ -398,7 +400,7 @@ mod tests {
                 ready: true,
                 asked: AtomicU64::new(0),
             });
-            let layer = DeadlineLayer::new(Duration::MAX, Arc::default(), fleet);
+            let layer = DeadlineLayer::new(Duration::MAX, Arc::<ServiceConfig>::default(), fleet);
             let (service, mut handle) = mock::pair();
             let call = tokio::spawn(layer.layer(service).oneshot(request("/a.S/Get", None)));
             let (tried, answer) = handle.next_request().await.unwrap();

@@ -13,10 +13,10 @@
 //! policies, the allowance and the latency window; nothing of endpoints or of how a try is made.
 
 use super::endpoint::BoxError;
+use super::live_config::LiveConfig;
 use super::registry::BalancerCounters;
 use super::replay;
 use super::retry::{code_of, Try};
-use super::service_config::ServiceConfig;
 use super::throttle::Allowance;
 use crate::telemetry;
 use futures::future::{BoxFuture, Either};
@@ -149,7 +149,7 @@ pub struct HedgeLayer {
 }
 
 struct Shared {
-    service_config: Arc<ServiceConfig>,
+    service_config: LiveConfig,
     adaptive: HedgeConfig,
     latency: Arc<LatencyWindow>,
     allowance: Arc<Allowance>,
@@ -160,7 +160,7 @@ impl HedgeLayer {
     /// Hedges as `service_config`'s `hedgingPolicy` says, and as `adaptive` says (after the
     /// fleet's recent latency, read from `latency`), within `allowance`, counted in `counters`.
     pub fn new(
-        service_config: Arc<ServiceConfig>,
+        service_config: impl Into<LiveConfig>,
         adaptive: HedgeConfig,
         latency: Arc<LatencyWindow>,
         allowance: Arc<Allowance>,
@@ -168,7 +168,7 @@ impl HedgeLayer {
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
-                service_config,
+                service_config: service_config.into(),
                 adaptive,
                 latency,
                 allowance,
@@ -212,6 +212,7 @@ impl Shared {
     fn plan(&self, path: &str) -> Option<Plan> {
         match self
             .service_config
+            .current()
             .method(path)
             .and_then(|m| m.hedging.as_ref())
         {
@@ -350,6 +351,7 @@ where
 mod tests {
     use super::*;
     use crate::balance::retry::status_of;
+    use crate::balance::service_config::ServiceConfig;
     use crate::balance::testing::{answered, kept_request};
     use tonic::Status;
     use tower::retry::budget::TpsBudget;

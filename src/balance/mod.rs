@@ -60,11 +60,13 @@ pub mod attempt;
 pub mod call;
 pub mod completion;
 pub mod deadline;
+pub mod dns_config;
 pub mod endpoint;
 pub mod failfast;
 pub mod failure;
 pub mod hedge;
 pub mod limit;
+pub mod live_config;
 pub mod metrics;
 pub mod outlier;
 pub mod probe;
@@ -413,10 +415,19 @@ impl Builder {
         ) {
             health.service = service.clone();
         }
-        let discovery = match parsed {
+        let mut discovery = match parsed {
             Ok(target) => discovery::spawn(&target, &self.dns)?,
             Err(changes) => discovery::from_stream(changes),
         };
+        let live_config = live_config::LiveConfig::new(self.call.service_config.clone());
+        if let Some(records) = discovery.config_records.take() {
+            tokio::spawn(dns_config::follow(
+                records,
+                live_config.clone(),
+                self.call.service_config.clone(),
+                self.target.clone(),
+            ));
+        }
         let registry = Registry::new(self.target.clone());
         if let Some(metrics) = &self.metrics {
             metrics.attach(&registry);
@@ -472,12 +483,13 @@ impl Builder {
         let stack = FailFastLayer::new(ready_wait, registry.clone()).layer(inner);
         let buffer = Buffer::new(stack, self.buffer);
         Ok(Balancer {
-            stack: call::stack(&self.call, &registry, buffer),
+            stack: call::stack(&self.call, &live_config, &registry, buffer),
             limit: limit::InFlight::new(self.max_in_flight),
             shared: Arc::new(Shared {
                 registry,
                 policy,
                 config: self.call,
+                live_config,
                 manager,
                 detector,
                 silence_detector,
@@ -502,6 +514,7 @@ pub(crate) struct Shared {
     registry: Arc<Registry>,
     policy: Policy,
     config: CallConfig,
+    live_config: live_config::LiveConfig,
     manager: tokio::task::JoinHandle<()>,
     detector: Option<tokio::task::JoinHandle<()>>,
     silence_detector: Option<tokio::task::JoinHandle<()>>,
@@ -551,6 +564,12 @@ impl Balancer {
             metrics: None,
             discovery: None,
         }
+    }
+
+    /// The service config in force: the one it was built with, or the one DNS publishes
+    /// ([`DnsConfig::service_config`]).
+    pub fn service_config(&self) -> Arc<ServiceConfig> {
+        self.shared.live_config.current()
     }
 
     /// A snapshot of every discovered endpoint, ordered by address.

@@ -14,8 +14,8 @@
 
 use super::endpoint::BoxError;
 use super::hedge::HedgeConfig;
+use super::live_config::LiveConfig;
 use super::probe::Duplicable;
-use super::service_config::ServiceConfig;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::future::{BoxFuture, Either};
 use http_body::{Body as _, Frame};
@@ -33,7 +33,7 @@ pub struct ReplayLayer {
 }
 
 struct Settings {
-    service_config: Arc<ServiceConfig>,
+    service_config: LiveConfig,
     adaptive_hedge: HedgeConfig,
     limit: usize,
 }
@@ -42,13 +42,13 @@ impl ReplayLayer {
     /// Keeps the body (up to `limit` bytes) of a call whose method `service_config` retries or
     /// hedges, or that `adaptive_hedge` hedges.
     pub fn new(
-        service_config: Arc<ServiceConfig>,
+        service_config: impl Into<LiveConfig>,
         adaptive_hedge: HedgeConfig,
         limit: usize,
     ) -> Self {
         Self {
             settings: Arc::new(Settings {
-                service_config,
+                service_config: service_config.into(),
                 adaptive_hedge,
                 limit,
             }),
@@ -76,6 +76,7 @@ pub struct Replay<S> {
 impl Settings {
     fn keeps(&self, path: &str) -> bool {
         self.service_config
+            .current()
             .method(path)
             .is_some_and(|m| m.retry.is_some() || m.hedging.is_some())
             || self.adaptive_hedge.applies_to(path)

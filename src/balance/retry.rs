@@ -20,9 +20,10 @@
 use super::deadline::{connection_failed, Expires};
 use super::endpoint::BoxError;
 use super::failfast::FailedFast;
+use super::live_config::LiveConfig;
 use super::registry::BalancerCounters;
 use super::replay;
-use super::service_config::{RetryPolicy as Policy, ServiceConfig};
+use super::service_config::RetryPolicy as Policy;
 use super::throttle::Allowance;
 use crate::grpc::Pushback;
 use std::sync::Arc;
@@ -48,7 +49,7 @@ pub struct Try {
 /// What every call's policy shares.
 struct Shared {
     target: Arc<str>,
-    service_config: Arc<ServiceConfig>,
+    service_config: LiveConfig,
     allowance: Arc<Allowance>,
     counters: Arc<BalancerCounters>,
 }
@@ -66,14 +67,14 @@ impl RetryPolicy {
     /// names the balancer in messages.
     pub fn new(
         target: Arc<str>,
-        service_config: Arc<ServiceConfig>,
+        service_config: impl Into<LiveConfig>,
         allowance: Arc<Allowance>,
         counters: Arc<BalancerCounters>,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 target,
-                service_config,
+                service_config: service_config.into(),
                 allowance,
                 counters,
             }),
@@ -133,8 +134,8 @@ impl tower::retry::Policy<http::Request<Body>, http::Response<Body>, BoxError> f
         result: &mut Result<http::Response<Body>, BoxError>,
     ) -> Option<Sleep> {
         let shared = self.shared.clone();
-        let policy = shared
-            .service_config
+        let config = shared.service_config.current();
+        let policy = config
             .method(request.uri().path())
             .and_then(|m| m.retry.as_ref());
         let pushback = match &*result {
@@ -203,6 +204,7 @@ impl tower::retry::Policy<http::Request<Body>, http::Response<Body>, BoxError> f
 mod tests {
     use super::*;
     use crate::balance::probe::Duplicable;
+    use crate::balance::service_config::ServiceConfig;
     use crate::balance::testing::{answered, kept_request};
     use tower::retry::budget::TpsBudget;
     use tower::{Layer, ServiceExt};

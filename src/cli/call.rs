@@ -125,7 +125,7 @@ async fn call(args: Args) -> anyhow::Result<ExitCode> {
         health,
         &args.at.tls,
         None,
-        &args.service_config.service_config,
+        &args.service_config,
     )?;
     // One deadline for the whole command: the wait for a ready endpoint counts against it.
     let deadline = tokio::time::Instant::now() + args.at.timeout;

@@ -62,6 +62,10 @@ pub struct ServiceConfigArgs {
     /// retries or hedging at all.
     #[arg(long, env = "MESHLB_SERVICE_CONFIG", default_value = "builtin", value_parser = parse_service_config)]
     pub service_config: ServiceConfigSource,
+    /// Also follow the service config DNS publishes for a dns:// target, in gRPC's TXT record
+    /// `_grpc_config.HOST`; while it has none for this client, --service-config's is in force.
+    #[arg(long, env = "MESHLB_DNS_SERVICE_CONFIG")]
+    pub dns_service_config: bool,
 }
 
 /// A service config's JSON, checked; `None` for no config.
@@ -170,7 +174,7 @@ pub fn balancer(
     health: &str,
     tls: &TlsArgs,
     metrics: Option<&crate::balance::Metrics>,
-    service_config: &ServiceConfigSource,
+    service_config: &ServiceConfigArgs,
 ) -> anyhow::Result<Balancer> {
     let mut builder = Balancer::builder(target)
         .timeout(timeout)
@@ -178,10 +182,16 @@ pub fn balancer(
     if let Some(policy) = policy {
         builder = builder.policy(policy);
     }
-    if let Some(json) = &service_config.0 {
+    if let Some(json) = &service_config.service_config.0 {
         builder = builder
             .service_config(json)
             .map_err(|e| UsageError(e.to_string()))?;
+    }
+    if service_config.dns_service_config {
+        builder = builder.dns(crate::discovery::DnsConfig {
+            service_config: true,
+            ..Default::default()
+        });
     }
     if let Some(tls) = tls.client_tls() {
         builder = builder.tls(tls);
@@ -243,7 +253,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         health,
         &args.tls,
         metrics.as_ref(),
-        &args.service_config.service_config,
+        &args.service_config,
     )?;
     // Warm-up (connections, first health answers, the schema) stays out of the figures, but
     // counts against --duration: a run of 10 s takes 10 s, even against a dead target.

@@ -85,7 +85,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             crate::proto::USERGUIDE_SERVICE,
             &Default::default(),
             None,
-            &args.service_config.service_config,
+            &args.service_config,
         )?;
         lb.wait_ready(Duration::from_secs(5)).await;
         let report = drive(&lb, &load, false, true).await;

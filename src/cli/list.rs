@@ -1,7 +1,7 @@
 //! `meshlb list` and `meshlb describe`: the services and methods a server offers (by server
 //! reflection, or from --proto / --protoset files), as grpcurl shows them.
 
-use super::client::{balancer, ServiceConfigSource, TlsArgs};
+use super::client::{balancer, ServiceConfigArgs, ServiceConfigSource, TlsArgs};
 use super::method::{usage, SchemaArgs};
 use crate::dynamic::schema::{Schema, Source};
 use std::process::ExitCode;
@@ -92,7 +92,10 @@ async fn load(args: &Args, services: Option<&[String]>) -> anyhow::Result<Schema
         "",
         &args.at.tls,
         None,
-        &ServiceConfigSource(None),
+        &ServiceConfigArgs {
+            service_config: ServiceConfigSource(None),
+            dns_service_config: false,
+        },
     )?;
     let names: Option<Vec<&str>> = services.map(|s| s.iter().map(String::as_str).collect());
     let work = async {

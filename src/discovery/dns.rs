@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tower::discover::Change;
 
@@ -27,6 +27,9 @@ pub struct DnsConfig {
     pub backoff_max: Duration,
     /// How long one query may take before it counts as a failure.
     pub query_timeout: Duration,
+    /// Also read the service config gRPC's DNS resolver publishes, the TXT record
+    /// `_grpc_config.HOST`, on every resolution. Off by default, as in grpc-go.
+    pub service_config: bool,
 }
 
 impl Default for DnsConfig {
@@ -36,6 +39,7 @@ impl Default for DnsConfig {
             ttl_ceiling: Duration::from_secs(30),
             backoff_max: Duration::from_secs(10),
             query_timeout: Duration::from_secs(2),
+            service_config: false,
         }
     }
 }
@@ -81,6 +85,8 @@ pub(super) struct Watch {
     backoff: Backoff,
     /// Every failed lookup, for metrics.
     failed_lookups: Arc<AtomicU64>,
+    /// Where the `_grpc_config` TXT record's texts go, when they are read.
+    config_records: Option<watch::Sender<Vec<String>>>,
 }
 
 /// The first retry of a failed lookup comes after about this long, doubling up to
@@ -101,6 +107,7 @@ impl Watch {
         port: u16,
         config: DnsConfig,
         failed_lookups: Arc<AtomicU64>,
+        config_records: Option<watch::Sender<Vec<String>>>,
     ) -> Self {
         Self {
             resolver,
@@ -110,12 +117,14 @@ impl Watch {
             backoff: Backoff::new(RETRY_BASE, config.backoff_max),
             config,
             failed_lookups,
+            config_records,
         }
     }
 
     pub(super) async fn run(mut self, tx: mpsc::UnboundedSender<Update>, refresh: Refresh) {
         loop {
             let last_lookup = Instant::now();
+            self.read_config().await;
             let wait = match self.lookup().await {
                 Answer::Records(addrs, ttl) => {
                     self.recovered();
@@ -175,6 +184,44 @@ impl Watch {
             Err(e) if e.is_no_records_found() || e.is_nx_domain() => Answer::Empty,
             Err(e) => Answer::Failed(e.to_string()),
         }
+    }
+
+    /// Reads `_grpc_config.HOST` when asked to. Its texts go out when they change; no record
+    /// is an empty list (no config from DNS); a failed lookup changes nothing, so the last good
+    /// config stays.
+    async fn read_config(&self) {
+        let Some(tx) = &self.config_records else {
+            return;
+        };
+        let name = format!("_grpc_config.{}", self.host.trim_end_matches('.'));
+        let texts = match self.resolver.txt_lookup(name.as_str()).await {
+            // A record's strings are one text, split only because DNS strings are short.
+            Ok(lookup) => lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    hickory_resolver::proto::rr::RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|part| String::from_utf8_lossy(part))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect(),
+            Err(e) if e.is_no_records_found() || e.is_nx_domain() => Vec::new(),
+            Err(error) => {
+                tracing::debug!(%name, %error, "service config lookup failed: keeping the last one");
+                return;
+            }
+        };
+        tx.send_if_modified(|current| {
+            let changed = *current != texts;
+            if changed {
+                *current = texts;
+            }
+            changed
+        });
     }
 
     fn recovered(&mut self) {

@@ -66,6 +66,9 @@ pub struct Discovery {
     pub stats: DiscoveryStats,
     /// The handle to ask for an early re-resolution.
     pub refresh: Refresh,
+    /// The texts of the `_grpc_config` TXT record, as DNS last gave them, when
+    /// [`DnsConfig::service_config`] asks for them (DNS targets only).
+    pub config_records: Option<tokio::sync::watch::Receiver<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -80,6 +83,7 @@ pub fn spawn(target: &Target, config: &DnsConfig) -> Result<Discovery, Discovery
     let (tx, updates) = mpsc::unbounded_channel();
     let refresh = Refresh::default();
     let stats = DiscoveryStats::default();
+    let mut config_records = None;
     let task = match target {
         Target::Static(addrs) => {
             let addrs = addrs.clone();
@@ -95,12 +99,18 @@ pub fn spawn(target: &Target, config: &DnsConfig) -> Result<Discovery, Discovery
         }
         Target::Dns { server, host, port } => {
             let resolver = dns::resolver(*server, config)?;
+            let records = config.service_config.then(|| {
+                let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+                config_records = Some(rx);
+                tx
+            });
             let watch = dns::Watch::new(
                 resolver,
                 host.clone(),
                 *port,
                 config.clone(),
                 stats.failures.clone(),
+                records,
             );
             tokio::spawn(watch.run(tx, refresh.clone()))
         }
@@ -109,6 +119,7 @@ pub fn spawn(target: &Target, config: &DnsConfig) -> Result<Discovery, Discovery
         updates,
         stats,
         refresh,
+        config_records,
         task,
     })
 }
@@ -136,6 +147,7 @@ where
         updates,
         stats: DiscoveryStats::default(),
         refresh: Refresh::default(),
+        config_records: None,
         task,
     }
 }

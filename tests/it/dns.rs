@@ -250,3 +250,65 @@ fn sample_with(
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {series} in {text}"))
 }
+
+/// gRPC's service config in DNS: the `_grpc_config` TXT record turns retries on for a balancer
+/// built without any; a bad record keeps the last good config; no record, the built-in one again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_config_txt_record_sets_the_policies_and_a_bad_one_keeps_the_last_good() {
+    let faults = meshlb::replica::FaultConfig {
+        fail_rate: 0.1,
+        ..Default::default()
+    };
+    let replica = Replica::start("127.0.0.2", "pod-a", faults).await;
+    let port = replica.addr.port();
+    let dns = DnsServer::start(Mode::Records(vec![A])).await;
+    let retries = r#"grpc_config=[{"clientLanguage": ["rust"], "serviceConfig": {"methodConfig": [
+        {"name": [{"service": "userguide.v1.UserGuideService"}],
+         "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.001s", "maxBackoff": "0.01s",
+                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}}]"#;
+    dns.set_txt(Some(retries.to_owned()));
+    // No service config of its own: without DNS's, nothing is retried.
+    let lb = meshlb::Balancer::builder(format!("dns://{}/users.mesh.test:{port}", dns.addr))
+        .dns(DnsConfig {
+            service_config: true,
+            ..dns_config()
+        })
+        .build()
+        .await
+        .unwrap();
+    let path = "/userguide.v1.UserGuideService/GetPoint";
+    let retried = |lb: &meshlb::Balancer| {
+        lb.service_config()
+            .method(path)
+            .is_some_and(|m| m.retry.is_some())
+    };
+    eventually("the record's retry policy is in force", || async {
+        retried(&lb).then_some(())
+    })
+    .await;
+    let with = drive(&lb, 200, 4).await;
+    assert!(with.errors.len() <= 2, "with retries: {:?}", with.errors);
+
+    // A bad record (a misspelt field): the last good config stays.
+    let seen = dns.queries();
+    dns.set_txt(Some(retries.replace("clientLanguage", "clientLang")));
+    eventually("discovery reads the bad record", || async {
+        (dns.queries() >= seen + 6).then_some(())
+    })
+    .await;
+    assert!(retried(&lb), "a bad record keeps the last good config");
+
+    // No record: the balancer's own config (none), so the replica's failures reach the caller.
+    dns.set_txt(None);
+    eventually("the record's policy is gone", || async {
+        (!retried(&lb)).then_some(())
+    })
+    .await;
+    let without = drive(&lb, 200, 4).await;
+    assert!(
+        without.errors.len() >= 5,
+        "without retries about 10 % fail: {} of 200",
+        without.errors.len()
+    );
+    assert!(without.errors.iter().all(|s| s.code() == Code::Unavailable));
+}
