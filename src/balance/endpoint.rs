@@ -240,10 +240,24 @@ impl Shared {
         self.gate.shut(reason);
     }
 
-    pub(super) fn finish(&self, outcome: Outcome, elapsed: Duration, was_probe: bool) {
+    /// A call ended after `elapsed`; its answer's headers came `answered` after it started.
+    pub(super) fn finish(
+        &self,
+        outcome: Outcome,
+        elapsed: Duration,
+        answered: Option<Duration>,
+        was_probe: bool,
+    ) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.progress.call_ended();
-        let sample = elapsed.as_micros() as f64;
+        // A probe is judged by how soon the endpoint answered, not by how long its answer ran: a
+        // stream's length says nothing of the endpoint's speed, and would keep it ejected.
+        let judged = if was_probe {
+            answered.unwrap_or(elapsed)
+        } else {
+            elapsed
+        };
+        let sample = judged.as_micros() as f64;
         let code = match outcome {
             Outcome::Ok => tonic::Code::Ok,
             Outcome::Status(code) | Outcome::StreamError(code) => code,
@@ -293,7 +307,7 @@ impl Shared {
     /// Records one successful call of `latency`, as a finished call would.
     pub(crate) fn test_finish_ok(&self, latency: Duration) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.finish(Outcome::Ok, latency, false);
+        self.finish(Outcome::Ok, latency, Some(latency), false);
     }
 }
 
@@ -310,6 +324,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct CallGuard {
     shared: Arc<Shared>,
     started: Instant,
+    /// When the answer's headers came, after `started`.
+    answered: Option<Duration>,
     outcome: Outcome,
     probe: bool,
 }
@@ -322,8 +338,12 @@ impl Completion for CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.shared
-            .finish(self.outcome, self.started.elapsed(), self.probe);
+        self.shared.finish(
+            self.outcome,
+            self.started.elapsed(),
+            self.answered,
+            self.probe,
+        );
     }
 }
 
@@ -424,6 +444,7 @@ impl Endpoint {
         let mut guard = CallGuard {
             shared: self.shared.clone(),
             started: Instant::now(),
+            answered: None,
             outcome: Outcome::Cancelled,
             probe,
         };
@@ -439,6 +460,7 @@ impl Endpoint {
             };
             match result {
                 Ok(response) => {
+                    guard.answered = Some(guard.started.elapsed());
                     let (mut parts, body) = response.into_parts();
                     if Pushback::of(&parts.headers).is_some() {
                         guard.shared.shed.fetch_add(1, Ordering::Relaxed);
@@ -475,5 +497,37 @@ impl Endpoint {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::Gate;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_is_judged_by_when_it_was_answered_not_by_how_long_its_stream_ran() {
+        let gate = Gate::new();
+        gate.set(Health::Serving);
+        let shared = Shared::new(
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            gate,
+            AccrualConfig::default(),
+        );
+        shared.set_latency_threshold(Duration::from_millis(10));
+        assert!(shared.eject_for_latency());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(lock(&shared.accrual).admit(Instant::now()), Admit::Probe);
+        lock(&shared.accrual).probe_sent();
+        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        // A stream that ran 5 s, answered after 2 ms.
+        let (ran, answered) = (Duration::from_secs(5), Duration::from_millis(2));
+        shared.finish(Outcome::Ok, ran, Some(answered), true);
+        assert_eq!(shared.snapshot().state, EndpointState::Ready);
+        assert_eq!(
+            shared.latency().0,
+            answered,
+            "the estimate starts over from it"
+        );
     }
 }

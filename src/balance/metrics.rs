@@ -610,6 +610,7 @@ mod tests {
         shared.finish(
             crate::balance::completion::Outcome::Status(Code::NotFound),
             std::time::Duration::from_millis(1),
+            None,
             false,
         );
         balancer.insert(addr, shared, connection, tokio::spawn(async {}));
