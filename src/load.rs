@@ -569,7 +569,7 @@ async fn open_loop<T: Transport>(
     recorder: &Recorder,
     take_ticket: impl Fn() -> Option<u64>,
 ) {
-    let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.001)).max(Duration::from_nanos(1));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let limit = Arc::new(tokio::sync::Semaphore::new(spec.concurrency.max(1)));

@@ -127,11 +127,18 @@ impl Default for CallConfig {
 }
 
 impl CallConfig {
+    /// The retry budget. Out-of-range settings are brought into tower's (which asserts them):
+    /// a share from 0 to 1000 %, fewer than `i32::MAX` a second.
     pub(super) fn budget(&self) -> TpsBudget {
+        let percent = if self.budget_percent.is_finite() {
+            self.budget_percent.clamp(0.0, 10.0)
+        } else {
+            0.0
+        };
         TpsBudget::new(
             Duration::from_secs(10),
-            self.budget_min_per_sec,
-            self.budget_percent,
+            self.budget_min_per_sec.min(i32::MAX as u32 - 1),
+            percent,
         )
     }
 }
@@ -223,4 +230,25 @@ async fn run_in_span(
     };
     // The deadline layer answers every call with a response; an error here is a bug below it.
     answer.unwrap_or_else(|error| Status::internal(error.to_string()).into_http())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::retry::budget::Budget;
+
+    #[test]
+    fn out_of_range_budgets_are_brought_into_range_not_a_panic() {
+        for percent in [-1.0, f32::NAN, f32::INFINITY, 5000.0] {
+            let config = CallConfig {
+                budget_percent: percent,
+                budget_min_per_sec: u32::MAX,
+                ..CallConfig::default()
+            };
+            assert!(
+                config.budget().withdraw(),
+                "{percent}: the reserve allows a retry"
+            );
+        }
+    }
 }

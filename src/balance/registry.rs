@@ -310,7 +310,9 @@ pub(super) async fn every(
     interval: Duration,
     mut look: impl FnMut(&Registry),
 ) {
-    let mut tick = tokio::time::interval(interval);
+    // A zero interval (a config's mistake) would panic the task; a millisecond is as often as
+    // any detector needs to look.
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -390,4 +392,31 @@ fn connect(addr: SocketAddr, config: &ConnectConfig) -> crate::connection::Conne
             tls: config.tls.clone(),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_detector_with_a_zero_interval_runs_instead_of_panicking() {
+        let registry = Registry::new("t".into());
+        let looked = std::cell::Cell::new(0);
+        let weak = Arc::downgrade(&registry);
+        let run = every(weak, Duration::ZERO, |_| {
+            looked.set(looked.get() + 1);
+        });
+        // It looks every millisecond until the registry is gone.
+        let stop = async {
+            while looked.get() < 3 {
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            drop(registry);
+        };
+        tokio::time::timeout(Duration::from_secs(10), futures::future::join(run, stop))
+            .await
+            .expect("the detector stops with its registry");
+        assert!(looked.get() >= 3);
+    }
 }
