@@ -52,8 +52,19 @@ pub fn bounded(input: &str, max: usize) -> String {
 pub fn timeout_value(left: Duration) -> http::HeaderValue {
     let millis = left.as_millis().clamp(1, 99_999_999);
     // Digits and one ASCII letter are always a valid header value.
-    http::HeaderValue::from_str(&format!("{millis}m"))
-        .unwrap_or(http::HeaderValue::from_static("1m"))
+    let value = http::HeaderValue::from_str(&format!("{millis}m"))
+        .unwrap_or(http::HeaderValue::from_static("1m"));
+    never_indexed(value)
+}
+
+/// Marks a header value that is new on almost every call (a deadline, a trace id) so that
+/// HPACK sends it as a literal, never indexed. Indexed, each would take a slot of the
+/// connection's table for a value never sent again, evicting the headers that do repeat, and
+/// every later call's lookup would walk the chain of them (measured: the dynamic table's
+/// search and its `memcmp` were the largest cost tracing added to a call).
+pub fn never_indexed(mut value: http::HeaderValue) -> http::HeaderValue {
+    value.set_sensitive(true);
+    value
 }
 
 /// A server's `grpc-retry-pushback-ms` (gRPC's retry design, A6).
@@ -201,5 +212,10 @@ mod tests {
         assert_eq!(timeout(&h), Ok(Some(Duration::from_millis(250))));
         h.insert("grpc-timeout", timeout_value(Duration::ZERO));
         assert_eq!(timeout(&h), Ok(Some(Duration::from_millis(1))));
+    }
+
+    #[test]
+    fn a_deadline_is_never_indexed_by_hpack() {
+        assert!(timeout_value(Duration::from_millis(250)).is_sensitive());
     }
 }

@@ -209,7 +209,7 @@ impl Injector for HeaderInjector<'_> {
             http::header::HeaderName::from_bytes(key.as_bytes()),
             http::HeaderValue::from_str(&value),
         ) {
-            self.0.insert(name, value);
+            self.0.insert(name, crate::grpc::never_indexed(value));
         }
     }
 }
@@ -382,5 +382,9 @@ mod tests {
             &mut HeaderInjector(&mut outgoing),
         );
         assert_eq!(outgoing.get("traceparent").unwrap(), tp);
+        assert!(
+            outgoing["traceparent"].is_sensitive(),
+            "a trace id is new on every call: never indexed by HPACK"
+        );
     }
 }
