@@ -7,6 +7,10 @@
 use rand::Rng;
 use std::time::Duration;
 
+/// The longest any delay is, whatever the settings: a day. Longer ones would only be a
+/// mistake, and a deadline computed from an absurd one could overflow the clock.
+pub const LONGEST: Duration = Duration::from_secs(24 * 3600);
+
 /// The delays of one thing being retried.
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -16,10 +20,11 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// Delays doubling from `base` to at most `max`.
+    /// Delays doubling from `base` to at most `max` (and never more than [`LONGEST`]).
     pub fn new(base: Duration, max: Duration) -> Self {
+        let max = max.min(LONGEST);
         Self {
-            base,
+            base: base.min(max),
             max,
             failures: 0,
         }
@@ -52,6 +57,15 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_settings_are_capped_at_a_day() {
+        let mut b = Backoff::new(Duration::MAX, Duration::MAX);
+        for _ in 0..3 {
+            let d = b.next_delay();
+            assert!(d <= LONGEST && d >= LONGEST / 2, "{d:?}");
+        }
+    }
 
     #[test]
     fn doubles_within_its_upper_half_up_to_the_cap_and_resets() {

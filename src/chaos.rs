@@ -108,7 +108,10 @@ pub async fn run(
             ));
             continue;
         }
-        let undo_at = Instant::now() + config.length;
+        let now = Instant::now();
+        let undo_at = now
+            .checked_add(config.length)
+            .unwrap_or(now + crate::backoff::LONGEST);
         let stopping = tokio::select! {
             () = tokio::time::sleep_until(undo_at) => false,
             () = &mut stop => true,

@@ -604,16 +604,14 @@ impl Balancer {
 
     /// Waits until at least one endpoint is ready, or `timeout` passes; says which.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if self.shared.registry.any_ready() {
-                return true;
+        let ready = async {
+            // A look is cheap (an atomic and an uncontended lock per endpoint, nothing copied).
+            while !self.shared.registry.any_ready() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        };
+        // `timeout` copes with any length, `Duration::MAX` included.
+        tokio::time::timeout(timeout, ready).await.is_ok()
     }
 }
 
@@ -648,5 +646,26 @@ impl Service<http::Request<Body>> for Balancer {
             };
             call::run(stack, shared, request, permit).await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_readiness_takes_any_timeout_and_ends_with_it() {
+        let lb = Balancer::builder("mine")
+            .discovery(futures::stream::pending::<discovery::Update>())
+            .build_lazy()
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(!lb.wait_ready(Duration::from_millis(300)).await);
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+        // No endpoint ever: a forever wait is still a wait, not an overflow.
+        let forever = lb.wait_ready(Duration::MAX);
+        assert!(tokio::time::timeout(Duration::from_secs(60), forever)
+            .await
+            .is_err());
     }
 }

@@ -259,9 +259,7 @@ impl Registry {
 
     /// Whether any endpoint is ready.
     pub fn any_ready(&self) -> bool {
-        self.lock()
-            .values()
-            .any(|e| e.shared.snapshot().state == EndpointState::Ready)
+        self.lock().values().any(|e| e.shared.in_rotation())
     }
 
     /// Every endpoint's shared state with its connection (what the silence detector probes).

@@ -128,7 +128,10 @@ async fn call(args: Args) -> anyhow::Result<ExitCode> {
         &args.service_config,
     )?;
     // One deadline for the whole command: the wait for a ready endpoint counts against it.
-    let deadline = tokio::time::Instant::now() + args.at.timeout;
+    let now = tokio::time::Instant::now();
+    let deadline = now
+        .checked_add(args.at.timeout)
+        .unwrap_or(now + crate::backoff::LONGEST);
     lb.wait_ready(args.at.timeout).await;
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     let method = match method {
