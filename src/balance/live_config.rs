@@ -1,8 +1,9 @@
 //! The service config the call path reads, which can change while calls run: DNS may publish a
 //! new one in gRPC's `_grpc_config` TXT record ([`super::dns_config`]).
 //!
-//! Each layer reads the current config once per call; a replacement applies to the calls that
-//! start after it. Knows nothing of where a config comes from.
+//! Each layer reads the current config when it looks a method up; a replacement applies from
+//! then on (a call that spans it may retry under the new policy). Knows nothing of where a
+//! config comes from.
 
 use super::service_config::ServiceConfig;
 use std::sync::{Arc, RwLock};

@@ -566,8 +566,9 @@ impl Balancer {
         }
     }
 
-    /// The service config in force: the one it was built with, or the one DNS publishes
-    /// ([`DnsConfig::service_config`]).
+    /// The service config whose method policies are in force: the one it was built with, or the
+    /// one DNS publishes ([`DnsConfig::service_config`]). Its balancing policy, throttling and
+    /// health check name are the built config's, whatever DNS says.
     pub fn service_config(&self) -> Arc<ServiceConfig> {
         self.shared.live_config.current()
     }

@@ -28,7 +28,7 @@ pub struct DnsConfig {
     /// How long one query may take before it counts as a failure.
     pub query_timeout: Duration,
     /// Also read the service config gRPC's DNS resolver publishes, the TXT record
-    /// `_grpc_config.HOST`, on every resolution. Off by default, as in grpc-go.
+    /// `_grpc_config.HOST`, after each answered address lookup. Off by default, as in grpc-core.
     pub service_config: bool,
 }
 
@@ -87,6 +87,8 @@ pub(super) struct Watch {
     failed_lookups: Arc<AtomicU64>,
     /// Where the `_grpc_config` TXT record's texts go, when they are read.
     config_records: Option<watch::Sender<Vec<String>>>,
+    /// The full name the last address lookup answered for (after any search domain).
+    answered: Option<String>,
 }
 
 /// The first retry of a failed lookup comes after about this long, doubling up to
@@ -118,19 +120,23 @@ impl Watch {
             config,
             failed_lookups,
             config_records,
+            answered: None,
         }
     }
 
     pub(super) async fn run(mut self, tx: mpsc::UnboundedSender<Update>, refresh: Refresh) {
         loop {
             let last_lookup = Instant::now();
-            self.read_config().await;
             let wait = match self.lookup().await {
                 Answer::Records(addrs, ttl) => {
                     self.recovered();
                     if !self.apply(addrs, &tx) {
                         return;
                     }
+                    // After the addresses, so that a slow or failing TXT query never holds
+                    // them up; only while DNS answers, so that an outage costs one timeout a
+                    // round, not two.
+                    self.read_config().await;
                     ttl.clamp(self.config.ttl_floor, self.config.ttl_ceiling)
                 }
                 Answer::Empty => {
@@ -166,9 +172,10 @@ impl Watch {
         }
     }
 
-    async fn lookup(&self) -> Answer {
+    async fn lookup(&mut self) -> Answer {
         match self.resolver.lookup_ip(self.host.as_str()).await {
             Ok(lookup) => {
+                self.answered = Some(lookup.query().name().to_string());
                 let addrs: BTreeSet<_> = lookup
                     .iter()
                     .map(|ip| SocketAddr::new(ip, self.port))
@@ -193,8 +200,14 @@ impl Watch {
         let Some(tx) = &self.config_records else {
             return;
         };
-        let name = format!("_grpc_config.{}", self.host.trim_end_matches('.'));
-        let texts = match self.resolver.txt_lookup(name.as_str()).await {
+        // The name the addresses came from, fully qualified: one query, no search list to
+        // fall through (where a timeout on one name and NXDOMAIN on the next would read as
+        // "no record" and drop a good config).
+        let name = format!(
+            "_grpc_config.{}",
+            self.answered.as_deref().unwrap_or(&self.host)
+        );
+        let mut texts: Vec<String> = match self.resolver.txt_lookup(name.as_str()).await {
             // A record's strings are one text, split only because DNS strings are short.
             Ok(lookup) => lookup
                 .answers()
@@ -215,6 +228,8 @@ impl Watch {
                 return;
             }
         };
+        // In a stable order: a server that rotates its answers changes nothing.
+        texts.sort();
         tx.send_if_modified(|current| {
             let changed = *current != texts;
             if changed {
