@@ -19,7 +19,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::{Code, Status};
-use tracing::Instrument;
 
 /// Which call to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -281,7 +280,6 @@ impl Recording {
 pub struct Recorder {
     inner: Arc<Mutex<(Recording, Recording)>>,
     started: Arc<AtomicU64>,
-    trace_id: Arc<Mutex<Option<String>>>,
 }
 
 impl Recorder {
@@ -310,31 +308,10 @@ impl Recorder {
         self.started.load(Ordering::Relaxed)
     }
 
-    /// The trace id of one sampled call, when spans are exported.
+    /// The trace id of one sampled call, when spans are exported: the first this process made
+    /// (learnt by the balancer from its call spans; the load generator opens no span itself).
     pub fn trace_id(&self) -> Option<String> {
-        self.trace_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// A root span for the next call while no sampled trace id is known yet; none otherwise, so
-    /// the load generator costs nothing extra once it has one.
-    fn call_span(&self, n: u64) -> tracing::Span {
-        if crate::telemetry::exporting() && self.trace_id().is_none() {
-            tracing::info_span!("meshlb.load.call", call = n)
-        } else {
-            tracing::Span::none()
-        }
-    }
-
-    fn note_trace(&self, span: &tracing::Span) {
-        if let Some(id) = crate::telemetry::sampled_trace_id(span) {
-            self.trace_id
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert(id);
-        }
+        crate::telemetry::first_sampled_trace_id()
     }
 }
 
@@ -518,11 +495,9 @@ async fn closed_loop<T: Transport>(
             let mut backoff = Backoff::default();
             while let Some(n) = take_ticket() {
                 recorder.started.fetch_add(1, Ordering::Relaxed);
-                let span = recorder.call_span(n);
                 let sent = Instant::now();
-                let outcome = caller.call(n).instrument(span.clone()).await;
+                let outcome = caller.call(n).await;
                 recorder.record(&outcome, sent.elapsed());
-                recorder.note_trace(&span);
                 // UNAVAILABLE: nothing could serve the call (the balancer failed fast, or every
                 // try failed on the connection). Calling again at once would only spin; wait as
                 // gRPC's wait-for-ready does, longer each time, until a call goes through.
@@ -585,10 +560,8 @@ async fn open_loop<T: Transport>(
         let mut caller = Caller::new(lb, &spec.call);
         let recorder = recorder.clone();
         calls.spawn(async move {
-            let span = recorder.call_span(n);
-            let outcome = caller.call(n).instrument(span.clone()).await;
+            let outcome = caller.call(n).await;
             recorder.record(&outcome, due.elapsed());
-            recorder.note_trace(&span);
             drop(permit);
         });
         while calls.try_join_next().is_some() {}

@@ -246,6 +246,25 @@ pub fn extract(span: &tracing::Span, headers: &http::HeaderMap) {
     }
 }
 
+/// The trace id of the first sampled call this process made, for a link to it.
+static FIRST_SAMPLED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Remembers `span`'s trace id if it is the process's first sampled call (one atomic load once
+/// there is one, and nothing at all when nothing is exported).
+pub fn note_sampled(span: &tracing::Span) {
+    if !exporting() || FIRST_SAMPLED.get().is_some() {
+        return;
+    }
+    if let Some(id) = sampled_trace_id(span) {
+        let _ = FIRST_SAMPLED.set(id);
+    }
+}
+
+/// The trace id [`note_sampled`] kept, if any.
+pub fn first_sampled_trace_id() -> Option<String> {
+    FIRST_SAMPLED.get().cloned()
+}
+
 /// The trace id of `span`, when it is exported and sampled.
 pub fn sampled_trace_id(span: &tracing::Span) -> Option<String> {
     let cx = span.context();

@@ -207,6 +207,7 @@ async fn traced(
     let response = run_in_span(stack, request, permit)
         .instrument(span.clone())
         .await;
+    telemetry::note_sampled(&span);
     let code = status_of(&response);
     span.record("rpc.grpc.status_code", code as i32);
     if code != Code::Ok {
