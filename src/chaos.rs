@@ -108,10 +108,7 @@ pub async fn run(
             ));
             continue;
         }
-        let now = Instant::now();
-        let undo_at = now
-            .checked_add(config.length)
-            .unwrap_or(now + crate::backoff::LONGEST);
+        let undo_at = crate::balance::deadline::expiry(Instant::now(), config.length);
         let stopping = tokio::select! {
             () = tokio::time::sleep_until(undo_at) => false,
             () = &mut stop => true,

@@ -48,6 +48,12 @@ pub trait Readiness: Send + Sync {
 /// Where a deadline that cannot be represented ends: beyond any call's life.
 const FAR_AWAY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// `after` from `now`; a length too long to represent (`Duration::MAX` as "none") is simply far
+/// away, not an overflow.
+pub fn expiry(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after).unwrap_or_else(|| now + FAR_AWAY)
+}
+
 /// The deadline's settings.
 #[derive(Clone)]
 pub struct DeadlineLayer {
@@ -126,9 +132,7 @@ where
     ) -> BoxFuture<'static, Result<http::Response<Body>, BoxError>> {
         let caller = crate::grpc::timeout(request.headers()).ok().flatten();
         let deadline = self.settings.deadline(request.uri().path(), caller);
-        // A deadline too far to represent (`Duration::MAX` as "none") is simply far away.
-        let now = Instant::now();
-        let expires = now.checked_add(deadline).unwrap_or_else(|| now + FAR_AWAY);
+        let expires = expiry(Instant::now(), deadline);
         request.extensions_mut().insert(Expires(expires));
         let answer = self.inner.call(request);
         let settings = self.settings.clone();
@@ -302,26 +306,10 @@ mod tests {
     mod layer {
         use super::super::*;
         use crate::balance::service_config::ServiceConfig;
-        use crate::balance::testing::answered;
-        use std::sync::atomic::{AtomicU64, Ordering};
+        use crate::balance::testing::{answered, Fleet};
         use tonic::Code;
         use tower::ServiceExt;
         use tower_test::mock;
-
-        struct Fleet {
-            ready: bool,
-            asked: AtomicU64,
-        }
-
-        impl Readiness for Fleet {
-            fn target(&self) -> &str {
-                "t"
-            }
-            fn why_unready(&self) -> Option<String> {
-                self.asked.fetch_add(1, Ordering::Relaxed);
-                (!self.ready).then(|| "all 3 endpoints are connecting".to_owned())
-            }
-        }
 
         const CONFIG: &str =
             r#"{"methodConfig": [{"name": [{"service": "a.S"}], "timeout": "2s"}]}"#;
@@ -330,10 +318,7 @@ mod tests {
         type Handle = mock::Handle<http::Request<Body>, http::Response<Body>>;
 
         fn deadline(ready: bool) -> (Deadline<Mock>, Handle, Arc<Fleet>) {
-            let fleet = Arc::new(Fleet {
-                ready,
-                asked: AtomicU64::new(0),
-            });
+            let fleet = Fleet::new(ready, "all 3 endpoints are connecting");
             let config = Arc::new(ServiceConfig::from_json(CONFIG).unwrap());
             let layer = DeadlineLayer::new(Duration::from_secs(10), config, fleet.clone());
             let (service, handle) = mock::pair();
@@ -382,7 +367,7 @@ mod tests {
             let response = answered(call).await;
             assert_eq!(started.elapsed(), Duration::from_millis(300));
             assert_eq!(status(&response).code(), Code::DeadlineExceeded);
-            assert_eq!(fleet.asked.load(Ordering::Relaxed), 1);
+            assert_eq!(fleet.asked(), 1);
 
             // Nothing ready: the reason, not the timeout.
             let (service, mut handle, _) = deadline(false);
@@ -396,10 +381,7 @@ mod tests {
 
         #[tokio::test(start_paused = true)]
         async fn no_deadline_at_all_is_a_far_one_not_a_panic() {
-            let fleet = Arc::new(Fleet {
-                ready: true,
-                asked: AtomicU64::new(0),
-            });
+            let fleet = Fleet::new(true, "");
             let layer = DeadlineLayer::new(Duration::MAX, Arc::<ServiceConfig>::default(), fleet);
             let (service, mut handle) = mock::pair();
             let call = tokio::spawn(layer.layer(service).oneshot(request("/a.S/Get", None)));

@@ -16,7 +16,7 @@
 //! Knows the record's format and the [`LiveConfig`] it updates; nothing of DNS lookups or calls.
 
 use super::live_config::LiveConfig;
-use super::service_config::{ServiceConfig, ServiceConfigError};
+use super::service_config::{error, ServiceConfig, ServiceConfigError};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -50,13 +50,6 @@ impl Client {
     }
 }
 
-fn error(field: impl Into<String>, message: impl Into<String>) -> ServiceConfigError {
-    ServiceConfigError {
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
 /// The config `texts` (the TXT record's texts) choose for `client`: `None` when there is no
 /// `grpc_config` record or no choice applies.
 pub fn choose(
@@ -75,7 +68,7 @@ pub fn choose(
         let at = |field: &str| format!("grpc_config[{i}].{field}");
         let choice = choice
             .as_object()
-            .ok_or_else(|| error(format!("grpc_config[{i}]"), "must be an object"))?;
+            .ok_or_else(|| error(&format!("grpc_config[{i}]"), "must be an object"))?;
         if let Some(unknown) = choice.keys().find(|k| {
             ![
                 "clientLanguage",
@@ -85,7 +78,7 @@ pub fn choose(
             ]
             .contains(&k.as_str())
         }) {
-            return Err(error(at(unknown), "unknown field"));
+            return Err(error(&at(unknown), "unknown field"));
         }
         let names = |field: &str| -> Result<Option<Vec<String>>, ServiceConfigError> {
             choice
@@ -97,7 +90,7 @@ pub fn choose(
                                 .map(|s| s.as_str().map(str::to_owned))
                                 .collect::<Option<Vec<_>>>()
                         })
-                        .ok_or_else(|| error(at(field), "must be a list of strings"))
+                        .ok_or_else(|| error(&at(field), "must be a list of strings"))
                 })
                 .transpose()
         };
@@ -108,12 +101,12 @@ pub fn choose(
             Some(p) => Some(
                 p.as_u64()
                     .filter(|p| *p <= 100)
-                    .ok_or_else(|| error(at("percentage"), "must be a whole number 0-100"))?,
+                    .ok_or_else(|| error(&at("percentage"), "must be a whole number 0-100"))?,
             ),
         };
         let config = choice
             .get("serviceConfig")
-            .ok_or_else(|| error(at("serviceConfig"), "is required"))?;
+            .ok_or_else(|| error(&at("serviceConfig"), "is required"))?;
         // Validated whether or not it applies here: a broken record is an error for everyone.
         let config =
             ServiceConfig::from_json(&config.to_string()).map_err(|e| ServiceConfigError {

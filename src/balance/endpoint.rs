@@ -324,7 +324,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct CallGuard {
     shared: Arc<Shared>,
     started: Instant,
-    /// When the answer's headers came, after `started`.
+    /// When the answer's headers came, after `started` (probes only).
     answered: Option<Duration>,
     outcome: Outcome,
     probe: bool,
@@ -460,7 +460,10 @@ impl Endpoint {
             };
             match result {
                 Ok(response) => {
-                    guard.answered = Some(guard.started.elapsed());
+                    if guard.probe {
+                        // Only a probe is judged by it: no clock read for the others.
+                        guard.answered = Some(guard.started.elapsed());
+                    }
                     let (mut parts, body) = response.into_parts();
                     if Pushback::of(&parts.headers).is_some() {
                         guard.shared.shed.fetch_add(1, Ordering::Relaxed);

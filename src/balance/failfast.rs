@@ -122,35 +122,18 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::testing::answered;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use crate::balance::testing::{answered, Fleet};
     use tonic::{Code, Status};
     use tower::ServiceExt;
     use tower_test::mock;
-
-    struct Empty {
-        asked: AtomicU64,
-    }
-
-    impl Readiness for Empty {
-        fn target(&self) -> &str {
-            "t"
-        }
-        fn why_unready(&self) -> Option<String> {
-            self.asked.fetch_add(1, Ordering::Relaxed);
-            Some("no endpoints for t".to_owned())
-        }
-    }
 
     type Mock = mock::Mock<http::Request<Body>, http::Response<Body>>;
     type Handle = mock::Handle<http::Request<Body>, http::Response<Body>>;
 
     const WAIT: Duration = Duration::from_millis(500);
 
-    fn fail_fast() -> (FailFast<Mock>, Handle, Arc<Empty>) {
-        let readiness = Arc::new(Empty {
-            asked: AtomicU64::new(0),
-        });
+    fn fail_fast() -> (FailFast<Mock>, Handle, Arc<Fleet>) {
+        let readiness = Fleet::new(false, "no endpoints for t");
         let (service, mut handle) = mock::pair();
         handle.allow(0);
         let layer = FailFastLayer::new(WAIT, readiness.clone());
@@ -176,7 +159,7 @@ mod tests {
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(status.message(), "no endpoints for t");
         assert!(response.extensions().get::<FailedFast>().is_some());
-        assert_eq!(readiness.asked.load(Ordering::Relaxed), 1, "counted once");
+        assert_eq!(readiness.asked(), 1, "counted once");
     }
 
     #[tokio::test(start_paused = true)]
@@ -195,7 +178,7 @@ mod tests {
             assert!(response.extensions().get::<FailedFast>().is_some());
         }
         assert_eq!(started.elapsed(), Duration::ZERO, "no second wait");
-        assert_eq!(readiness.asked.load(Ordering::Relaxed), 3);
+        assert_eq!(readiness.asked(), 3);
 
         // The balancer is ready again: calls go through, and are not failed fast.
         handle.allow(1);
@@ -205,7 +188,7 @@ mod tests {
         answer.send_response(http::Response::new(Body::empty()));
         let response = answered(call).await;
         assert!(response.extensions().get::<FailedFast>().is_none());
-        assert_eq!(readiness.asked.load(Ordering::Relaxed), 3);
+        assert_eq!(readiness.asked(), 3);
 
         // Nothing ready once more: a fresh wait, not an instant failure.
         let started = tokio::time::Instant::now();

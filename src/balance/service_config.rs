@@ -125,7 +125,8 @@ pub struct ServiceConfigError {
     pub message: String,
 }
 
-fn error(field: &str, message: impl Into<String>) -> ServiceConfigError {
+/// An error at `field` (a JSON path; empty for the whole document).
+pub(super) fn error(field: &str, message: impl Into<String>) -> ServiceConfigError {
     ServiceConfigError {
         field: if field.is_empty() {
             "(the document)".into()

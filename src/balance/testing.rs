@@ -2,9 +2,11 @@
 //! a bounded wait for an answer (on tokio's paused clock, a call that never ends fails the
 //! test at once instead of hanging it).
 
+use super::deadline::Readiness;
 use super::endpoint::BoxError;
 use super::probe::Duplicable;
 use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tonic::body::Body;
 
@@ -26,4 +28,38 @@ pub async fn answered(
         .expect("the call ended")
         .expect("the call did not panic")
         .expect("the layer answers with a response")
+}
+
+/// A balancer named "t" whose endpoints are ready or not, as the test says; counts the times it
+/// was asked why not.
+pub struct Fleet {
+    ready: bool,
+    why: &'static str,
+    asked: AtomicU64,
+}
+
+impl Fleet {
+    /// Ready, or not ready because of `why`.
+    pub fn new(ready: bool, why: &'static str) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            ready,
+            why,
+            asked: AtomicU64::new(0),
+        })
+    }
+
+    /// How many times it was asked why nothing is ready.
+    pub fn asked(&self) -> u64 {
+        self.asked.load(Ordering::Relaxed)
+    }
+}
+
+impl Readiness for Fleet {
+    fn target(&self) -> &str {
+        "t"
+    }
+    fn why_unready(&self) -> Option<String> {
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        (!self.ready).then(|| self.why.to_owned())
+    }
 }

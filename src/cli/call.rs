@@ -128,10 +128,7 @@ async fn call(args: Args) -> anyhow::Result<ExitCode> {
         &args.service_config,
     )?;
     // One deadline for the whole command: the wait for a ready endpoint counts against it.
-    let now = tokio::time::Instant::now();
-    let deadline = now
-        .checked_add(args.at.timeout)
-        .unwrap_or(now + crate::backoff::LONGEST);
+    let deadline = crate::balance::deadline::expiry(tokio::time::Instant::now(), args.at.timeout);
     lb.wait_ready(args.at.timeout).await;
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     let method = match method {
