@@ -4,8 +4,9 @@
 //! under-measures a streaming call, and a gRPC error arrives as HTTP 200 with a `grpc-status`
 //! trailer, so it looks like a success unless someone reads the trailers. [`TrackedBody`] holds a
 //! completion guard until the body yields its last frame, reads `grpc-status` on the way, and tells
-//! the guard how the call ended. [`BodyEnd`] plugs it into `PeakEwma`: dropping the `Handle` at the
-//! end of the body is what records the round-trip time.
+//! the guard how the call ended. [`BodyEnd`] plugs the same into tower's own `PeakEwma`, for a
+//! stack built of plain tower (the benchmark's contender); the balancer's endpoints keep their
+//! estimate themselves ([`super::latency`]).
 
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};

@@ -1,5 +1,6 @@
 //! One endpoint as the balancer sees it: a connection, the health gate in front of it, failure
-//! accrual ([`super::accrual`]: ejection with backoff, then one probe call), and the counters
+//! accrual ([`super::accrual`]: ejection with backoff, then one probe call), its latency estimate
+//! ([`super::latency`]: the cost p2c compares, and what outlier ejection judges), and the counters
 //! behind `endpoints()`.
 //!
 //! Its `poll_ready` never fails: a shut gate or an ejection is `Pending`, with a wake-up
@@ -8,6 +9,7 @@
 use super::accrual::{Accrual, AccrualConfig, Admit, Reason};
 use super::completion::{Completion, Outcome, TrackedBody};
 use super::failure::{self, Blame};
+use super::latency::{Cost, EwmaConfig, Judged, Latency};
 use super::silence::Progress;
 use crate::connection::Connection;
 use crate::discovery::Refresh;
@@ -23,6 +25,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
+use tower::load::Load;
 use tower::Service;
 
 /// The error type of the balancer's inner services.
@@ -101,7 +104,7 @@ pub struct Shared {
     in_flight: AtomicU64,
     served: AtomicU64,
     errors: AtomicU64,
-    ewma_rtt_us: Mutex<f64>,
+    latency: Latency,
     accrual: Mutex<Accrual>,
     accrual_waker: AtomicWaker,
     /// Set by the outlier detector: a probe slower than this keeps a latency ejection going.
@@ -129,14 +132,19 @@ pub struct EndpointCounters {
 
 impl Shared {
     /// New shared state for an endpoint behind `gate`.
-    pub fn new(addr: SocketAddr, gate: Arc<Gate>, accrual: AccrualConfig) -> Arc<Self> {
+    pub fn new(
+        addr: SocketAddr,
+        gate: Arc<Gate>,
+        accrual: AccrualConfig,
+        ewma: EwmaConfig,
+    ) -> Arc<Self> {
         Arc::new(Self {
             addr,
             gate,
             in_flight: AtomicU64::new(0),
             served: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            ewma_rtt_us: Mutex::new(0.0),
+            latency: Latency::new(ewma),
             accrual: Mutex::new(Accrual::new(accrual)),
             accrual_waker: AtomicWaker::new(),
             latency_threshold_us: AtomicU64::new(0),
@@ -154,8 +162,7 @@ impl Shared {
 
     /// Its latency estimate and how many calls it has answered: what outlier detection reads.
     pub fn latency(&self) -> (Duration, u64) {
-        let ewma = Duration::from_micros(*lock(&self.ewma_rtt_us) as u64);
-        (ewma, self.served.load(Ordering::Relaxed))
+        (self.latency.smoothed(), self.served.load(Ordering::Relaxed))
     }
 
     /// Whether it is offered to the balancer now (serving and not ejected, probing or not).
@@ -204,7 +211,7 @@ impl Shared {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             served: self.served.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
-            ewma_rtt: Duration::from_micros(*lock(&self.ewma_rtt_us) as u64),
+            ewma_rtt: self.latency.smoothed(),
             last_error: if state == EndpointState::Ready {
                 None
             } else {
@@ -240,14 +247,16 @@ impl Shared {
         self.gate.shut(reason);
     }
 
-    /// A call ended after `elapsed`; its answer's headers came `answered` after it started.
+    /// A call ended at `now`, after `elapsed`; its answer's headers came `answered` after it
+    /// started. Counts it and tells accrual; returns what the latency estimate is to be told.
     pub(super) fn finish(
         &self,
         outcome: Outcome,
         elapsed: Duration,
         answered: Option<Duration>,
         was_probe: bool,
-    ) {
+        now: Instant,
+    ) -> (Duration, Judged) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.progress.call_ended();
         // A probe is judged by how soon the endpoint answered, not by how long its answer ran: a
@@ -267,17 +276,14 @@ impl Shared {
         if let Some(counter) = self.by_code.get(code as usize) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
+        let mut judgement = Judged::Skip;
         match outcome {
             Outcome::Ok => {
                 self.served.fetch_add(1, Ordering::Relaxed);
-                let mut ewma = lock(&self.ewma_rtt_us);
-                // A plain EWMA, for display and outlier detection (PeakEwma keeps its own,
-                // decaying one for balancing). A probe restarts it: the old estimate is from
-                // before the ejection and says nothing about now.
-                *ewma = if *ewma == 0.0 || was_probe {
-                    sample
+                judgement = if was_probe {
+                    Judged::Restart
                 } else {
-                    *ewma * 0.8 + sample * 0.2
+                    Judged::Add
                 };
             }
             Outcome::Status(_) => {
@@ -295,10 +301,11 @@ impl Shared {
         }
         let threshold = self.latency_threshold_us.load(Ordering::Relaxed);
         let too_slow = threshold > 0 && sample > threshold as f64;
-        lock(&self.accrual).record(outcome, was_probe, too_slow, Instant::now());
+        lock(&self.accrual).record(outcome, was_probe, too_slow, now);
         if was_probe || outcome.is_endpoint_failure() {
             self.accrual_waker.wake();
         }
+        (judged, judgement)
     }
 }
 
@@ -307,7 +314,10 @@ impl Shared {
     /// Records one successful call of `latency`, as a finished call would.
     pub(crate) fn test_finish_ok(&self, latency: Duration) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.finish(Outcome::Ok, latency, Some(latency), false);
+        self.latency.start();
+        let now = Instant::now();
+        let (rtt, judged) = self.finish(Outcome::Ok, latency, Some(latency), false, now);
+        self.latency.end(rtt, judged, now);
     }
 }
 
@@ -328,6 +338,8 @@ pub struct CallGuard {
     answered: Option<Duration>,
     outcome: Outcome,
     probe: bool,
+    /// The endpoint shed the call, asking for this pause (see `Drop`).
+    shed: Option<Duration>,
 }
 
 impl Completion for CallGuard {
@@ -338,12 +350,30 @@ impl Completion for CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.shared.finish(
-            self.outcome,
-            self.started.elapsed(),
-            self.answered,
-            self.probe,
-        );
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.started);
+        let (rtt, judged) =
+            self.shared
+                .finish(self.outcome, elapsed, self.answered, self.probe, now);
+        let runtime = tokio::runtime::Handle::try_current();
+        match (self.shed, runtime) {
+            (Some(pause), Ok(runtime)) => {
+                // A shed call is answered at once, which would make the shedding endpoint look
+                // like the cheapest one. It costs what its caller loses instead: the pushback,
+                // then a try elsewhere (about as long again), and stays pending that long. So p2c
+                // prefers endpoints that are not shedding, yet still uses this one when every
+                // endpoint sheds (stepping aside would leave it idle).
+                let shared = self.shared.clone();
+                let held = pause.saturating_mul(4);
+                runtime.spawn(async move {
+                    tokio::time::sleep(held).await;
+                    shared
+                        .latency
+                        .end(rtt.saturating_add(held), judged, Instant::now());
+                });
+            }
+            _ => self.shared.latency.end(rtt, judged, now),
+        }
     }
 }
 
@@ -369,6 +399,14 @@ impl Endpoint {
             ejection: None,
             next_is_probe: false,
         }
+    }
+}
+
+impl Load for Endpoint {
+    type Metric = Cost;
+
+    fn load(&self) -> Cost {
+        self.shared.latency.cost(Instant::now())
     }
 }
 
@@ -439,6 +477,7 @@ impl Endpoint {
             self.shared.probes.fetch_add(1, Ordering::Relaxed);
         }
         let before = self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.shared.latency.start();
         self.shared.progress.call_started(before == 0);
         let failed_over = self.shared.progress.failed_over();
         let mut guard = CallGuard {
@@ -447,6 +486,7 @@ impl Endpoint {
             answered: None,
             outcome: Outcome::Cancelled,
             probe,
+            shed: None,
         };
         let addr = self.shared.addr;
         let refresh = self.refresh.clone();
@@ -465,8 +505,15 @@ impl Endpoint {
                         guard.answered = Some(guard.started.elapsed());
                     }
                     let (mut parts, body) = response.into_parts();
-                    if Pushback::of(&parts.headers).is_some() {
-                        guard.shared.shed.fetch_add(1, Ordering::Relaxed);
+                    match Pushback::of(&parts.headers) {
+                        Some(Pushback::Wait(pause)) => {
+                            guard.shared.shed.fetch_add(1, Ordering::Relaxed);
+                            guard.shed = Some(pause);
+                        }
+                        Some(Pushback::DoNotRetry) => {
+                            guard.shared.shed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => {}
                     }
                     parts.extensions.insert(ServedBy(addr));
                     let body = TrackedBody::new(Body::new(body), guard, &parts.headers);
@@ -516,6 +563,7 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], 1)),
             gate,
             AccrualConfig::default(),
+            EwmaConfig::default(),
         );
         shared.set_latency_threshold(Duration::from_millis(10));
         assert!(shared.eject_for_latency());
@@ -525,7 +573,8 @@ mod tests {
         shared.in_flight.fetch_add(1, Ordering::Relaxed);
         // A stream that ran 5 s, answered after 2 ms.
         let (ran, answered) = (Duration::from_secs(5), Duration::from_millis(2));
-        shared.finish(Outcome::Ok, ran, Some(answered), true);
+        let (rtt, judged) = shared.finish(Outcome::Ok, ran, Some(answered), true, Instant::now());
+        shared.latency.end(rtt, judged, Instant::now());
         assert_eq!(shared.snapshot().state, EndpointState::Ready);
         assert_eq!(
             shared.latency().0,

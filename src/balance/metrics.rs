@@ -606,12 +606,18 @@ mod tests {
                 tls: None,
             },
         );
-        let shared = Shared::new(addr, crate::health::Gate::new(), AccrualConfig::default());
+        let shared = Shared::new(
+            addr,
+            crate::health::Gate::new(),
+            AccrualConfig::default(),
+            Default::default(),
+        );
         shared.finish(
             crate::balance::completion::Outcome::Status(Code::NotFound),
             std::time::Duration::from_millis(1),
             None,
             false,
+            tokio::time::Instant::now(),
         );
         balancer.insert(addr, shared, connection, tokio::spawn(async {}));
         metrics.attach(&balancer);

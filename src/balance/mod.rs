@@ -8,18 +8,19 @@
 //!
 //! # What this does
 //! ```text
-//!  discovery task ──Change<addr>──> registry task ──Change<addr, PeakEwma<Endpoint>>──> Balance (p2c)
+//!  discovery task ──Change<addr>──> registry task ──Change<addr, Endpoint>──> Balance (p2c)
 //!                                   (connect at once,                                   or RoundRobin
 //!                                    start health watch)                                   │
 //!  caller ──> Balancer (in-flight bound) ──> call path ──> Buffer ──> FailFast ──────────┘
 //!             Deadline ─> Replay ─> Retry ─> Hedge ─> Attempt     (bounded wait)
 //! ```
 //! The call path is a stack of tower layers, one module each ([`call`] draws it).
-//! - **p2c over peak-EWMA** (tower's `p2c::Balance` and `PeakEwma`): pick two ready endpoints at
-//!   random, send to the one with the lower cost, where cost is the peak-sensitive EWMA of latency
-//!   times (in-flight calls + 1). Latency is measured to the end of the response body
-//!   ([`completion`]), so a streaming call counts in full. Defaults follow linkerd2-proxy: default
-//!   RTT 30 ms, decay 10 s.
+//! - **p2c over peak-EWMA** (tower's `p2c::Balance`): pick two ready endpoints at random, send to
+//!   the one with the lower cost, where cost is the peak-sensitive EWMA of latency times (in-flight
+//!   calls + 1), computed as tower's `PeakEwma` does. Each endpoint has one latency estimate
+//!   ([`latency`]) that balancing and outlier ejection both read. Latency is measured to the end
+//!   of the response body ([`completion`]), so a streaming call counts in full. Defaults follow
+//!   linkerd2-proxy: default RTT 30 ms, decay 10 s.
 //! - **Health gate**: an endpoint is offered only while its grpc.health.v1 watch says `SERVING`
 //!   ([`crate::health`]); its readiness is `Pending` otherwise, so the balancer never evicts it for
 //!   good and takes it back as soon as it recovers.
@@ -65,6 +66,7 @@ pub mod endpoint;
 pub mod failfast;
 pub mod failure;
 pub mod hedge;
+pub mod latency;
 pub mod limit;
 pub mod live_config;
 pub mod metrics;
@@ -84,6 +86,7 @@ pub use accrual::AccrualConfig;
 pub use call::CallConfig;
 pub use endpoint::{BoxError, EndpointSnapshot, EndpointState, ServedBy};
 pub use hedge::{HedgeConfig, HedgeDelay};
+pub use latency::EwmaConfig;
 pub use metrics::Metrics;
 pub use outlier::OutlierConfig;
 pub use registry::ConnectConfig;
@@ -94,8 +97,6 @@ pub use silence::SilenceConfig;
 use crate::discovery::{self, DiscoveryError, DnsConfig};
 use crate::health::HealthConfig;
 use crate::target::{Target, TargetError};
-use completion::BodyEnd;
-use endpoint::Endpoint;
 use failfast::{FailFast, FailFastLayer};
 use futures::StreamExt;
 use registry::{EndpointSettings, Registry};
@@ -107,7 +108,6 @@ use std::time::Duration;
 use tonic::body::Body;
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
-use tower::load::PeakEwma;
 use tower::util::BoxService;
 use tower::{Layer, Service, ServiceExt};
 
@@ -145,25 +145,6 @@ impl fmt::Display for Policy {
             Policy::RoundRobin => "round-robin",
             Policy::PickFirst => "pick-first",
         })
-    }
-}
-
-/// Peak-EWMA settings.
-#[derive(Debug, Clone, Copy)]
-pub struct EwmaConfig {
-    /// The latency assumed for an endpoint before it has answered.
-    pub default_rtt: Duration,
-    /// How fast a latency peak decays back toward the average.
-    pub decay: Duration,
-}
-
-impl Default for EwmaConfig {
-    fn default() -> Self {
-        // linkerd2-proxy's defaults.
-        Self {
-            default_rtt: Duration::from_millis(30),
-            decay: Duration::from_secs(10),
-        }
     }
 }
 
@@ -436,22 +417,13 @@ impl Builder {
         let discover =
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
 
-        let ewma = self.ewma;
-        let decay_ns = ewma.decay.as_nanos() as f64;
-        let wrap =
-            move |endpoint: Endpoint| PeakEwma::new(endpoint, ewma.default_rtt, decay_ns, BodyEnd);
         let settings = EndpointSettings {
             connect,
             health,
             accrual: self.accrual,
+            ewma: self.ewma,
         };
-        let manager = tokio::spawn(registry::manage(
-            discovery,
-            registry.clone(),
-            settings,
-            wrap,
-            tx,
-        ));
+        let manager = tokio::spawn(registry::manage(discovery, registry.clone(), settings, tx));
 
         let outlier = outlier.unwrap_or(OutlierConfig {
             enabled: policy == Policy::P2c,

@@ -148,6 +148,7 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], port)),
             gate,
             AccrualConfig::default(),
+            Default::default(),
         )
     }
 

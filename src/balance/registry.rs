@@ -5,6 +5,7 @@
 
 use super::accrual::AccrualConfig;
 use super::endpoint::{Endpoint, EndpointSnapshot, EndpointState, Shared};
+use super::latency::EwmaConfig;
 use crate::discovery::{Discovery, Update};
 use crate::health::{self, Gate, HealthConfig};
 use std::collections::BTreeMap;
@@ -330,17 +331,17 @@ pub struct EndpointSettings {
     pub health: HealthConfig,
     /// Failure accrual.
     pub accrual: AccrualConfig,
+    /// The latency estimate p2c balances by.
+    pub ewma: EwmaConfig,
 }
 
 /// Consumes discovery updates until the balancer goes away: connects to each new address,
-/// starts its health watch, registers it and hands it to the balancer (through `wrap`, which adds
-/// the load measure).
-pub async fn manage<S>(
+/// starts its health watch, registers it and hands it to the balancer.
+pub async fn manage(
     mut discovery: Discovery,
     registry: Arc<Registry>,
     settings: EndpointSettings,
-    wrap: impl Fn(Endpoint) -> S,
-    to_balancer: mpsc::UnboundedSender<Change<SocketAddr, S>>,
+    to_balancer: mpsc::UnboundedSender<Change<SocketAddr, Endpoint>>,
 ) {
     let _ = registry
         .counters
@@ -351,14 +352,14 @@ pub async fn manage<S>(
             Update::Insert(addr, ()) => {
                 let channel = connect(addr, &settings.connect);
                 let gate = Gate::new();
-                let shared = Shared::new(addr, gate.clone(), settings.accrual);
+                let shared = Shared::new(addr, gate.clone(), settings.accrual, settings.ewma);
                 let watch = health::spawn_watch(channel.clone(), settings.health.clone(), gate);
                 registry.insert(addr, shared.clone(), channel.clone(), watch);
                 registry.counters.discovered.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%addr, "endpoint added");
                 Change::Insert(
                     addr,
-                    wrap(Endpoint::new(shared, channel, discovery.refresh.clone())),
+                    Endpoint::new(shared, channel, discovery.refresh.clone()),
                 )
             }
             Update::Remove(addr) => {

@@ -91,6 +91,36 @@ async fn slow_replica_gets_a_small_share_and_recovers_when_fixed() {
     .await;
 }
 
+/// p2c alone, with no ejection to hide behind: the latency estimate is what keeps calls off the
+/// slow replica (with every cost equal, p2c is random and it would get a third).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_by_its_latency_estimate_alone_keeps_calls_off_a_slow_replica() {
+    let replicas = three([latency(50), latency(0), latency(0)]).await;
+    let slow = &replicas[0];
+    let lb = crate::support::userguide(target(&replicas))
+        .outlier(meshlb::balance::OutlierConfig {
+            enabled: false,
+            ..Default::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let tally = drive(&lb, 300, 6).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert!(
+        tally.share(&slow.id) < 0.10,
+        "slow replica got {:?}",
+        tally.by_replica
+    );
+    assert!(
+        lb.endpoints()
+            .iter()
+            .all(|e| e.state == EndpointState::Ready),
+        "nothing was ejected: {:?}",
+        lb.endpoints()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_serving_replica_gets_no_calls_until_it_serves_again() {
     let replicas = three(Default::default()).await;
