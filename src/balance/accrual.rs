@@ -9,11 +9,22 @@
 //! A stream error or a cancelled call says nothing about the endpoint: it neither counts nor
 //! forgives.
 //!
+//! [`Accrual`] is the decision, a plain state machine over outcomes and time. [`run`] is the task
+//! that owns it, one per endpoint: it is told how calls ended ([`Event`], over a channel), keeps
+//! the ejection's timer, and publishes what it decided to the endpoint's [`Gate`]. The call path
+//! takes no lock for it, and sends only what can change a decision: every failure and probe, and
+//! the first success after a failure.
+//!
 //! Knows call outcomes and time; nothing of connections, health or balancing.
 
 use super::completion::Outcome;
+pub use super::gate::Reason;
+use super::gate::{Ejection, Gate};
 use crate::backoff::Backoff;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Failure accrual settings.
@@ -45,15 +56,6 @@ impl Default for AccrualConfig {
     }
 }
 
-/// Why an endpoint is out of rotation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// Consecutive failures.
-    Failures,
-    /// A latency outlier.
-    Latency,
-}
-
 /// What accrual allows right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
@@ -63,8 +65,6 @@ pub enum Admit {
     Probe,
     /// None until then.
     EjectedUntil(Instant),
-    /// None until the probe in flight has answered.
-    ProbeInFlight,
 }
 
 /// One endpoint's accrual state.
@@ -75,10 +75,7 @@ pub struct Accrual {
     ejected_until: Option<Instant>,
     backoff: Backoff,
     probing: bool,
-    probe_in_flight: bool,
     reason: Option<Reason>,
-    /// Ejections so far, for failures and for latency.
-    ejections: [u64; 2],
 }
 
 impl Accrual {
@@ -90,9 +87,7 @@ impl Accrual {
             ejected_until: None,
             backoff: Backoff::new(config.backoff_base, config.backoff_max),
             probing: false,
-            probe_in_flight: false,
             reason: None,
-            ejections: [0; 2],
         }
     }
 
@@ -105,16 +100,11 @@ impl Accrual {
             self.ejected_until = None;
             self.probing = true;
         }
-        match (self.probing, self.probe_in_flight) {
-            (false, _) => Admit::Yes,
-            (true, false) => Admit::Probe,
-            (true, true) => Admit::ProbeInFlight,
+        if self.probing {
+            Admit::Probe
+        } else {
+            Admit::Yes
         }
-    }
-
-    /// The probe `admit` allowed is on its way.
-    pub fn probe_sent(&mut self) {
-        self.probe_in_flight = true;
     }
 
     /// Takes the endpoint out as a latency outlier, unless it is out already or being probed.
@@ -135,7 +125,6 @@ impl Accrual {
         self.ejected_until = Some(now + self.backoff.next_delay());
         self.probing = false;
         self.reason = Some(reason);
-        self.ejections[reason as usize] += 1;
     }
 
     /// A call ended with `outcome`; `probe_too_slow`: the call was slower than the fleet's
@@ -147,9 +136,6 @@ impl Accrual {
         probe_too_slow: bool,
         now: Instant,
     ) {
-        if was_probe {
-            self.probe_in_flight = false;
-        }
         match outcome {
             // Says nothing about the endpoint: no reset of the count, no verdict on a probe (the
             // next call probes again). A reset stream is one call's problem (see `failure`).
@@ -198,16 +184,86 @@ impl Accrual {
     pub fn reason(&self) -> Option<Reason> {
         self.reason
     }
+}
 
-    /// Ejections so far: for failures, for latency.
-    pub fn ejections(&self) -> [u64; 2] {
-        self.ejections
+/// What an endpoint tells its accrual task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A call ended. `too_slow`: it was slower than the fleet's outlier threshold, which judges a
+    /// probe of a latency ejection.
+    Ended {
+        /// How it ended.
+        outcome: Outcome,
+        /// Whether it was the probe.
+        probe: bool,
+        /// Slower than the outlier threshold.
+        too_slow: bool,
+    },
+    /// The outlier detector found the endpoint too slow.
+    LatencyOutlier,
+}
+
+/// One endpoint's failure accrual, until every sender of `events` is gone.
+pub async fn run(
+    gate: Arc<Gate>,
+    mut accrual: Accrual,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    addr: SocketAddr,
+) {
+    let mut until: Option<Instant> = None;
+    loop {
+        let event = match until {
+            Some(at) => tokio::select! {
+                event = events.recv() => event,
+                () = tokio::time::sleep_until(at) => {
+                    until = publish(&gate, &mut accrual, false);
+                    continue;
+                }
+            },
+            None => events.recv().await,
+        };
+        let Some(event) = event else { return };
+        let now = Instant::now();
+        let probe_ended = match event {
+            Event::Ended {
+                outcome,
+                probe,
+                too_slow,
+            } => {
+                let was_out = accrual.is_out(now);
+                accrual.record(outcome, probe, too_slow, now);
+                if !was_out && accrual.is_out(now) && !probe {
+                    tracing::info!(%addr, "ejected after consecutive failures");
+                }
+                probe
+            }
+            Event::LatencyOutlier => {
+                if accrual.eject_for_latency(now) {
+                    tracing::info!(%addr, "ejected as a latency outlier");
+                }
+                false
+            }
+        };
+        until = publish(&gate, &mut accrual, probe_ended);
     }
+}
+
+/// Tells the gate what `accrual` decides now; returns when the ejection, if any, ends.
+fn publish(gate: &Gate, accrual: &mut Accrual, probe_ended: bool) -> Option<Instant> {
+    let reason = accrual.reason().unwrap_or(Reason::Failures);
+    let (ejection, until) = match accrual.admit(Instant::now()) {
+        Admit::Yes => (Ejection::None, None),
+        Admit::Probe => (Ejection::Probe(reason), None),
+        Admit::EjectedUntil(at) => (Ejection::Out(reason), Some(at)),
+    };
+    gate.set_ejection(ejection, probe_ended);
+    until
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::testing::settle;
     use tonic::Code;
 
     fn accrual() -> Accrual {
@@ -254,7 +310,6 @@ mod tests {
         // Nor does a reset on the probe end the ejection's verdict.
         let later = now + Duration::from_secs(2);
         assert_eq!(a.admit(later), Admit::Probe);
-        a.probe_sent();
         a.record_plain(Outcome::StreamError(Code::Internal), true, later);
         assert_eq!(
             a.admit(later),
@@ -273,7 +328,6 @@ mod tests {
         assert!(jittered(first, Duration::from_secs(1)), "{first:?}");
         let t1 = t0 + first;
         assert_eq!(a.admit(t1), Admit::Probe);
-        a.probe_sent();
         a.record(Outcome::Ok, true, true, t1);
         let second = ejected_for(&mut a, t1);
         assert!(
@@ -282,11 +336,9 @@ mod tests {
         );
         let t2 = t1 + second;
         assert_eq!(a.admit(t2), Admit::Probe);
-        a.probe_sent();
         a.record(Outcome::Ok, true, false, t2);
         assert_eq!(a.admit(t2), Admit::Yes);
         assert_eq!(a.reason(), None);
-        assert_eq!(a.ejections(), [0, 2]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -297,7 +349,6 @@ mod tests {
             assert!(a.eject_for_latency(t0));
             let t1 = t0 + ejected_for(&mut a, t0);
             assert_eq!(a.admit(t1), Admit::Probe);
-            a.probe_sent();
             // Quick, because the server gave up at once: still no verdict of "fast".
             a.record(Outcome::Status(code), true, false, t1);
             let second = ejected_for(&mut a, t1);
@@ -306,7 +357,6 @@ mod tests {
             // Not a probe: a deadline is the caller's business, and forgives nothing either way.
             let t2 = t1 + second;
             assert_eq!(a.admit(t2), Admit::Probe);
-            a.probe_sent();
             a.record(Outcome::Ok, true, false, t2);
             a.record_plain(Outcome::Status(code), false, t2);
             assert_eq!(a.admit(t2), Admit::Yes);
@@ -329,15 +379,12 @@ mod tests {
 
         let t1 = t0 + first;
         assert_eq!(a.admit(t1), Admit::Probe);
-        a.probe_sent();
-        assert_eq!(a.admit(t1), Admit::ProbeInFlight);
         a.record_plain(Outcome::Broken, true, t1);
         let second = ejected_for(&mut a, t1);
         assert!(jittered(second, Duration::from_secs(2)), "{second:?}");
 
         let t2 = t1 + second;
         assert_eq!(a.admit(t2), Admit::Probe);
-        a.probe_sent();
         a.record_plain(Outcome::Ok, true, t2);
         assert_eq!(a.admit(t2), Admit::Yes);
         // The backoff starts over after a good probe.
@@ -346,7 +393,49 @@ mod tests {
         }
         let again = ejected_for(&mut a, t2);
         assert!(jittered(again, Duration::from_secs(1)), "{again:?}");
-        assert_eq!(a.ejections(), [3, 0]);
+        assert_eq!(a.reason(), Some(Reason::Failures));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_task_shuts_the_gate_then_offers_one_probe_when_the_backoff_ends() {
+        let health = crate::health::Gate::new();
+        health.set(crate::health::Health::Serving);
+        let gate = Arc::new(Gate::new(health));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(
+            gate.clone(),
+            accrual(),
+            rx,
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+        ));
+        let ended = |outcome, probe| Event::Ended {
+            outcome,
+            probe,
+            too_slow: false,
+        };
+        for _ in 0..3 {
+            tx.send(ended(Outcome::Broken, false)).unwrap();
+        }
+        settle().await;
+        assert_eq!(gate.ejection(), Ejection::Out(Reason::Failures));
+        assert!(!gate.in_rotation());
+        // The backoff is at most its 1 s bound: then one probe.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(gate.ejection(), Ejection::Probe(Reason::Failures));
+        assert!(gate.take_probe());
+        tx.send(ended(Outcome::Ok, true)).unwrap();
+        settle().await;
+        assert_eq!(gate.ejection(), Ejection::None);
+        assert_eq!(gate.ejections(), [1, 0]);
+
+        tx.send(Event::LatencyOutlier).unwrap();
+        settle().await;
+        assert_eq!(gate.ejection(), Ejection::Out(Reason::Latency));
+        assert_eq!(gate.ejections(), [1, 1]);
+        drop(tx);
+        settle().await;
+        assert!(task.is_finished(), "the task ends with its endpoint");
     }
 
     #[tokio::test(start_paused = true)]
@@ -362,7 +451,6 @@ mod tests {
             assert!(last <= Duration::from_secs(8), "{last:?}");
             now += last;
             assert_eq!(a.admit(now), Admit::Probe);
-            a.probe_sent();
             a.record_plain(Outcome::Broken, true, now);
         }
         assert!(jittered(last, Duration::from_secs(8)), "{last:?}");

@@ -1,29 +1,30 @@
-//! One endpoint as the balancer sees it: a connection, the health gate in front of it, failure
-//! accrual ([`super::accrual`]: ejection with backoff, then one probe call), its latency estimate
+//! One endpoint as the balancer sees it: a connection, the gate in front of it ([`super::gate`]:
+//! health, and ejections by its failure-accrual task, [`super::accrual`]), its latency estimate
 //! ([`super::latency`]: the cost p2c compares, and what outlier ejection judges), and the counters
-//! behind `endpoints()`.
+//! behind `endpoints()`. Each call's end is told to all three.
 //!
-//! Its `poll_ready` never fails: a shut gate or an ejection is `Pending`, with a wake-up
-//! registered, so tower's ready cache keeps the endpoint instead of evicting it for good.
+//! Its `poll_ready` never fails: a shut gate is `Pending`, with a wake-up registered, so tower's
+//! ready cache keeps the endpoint instead of evicting it for good.
 
-use super::accrual::{Accrual, AccrualConfig, Admit, Reason};
+use super::accrual::{Accrual, AccrualConfig, Event, Reason};
 use super::completion::{Completion, Outcome, TrackedBody};
 use super::failure::{self, Blame};
+use super::gate::{Admit, Ejection, Gate};
 use super::latency::{Cost, EwmaConfig, Judged, Latency};
 use super::silence::Progress;
 use crate::connection::Connection;
 use crate::discovery::Refresh;
 use crate::grpc::Pushback;
-use crate::health::{Gate, Health};
-use futures::task::AtomicWaker;
+use crate::health::{self, Health};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::time::{Instant, Sleep};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tonic::body::Body;
 use tower::load::Load;
 use tower::Service;
@@ -105,8 +106,9 @@ pub struct Shared {
     served: AtomicU64,
     errors: AtomicU64,
     latency: Latency,
-    accrual: Mutex<Accrual>,
-    accrual_waker: AtomicWaker,
+    accrual: mpsc::UnboundedSender<Event>,
+    /// The last outcome told to accrual was a failure: the next success must be told too.
+    failing: AtomicBool,
     /// Set by the outlier detector: a probe slower than this keeps a latency ejection going.
     latency_threshold_us: AtomicU64,
     shed: AtomicU64,
@@ -131,13 +133,22 @@ pub struct EndpointCounters {
 }
 
 impl Shared {
-    /// New shared state for an endpoint behind `gate`.
+    /// New shared state for an endpoint whose health `health` signals; starts its accrual task,
+    /// which ends with it. Must run inside a tokio runtime.
     pub fn new(
         addr: SocketAddr,
-        gate: Arc<Gate>,
+        health: Arc<health::Gate>,
         accrual: AccrualConfig,
         ewma: EwmaConfig,
     ) -> Arc<Self> {
+        let gate = Arc::new(Gate::new(health));
+        let (events, rx) = mpsc::unbounded_channel();
+        tokio::spawn(super::accrual::run(
+            gate.clone(),
+            Accrual::new(accrual),
+            rx,
+            addr,
+        ));
         Arc::new(Self {
             addr,
             gate,
@@ -145,8 +156,8 @@ impl Shared {
             served: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency: Latency::new(ewma),
-            accrual: Mutex::new(Accrual::new(accrual)),
-            accrual_waker: AtomicWaker::new(),
+            accrual: events,
+            failing: AtomicBool::new(false),
             latency_threshold_us: AtomicU64::new(0),
             shed: AtomicU64::new(0),
             progress: Progress::default(),
@@ -167,7 +178,7 @@ impl Shared {
 
     /// Whether it is offered to the balancer now (serving and not ejected, probing or not).
     pub fn in_rotation(&self) -> bool {
-        self.gate.health() == Health::Serving && !lock(&self.accrual).is_out(Instant::now())
+        self.gate.in_rotation()
     }
 
     /// Records the fleet's current outlier threshold, against which a latency probe is judged.
@@ -176,34 +187,28 @@ impl Shared {
         self.latency_threshold_us.store(us, Ordering::Relaxed);
     }
 
-    /// Ejects the endpoint as a latency outlier, unless it is already out or being probed.
-    pub fn eject_for_latency(&self) -> bool {
-        lock(&self.accrual).eject_for_latency(Instant::now())
+    /// Asks accrual to eject the endpoint as a latency outlier (unless it is already out or being
+    /// probed).
+    pub fn eject_for_latency(&self) {
+        let _ = self.accrual.send(Event::LatencyOutlier);
     }
 
-    /// The endpoint's health gate.
+    /// The endpoint's gate.
     pub fn gate(&self) -> &Arc<Gate> {
         &self.gate
     }
 
     /// A snapshot for `endpoints()`.
     pub fn snapshot(&self) -> EndpointSnapshot {
-        let ejected = {
-            let accrual = lock(&self.accrual);
-            accrual.is_out(Instant::now()).then_some(accrual.reason())
-        };
-        let state = if let Some(reason) = ejected {
-            if reason == Some(Reason::Latency) {
-                EndpointState::EjectedLatency
-            } else {
-                EndpointState::Ejected
-            }
-        } else {
-            match self.gate.health() {
+        let health = self.gate.health();
+        let state = match self.gate.ejection() {
+            Ejection::Out(Reason::Latency) => EndpointState::EjectedLatency,
+            Ejection::Out(Reason::Failures) => EndpointState::Ejected,
+            Ejection::None | Ejection::Probe(_) => match health.health() {
                 Health::Serving => EndpointState::Ready,
                 Health::Connecting => EndpointState::Connecting,
                 Health::NotServing => EndpointState::Unhealthy,
-            }
+            },
         };
         EndpointSnapshot {
             addr: self.addr,
@@ -215,7 +220,7 @@ impl Shared {
             last_error: if state == EndpointState::Ready {
                 None
             } else {
-                self.gate.last_error()
+                health.last_error()
             },
             shed: self.shed.load(Ordering::Relaxed),
         }
@@ -223,7 +228,7 @@ impl Shared {
 
     /// Its counters, for metrics.
     pub fn counters(&self) -> EndpointCounters {
-        let ejections = lock(&self.accrual).ejections();
+        let ejections = self.gate.ejections();
         EndpointCounters {
             by_code: std::array::from_fn(|i| self.by_code[i].load(Ordering::Relaxed)),
             probes: self.probes.load(Ordering::Relaxed),
@@ -244,18 +249,17 @@ impl Shared {
 
     /// Takes a silent endpoint out of rotation until its health watch hears `SERVING` again.
     pub fn declare_silent(&self, reason: String) {
-        self.gate.shut(reason);
+        self.gate.health().shut(reason);
     }
 
-    /// A call ended at `now`, after `elapsed`; its answer's headers came `answered` after it
-    /// started. Counts it and tells accrual; returns what the latency estimate is to be told.
+    /// A call ended after `elapsed`; its answer's headers came `answered` after it started.
+    /// Counts it and tells accrual; returns what the latency estimate is to be told.
     pub(super) fn finish(
         &self,
         outcome: Outcome,
         elapsed: Duration,
         answered: Option<Duration>,
         was_probe: bool,
-        now: Instant,
     ) -> (Duration, Judged) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.progress.call_ended();
@@ -301,9 +305,22 @@ impl Shared {
         }
         let threshold = self.latency_threshold_us.load(Ordering::Relaxed);
         let too_slow = threshold > 0 && sample > threshold as f64;
-        lock(&self.accrual).record(outcome, was_probe, too_slow, now);
-        if was_probe || outcome.is_endpoint_failure() {
-            self.accrual_waker.wake();
+        // Only what can change accrual's decision crosses to its task: a failure, a probe, and
+        // the first call after a failure that resets its count.
+        let failure = outcome.is_endpoint_failure();
+        let resets = matches!(outcome, Outcome::Ok | Outcome::Status(_)) && !failure;
+        let tell = if failure {
+            self.failing.store(true, Ordering::Relaxed);
+            true
+        } else {
+            was_probe || (resets && self.failing.swap(false, Ordering::Relaxed))
+        };
+        if tell {
+            let _ = self.accrual.send(Event::Ended {
+                outcome,
+                probe: was_probe,
+                too_slow,
+            });
         }
         (judged, judgement)
     }
@@ -315,16 +332,9 @@ impl Shared {
     pub(crate) fn test_finish_ok(&self, latency: Duration) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.latency.start();
-        let now = Instant::now();
-        let (rtt, judged) = self.finish(Outcome::Ok, latency, Some(latency), false, now);
-        self.latency.end(rtt, judged, now);
+        let (rtt, judged) = self.finish(Outcome::Ok, latency, Some(latency), false);
+        self.latency.end(rtt, judged, Instant::now());
     }
-}
-
-/// A poisoned lock only means another thread panicked mid-update of plain counters; the data is
-/// still usable, and the request path must not panic.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 // === impl CallGuard ===
@@ -352,9 +362,9 @@ impl Drop for CallGuard {
     fn drop(&mut self) {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.started);
-        let (rtt, judged) =
-            self.shared
-                .finish(self.outcome, elapsed, self.answered, self.probe, now);
+        let (rtt, judged) = self
+            .shared
+            .finish(self.outcome, elapsed, self.answered, self.probe);
         let runtime = tokio::runtime::Handle::try_current();
         match (self.shed, runtime) {
             (Some(pause), Ok(runtime)) => {
@@ -384,7 +394,6 @@ pub struct Endpoint {
     shared: Arc<Shared>,
     channel: Connection,
     refresh: Refresh,
-    ejection: Option<Pin<Box<Sleep>>>,
     next_is_probe: bool,
 }
 
@@ -396,7 +405,6 @@ impl Endpoint {
             shared,
             channel,
             refresh,
-            ejection: None,
             next_is_probe: false,
         }
     }
@@ -416,34 +424,13 @@ impl Service<http::Request<Body>> for Endpoint {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // Shut gate: not serving, or the connection is down. Pending, never an error.
-        ready!(self.shared.gate.poll_open(cx));
-        self.shared.accrual_waker.register(cx.waker());
-
-        let admit = lock(&self.shared.accrual).admit(Instant::now());
-        match admit {
-            Admit::Yes => self.next_is_probe = false,
-            Admit::Probe => self.next_is_probe = true,
-            Admit::ProbeInFlight => return Poll::Pending,
-            Admit::EjectedUntil(until) => {
-                let sleep = self
-                    .ejection
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-                if sleep.deadline() != until {
-                    sleep.as_mut().reset(until);
-                }
-                ready!(sleep.as_mut().poll(cx));
-                self.ejection = None;
-                // The ejection just ended; poll again so accrual moves to probing.
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-        }
+        // Shut gate: not serving, the connection is down, or ejected. Pending, never an error.
+        self.next_is_probe = ready!(self.shared.gate.poll_admit(cx)) == Admit::Probe;
         match self.channel.poll_ready(cx) {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
             Poll::Ready(Err(error)) => {
                 tracing::debug!(addr = %self.shared.addr, %error, "connection not ready");
-                self.shared.gate.recheck();
+                self.shared.gate.health().recheck();
                 Poll::Pending
             }
             Poll::Pending => Poll::Pending,
@@ -451,7 +438,8 @@ impl Service<http::Request<Body>> for Endpoint {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let probe = std::mem::take(&mut self.next_is_probe);
+        // Only this endpoint takes its gate's probe, so the one poll_ready offered is still there.
+        let probe = std::mem::take(&mut self.next_is_probe) && self.shared.gate.take_probe();
         if probe {
             // The caller need not wait for an endpoint under judgement: a copy is the probe.
             if let Some(copy) = super::probe::copy_of(&request) {
@@ -473,7 +461,6 @@ impl Endpoint {
         probe: bool,
     ) -> <Self as Service<http::Request<Body>>>::Future {
         if probe {
-            lock(&self.shared.accrual).probe_sent();
             self.shared.probes.fetch_add(1, Ordering::Relaxed);
         }
         let before = self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -538,7 +525,7 @@ impl Endpoint {
                     guard.record(Outcome::Broken);
                     // The connection is suspect: shut the gate until health says SERVING again,
                     // and ask discovery whether the address is still current.
-                    guard.shared.gate.recheck();
+                    guard.shared.gate.health().recheck();
                     refresh.request();
                     Err(Box::new(EndpointError {
                         addr,
@@ -553,28 +540,70 @@ impl Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::Gate;
+    use crate::balance::testing::settle;
+    use futures::task::noop_waker_ref;
+
+    /// Successes mostly stay on the call path, but the first one after a failure must reach the
+    /// accrual task, or failures spread over many good calls would add up to an ejection.
+    #[tokio::test(start_paused = true)]
+    async fn a_success_between_failures_resets_their_count() {
+        let health = health::Gate::new();
+        health.set(Health::Serving);
+        let accrual = AccrualConfig {
+            threshold: 3,
+            ..Default::default()
+        };
+        let shared = Shared::new(
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            health,
+            accrual,
+            EwmaConfig::default(),
+        );
+        let end = |outcome| {
+            shared.in_flight.fetch_add(1, Ordering::Relaxed);
+            shared.finish(outcome, Duration::from_millis(1), None, false);
+        };
+        for _ in 0..4 {
+            end(Outcome::Broken);
+            end(Outcome::Status(tonic::Code::Unavailable));
+            end(Outcome::Ok);
+            end(Outcome::Ok);
+        }
+        settle().await;
+        assert_eq!(shared.snapshot().state, EndpointState::Ready);
+        end(Outcome::Broken);
+        end(Outcome::Broken);
+        end(Outcome::Broken);
+        settle().await;
+        assert_eq!(shared.snapshot().state, EndpointState::Ejected);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_is_judged_by_when_it_was_answered_not_by_how_long_its_stream_ran() {
-        let gate = Gate::new();
-        gate.set(Health::Serving);
+        let health = health::Gate::new();
+        health.set(Health::Serving);
         let shared = Shared::new(
             SocketAddr::from(([127, 0, 0, 1], 1)),
-            gate,
+            health,
             AccrualConfig::default(),
             EwmaConfig::default(),
         );
         shared.set_latency_threshold(Duration::from_millis(10));
-        assert!(shared.eject_for_latency());
+        shared.eject_for_latency();
+        settle().await;
+        assert_eq!(shared.snapshot().state, EndpointState::EjectedLatency);
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(lock(&shared.accrual).admit(Instant::now()), Admit::Probe);
-        lock(&shared.accrual).probe_sent();
+        settle().await;
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert_eq!(shared.gate.poll_admit(&mut cx), Poll::Ready(Admit::Probe));
+        assert!(shared.gate.take_probe());
         shared.in_flight.fetch_add(1, Ordering::Relaxed);
         // A stream that ran 5 s, answered after 2 ms.
         let (ran, answered) = (Duration::from_secs(5), Duration::from_millis(2));
-        let (rtt, judged) = shared.finish(Outcome::Ok, ran, Some(answered), true, Instant::now());
+        let (rtt, judged) = shared.finish(Outcome::Ok, ran, Some(answered), true);
         shared.latency.end(rtt, judged, Instant::now());
+        settle().await;
+        assert_eq!(shared.gate.ejection(), Ejection::None);
         assert_eq!(shared.snapshot().state, EndpointState::Ready);
         assert_eq!(
             shared.latency().0,

@@ -617,7 +617,6 @@ mod tests {
             std::time::Duration::from_millis(1),
             None,
             false,
-            tokio::time::Instant::now(),
         );
         balancer.insert(addr, shared, connection, tokio::spawn(async {}));
         metrics.attach(&balancer);

@@ -65,6 +65,7 @@ pub mod dns_config;
 pub mod endpoint;
 pub mod failfast;
 pub mod failure;
+pub mod gate;
 pub mod hedge;
 pub mod latency;
 pub mod limit;

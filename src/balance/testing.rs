@@ -63,3 +63,10 @@ impl Readiness for Fleet {
         (!self.ready).then(|| self.why.to_owned())
     }
 }
+
+/// Lets the tasks this one woke (an endpoint's accrual task) run until they wait again.
+pub(crate) async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
