@@ -53,12 +53,27 @@ pub struct Gate {
     waker: AtomicWaker,
     recheck: Notify,
     last_error: std::sync::Mutex<Option<String>>,
+    /// Told whenever the endpoint turns `SERVING` (the balancer's wait for a ready endpoint).
+    observer: Option<Arc<Notify>>,
 }
 
 impl Gate {
     /// A shut gate: nothing is offered until the first `SERVING`.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// A shut gate that tells every waiter of `observer` when it opens.
+    pub fn observed(observer: Arc<Notify>) -> Arc<Self> {
+        Arc::new(Self {
+            observer: Some(observer),
+            ..Self::default()
+        })
+    }
+
+    /// Who is told when it opens.
+    pub fn observer(&self) -> Option<&Arc<Notify>> {
+        self.observer.as_ref()
     }
 
     /// The current health.
@@ -84,6 +99,9 @@ impl Gate {
         let v = health as u8;
         if self.health.swap(v, Ordering::AcqRel) != v {
             self.waker.wake();
+            if let (Health::Serving, Some(observer)) = (health, &self.observer) {
+                observer.notify_waiters();
+            }
         }
     }
 

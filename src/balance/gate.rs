@@ -153,6 +153,11 @@ impl Gate {
         if before != ejection || entered_probe {
             self.waker.wake();
         }
+        if matches!(before, Ejection::Out(_)) && !matches!(ejection, Ejection::Out(_)) {
+            if let Some(observer) = self.health.observer() {
+                observer.notify_waiters();
+            }
+        }
     }
 }
 

@@ -578,14 +578,10 @@ impl Balancer {
 
     /// Waits until at least one endpoint is ready, or `timeout` passes; says which.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let ready = async {
-            // A look is cheap (an atomic and an uncontended lock per endpoint, nothing copied).
-            while !self.shared.registry.any_ready() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
         // `timeout` copes with any length, `Duration::MAX` included.
-        tokio::time::timeout(timeout, ready).await.is_ok()
+        tokio::time::timeout(timeout, self.shared.registry.until_ready())
+            .await
+            .is_ok()
     }
 }
 

@@ -7,7 +7,7 @@ use super::accrual::AccrualConfig;
 use super::endpoint::{Endpoint, EndpointSnapshot, EndpointState, Shared};
 use super::latency::EwmaConfig;
 use crate::discovery::{Discovery, Update};
-use crate::health::{self, Gate, HealthConfig};
+use crate::health::{self, HealthConfig};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +52,8 @@ pub struct Registry {
     target: String,
     endpoints: Mutex<BTreeMap<SocketAddr, Entry>>,
     counters: Arc<BalancerCounters>,
+    /// Told by every endpoint's gate when it may have come into rotation.
+    rotation: Arc<tokio::sync::Notify>,
 }
 
 /// Why calls failed fast, for metrics.
@@ -156,6 +158,7 @@ impl Registry {
             target,
             endpoints: Mutex::new(BTreeMap::new()),
             counters: Arc::default(),
+            rotation: Arc::default(),
         })
     }
 
@@ -263,6 +266,25 @@ impl Registry {
         self.lock().values().any(|e| e.shared.in_rotation())
     }
 
+    /// A health signal for a new endpoint, observed by [`Registry::until_ready`].
+    pub fn health_signal(&self) -> Arc<health::Gate> {
+        health::Gate::observed(self.rotation.clone())
+    }
+
+    /// Returns once some endpoint is ready: woken by the gates, not by polling.
+    pub async fn until_ready(&self) {
+        loop {
+            // Enabled before the look, so a gate opening between the look and the wait is heard.
+            let opened = self.rotation.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            if self.any_ready() {
+                return;
+            }
+            opened.await;
+        }
+    }
+
     /// Every endpoint's shared state with its connection (what the silence detector probes).
     pub fn connected_endpoints(&self) -> Vec<(Arc<Shared>, crate::connection::Connection)> {
         self.lock()
@@ -351,7 +373,7 @@ pub async fn manage(
         let change = match update {
             Update::Insert(addr, ()) => {
                 let channel = connect(addr, &settings.connect);
-                let gate = Gate::new();
+                let gate = registry.health_signal();
                 let shared = Shared::new(addr, gate.clone(), settings.accrual, settings.ewma);
                 let watch = health::spawn_watch(channel.clone(), settings.health.clone(), gate);
                 registry.insert(addr, shared.clone(), channel.clone(), watch);
@@ -417,5 +439,49 @@ mod tests {
             .await
             .expect("the detector stops with its registry");
         assert!(looked.get() >= 3);
+    }
+
+    /// The wait for a ready endpoint is woken by the gate that opens, at that instant (on a paused
+    /// clock, a wait that polled would have let time pass).
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_readiness_ends_when_a_gate_opens_not_at_a_poll() {
+        let registry = Registry::new("t".into());
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let health = registry.health_signal();
+        let shared = Shared::new(
+            addr,
+            health.clone(),
+            AccrualConfig::default(),
+            EwmaConfig::default(),
+        );
+        let channel = connect(addr, &ConnectConfig::default());
+        registry.insert(addr, shared.clone(), channel, tokio::spawn(async {}));
+
+        let start = tokio::time::Instant::now();
+        let waiting = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.until_ready().await }
+        });
+        crate::balance::testing::settle().await;
+        assert!(!waiting.is_finished(), "nothing is serving yet");
+        health.set(health::Health::Serving);
+        crate::balance::testing::settle().await;
+        assert!(waiting.is_finished(), "woken by the gate");
+        assert_eq!(tokio::time::Instant::now(), start, "no time passed");
+
+        // Ejected, it is out of rotation; the end of the ejection wakes a new wait.
+        shared.eject_for_latency();
+        crate::balance::testing::settle().await;
+        assert!(!registry.any_ready());
+        let waiting = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.until_ready().await }
+        });
+        crate::balance::testing::settle().await;
+        assert!(!waiting.is_finished());
+        // The ejection's backoff is at most a second; its end offers a probe: in rotation again.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        crate::balance::testing::settle().await;
+        assert!(waiting.is_finished(), "woken by the ejection's end");
     }
 }
