@@ -30,6 +30,7 @@ use super::replay::{Replay, ReplayLayer};
 use super::retry::{status_of, Attempts, RetryPolicy};
 use super::service_config::ServiceConfig;
 use super::throttle::Allowance;
+use super::unavailable::Unavailable;
 use super::Buffered;
 use crate::telemetry::{self, CallTrace};
 use std::sync::Arc;
@@ -165,7 +166,7 @@ pub(super) async fn run(
             run_in_span(stack, request, permit).await
         }
     };
-    let response = match metered.take() {
+    let mut response = match metered.take() {
         None => response,
         // A trailers-only answer is complete: its status is in its headers.
         Some(mut call) if Status::from_header_map(response.headers()).is_some() => {
@@ -174,6 +175,10 @@ pub(super) async fn run(
         }
         Some(call) => response.map(|body| Body::new(MeteredBody::new(body, call))),
     };
+    // No endpoint was ready: the caller gets the typed reason (tonic finds the status beneath).
+    if let Some(unavailable) = response.extensions_mut().remove::<Unavailable>() {
+        return Err(Box::new(unavailable));
+    }
     Ok(response)
 }
 

@@ -42,7 +42,7 @@ pub trait Readiness: Send + Sync {
     /// The balancer's name, for messages.
     fn target(&self) -> &str;
     /// `None` when some endpoint is ready; otherwise why none is, counted as a fail-fast.
-    fn why_unready(&self) -> Option<String>;
+    fn why_unready(&self) -> Option<super::unavailable::Unavailable>;
 }
 
 /// Where a deadline that cannot be represented ends: beyond any call's life.
@@ -142,14 +142,14 @@ where
                 Ok(Err(error)) => connection_failed(settings.readiness.target(), &error),
                 Err(_) => {
                     let readiness = &settings.readiness;
-                    let status = match readiness.why_unready() {
-                        Some(why) => Status::unavailable(why),
+                    return Ok(match readiness.why_unready() {
+                        Some(unavailable) => unavailable.into_http(),
                         None => Status::deadline_exceeded(format!(
                             "no answer from {} within {deadline:?}",
                             readiness.target()
-                        )),
-                    };
-                    return Ok(status.into_http());
+                        ))
+                        .into_http(),
+                    });
                 }
             };
             if response.extensions().get::<Attempts>().is_none() {

@@ -414,6 +414,11 @@ impl Load for Endpoint {
     type Metric = Cost;
 
     fn load(&self) -> Cost {
+        if self.next_is_probe {
+            // The gate offers a probe: send it at the next comparison (it is a copy of a call
+            // where it can be, costing no caller), rather than starve it behind the old peak.
+            return Cost::NONE;
+        }
         self.shared.latency.cost(Instant::now())
     }
 }

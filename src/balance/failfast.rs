@@ -10,6 +10,7 @@
 
 use super::deadline::Readiness;
 use super::endpoint::BoxError;
+use super::unavailable::{Reason, Unavailable};
 use futures::future::Either;
 use std::future::{ready, Future, Ready};
 use std::pin::Pin;
@@ -19,10 +20,6 @@ use std::time::Duration;
 use tokio::time::Sleep;
 use tonic::body::Body;
 use tower::{Layer, Service};
-
-/// Added to a response that fail-fast produced, so retries skip it.
-#[derive(Debug, Clone, Copy)]
-pub struct FailedFast;
 
 /// Builds [`FailFast`] services.
 #[derive(Clone)]
@@ -109,11 +106,10 @@ where
         if self.failing {
             // An endpoint may have turned ready since poll_ready; the balancer has not seen it yet.
             let why = self.readiness.why_unready().unwrap_or_else(|| {
-                format!("no ready endpoint for {} yet", self.readiness.target())
+                let target = self.readiness.target();
+                Unavailable::new(Reason::Other, format!("no ready endpoint for {target} yet"))
             });
-            let mut response = tonic::Status::unavailable(why).into_http();
-            response.extensions_mut().insert(FailedFast);
-            return Either::Right(ready(Ok(response)));
+            return Either::Right(ready(Ok(why.into_http())));
         }
         Either::Left(self.inner.call(request))
     }
@@ -158,7 +154,8 @@ mod tests {
         let status = Status::from_header_map(response.headers()).expect("a trailers-only status");
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(status.message(), "no endpoints for t");
-        assert!(response.extensions().get::<FailedFast>().is_some());
+        let carried = response.extensions().get::<Unavailable>();
+        assert_eq!(carried.map(|u| u.reason), Some(Reason::NoEndpoints));
         assert_eq!(readiness.asked(), 1, "counted once");
     }
 
@@ -175,7 +172,7 @@ mod tests {
                 .call(request())
                 .await
                 .unwrap();
-            assert!(response.extensions().get::<FailedFast>().is_some());
+            assert!(response.extensions().get::<Unavailable>().is_some());
         }
         assert_eq!(started.elapsed(), Duration::ZERO, "no second wait");
         assert_eq!(readiness.asked(), 3);
@@ -187,7 +184,7 @@ mod tests {
         let (_, answer) = handle.next_request().await.unwrap();
         answer.send_response(http::Response::new(Body::empty()));
         let response = answered(call).await;
-        assert!(response.extensions().get::<FailedFast>().is_none());
+        assert!(response.extensions().get::<Unavailable>().is_none());
         assert_eq!(readiness.asked(), 3);
 
         // Nothing ready once more: a fresh wait, not an instant failure.
@@ -195,7 +192,7 @@ mod tests {
         let call = tokio::spawn(service.oneshot(request()));
         let response = answered(call).await;
         assert_eq!(started.elapsed(), WAIT);
-        assert!(response.extensions().get::<FailedFast>().is_some());
+        assert!(response.extensions().get::<Unavailable>().is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -213,6 +210,6 @@ mod tests {
         let call = tokio::spawn(service.oneshot(request()));
         let response = answered(call).await;
         assert_eq!(started.elapsed(), WAIT);
-        assert!(response.extensions().get::<FailedFast>().is_some());
+        assert!(response.extensions().get::<Unavailable>().is_some());
     }
 }

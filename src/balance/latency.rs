@@ -7,8 +7,10 @@
 //!   Reading the estimate decays it toward zero the same way, so an endpoint nobody chose for a
 //!   while gets tried again. The cost is the estimate times (calls in flight + 1).
 //! - **For judging** ([`Latency::smoothed`], what outlier ejection compares and `endpoints()`
-//!   shows): a moving average of successful calls, one fifth per sample, restarted by a probe (the
-//!   estimate from before an ejection says nothing about now). Judging by the peak would eject on
+//!   shows): a moving average of successful calls, one fifth per sample.
+//!
+//! A probe's answer restarts both (the estimate from before an ejection says nothing about now):
+//! a recovered endpoint is chosen again at once, instead of waiting for an old peak to decay. Judging by the peak would eject on
 //!   one scheduling hiccup: at a 10 s decay a single 50 ms answer among 2 ms ones holds the peak
 //!   above a 6 ms outlier threshold for about 20 s.
 //!
@@ -49,6 +51,12 @@ const SMOOTHING: f64 = 0.2;
 #[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
 pub struct Cost(f64);
 
+impl Cost {
+    /// Below any endpoint's: what an endpoint offering a probe costs, so that p2c sends the probe
+    /// at its next comparison instead of starving it behind the estimate from before the ejection.
+    pub const NONE: Cost = Cost(0.0);
+}
+
 /// What a call's end tells the smoothed view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Judged {
@@ -56,7 +64,8 @@ pub enum Judged {
     Skip,
     /// A successful call's time.
     Add,
-    /// A probe's time: the average starts over from it.
+    /// A probe's time: both views start over from it (what they held is from before the
+    /// ejection, and says nothing about now).
     Restart,
 }
 
@@ -117,6 +126,9 @@ impl Latency {
             .pending
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         let mut state = lock(&self.state);
+        if judged == Judged::Restart {
+            state.peak_ns = 0.0;
+        }
         state.update(rtt.as_nanos() as f64, now, self.decay_ns);
         let us = rtt.as_micros() as f64;
         state.smoothed_us = match judged {
@@ -237,5 +249,6 @@ mod tests {
         l.start();
         l.end(3 * MS, Judged::Restart, Instant::now());
         assert_eq!(l.smoothed(), 3 * MS);
+        assert_eq!(ms(l.cost(Instant::now())), 3.0, "the peak starts over too");
     }
 }

@@ -12,7 +12,8 @@
 //! how the registry is served.
 
 use super::endpoint::EndpointState;
-use super::registry::{FailFastReason, Registry};
+use super::registry::Registry;
+use super::unavailable::Reason as FailFastReason;
 use bytes::Bytes;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};

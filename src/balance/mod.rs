@@ -82,6 +82,7 @@ pub mod silence;
 #[cfg(test)]
 mod testing;
 pub mod throttle;
+pub mod unavailable;
 
 pub use accrual::AccrualConfig;
 pub use call::CallConfig;
@@ -94,6 +95,7 @@ pub use registry::ConnectConfig;
 pub use retry::Attempts;
 pub use service_config::{ServiceConfig, ServiceConfigError};
 pub use silence::SilenceConfig;
+pub use unavailable::Unavailable;
 
 use crate::discovery::{self, DiscoveryError, DnsConfig};
 use crate::health::HealthConfig;

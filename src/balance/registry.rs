@@ -6,6 +6,7 @@
 use super::accrual::AccrualConfig;
 use super::endpoint::{Endpoint, EndpointSnapshot, EndpointState, Shared};
 use super::latency::EwmaConfig;
+use super::unavailable::{Reason, Unavailable};
 use crate::discovery::{Discovery, Update};
 use crate::health::{self, HealthConfig};
 use std::collections::BTreeMap;
@@ -56,43 +57,6 @@ pub struct Registry {
     rotation: Arc<tokio::sync::Notify>,
 }
 
-/// Why calls failed fast, for metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailFastReason {
-    /// Discovery found no endpoint.
-    NoEndpoints,
-    /// Every endpoint reports NOT_SERVING.
-    Unhealthy,
-    /// Every endpoint is ejected.
-    Ejected,
-    /// Every endpoint is connecting or unreachable.
-    Connecting,
-    /// A mix of the above, or endpoints busy.
-    Other,
-}
-
-impl FailFastReason {
-    /// Every reason, in label order.
-    pub const ALL: [FailFastReason; 5] = [
-        Self::NoEndpoints,
-        Self::Unhealthy,
-        Self::Ejected,
-        Self::Connecting,
-        Self::Other,
-    ];
-
-    /// Its metric label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::NoEndpoints => "no_endpoints",
-            Self::Unhealthy => "unhealthy",
-            Self::Ejected => "ejected",
-            Self::Connecting => "connecting",
-            Self::Other => "other",
-        }
-    }
-}
-
 /// A balancer's own counters, beyond its endpoints', read when metrics are scraped. The call
 /// path's layers count into them through their own handle, without seeing the registry.
 #[derive(Debug, Default)]
@@ -105,8 +69,8 @@ pub struct BalancerCounters {
     pub hedge_wins: AtomicU64,
     /// Retries or hedges the budget refused.
     pub budget_exhausted: AtomicU64,
-    /// Calls failed fast, by [`FailFastReason`] (in `ALL` order).
-    pub fail_fast: [AtomicU64; FailFastReason::ALL.len()],
+    /// Calls failed fast, by [`Reason`] (in `ALL` order).
+    pub fail_fast: [AtomicU64; Reason::ALL.len()],
     /// Endpoints discovery added.
     pub discovered: AtomicU64,
     /// Endpoints discovery removed.
@@ -120,7 +84,7 @@ impl super::deadline::Readiness for Registry {
         &self.target
     }
 
-    fn why_unready(&self) -> Option<String> {
+    fn why_unready(&self) -> Option<Unavailable> {
         (!self.any_ready()).then(|| self.fail_fast())
     }
 }
@@ -173,12 +137,12 @@ impl Registry {
     }
 
     /// Why no endpoint is ready, counted as one call failed fast.
-    pub fn fail_fast(&self) -> String {
+    pub fn fail_fast(&self) -> Unavailable {
         let (reason, why) = self.unavailable();
-        if let Some(i) = FailFastReason::ALL.iter().position(|r| *r == reason) {
+        if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
             self.counters.fail_fast[i].fetch_add(1, Ordering::Relaxed);
         }
-        why
+        Unavailable::new(reason, why)
     }
 
     /// The target, as given.
@@ -205,11 +169,11 @@ impl Registry {
         self.counters.retries.load(Ordering::Relaxed)
     }
 
-    fn unavailable(&self) -> (FailFastReason, String) {
+    fn unavailable(&self) -> (Reason, String) {
         let all = self.snapshot();
         if all.is_empty() {
             return (
-                FailFastReason::NoEndpoints,
+                Reason::NoEndpoints,
                 format!("no endpoints for {}", self.target),
             );
         }
@@ -229,13 +193,13 @@ impl Registry {
             (
                 count(EndpointState::Unhealthy),
                 "unhealthy",
-                FailFastReason::Unhealthy,
+                Reason::Unhealthy,
             ),
-            (ejected, "ejected", FailFastReason::Ejected),
+            (ejected, "ejected", Reason::Ejected),
             (
                 count(EndpointState::Connecting),
                 "connecting or unreachable",
-                FailFastReason::Connecting,
+                Reason::Connecting,
             ),
         ] {
             if k == n {
@@ -253,7 +217,7 @@ impl Registry {
             count(EndpointState::Connecting),
             count(EndpointState::Ready),
         ) + &cause;
-        (FailFastReason::Other, why)
+        (Reason::Other, why)
     }
 
     /// The shared state of every endpoint.

@@ -19,12 +19,12 @@
 
 use super::deadline::{connection_failed, Expires};
 use super::endpoint::BoxError;
-use super::failfast::FailedFast;
 use super::live_config::LiveConfig;
 use super::registry::BalancerCounters;
 use super::replay;
 use super::service_config::RetryPolicy as Policy;
 use super::throttle::Allowance;
+use super::unavailable::Unavailable;
 use crate::grpc::Pushback;
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,7 +104,7 @@ impl RetryPolicy {
 pub(super) fn code_of(result: &Result<http::Response<Body>, BoxError>) -> Option<Code> {
     match result {
         Err(_) => Some(Code::Unavailable),
-        Ok(response) if response.extensions().get::<FailedFast>().is_some() => None,
+        Ok(response) if response.extensions().get::<Unavailable>().is_some() => None,
         Ok(response) => Some(status_of(response)),
     }
 }
@@ -415,8 +415,8 @@ mod tests {
             code_of(&Ok(Status::unavailable("x").into_http())),
             Some(Code::Unavailable)
         );
-        let mut failed_fast = Status::unavailable("x").into_http();
-        failed_fast.extensions_mut().insert(FailedFast);
+        let failed_fast =
+            Unavailable::new(crate::balance::unavailable::Reason::Other, "x").into_http();
         assert_eq!(code_of(&Ok(failed_fast)), None);
         assert_eq!(
             code_of(&Ok(Status::not_found("x").into_http())),

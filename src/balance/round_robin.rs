@@ -2,6 +2,11 @@
 //! and pick-first (gRPC's `pick_first`: the first ready endpoint in address order, for every
 //! call). Both use the same discovery stream, the same health-gated endpoints and tower's
 //! `ReadyCache`, so the only difference in a comparison is the choice itself.
+//!
+//! The turn is kept by address, not by position in the cache: the cache reorders its ready set
+//! whenever an endpoint is called and comes back, so "the next position" picks the same endpoint
+//! twice in a row about one time in three (and a hedge after a fast failure went back to the
+//! endpoint that had just failed).
 
 use std::future::Future;
 use std::hash::Hash;
@@ -21,7 +26,8 @@ where
 {
     discover: D,
     services: ReadyCache<D::Key, D::Service, Req>,
-    next: usize,
+    /// The address chosen last: the next turn is the first ready one after it.
+    last: Option<D::Key>,
     chosen: Option<usize>,
     first: bool,
 }
@@ -38,7 +44,7 @@ where
         Self {
             discover,
             services: ReadyCache::default(),
-            next: 0,
+            last: None,
             chosen: None,
             first: false,
         }
@@ -83,19 +89,22 @@ where
             if ready == 0 {
                 return Poll::Pending;
             }
-            let index = if self.first {
-                (0..ready)
-                    .min_by(|a, b| {
-                        let key = |i| self.services.get_ready_index(i).map(|(k, _)| k);
-                        key(*a).cmp(&key(*b))
-                    })
-                    .unwrap_or(0)
-            } else {
-                self.next % ready
+            let key = |i| self.services.get_ready_index(i).map(|(k, _)| k);
+            let lowest = |candidates: &mut dyn Iterator<Item = usize>| {
+                candidates.min_by(|a, b| key(*a).cmp(&key(*b)))
             };
-            self.next = self.next.wrapping_add(1);
+            let after_last = match (&self.last, self.first) {
+                (Some(last), false) => {
+                    lowest(&mut (0..ready).filter(|i| key(*i).is_some_and(|k| k > last)))
+                }
+                _ => None,
+            };
+            // Past the highest address, the turn wraps to the lowest.
+            let index = after_last.or_else(|| lowest(&mut (0..ready))).unwrap_or(0);
+            let chosen = key(index).cloned();
             if let Ok(true) = self.services.check_ready_index(cx, index) {
                 self.chosen = Some(index);
+                self.last = chosen;
                 return Poll::Ready(Ok(()));
             }
         }
@@ -108,6 +117,38 @@ where
                 Box::pin(async move { call.await.map_err(Into::into) })
             }
             None => Box::pin(async { Err("round-robin called before it was ready".into()) }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    fn numbered() -> Vec<tower::util::BoxService<(), usize, BoxError>> {
+        (0..3)
+            .map(|i| {
+                tower::util::BoxService::new(tower::service_fn(move |()| async move { Ok(i) }))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn takes_every_endpoint_in_turn_whatever_the_cache_order() {
+        let mut rr = RoundRobin::new(tower::discover::ServiceList::new(numbered()));
+        let mut order = Vec::new();
+        for _ in 0..9 {
+            order.push(rr.ready().await.unwrap().call(()).await.unwrap());
+        }
+        assert_eq!(order, [0, 1, 2, 0, 1, 2, 0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn pick_first_always_takes_the_lowest_address() {
+        let mut pf = RoundRobin::pick_first(tower::discover::ServiceList::new(numbered()));
+        for _ in 0..4 {
+            assert_eq!(pf.ready().await.unwrap().call(()).await.unwrap(), 0);
         }
     }
 }

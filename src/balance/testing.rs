@@ -58,9 +58,10 @@ impl Readiness for Fleet {
     fn target(&self) -> &str {
         "t"
     }
-    fn why_unready(&self) -> Option<String> {
+    fn why_unready(&self) -> Option<super::unavailable::Unavailable> {
         self.asked.fetch_add(1, Ordering::Relaxed);
-        (!self.ready).then(|| self.why.to_owned())
+        let reason = super::unavailable::Reason::NoEndpoints;
+        (!self.ready).then(|| super::unavailable::Unavailable::new(reason, self.why))
     }
 }
 
