@@ -189,18 +189,22 @@ impl Accrual {
 /// What an endpoint tells its accrual task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// A call ended. `too_slow`: it was slower than the fleet's outlier threshold, which judges a
-    /// probe of a latency ejection.
+    /// A call ended.
     Ended {
         /// How it ended.
         outcome: Outcome,
         /// Whether it was the probe.
         probe: bool,
-        /// Slower than the outlier threshold.
-        too_slow: bool,
+        /// How soon it was answered (what judges a probe of a latency ejection).
+        latency: Duration,
     },
-    /// The outlier detector found the endpoint too slow.
-    LatencyOutlier,
+    /// The outlier detector found the endpoint too slow: a probe must answer within `threshold`.
+    LatencyOutlier {
+        /// The fleet's outlier threshold.
+        threshold: Duration,
+    },
+    /// The fleet's outlier threshold now, while the endpoint is judged for latency.
+    Threshold(Duration),
 }
 
 /// One endpoint's failure accrual, until every sender of `events` is gone.
@@ -211,6 +215,8 @@ pub async fn run(
     addr: SocketAddr,
 ) {
     let mut until: Option<Instant> = None;
+    // What a probe of a latency ejection must answer within.
+    let mut threshold: Option<Duration> = None;
     loop {
         let event = match until {
             Some(at) => tokio::select! {
@@ -228,20 +234,26 @@ pub async fn run(
             Event::Ended {
                 outcome,
                 probe,
-                too_slow,
+                latency,
             } => {
                 let was_out = accrual.is_out(now);
+                let too_slow = threshold.is_some_and(|t| latency > t);
                 accrual.record(outcome, probe, too_slow, now);
                 if !was_out && accrual.is_out(now) && !probe {
                     tracing::info!(%addr, "ejected after consecutive failures");
                 }
                 probe
             }
-            Event::LatencyOutlier => {
+            Event::LatencyOutlier { threshold: fleet } => {
                 if accrual.eject_for_latency(now) {
-                    tracing::info!(%addr, "ejected as a latency outlier");
+                    threshold = Some(fleet);
+                    tracing::info!(%addr, ?fleet, "ejected as a latency outlier");
                 }
                 false
+            }
+            Event::Threshold(fleet) => {
+                threshold = Some(fleet);
+                continue;
             }
         };
         until = publish(&gate, &mut accrual, probe_ended);
@@ -411,7 +423,7 @@ mod tests {
         let ended = |outcome, probe| Event::Ended {
             outcome,
             probe,
-            too_slow: false,
+            latency: Duration::from_millis(1),
         };
         for _ in 0..3 {
             tx.send(ended(Outcome::Broken, false)).unwrap();
@@ -429,10 +441,34 @@ mod tests {
         assert_eq!(gate.ejection(), Ejection::None);
         assert_eq!(gate.ejections(), [1, 0]);
 
-        tx.send(Event::LatencyOutlier).unwrap();
+        tx.send(Event::LatencyOutlier {
+            threshold: Duration::from_millis(10),
+        })
+        .unwrap();
         settle().await;
         assert_eq!(gate.ejection(), Ejection::Out(Reason::Latency));
         assert_eq!(gate.ejections(), [1, 1]);
+        // Its probe is judged against the threshold, the latest the detector sent.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert!(gate.take_probe());
+        let probe = |ms| Event::Ended {
+            outcome: Outcome::Ok,
+            probe: true,
+            latency: Duration::from_millis(ms),
+        };
+        tx.send(probe(15)).unwrap();
+        settle().await;
+        assert_eq!(gate.ejection(), Ejection::Out(Reason::Latency), "too slow");
+        // The whole fleet slowed: 15 ms is within its threshold now.
+        tx.send(Event::Threshold(Duration::from_millis(20)))
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        settle().await;
+        assert!(gate.take_probe());
+        tx.send(probe(15)).unwrap();
+        settle().await;
+        assert_eq!(gate.ejection(), Ejection::None);
         drop(tx);
         settle().await;
         assert!(task.is_finished(), "the task ends with its endpoint");

@@ -109,8 +109,6 @@ pub struct Shared {
     accrual: mpsc::UnboundedSender<Event>,
     /// The last outcome told to accrual was a failure: the next success must be told too.
     failing: AtomicBool,
-    /// Set by the outlier detector: a probe slower than this keeps a latency ejection going.
-    latency_threshold_us: AtomicU64,
     shed: AtomicU64,
     progress: Progress,
     /// Calls ended, by the gRPC code the caller saw (a broken connection counts as
@@ -158,7 +156,6 @@ impl Shared {
             latency: Latency::new(ewma),
             accrual: events,
             failing: AtomicBool::new(false),
-            latency_threshold_us: AtomicU64::new(0),
             shed: AtomicU64::new(0),
             progress: Progress::default(),
             by_code: Default::default(),
@@ -181,16 +178,20 @@ impl Shared {
         self.gate.in_rotation()
     }
 
-    /// Records the fleet's current outlier threshold, against which a latency probe is judged.
-    pub fn set_latency_threshold(&self, threshold: Duration) {
-        let us = u64::try_from(threshold.as_micros()).unwrap_or(u64::MAX);
-        self.latency_threshold_us.store(us, Ordering::Relaxed);
+    /// Asks accrual to eject the endpoint as a latency outlier (unless it is already out or being
+    /// probed); its probe is to answer within `threshold`, the fleet's.
+    pub fn eject_for_latency(&self, threshold: Duration) {
+        let _ = self.accrual.send(Event::LatencyOutlier { threshold });
     }
 
-    /// Asks accrual to eject the endpoint as a latency outlier (unless it is already out or being
-    /// probed).
-    pub fn eject_for_latency(&self) {
-        let _ = self.accrual.send(Event::LatencyOutlier);
+    /// Tells accrual the fleet's threshold now, if it is judging this endpoint for latency: a
+    /// threshold frozen at the ejection would keep the endpoint out if the whole fleet slowed.
+    pub fn update_latency_threshold(&self, threshold: Duration) {
+        if let Ejection::Out(Reason::Latency) | Ejection::Probe(Reason::Latency) =
+            self.gate.ejection()
+        {
+            let _ = self.accrual.send(Event::Threshold(threshold));
+        }
     }
 
     /// The endpoint's gate.
@@ -270,7 +271,6 @@ impl Shared {
         } else {
             elapsed
         };
-        let sample = judged.as_micros() as f64;
         let code = match outcome {
             Outcome::Ok => tonic::Code::Ok,
             Outcome::Status(code) | Outcome::StreamError(code) => code,
@@ -303,8 +303,6 @@ impl Shared {
             }
             Outcome::Cancelled => {}
         }
-        let threshold = self.latency_threshold_us.load(Ordering::Relaxed);
-        let too_slow = threshold > 0 && sample > threshold as f64;
         // Only what can change accrual's decision crosses to its task: a failure, a probe, and
         // the first call after a failure that resets its count.
         let failure = outcome.is_endpoint_failure();
@@ -319,7 +317,7 @@ impl Shared {
             let _ = self.accrual.send(Event::Ended {
                 outcome,
                 probe: was_probe,
-                too_slow,
+                latency: judged,
             });
         }
         (judged, judgement)
@@ -593,8 +591,7 @@ mod tests {
             AccrualConfig::default(),
             EwmaConfig::default(),
         );
-        shared.set_latency_threshold(Duration::from_millis(10));
-        shared.eject_for_latency();
+        shared.eject_for_latency(Duration::from_millis(10));
         settle().await;
         assert_eq!(shared.snapshot().state, EndpointState::EjectedLatency);
         tokio::time::advance(Duration::from_secs(2)).await;

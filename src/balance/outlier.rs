@@ -10,6 +10,12 @@
 //! than the fleet's threshold puts it back, a slow one doubles the ejection. It never ejects below
 //! half of the endpoints in rotation, so a fleet that is uniformly slow keeps all of them.
 //!
+//! The ejection and the probe's verdict belong to the endpoint's accrual task
+//! ([`super::accrual`]): the detector asks it to eject, with the threshold the probe is to answer
+//! within, and tells it the threshold again at every look while it judges the endpoint (a threshold
+//! frozen at the ejection would keep the endpoint out if the whole fleet slowed). It writes
+//! nothing into the endpoints.
+//!
 //! Knows endpoints' latency estimates and rotation state; nothing of discovery or the balancer.
 
 use super::endpoint::Shared;
@@ -61,23 +67,21 @@ pub async fn detect(registry: Weak<Registry>, config: OutlierConfig) {
     let mut above_since: HashMap<SocketAddr, Instant> = HashMap::new();
     super::registry::every(registry, config.interval, |registry| {
         let endpoints = registry.shared_endpoints();
-        for (endpoint, verdict) in judge(&endpoints, &config, &mut above_since, Instant::now()) {
-            if verdict {
-                endpoint.eject_for_latency();
-            }
+        for (endpoint, threshold) in judge(&endpoints, &config, &mut above_since, Instant::now()) {
+            endpoint.eject_for_latency(threshold);
         }
     })
     .await;
 }
 
-/// Decides which endpoints to eject now; also hands every endpoint the fleet's threshold for
-/// judging its probes.
+/// Decides which endpoints to eject now, each with the fleet's threshold its probe is to answer
+/// within; also tells the endpoints already judged for latency the threshold as it is now.
 fn judge(
     endpoints: &[Arc<Shared>],
     config: &OutlierConfig,
     above_since: &mut HashMap<SocketAddr, Instant>,
     now: Instant,
-) -> Vec<(Arc<Shared>, bool)> {
+) -> Vec<(Arc<Shared>, Duration)> {
     let in_rotation: Vec<(Arc<Shared>, Duration)> = endpoints
         .iter()
         .filter(|e| e.in_rotation())
@@ -93,7 +97,7 @@ fn judge(
     let all: Vec<Duration> = in_rotation.iter().map(|(_, l)| *l).collect();
     let fleet = config.threshold(median(all.clone()));
     for e in endpoints {
-        e.set_latency_threshold(fleet);
+        e.update_latency_threshold(fleet);
     }
     // Keep at least half of the endpoints in rotation, whatever the latencies say.
     let rotation = endpoints.iter().filter(|e| e.in_rotation()).count();
@@ -119,7 +123,7 @@ fn judge(
         if now.duration_since(since) >= config.window && may_eject > 0 {
             may_eject -= 1;
             above_since.remove(&endpoint.addr());
-            verdicts.push((endpoint.clone(), true));
+            verdicts.push((endpoint.clone(), fleet));
         }
     }
     verdicts
@@ -175,7 +179,7 @@ mod tests {
         let verdicts = judge(&fleet, &config, &mut above, later);
         assert_eq!(verdicts.len(), 1);
         assert_eq!(verdicts[0].0.addr(), fleet[2].addr());
-        verdicts[0].0.eject_for_latency();
+        verdicts[0].0.eject_for_latency(verdicts[0].1);
         crate::balance::testing::settle().await;
         assert_eq!(fleet[2].snapshot().state, EndpointState::EjectedLatency);
         assert_eq!(fleet[0].snapshot().state, EndpointState::Ready);
@@ -205,7 +209,7 @@ mod tests {
         judge(&fleet, &config, &mut above, t0);
         let verdicts = judge(&fleet, &config, &mut above, t0 + config.window);
         assert_eq!(verdicts.len(), 1, "one of two may go");
-        verdicts[0].0.eject_for_latency();
+        verdicts[0].0.eject_for_latency(verdicts[0].1);
         crate::balance::testing::settle().await;
         // The fast one turns slow too: it is the last in rotation and stays.
         feed(&fleet[0], 500, 30);

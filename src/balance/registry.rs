@@ -434,7 +434,7 @@ mod tests {
         assert_eq!(tokio::time::Instant::now(), start, "no time passed");
 
         // Ejected, it is out of rotation; the end of the ejection wakes a new wait.
-        shared.eject_for_latency();
+        shared.eject_for_latency(Duration::from_millis(10));
         crate::balance::testing::settle().await;
         assert!(!registry.any_ready());
         let waiting = tokio::spawn({
