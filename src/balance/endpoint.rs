@@ -311,7 +311,12 @@ impl Shared {
             self.failing.store(true, Ordering::Relaxed);
             true
         } else {
-            was_probe || (resets && self.failing.swap(false, Ordering::Relaxed))
+            // A read first: most calls succeed with nothing to reset, and a write on every call
+            // would bounce the flag's cache line between the cores.
+            was_probe
+                || (resets
+                    && self.failing.load(Ordering::Relaxed)
+                    && self.failing.swap(false, Ordering::Relaxed))
         };
         if tell {
             let _ = self.accrual.send(Event::Ended {
@@ -363,9 +368,12 @@ impl Drop for CallGuard {
         let (rtt, judged) = self
             .shared
             .finish(self.outcome, elapsed, self.answered, self.probe);
-        let runtime = tokio::runtime::Handle::try_current();
-        match (self.shed, runtime) {
-            (Some(pause), Ok(runtime)) => {
+        // Only a shed call looks for the runtime (a thread-local read and a handle clone).
+        let runtime = self
+            .shed
+            .and_then(|pause| Some((pause, tokio::runtime::Handle::try_current().ok()?)));
+        match runtime {
+            Some((pause, runtime)) => {
                 // A shed call is answered at once, which would make the shedding endpoint look
                 // like the cheapest one. It costs what its caller loses instead: the pushback,
                 // then a try elsewhere (about as long again), and stays pending that long. So p2c
@@ -380,7 +388,7 @@ impl Drop for CallGuard {
                         .end(rtt.saturating_add(held), judged, Instant::now());
                 });
             }
-            _ => self.shared.latency.end(rtt, judged, now),
+            None => self.shared.latency.end(rtt, judged, now),
         }
     }
 }
