@@ -305,7 +305,7 @@ pub enum CallTrace {
     Spans,
     /// Exported but not sampled: no span is built; this context (the caller's, or a new trace)
     /// goes out with the call, its sampled flag clear, so the next hops do not sample it either.
-    Forward(opentelemetry::Context),
+    Forward(SpanContext),
 }
 
 /// Decides, before any span exists, whether the call about to start under the current span is
@@ -353,15 +353,40 @@ pub fn decide_call() -> CallTrace {
             TraceState::default(),
         )
     };
-    CallTrace::Forward(opentelemetry::Context::new().with_remote_span_context(forward))
+    CallTrace::Forward(forward)
 }
 
-/// Writes `cx`'s trace context into outgoing request headers (gRPC metadata).
-pub fn inject_context(cx: &opentelemetry::Context, headers: &mut http::HeaderMap) {
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(cx, &mut HeaderInjector(headers));
-    });
+/// Writes `sc` into outgoing request headers as W3C `traceparent` (and `tracestate` when it
+/// has one): what the [`TraceContextPropagator`] that [`init`] installs writes, without its
+/// global lock, an OTel `Context`, or a `String` per header. Every unsampled call pays this.
+pub fn inject_span_context(sc: &SpanContext, headers: &mut http::HeaderMap) {
+    use std::io::Write as _;
+    // "00-" 32 hex "-" 16 hex "-" 2 hex.
+    let mut buf = [0u8; 55];
+    let mut w = &mut buf[..];
+    let written = write!(
+        w,
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    );
+    let value = written
+        .ok()
+        .and_then(|()| http::HeaderValue::from_bytes(&buf).ok());
+    if let Some(value) = value {
+        headers.insert(TRACEPARENT, crate::grpc::never_indexed(value));
+    }
+    let state = sc.trace_state().header();
+    if !state.is_empty() {
+        if let Ok(value) = http::HeaderValue::from_str(&state) {
+            headers.insert(TRACESTATE, crate::grpc::never_indexed(value));
+        }
+    }
 }
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
 
 /// `(service, method)` of a gRPC path such as `/userguide.v1.UserGuideService/GetPoint`.
 pub fn rpc_names(path: &str) -> (&str, &str) {
@@ -405,5 +430,39 @@ mod tests {
             outgoing["traceparent"].is_sensitive(),
             "a trace id is new on every call: never indexed by HPACK"
         );
+    }
+
+    #[test]
+    fn a_forwarded_context_is_written_as_the_propagator_writes_it() {
+        let propagator = TraceContextPropagator::new();
+        for (flags, state) in [
+            (TraceFlags::default(), TraceState::default()),
+            (
+                TraceFlags::SAMPLED,
+                TraceState::from_key_value([("vendor", "x1")]).unwrap(),
+            ),
+        ] {
+            let sc = SpanContext::new(
+                TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736_u128),
+                SpanId::from(0x00f0_67aa_0ba9_02b7_u64),
+                flags,
+                true,
+                state,
+            );
+            let mut ours = http::HeaderMap::new();
+            inject_span_context(&sc, &mut ours);
+            let mut theirs = http::HeaderMap::new();
+            opentelemetry::propagation::TextMapPropagator::inject_context(
+                &propagator,
+                &opentelemetry::Context::new().with_remote_span_context(sc),
+                &mut HeaderInjector(&mut theirs),
+            );
+            assert_eq!(ours.get("traceparent"), theirs.get("traceparent"));
+            // The propagator writes an empty `tracestate` too; a header with nothing in it is
+            // left out (the W3C spec reads a missing one and an empty one alike).
+            let non_empty = theirs.get("tracestate").filter(|v| !v.is_empty());
+            assert_eq!(ours.get("tracestate"), non_empty);
+            assert!(ours["traceparent"].is_sensitive());
+        }
     }
 }

@@ -75,8 +75,8 @@ impl Attempt {
                 .insert("grpc-timeout", crate::grpc::timeout_value(left));
         }
         let (span, own) = match request.extensions_mut().remove::<CallTrace>() {
-            Some(CallTrace::Forward(cx)) => {
-                telemetry::inject_context(&cx, request.headers_mut());
+            Some(CallTrace::Forward(sc)) => {
+                telemetry::inject_span_context(&sc, request.headers_mut());
                 (None, false)
             }
             _ if number == 1 && !hedge => {

@@ -20,7 +20,7 @@
 
 use super::endpoint::Shared;
 use super::registry::Registry;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -90,12 +90,16 @@ fn judge(
             (samples >= config.min_samples).then(|| (e.clone(), ewma))
         })
         .collect();
-    above_since.retain(|addr, _| in_rotation.iter().any(|(e, _)| e.addr() == *addr));
+    let judged: HashSet<SocketAddr> = in_rotation.iter().map(|(e, _)| e.addr()).collect();
+    above_since.retain(|addr, _| judged.contains(addr));
     if in_rotation.len() < 2 {
         return Vec::new();
     }
-    let all: Vec<Duration> = in_rotation.iter().map(|(_, l)| *l).collect();
-    let fleet = config.threshold(median(all.clone()));
+    // Sorted once: each endpoint's "median of the others" is then read off by index, so a tick
+    // costs O(n log n) over the fleet, not a sort per endpoint.
+    let mut sorted: Vec<Duration> = in_rotation.iter().map(|(_, l)| *l).collect();
+    sorted.sort_unstable();
+    let fleet = config.threshold(median_of(&sorted, None));
     for e in endpoints {
         e.update_latency_threshold(fleet);
     }
@@ -108,13 +112,9 @@ fn judge(
     order.sort_by(|a, b| in_rotation[*b].1.cmp(&in_rotation[*a].1));
     for i in order {
         let (endpoint, latency) = &in_rotation[i];
-        let others: Vec<Duration> = all
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, l)| *l)
-            .collect();
-        let threshold = config.threshold(median(others));
+        // Any one of equal values may stand for this endpoint: the others are the same multiset.
+        let own = sorted.partition_point(|l| l < latency);
+        let threshold = config.threshold(median_of(&sorted, Some(own)));
         if *latency <= threshold {
             above_since.remove(&endpoint.addr());
             continue;
@@ -129,12 +129,18 @@ fn judge(
     verdicts
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    match v.len() {
+/// The median of `sorted` (ascending), leaving out the value at index `without` if given.
+fn median_of(sorted: &[Duration], without: Option<usize>) -> Duration {
+    let n = sorted.len() - usize::from(without.is_some_and(|k| k < sorted.len()));
+    // The i-th value once `without` is left out.
+    let at = |i: usize| match without {
+        Some(k) if i >= k => sorted[i + 1],
+        _ => sorted[i],
+    };
+    match n {
         0 => Duration::ZERO,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2,
+        n if n % 2 == 1 => at(n / 2),
+        n => (at(n / 2 - 1) + at(n / 2)) / 2,
     }
 }
 
@@ -217,6 +223,47 @@ mod tests {
         judge(&fleet, &config, &mut above, t1);
         assert!(judge(&fleet, &config, &mut above, t1 + config.window).is_empty());
         assert_eq!(fleet[0].snapshot().state, EndpointState::Ready);
+    }
+
+    #[test]
+    fn the_median_of_the_others_is_read_off_one_sort() {
+        fn naive(mut v: Vec<Duration>) -> Duration {
+            v.sort();
+            match v.len() {
+                0 => Duration::ZERO,
+                n if n % 2 == 1 => v[n / 2],
+                n => (v[n / 2 - 1] + v[n / 2]) / 2,
+            }
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for n in 1..40 {
+            let values: Vec<Duration> = (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    // Few distinct values, so that ties are common.
+                    Duration::from_millis(seed % 7)
+                })
+                .collect();
+            let mut sorted = values.clone();
+            sorted.sort_unstable();
+            assert_eq!(
+                median_of(&sorted, None),
+                naive(values.clone()),
+                "{values:?}"
+            );
+            for (i, v) in values.iter().enumerate() {
+                let mut others = values.clone();
+                others.remove(i);
+                let own = sorted.partition_point(|l| l < v);
+                assert_eq!(
+                    median_of(&sorted, Some(own)),
+                    naive(others),
+                    "{values:?} without {i}"
+                );
+            }
+        }
     }
 
     #[test]

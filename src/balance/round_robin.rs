@@ -6,10 +6,13 @@
 //! The turn is kept by address, not by position in the cache: the cache reorders its ready set
 //! whenever an endpoint is called and comes back, so "the next position" picks the same endpoint
 //! twice in a row about one time in three (and a hedge after a fast failure went back to the
-//! endpoint that had just failed).
+//! endpoint that had just failed). The addresses are kept in order beside the cache, so a turn
+//! looks up the next address rather than scanning the ready set: O(1) on a healthy fleet.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::hash::Hash;
+use std::ops::Bound;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tower::discover::{Change, Discover};
@@ -26,6 +29,8 @@ where
 {
     discover: D,
     services: ReadyCache<D::Key, D::Service, Req>,
+    /// Every endpoint's address, in order: the turn goes through them.
+    order: BTreeSet<D::Key>,
     /// The address chosen last: the next turn is the first ready one after it.
     last: Option<D::Key>,
     chosen: Option<usize>,
@@ -44,6 +49,7 @@ where
         Self {
             discover,
             services: ReadyCache::default(),
+            order: BTreeSet::new(),
             last: None,
             chosen: None,
             first: false,
@@ -76,8 +82,12 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         while let Poll::Ready(Some(change)) = Pin::new(&mut self.discover).poll_discover(cx) {
             match change.map_err(Into::into)? {
-                Change::Insert(key, svc) => self.services.push(key, svc),
+                Change::Insert(key, svc) => {
+                    self.order.insert(key.clone());
+                    self.services.push(key, svc);
+                }
                 Change::Remove(key) => {
+                    self.order.remove(&key);
                     self.services.evict(&key);
                 }
             }
@@ -85,26 +95,26 @@ where
         // A failed endpoint is evicted by the cache; endpoints here never fail readiness.
         let _ = self.services.poll_pending(cx);
         loop {
-            let ready = self.services.ready_len();
-            if ready == 0 {
+            if self.services.ready_len() == 0 {
                 return Poll::Pending;
             }
-            let key = |i| self.services.get_ready_index(i).map(|(k, _)| k);
-            let lowest = |candidates: &mut dyn Iterator<Item = usize>| {
-                candidates.min_by(|a, b| key(*a).cmp(&key(*b)))
+            let after = match (&self.last, self.first) {
+                (Some(last), false) => Bound::Excluded(last),
+                _ => Bound::Unbounded,
             };
-            let after_last = match (&self.last, self.first) {
-                (Some(last), false) => {
-                    lowest(&mut (0..ready).filter(|i| key(*i).is_some_and(|k| k > last)))
-                }
-                _ => None,
+            // Past the highest address, the turn wraps to the lowest. Only endpoints that are not
+            // ready are skipped, so a pick costs O(1) on a healthy fleet, not a scan of it.
+            let next = self
+                .order
+                .range((after, Bound::Unbounded))
+                .chain(&self.order)
+                .find_map(|key| self.services.get_ready(key).map(|(i, k, _)| (i, k.clone())));
+            let Some((index, chosen)) = next else {
+                return Poll::Pending;
             };
-            // Past the highest address, the turn wraps to the lowest.
-            let index = after_last.or_else(|| lowest(&mut (0..ready))).unwrap_or(0);
-            let chosen = key(index).cloned();
             if let Ok(true) = self.services.check_ready_index(cx, index) {
                 self.chosen = Some(index);
-                self.last = chosen;
+                self.last = Some(chosen);
                 return Poll::Ready(Ok(()));
             }
         }
@@ -142,6 +152,20 @@ mod tests {
             order.push(rr.ready().await.unwrap().call(()).await.unwrap());
         }
         assert_eq!(order, [0, 1, 2, 0, 1, 2, 0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_is_not_ready_loses_its_turn_to_the_next() {
+        let (busy, mut handle) = tower_test::mock::pair::<(), usize>();
+        handle.allow(0);
+        let mut services = numbered();
+        services[1] = tower::util::BoxService::new(busy);
+        let mut rr = RoundRobin::new(tower::discover::ServiceList::new(services));
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            order.push(rr.ready().await.unwrap().call(()).await.unwrap());
+        }
+        assert_eq!(order, [0, 2, 0, 2]);
     }
 
     #[tokio::test]

@@ -167,7 +167,7 @@ fn resident_bytes() -> u64 {
 }
 
 impl ScaleScenario {
-    fn cells(r: &ScaleRow) -> [String; 8] {
+    fn cells(r: &ScaleRow) -> [String; 9] {
         [
             r.endpoints.to_string(),
             format!("{:.0}", r.rps),
@@ -177,6 +177,12 @@ impl ScaleScenario {
             format!("{:.1} KiB", r.memory_kib_per_endpoint),
             format!("{:.0}", r.tower_rps),
             format!("{:.1}µs", r.tower_cpu_us_per_call),
+            // Both grow with the transport (each call alone on an idle connection); what
+            // meshlb adds on top is this ratio, and it must not grow with the fleet.
+            format!(
+                "{:.2}x",
+                r.cpu_us_per_call / r.tower_cpu_us_per_call.max(f64::MIN_POSITIVE)
+            ),
         ]
     }
 
@@ -185,7 +191,7 @@ impl ScaleScenario {
         let mut out = format!("\nscale ({})\n", self.setup);
         let _ = writeln!(
             out,
-            "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14}",
+            "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14} {:>12}",
             "endpoints",
             "calls/s",
             "p50",
@@ -193,14 +199,15 @@ impl ScaleScenario {
             "CPU per call",
             "memory/endpoint",
             "tower calls/s",
-            "tower CPU/call"
+            "tower CPU/call",
+            "CPU vs tower"
         );
         for r in &self.rows {
             let c = Self::cells(r);
             let _ = writeln!(
                 out,
-                "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14}",
-                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+                "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14} {:>12}",
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
             );
         }
         out
@@ -210,9 +217,9 @@ impl ScaleScenario {
     pub fn markdown(&self) -> String {
         let mut out = format!("### scale ({})\n\n", self.setup);
         out.push_str(
-            "| endpoints | calls/s | p50 | p99 | client CPU per call | memory per endpoint | tower p2c calls/s | tower p2c CPU per call |\n",
+            "| endpoints | calls/s | p50 | p99 | client CPU per call | memory per endpoint | tower p2c calls/s | tower p2c CPU per call | meshlb CPU vs tower's |\n",
         );
-        out.push_str("|---|---|---|---|---|---|---|---|\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|\n");
         for r in &self.rows {
             let _ = writeln!(out, "| {} |", Self::cells(r).join(" | "));
         }
