@@ -3,7 +3,8 @@
 //! OpenTelemetry and exported over OTLP/gRPC (batched, off the request path). The standard
 //! variables work: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
 //! `OTEL_TRACES_SAMPLER_ARG`. W3C Trace Context (`traceparent`, `tracestate`) crosses every hop in
-//! gRPC metadata: [`inject`] on the way out, [`extract`] on the way in.
+//! gRPC metadata: [`inject`] on the way out ([`inject_span_context`] for a call that is not
+//! sampled and has no span), [`extract`] on the way in.
 //!
 //! Knows nothing of what is traced; the balancer and the replica open their own spans.
 
@@ -361,6 +362,12 @@ pub fn decide_call() -> CallTrace {
 /// global lock, an OTel `Context`, or a `String` per header. Every unsampled call pays this.
 pub fn inject_span_context(sc: &SpanContext, headers: &mut http::HeaderMap) {
     use std::io::Write as _;
+    // Whatever an earlier hop or try left there belongs to another context.
+    headers.remove(TRACEPARENT);
+    headers.remove(TRACESTATE);
+    if !sc.is_valid() {
+        return;
+    }
     // "00-" 32 hex "-" 16 hex "-" 2 hex.
     let mut buf = [0u8; 55];
     let mut w = &mut buf[..];
@@ -369,7 +376,7 @@ pub fn inject_span_context(sc: &SpanContext, headers: &mut http::HeaderMap) {
         "00-{}-{}-{:02x}",
         sc.trace_id(),
         sc.span_id(),
-        sc.trace_flags().to_u8()
+        (sc.trace_flags() & TraceFlags::SAMPLED).to_u8()
     );
     let value = written
         .ok()
@@ -464,5 +471,27 @@ mod tests {
             assert_eq!(ours.get("tracestate"), non_empty);
             assert!(ours["traceparent"].is_sensitive());
         }
+    }
+
+    #[test]
+    fn a_forwarded_context_replaces_what_the_request_carried() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("traceparent", "00-stale".parse().unwrap());
+        headers.insert("tracestate", "old=1".parse().unwrap());
+        let sc = SpanContext::new(
+            TraceId::from(1_u128),
+            SpanId::from(2_u64),
+            TraceFlags::new(0xff),
+            true,
+            TraceState::default(),
+        );
+        inject_span_context(&sc, &mut headers);
+        assert_eq!(
+            headers["traceparent"], "00-00000000000000000000000000000001-0000000000000002-01",
+            "only the sampled flag is written"
+        );
+        assert!(headers.get("tracestate").is_none());
+        inject_span_context(&SpanContext::empty_context(), &mut headers);
+        assert!(headers.is_empty(), "an invalid context writes nothing");
     }
 }

@@ -131,6 +131,18 @@ pub struct EndpointCounters {
 }
 
 impl Shared {
+    /// What p2c compares: the peak-EWMA cost; nothing while the gate offers a probe, so that the
+    /// probe is sent at the next comparison (a copy of a call where it can be, costing no
+    /// caller) rather than starved behind the old peak. Read from the gate itself, not from the
+    /// endpoint's last `poll_ready`: an endpoint ejected while in the ready set is not polled
+    /// again until it is chosen.
+    pub(crate) fn cost(&self, now: Instant) -> Cost {
+        if self.gate.offers_probe() {
+            return Cost::NONE;
+        }
+        self.latency.cost(now)
+    }
+
     /// New shared state for an endpoint whose health `health` signals; starts its accrual task,
     /// which ends with it. Must run inside a tokio runtime.
     pub fn new(
@@ -421,11 +433,9 @@ impl Load for Endpoint {
 
     fn load(&self) -> Cost {
         if self.next_is_probe {
-            // The gate offers a probe: send it at the next comparison (it is a copy of a call
-            // where it can be, costing no caller), rather than starve it behind the old peak.
             return Cost::NONE;
         }
-        self.shared.latency.cost(Instant::now())
+        self.shared.cost(Instant::now())
     }
 }
 
@@ -589,6 +599,33 @@ mod tests {
         assert_eq!(shared.snapshot().state, EndpointState::Ejected);
     }
 
+    /// An endpoint ejected while it sat in the balancer's ready set is not polled again until it
+    /// is chosen; its cost alone must say that a probe is on offer, or the probe waits until
+    /// its old peak decays (seconds to a minute).
+    #[tokio::test(start_paused = true)]
+    async fn an_offered_probe_costs_nothing_before_the_endpoint_is_polled_again() {
+        let health = health::Gate::new();
+        health.set(Health::Serving);
+        let shared = Shared::new(
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            health,
+            AccrualConfig::default(),
+            EwmaConfig::default(),
+        );
+        shared.latency.start();
+        shared
+            .latency
+            .end(Duration::from_millis(200), Judged::Add, Instant::now());
+        let slow = shared.cost(Instant::now());
+        assert_ne!(slow, Cost::NONE);
+        shared.eject_for_latency(Duration::from_millis(10));
+        settle().await;
+        assert_eq!(shared.snapshot().state, EndpointState::EjectedLatency);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        settle().await;
+        assert_eq!(shared.cost(Instant::now()), Cost::NONE, "its probe's turn");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_probe_is_judged_by_when_it_was_answered_not_by_how_long_its_stream_ran() {
         let health = health::Gate::new();
@@ -607,6 +644,11 @@ mod tests {
         let mut cx = Context::from_waker(noop_waker_ref());
         assert_eq!(shared.gate.poll_admit(&mut cx), Poll::Ready(Admit::Probe));
         assert!(shared.gate.take_probe());
+        assert_ne!(
+            shared.cost(Instant::now()),
+            Cost::NONE,
+            "the probe is taken"
+        );
         shared.in_flight.fetch_add(1, Ordering::Relaxed);
         // A stream that ran 5 s, answered after 2 ms.
         let (ran, answered) = (Duration::from_secs(5), Duration::from_millis(2));

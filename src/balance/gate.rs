@@ -126,6 +126,14 @@ impl Gate {
         !self.probe_taken.swap(true, Ordering::AcqRel)
     }
 
+    /// Whether a probe is on offer and not yet taken. The balancer asks this of an endpoint that
+    /// sits in its ready set: tower's ready cache polls a ready endpoint again only once it is
+    /// chosen, so an endpoint ejected while it was ready (and too costly to be chosen) would
+    /// otherwise never see its probe's turn come, until its old cost decayed.
+    pub fn offers_probe(&self) -> bool {
+        matches!(self.ejection(), Ejection::Probe(_)) && !self.probe_taken.load(Ordering::Acquire)
+    }
+
     /// Whether it is offered to the balancer (serving and not ejected, probing or not).
     pub fn in_rotation(&self) -> bool {
         self.health.health() == Health::Serving && !matches!(self.ejection(), Ejection::Out(_))

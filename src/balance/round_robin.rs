@@ -7,7 +7,8 @@
 //! whenever an endpoint is called and comes back, so "the next position" picks the same endpoint
 //! twice in a row about one time in three (and a hedge after a fast failure went back to the
 //! endpoint that had just failed). The addresses are kept in order beside the cache, so a turn
-//! looks up the next address rather than scanning the ready set: O(1) on a healthy fleet.
+//! looks up the next address (O(log n), plus the endpoints that are not ready and are skipped)
+//! rather than scanning the whole ready set.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -109,13 +110,26 @@ where
                 .range((after, Bound::Unbounded))
                 .chain(&self.order)
                 .find_map(|key| self.services.get_ready(key).map(|(i, k, _)| (i, k.clone())));
-            let Some((index, chosen)) = next else {
+            // Every ready key is in `order`; should one not be, the cache's first still gets a
+            // turn rather than the caller waiting with no waker registered.
+            let found = next.or_else(|| {
+                let first = self.services.get_ready_index(0).map(|(k, _)| k.clone());
+                first.map(|k| (0, k))
+            });
+            let Some((index, chosen)) = found else {
                 return Poll::Pending;
             };
-            if let Ok(true) = self.services.check_ready_index(cx, index) {
-                self.chosen = Some(index);
-                self.last = Some(chosen);
-                return Poll::Ready(Ok(()));
+            match self.services.check_ready_index(cx, index) {
+                Ok(true) => {
+                    self.chosen = Some(index);
+                    self.last = Some(chosen);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(false) => {}
+                // The cache dropped it; later turns need not walk past it until discovery does.
+                Err(failed) => {
+                    self.order.remove(&failed.0);
+                }
             }
         }
     }

@@ -179,10 +179,12 @@ impl ScaleScenario {
             format!("{:.1}µs", r.tower_cpu_us_per_call),
             // Both grow with the transport (each call alone on an idle connection); what
             // meshlb adds on top is this ratio, and it must not grow with the fleet.
-            format!(
-                "{:.2}x",
-                r.cpu_us_per_call / r.tower_cpu_us_per_call.max(f64::MIN_POSITIVE)
-            ),
+            if r.tower_cpu_us_per_call > 0.0 {
+                format!("{:.2}x", r.cpu_us_per_call / r.tower_cpu_us_per_call)
+            } else {
+                // Not measured (off Unix the CPU time reads 0).
+                "–".to_owned()
+            },
         ]
     }
 
