@@ -599,19 +599,23 @@ mod tests {
         assert_eq!(shared.snapshot().state, EndpointState::Ejected);
     }
 
+    fn serving() -> Arc<Shared> {
+        let health = health::Gate::new();
+        health.set(Health::Serving);
+        Shared::new(
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            health,
+            AccrualConfig::default(),
+            EwmaConfig::default(),
+        )
+    }
+
     /// An endpoint ejected while it sat in the balancer's ready set is not polled again until it
     /// is chosen; its cost alone must say that a probe is on offer, or the probe waits until
     /// its old peak decays (seconds to a minute).
     #[tokio::test(start_paused = true)]
     async fn an_offered_probe_costs_nothing_before_the_endpoint_is_polled_again() {
-        let health = health::Gate::new();
-        health.set(Health::Serving);
-        let shared = Shared::new(
-            SocketAddr::from(([127, 0, 0, 1], 1)),
-            health,
-            AccrualConfig::default(),
-            EwmaConfig::default(),
-        );
+        let shared = serving();
         shared.latency.start();
         shared
             .latency
@@ -628,14 +632,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_is_judged_by_when_it_was_answered_not_by_how_long_its_stream_ran() {
-        let health = health::Gate::new();
-        health.set(Health::Serving);
-        let shared = Shared::new(
-            SocketAddr::from(([127, 0, 0, 1], 1)),
-            health,
-            AccrualConfig::default(),
-            EwmaConfig::default(),
-        );
+        let shared = serving();
         shared.eject_for_latency(Duration::from_millis(10));
         settle().await;
         assert_eq!(shared.snapshot().state, EndpointState::EjectedLatency);
