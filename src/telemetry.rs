@@ -362,10 +362,11 @@ pub fn decide_call() -> CallTrace {
 /// global lock, an OTel `Context`, or a `String` per header. Every unsampled call pays this.
 pub fn inject_span_context(sc: &SpanContext, headers: &mut http::HeaderMap) {
     use std::io::Write as _;
-    // Whatever an earlier hop or try left there belongs to another context.
-    headers.remove(TRACEPARENT);
-    headers.remove(TRACESTATE);
+    // Whatever an earlier hop or try left there belongs to another context: each header is
+    // replaced, or removed where there is nothing to write.
     if !sc.is_valid() {
+        headers.remove(TRACEPARENT);
+        headers.remove(TRACESTATE);
         return;
     }
     // "00-" 32 hex "-" 16 hex "-" 2 hex.
@@ -381,15 +382,17 @@ pub fn inject_span_context(sc: &SpanContext, headers: &mut http::HeaderMap) {
     let value = written
         .ok()
         .and_then(|()| http::HeaderValue::from_bytes(&buf).ok());
-    if let Some(value) = value {
-        headers.insert(TRACEPARENT, crate::grpc::never_indexed(value));
-    }
+    match value {
+        Some(value) => headers.insert(TRACEPARENT, crate::grpc::never_indexed(value)),
+        None => headers.remove(TRACEPARENT),
+    };
     let state = sc.trace_state().header();
-    if !state.is_empty() {
-        if let Ok(value) = http::HeaderValue::from_str(&state) {
-            headers.insert(TRACESTATE, crate::grpc::never_indexed(value));
+    match http::HeaderValue::from_str(&state) {
+        Ok(value) if !state.is_empty() => {
+            headers.insert(TRACESTATE, crate::grpc::never_indexed(value))
         }
-    }
+        _ => headers.remove(TRACESTATE),
+    };
 }
 
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");

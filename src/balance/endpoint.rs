@@ -432,9 +432,6 @@ impl Load for Endpoint {
     type Metric = Cost;
 
     fn load(&self) -> Cost {
-        if self.next_is_probe {
-            return Cost::NONE;
-        }
         self.shared.cost(Instant::now())
     }
 }

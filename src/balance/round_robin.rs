@@ -103,19 +103,19 @@ where
                 (Some(last), false) => Bound::Excluded(last),
                 _ => Bound::Unbounded,
             };
-            // Past the highest address, the turn wraps to the lowest. Only endpoints that are not
-            // ready are skipped, so a pick costs O(1) on a healthy fleet, not a scan of it.
-            let next = self
+            // Past the highest address, the turn wraps to the lowest; only endpoints that are not
+            // ready are walked past. Every ready key is in `order`; should one not be, the
+            // cache's first still gets a turn rather than the caller waiting with no waker.
+            let found = self
                 .order
                 .range((after, Bound::Unbounded))
                 .chain(&self.order)
-                .find_map(|key| self.services.get_ready(key).map(|(i, k, _)| (i, k.clone())));
-            // Every ready key is in `order`; should one not be, the cache's first still gets a
-            // turn rather than the caller waiting with no waker registered.
-            let found = next.or_else(|| {
-                let first = self.services.get_ready_index(0).map(|(k, _)| k.clone());
-                first.map(|k| (0, k))
-            });
+                .find_map(|key| self.services.get_ready(key).map(|(i, k, _)| (i, k.clone())))
+                .or_else(|| {
+                    self.services
+                        .get_ready_index(0)
+                        .map(|(k, _)| (0, k.clone()))
+                });
             let Some((index, chosen)) = found else {
                 return Poll::Pending;
             };
