@@ -19,7 +19,7 @@ use crate::backoff::Backoff;
 use crate::tls::Connector;
 use http::uri::{Authority, Scheme};
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -284,6 +284,23 @@ async fn drive(slot: Weak<Slot>, addr: SocketAddr, settings: Settings) {
     }
 }
 
+/// Spawns hyper's per-call tasks (the one that waits for an answer, the one that sends a body)
+/// boxed. hyper's future type for them is an enum whose largest variant is the whole connection,
+/// several kilobytes: spawned as it is, every call would copy that into the task several times
+/// and allocate a task of that size (tonic's executor boxes them too).
+#[derive(Clone, Copy)]
+struct Boxed;
+
+impl<F> hyper::rt::Executor<F> for Boxed
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(Box::pin(future));
+    }
+}
+
 type Handshake = (
     SendRequest<Body>,
     Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>,
@@ -295,7 +312,7 @@ async fn connect(addr: SocketAddr, settings: &Settings) -> Result<Handshake, Con
         .await
         .map_err(fail("tcp connect error"))?;
     tcp.set_nodelay(true).map_err(fail("tcp connect error"))?;
-    let mut http2 = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    let mut http2 = hyper::client::conn::http2::Builder::new(Boxed);
     http2
         .timer(TokioTimer::new())
         .keep_alive_interval(settings.keepalive_interval)

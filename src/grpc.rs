@@ -10,9 +10,13 @@ use tonic::Code;
 #[error("malformed grpc-timeout {0:?}: expected 1 to 8 digits and a unit (H, M, S, m, u or n)")]
 pub struct MalformedTimeout(pub String);
 
+/// The `grpc-timeout` header's name. A constant, because a name made from a string at run time
+/// is parsed, and (not being one of HTTP's standard names) copied, on every call.
+pub const TIMEOUT_HEADER: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 /// Parses a `grpc-timeout` header: `None` when there is none.
 pub fn timeout(headers: &http::HeaderMap) -> Result<Option<Duration>, MalformedTimeout> {
-    let Some(raw) = headers.get("grpc-timeout") else {
+    let Some(raw) = headers.get(TIMEOUT_HEADER) else {
         return Ok(None);
     };
     let malformed = || {
@@ -50,9 +54,17 @@ pub fn bounded(input: &str, max: usize) -> String {
 
 /// Encodes a `grpc-timeout` header value, in milliseconds (at least 1).
 pub fn timeout_value(left: Duration) -> http::HeaderValue {
-    let millis = left.as_millis().clamp(1, 99_999_999);
+    let mut millis = left.as_millis().clamp(1, 99_999_999);
+    // At most 8 digits and the unit, written from the right (no formatter on the call path).
+    let mut text = [b'm'; 9];
+    let mut start = 8;
+    while millis > 0 {
+        start -= 1;
+        text[start] = b'0' + (millis % 10) as u8;
+        millis /= 10;
+    }
     // Digits and one ASCII letter are always a valid header value.
-    let value = http::HeaderValue::from_str(&format!("{millis}m"))
+    let value = http::HeaderValue::from_bytes(&text[start..])
         .unwrap_or(http::HeaderValue::from_static("1m"));
     never_indexed(value)
 }
@@ -67,6 +79,12 @@ pub fn never_indexed(mut value: http::HeaderValue) -> http::HeaderValue {
     value
 }
 
+/// The header of a server's pushback.
+pub const PUSHBACK_HEADER: http::HeaderName =
+    http::HeaderName::from_static("grpc-retry-pushback-ms");
+/// The header of a call's status.
+pub const STATUS_HEADER: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// A server's `grpc-retry-pushback-ms` (gRPC's retry design, A6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushback {
@@ -79,7 +97,7 @@ pub enum Pushback {
 impl Pushback {
     /// The pushback an answer's headers (or trailers) carry, if any.
     pub fn of(headers: &http::HeaderMap) -> Option<Self> {
-        let value = headers.get("grpc-retry-pushback-ms")?;
+        let value = headers.get(PUSHBACK_HEADER)?;
         Some(
             match value
                 .to_str()
@@ -212,6 +230,13 @@ mod tests {
         assert_eq!(timeout(&h), Ok(Some(Duration::from_millis(250))));
         h.insert("grpc-timeout", timeout_value(Duration::ZERO));
         assert_eq!(timeout(&h), Ok(Some(Duration::from_millis(1))));
+        for millis in [1, 9, 10, 99, 100, 1234, 10_000, 98_765_432, 99_999_999] {
+            let value = timeout_value(Duration::from_millis(millis));
+            assert_eq!(value, format!("{millis}m").as_str());
+        }
+        // Eight digits at most, as the spec allows: a longer wait is sent as the longest.
+        let value = timeout_value(Duration::from_secs(10 * 86_400 * 365));
+        assert_eq!(value, "99999999m");
     }
 
     #[test]

@@ -29,7 +29,10 @@ use tracing::Instrument;
 /// Tries, each through the balancer's buffer.
 #[derive(Clone)]
 pub struct Attempt {
-    buffer: Buffered,
+    /// Every layer above clones its inner service on every call (tower's retry keeps one for
+    /// the next try); a clone of a buffer handle allocates, a clone of this `Arc` does not. Each
+    /// try takes its own handle, once.
+    buffer: Arc<Buffered>,
     /// Where successful tries' latencies go, and at which quantile, for adaptive hedging.
     latency: Option<(Arc<LatencyWindow>, f64)>,
 }
@@ -41,7 +44,10 @@ impl Attempt {
             HedgeDelay::Quantile { quantile, .. } => Some((latency, quantile)),
             _ => None,
         };
-        Self { buffer, latency }
+        Self {
+            buffer: Arc::new(buffer),
+            latency,
+        }
     }
 }
 
@@ -70,9 +76,10 @@ impl Attempt {
         });
         if let Some(Expires(expires)) = request.extensions().get::<Expires>().copied() {
             let left = expires.saturating_duration_since(tokio::time::Instant::now());
-            request
-                .headers_mut()
-                .insert("grpc-timeout", crate::grpc::timeout_value(left));
+            request.headers_mut().insert(
+                crate::grpc::TIMEOUT_HEADER,
+                crate::grpc::timeout_value(left),
+            );
         }
         let (span, own) = match request.extensions_mut().remove::<CallTrace>() {
             Some(CallTrace::Forward(sc)) => {
@@ -91,7 +98,7 @@ impl Attempt {
             }
         };
         let started = tokio::time::Instant::now();
-        let mut buffer = self.buffer;
+        let mut buffer = Buffered::clone(&self.buffer);
         let send = async {
             let mut request = request;
             loop {

@@ -36,7 +36,7 @@ pub enum Outcome {
 impl Outcome {
     /// The outcome named by a `grpc-status` header or trailer, if there is one.
     pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
-        let status = headers.get("grpc-status")?;
+        let status = headers.get(crate::grpc::STATUS_HEADER)?;
         let code = status
             .to_str()
             .ok()

@@ -64,8 +64,10 @@ pub fn copy_of(request: &http::Request<Body>) -> Option<http::Request<Body>> {
     *copy.headers_mut() = request.headers().clone();
     // The probe's own time, not what its caller had left: a probe cut short by the caller's
     // deadline would prove nothing.
-    copy.headers_mut()
-        .insert("grpc-timeout", crate::grpc::timeout_value(PROBE_LIMIT));
+    copy.headers_mut().insert(
+        crate::grpc::TIMEOUT_HEADER,
+        crate::grpc::timeout_value(PROBE_LIMIT),
+    );
     Some(copy)
 }
 

@@ -17,7 +17,7 @@ use super::hedge::HedgeConfig;
 use super::live_config::LiveConfig;
 use super::probe::Duplicable;
 use bytes::{Buf, Bytes, BytesMut};
-use futures::future::{BoxFuture, Either};
+use futures::future::Either;
 use http_body::{Body as _, Frame};
 use http_body_util::Full;
 use std::pin::Pin;
@@ -85,15 +85,11 @@ impl Settings {
 
 impl<S> Service<http::Request<Body>> for Replay<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = BoxError>,
 {
     type Response = http::Response<Body>;
     type Error = BoxError;
-    type Future = Either<S::Future, BoxFuture<'static, Result<http::Response<Body>, BoxError>>>;
+    type Future = Either<S::Future, std::future::Ready<Result<http::Response<Body>, BoxError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -103,25 +99,19 @@ where
         if !self.settings.keeps(request.uri().path()) {
             return Either::Left(self.inner.call(request));
         }
-        // The ready service goes with the call; a clone stays for the next one.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let limit = self.settings.limit;
-        Either::Right(Box::pin(async move {
-            let (parts, body) = request.into_parts();
-            let request = match read(body, limit).await {
-                Ok(Request::Kept(bytes)) => {
-                    let mut request =
-                        http::Request::from_parts(parts, Body::new(Full::new(bytes.clone())));
-                    request.extensions_mut().insert(Duplicable(bytes));
-                    request
-                }
-                // Still being written, or too big to keep: one try, as it comes.
-                Ok(Request::Once(body)) => http::Request::from_parts(parts, body),
-                Err(status) => return Ok(status.into_http()),
-            };
-            inner.call(request).await
-        }))
+        let (parts, body) = request.into_parts();
+        let request = match read(body, self.settings.limit) {
+            Ok(Request::Kept(bytes)) => {
+                let mut request =
+                    http::Request::from_parts(parts, Body::new(Full::new(bytes.clone())));
+                request.extensions_mut().insert(Duplicable(bytes));
+                request
+            }
+            // Still being written, or too big to keep: one try, as it comes.
+            Ok(Request::Once(body)) => http::Request::from_parts(parts, body),
+            Err(status) => return Either::Right(std::future::ready(Ok(status.into_http()))),
+        };
+        Either::Left(self.inner.call(request))
     }
 }
 
@@ -148,43 +138,69 @@ pub enum Request {
     Once(Body),
 }
 
-/// Reads what `body` holds right now, without waiting for more.
-pub async fn read(mut body: Body, limit: usize) -> Result<Request, tonic::Status> {
-    let mut kept = BytesMut::new();
-    std::future::poll_fn(move |cx| loop {
-        match Pin::new(&mut body).poll_frame(cx) {
-            Poll::Ready(None) => return Poll::Ready(Ok(Request::Kept(kept.split().freeze()))),
-            Poll::Ready(Some(Err(status))) => return Poll::Ready(Err(status)),
+/// Reads what `body` holds right now, without waiting for more. Polled with a waker that does
+/// nothing: it never waits, and whoever polls the rest of the body (hyper) registers its own.
+pub fn read(mut body: Body, limit: usize) -> Result<Request, tonic::Status> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut kept = Kept::default();
+    loop {
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(None) => return Ok(Request::Kept(kept.take())),
+            Poll::Ready(Some(Err(status))) => return Err(status),
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(mut data) => {
-                    kept.extend_from_slice(&data.copy_to_bytes(data.remaining()));
+                    kept.push(data.copy_to_bytes(data.remaining()));
                     if kept.len() > limit {
-                        return Poll::Ready(Ok(Request::Once(resumed(&mut kept, &mut body))));
+                        return Ok(Request::Once(resumed(kept.take(), None, body)));
                     }
                 }
                 // gRPC requests carry no trailers; a body that sends some is passed on as is.
-                Err(frame) => {
-                    let rest = std::mem::replace(&mut body, Body::empty());
-                    let body = Resumed {
-                        prefix: Some(kept.split().freeze()),
-                        pending: Some(frame),
-                        rest,
-                    };
-                    return Poll::Ready(Ok(Request::Once(Body::new(body))));
-                }
+                Err(frame) => return Ok(Request::Once(resumed(kept.take(), Some(frame), body))),
             },
             // The caller has not written the rest yet: this call is not tried again.
-            Poll::Pending => return Poll::Ready(Ok(Request::Once(resumed(&mut kept, &mut body)))),
+            Poll::Pending => return Ok(Request::Once(resumed(kept.take(), None, body))),
         }
-    })
-    .await
+    }
 }
 
-fn resumed(kept: &mut BytesMut, body: &mut Body) -> Body {
+/// The frames read so far. A unary request is one frame, kept as it came (no copy); only a
+/// second frame makes a buffer.
+#[derive(Default)]
+struct Kept {
+    first: Bytes,
+    more: Option<BytesMut>,
+}
+
+impl Kept {
+    fn push(&mut self, data: Bytes) {
+        match &mut self.more {
+            Some(more) => more.extend_from_slice(&data),
+            None if self.first.is_empty() => self.first = data,
+            None => {
+                let mut more = BytesMut::from(std::mem::take(&mut self.first));
+                more.extend_from_slice(&data);
+                self.more = Some(more);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.more.as_ref().map_or(self.first.len(), BytesMut::len)
+    }
+
+    fn take(&mut self) -> Bytes {
+        match self.more.take() {
+            Some(more) => more.freeze(),
+            None => std::mem::take(&mut self.first),
+        }
+    }
+}
+
+fn resumed(prefix: Bytes, pending: Option<Frame<Bytes>>, rest: Body) -> Body {
     Body::new(Resumed {
-        prefix: Some(kept.split().freeze()),
-        pending: None,
-        rest: std::mem::replace(body, Body::empty()),
+        prefix: Some(prefix),
+        pending,
+        rest,
     })
 }
 
@@ -236,8 +252,21 @@ mod tests {
     #[tokio::test]
     async fn a_request_written_in_full_is_kept() {
         let body = Body::new(http_body_util::Full::new(Bytes::from_static(b"hello")));
-        match read(body, 16).await.unwrap() {
+        match read(body, 16).unwrap() {
             Request::Kept(bytes) => assert_eq!(bytes, "hello"),
+            Request::Once(_) => panic!("a complete body within the limit is kept"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_written_in_several_frames_is_kept_whole() {
+        let (tx, body) = streamed();
+        for part in ["one ", "two ", "three"] {
+            tx.send(Bytes::from_static(part.as_bytes())).await.unwrap();
+        }
+        drop(tx);
+        match read(body, 64).unwrap() {
+            Request::Kept(bytes) => assert_eq!(bytes, "one two three"),
             Request::Once(_) => panic!("a complete body within the limit is kept"),
         }
     }
@@ -246,7 +275,7 @@ mod tests {
     async fn a_request_still_being_written_is_sent_once_and_whole() {
         let (tx, body) = streamed();
         tx.send(Bytes::from_static(b"first ")).await.unwrap();
-        let Request::Once(body) = read(body, 1024).await.unwrap() else {
+        let Request::Once(body) = read(body, 1024).unwrap() else {
             panic!("a body whose caller has not finished is not kept");
         };
         // The caller goes on writing after the call has started.
@@ -259,7 +288,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_over_the_limit_is_sent_once_and_whole() {
         let body = Body::new(http_body_util::Full::new(Bytes::from(vec![7u8; 100])));
-        let Request::Once(body) = read(body, 10).await.unwrap() else {
+        let Request::Once(body) = read(body, 10).unwrap() else {
             panic!("a body over the limit is not kept");
         };
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 100);

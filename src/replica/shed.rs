@@ -27,7 +27,7 @@ pub const FIRST_PUSHBACK: Duration = Duration::from_millis(20);
 pub const MAX_PUSHBACK: Duration = Duration::from_secs(1);
 
 /// The trailer gRPC's retry design (A6) uses for server pushback.
-pub const PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
+pub use crate::grpc::PUSHBACK_HEADER;
 
 /// Paths never shed.
 const NEVER_SHED: &str = "/grpc.health.v1.Health/";
@@ -139,7 +139,7 @@ mod tests {
         let refused = shed.admit("/a.B/C").unwrap_err().into_response();
         let status = tonic::Status::from_header_map(refused.headers()).unwrap();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert_eq!(refused.headers()[PUSHBACK_HEADER], "20");
+        assert_eq!(refused.headers()[&PUSHBACK_HEADER], "20");
         assert!(shed.admit("/grpc.health.v1.Health/Check").is_ok());
         // Held 40 ms: the pushback follows how long slots are held.
         tokio::time::advance(Duration::from_millis(40)).await;

@@ -329,7 +329,7 @@ async fn calls_beyond_the_limit_are_shed_with_pushback_and_health_still_answers(
     .await;
     let pushback: u64 = shed
         .metadata()
-        .get(meshlb::replica::shed::PUSHBACK_HEADER)
+        .get(meshlb::replica::shed::PUSHBACK_HEADER.as_str())
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("a pushback: {shed:?}"));
