@@ -251,10 +251,9 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         // The plan first: a call that is not hedged is not copied.
-        let Some(plan) = self.shared.plan(request.uri().path()) else {
-            return Either::Left(self.inner.call(request));
-        };
-        let Some(mut copy) = replay::copy(&request) else {
+        let planned = self.shared.plan(request.uri().path());
+        let Some((plan, mut copy)) = planned.and_then(|p| Some((p, replay::copy(&request)?)))
+        else {
             return Either::Left(self.inner.call(request));
         };
         let number = request.extensions().get::<Try>().map_or(1, |t| t.number);
