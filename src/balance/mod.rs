@@ -196,6 +196,7 @@ pub struct Builder {
     max_in_flight: usize,
     metrics: Option<Metrics>,
     discovery: Option<CustomDiscovery>,
+    subset: Option<usize>,
 }
 
 /// A discovery stream handed to the builder, taken by the first balancer built from it.
@@ -222,6 +223,16 @@ impl Builder {
         self.discovery = Some(CustomDiscovery(Arc::new(std::sync::Mutex::new(Some(
             Box::pin(changes),
         )))));
+        self
+    }
+
+    /// Connect to at most `size` of the discovered endpoints, a subset of its own chosen by
+    /// rendezvous hashing (gRPC's `random_subsetting`; see [`crate::discovery::subset`]): a
+    /// client's connections and per-call cost then stay bounded however large the fleet grows,
+    /// and across many clients every endpoint gets about the same share. Set here, it wins over
+    /// the service config's `subsetSize`. Off by default: every endpoint is used.
+    pub fn subset(mut self, size: usize) -> Self {
+        self.subset = Some(size.max(1));
         self
     }
 
@@ -425,6 +436,7 @@ impl Builder {
             health,
             accrual: self.accrual,
             ewma: self.ewma,
+            subset: self.subset.or(self.call.service_config.subset_size),
         };
         let manager = tokio::spawn(registry::manage(discovery, registry.clone(), settings, tx));
 
@@ -538,6 +550,7 @@ impl Balancer {
             max_in_flight: limit::DEFAULT_MAX_IN_FLIGHT,
             metrics: None,
             discovery: None,
+            subset: None,
         }
     }
 

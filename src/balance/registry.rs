@@ -7,6 +7,7 @@ use super::accrual::AccrualConfig;
 use super::endpoint::{Endpoint, EndpointSnapshot, EndpointState, Shared};
 use super::latency::EwmaConfig;
 use super::unavailable::{Reason, Unavailable};
+use crate::discovery::subset::Subset;
 use crate::discovery::{Discovery, Update};
 use crate::health::{self, HealthConfig};
 use std::collections::BTreeMap;
@@ -319,10 +320,13 @@ pub struct EndpointSettings {
     pub accrual: AccrualConfig,
     /// The latency estimate p2c balances by.
     pub ewma: EwmaConfig,
+    /// Connect to at most this many of the discovered addresses (none: to every one).
+    pub subset: Option<usize>,
 }
 
-/// Consumes discovery updates until the balancer goes away: connects to each new address,
-/// starts its health watch, registers it and hands it to the balancer.
+/// Consumes discovery updates until the balancer goes away: keeps the subset's addresses (every
+/// address without one), connects to each new one, starts its health watch, registers it and
+/// hands it to the balancer.
 pub async fn manage(
     mut discovery: Discovery,
     registry: Arc<Registry>,
@@ -333,7 +337,30 @@ pub async fn manage(
         .counters
         .dns_errors
         .set(discovery.stats.failures.clone());
+    let mut subset = settings.subset.map(Subset::new);
     while let Some(update) = discovery.updates.recv().await {
+        let updates = match &mut subset {
+            Some(subset) => subset.apply(update),
+            None => vec![update],
+        };
+        for update in updates {
+            if !hand_on(update, &discovery, &registry, &settings, &to_balancer) {
+                return;
+            }
+        }
+    }
+}
+
+/// Turns one address change into an endpoint change for the balancer; false once the balancer
+/// is gone.
+fn hand_on(
+    update: Update,
+    discovery: &Discovery,
+    registry: &Registry,
+    settings: &EndpointSettings,
+    to_balancer: &mpsc::UnboundedSender<Change<SocketAddr, Endpoint>>,
+) -> bool {
+    {
         let change = match update {
             Update::Insert(addr, ()) => {
                 let channel = connect(addr, &settings.connect);
@@ -352,17 +379,15 @@ pub async fn manage(
                 // The balancer hears of the removal first (it reads its queue before every
                 // choice), so an endpoint gone from `endpoints()` is never chosen again.
                 if to_balancer.send(Change::Remove(addr)).is_err() {
-                    return;
+                    return false;
                 }
                 registry.remove(&addr);
                 registry.counters.removed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%addr, "endpoint removed");
-                continue;
+                return true;
             }
         };
-        if to_balancer.send(change).is_err() {
-            return;
-        }
+        to_balancer.send(change).is_ok()
     }
 }
 

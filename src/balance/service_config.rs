@@ -11,7 +11,9 @@
 //! - `retryThrottling` (`maxTokens`, `tokenRatio`).
 //! - `loadBalancingConfig[]`: the first policy this balancer knows of `round_robin`,
 //!   `pick_first` and `meshlb_p2c` (whose config holds the outlier-ejection settings); the older
-//!   `loadBalancingPolicy` string too.
+//!   `loadBalancingPolicy` string too. `random_subsetting` (gRFC A68; grpc-go's
+//!   `random_subsetting_experimental`) wraps one of them: `subsetSize` (default 20) and
+//!   `childPolicy[]`, the policy over the subset.
 //!
 //! A config that does not follow the spec is an error naming the field
 //! (`methodConfig[0].retryPolicy.maxAttempts: must be at least 2`); unknown fields are errors
@@ -34,6 +36,9 @@ pub struct ServiceConfig {
     pub retry_throttling: Option<RetryThrottling>,
     /// The balancing policy, if the config chooses one.
     pub load_balancing: Option<LoadBalancing>,
+    /// `random_subsetting`'s `subsetSize`: connect to at most this many of the discovered
+    /// addresses ([`crate::discovery::subset`]).
+    pub subset_size: Option<usize>,
     /// `healthCheckConfig.serviceName`: the grpc.health.v1 service each endpoint is watched for.
     pub health_check_service: Option<String>,
 }
@@ -186,7 +191,9 @@ impl ServiceConfig {
             config.retry_throttling = Some(throttling(t, "retryThrottling")?);
         }
         if let Some(lb) = root.get("loadBalancingConfig") {
-            config.load_balancing = Some(load_balancing(lb, "loadBalancingConfig")?);
+            let (policy, subset) = load_balancing(lb, "loadBalancingConfig", true)?;
+            config.load_balancing = Some(policy);
+            config.subset_size = subset;
         } else if let Some(policy) = root.get("loadBalancingPolicy") {
             let field = "loadBalancingPolicy";
             config.load_balancing =
@@ -498,7 +505,13 @@ fn throttling(value: &Value, field: &str) -> Result<RetryThrottling, ServiceConf
     })
 }
 
-fn load_balancing(value: &Value, field: &str) -> Result<LoadBalancing, ServiceConfigError> {
+/// The first policy named that this balancer knows, and the subset size when it is wrapped in
+/// `random_subsetting` (which may not wrap itself).
+fn load_balancing(
+    value: &Value,
+    field: &str,
+    may_subset: bool,
+) -> Result<(LoadBalancing, Option<usize>), ServiceConfigError> {
     let choices = array(value, field)?;
     for (i, choice) in choices.iter().enumerate() {
         let at = format!("{field}[{i}]");
@@ -513,13 +526,16 @@ fn load_balancing(value: &Value, field: &str) -> Result<LoadBalancing, ServiceCo
         match name.as_str() {
             "round_robin" => {
                 object(config, &at, &[])?;
-                return Ok(LoadBalancing::RoundRobin);
+                return Ok((LoadBalancing::RoundRobin, None));
             }
             "pick_first" => {
                 object(config, &at, &["shuffleAddressList"])?;
-                return Ok(LoadBalancing::PickFirst);
+                return Ok((LoadBalancing::PickFirst, None));
             }
-            "meshlb_p2c" => return Ok(LoadBalancing::P2c(p2c(config, &at)?)),
+            "meshlb_p2c" => return Ok((LoadBalancing::P2c(p2c(config, &at)?), None)),
+            "random_subsetting" | "random_subsetting_experimental" if may_subset => {
+                return subsetting(config, &at);
+            }
             // Another implementation's policy: the next choice may be one of ours, as gRPC does.
             _ => continue,
         }
@@ -528,6 +544,30 @@ fn load_balancing(value: &Value, field: &str) -> Result<LoadBalancing, ServiceCo
         field,
         "names no policy this balancer knows (meshlb_p2c, round_robin, pick_first)",
     ))
+}
+
+fn subsetting(
+    value: &Value,
+    field: &str,
+) -> Result<(LoadBalancing, Option<usize>), ServiceConfigError> {
+    let map = object(value, field, &["subsetSize", "childPolicy"])?;
+    let size = match map.get("subsetSize") {
+        None => crate::discovery::subset::DEFAULT_SUBSET_SIZE,
+        Some(n) => {
+            let at = format!("{field}.subsetSize");
+            let n = number(n, &at)?;
+            if n.fract() != 0.0 || !(1.0..=u32::MAX as f64).contains(&n) {
+                return Err(error(&at, "must be a whole number, at least 1"));
+            }
+            n as usize
+        }
+    };
+    let at = format!("{field}.childPolicy");
+    let child = map
+        .get("childPolicy")
+        .ok_or_else(|| error(&at, "is required: the policy over the subset"))?;
+    let (policy, _) = load_balancing(child, &at, false)?;
+    Ok((policy, Some(size)))
 }
 
 fn p2c(value: &Value, field: &str) -> Result<OutlierConfig, ServiceConfigError> {
@@ -609,6 +649,26 @@ mod tests {
       "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.12345},
       "loadBalancingConfig": [{"weighted_target_experimental": {}}, {"meshlb_p2c": {"outlierEjection": {"factor": 4}}}]
     }"#;
+
+    #[test]
+    fn random_subsetting_wraps_a_policy_and_sizes_the_subset() {
+        let config = ServiceConfig::from_json(
+            r#"{"loadBalancingConfig": [{"random_subsetting": {"subsetSize": 7,
+                "childPolicy": [{"some_other": {}}, {"round_robin": {}}]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.load_balancing, Some(LoadBalancing::RoundRobin));
+        assert_eq!(config.subset_size, Some(7));
+        // grpc-go's name, and A68's default size.
+        let config = ServiceConfig::from_json(
+            r#"{"loadBalancingConfig": [{"random_subsetting_experimental":
+                {"childPolicy": [{"meshlb_p2c": {}}]}}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(config.load_balancing, Some(LoadBalancing::P2c(_))));
+        assert_eq!(config.subset_size, Some(20));
+        assert_eq!(ServiceConfig::from_json("{}").unwrap().subset_size, None);
+    }
 
     #[test]
     fn reads_every_part_and_picks_the_most_specific_name() {
@@ -754,6 +814,31 @@ mod tests {
                 r#"{"loadBalancingConfig": [{"grpclb": {}}]}"#,
                 "loadBalancingConfig",
                 "no policy",
+            ),
+            (
+                r#"{"loadBalancingConfig": [{"random_subsetting": {"subsetSize": 0, "childPolicy": [{"round_robin": {}}]}}]}"#,
+                "loadBalancingConfig[0].random_subsetting.subsetSize",
+                "whole number",
+            ),
+            (
+                r#"{"loadBalancingConfig": [{"random_subsetting": {"subsetSize": 2.5, "childPolicy": [{"round_robin": {}}]}}]}"#,
+                "loadBalancingConfig[0].random_subsetting.subsetSize",
+                "whole number",
+            ),
+            (
+                r#"{"loadBalancingConfig": [{"random_subsetting": {"subsetSize": 3}}]}"#,
+                "loadBalancingConfig[0].random_subsetting.childPolicy",
+                "is required",
+            ),
+            (
+                r#"{"loadBalancingConfig": [{"random_subsetting": {"childPolicy": [{"random_subsetting": {"childPolicy": [{"round_robin": {}}]}}]}}]}"#,
+                "loadBalancingConfig[0].random_subsetting.childPolicy",
+                "no policy",
+            ),
+            (
+                r#"{"loadBalancingConfig": [{"random_subsetting": {"childPolicy": [{"round_robin": {}}], "size": 3}}]}"#,
+                "loadBalancingConfig[0].random_subsetting.size",
+                "unknown",
             ),
             (
                 r#"{"loadBalancingConfig": [{"meshlb_p2c": {"outlierEjection": {"factor": 0.5}}}]}"#,

@@ -4,7 +4,8 @@
 //! balancer connects and watches every endpoint, divided by their number). Beside it, at each
 //! size, the hand-rolled tower p2c (`PeakEwmaDiscover` over tonic channels) under the same load:
 //! how much of the growth is the transport's (more connections, each call alone on one) and how
-//! much meshlb's.
+//! much meshlb's. Then the 300 again through subsets of 20 (gRPC's default subset size) and of 3
+//! (`random_subsetting`): what a client pays when it connects to a bounded part of the fleet.
 //!
 //! Knows the load generator and the fleet; nothing of how the figures are judged.
 
@@ -22,22 +23,28 @@ use std::time::Duration;
 /// The fleet sizes measured.
 pub const SIZES: [usize; 4] = [3, 30, 100, 300];
 
+/// The subset sizes measured over the largest fleet.
+pub const SUBSETS: [usize; 2] = [20, 3];
+
 /// One fleet size.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScaleRow {
-    /// Endpoints in the balancer.
+    /// Endpoints discovered.
     pub endpoints: usize,
+    /// The subset the balancer connected to, if it used one.
+    pub subset: Option<usize>,
     /// Calls per second (median over rounds).
     pub rps: f64,
     /// Latency of the median round, ms.
     pub latency_ms: Latency,
     /// The client's CPU time per call (median over rounds).
     pub cpu_us_per_call: f64,
-    /// The hand-rolled tower p2c over the same endpoints: calls/s and CPU per call.
-    pub tower_rps: f64,
+    /// The hand-rolled tower p2c over the same endpoints: calls/s and CPU per call (not
+    /// measured for a subset: tower has none).
+    pub tower_rps: Option<f64>,
     /// Its CPU time per call, µs.
-    pub tower_cpu_us_per_call: f64,
-    /// The client's resident memory growth per endpoint once every endpoint is ready, KiB.
+    pub tower_cpu_us_per_call: Option<f64>,
+    /// The client's resident memory growth per connected endpoint once every one is ready, KiB.
     pub memory_kib_per_endpoint: f64,
 }
 
@@ -69,11 +76,7 @@ pub async fn run(
     let mut tower_alive = Vec::new();
     for n in SIZES {
         let before = resident_bytes();
-        let lb = Balancer::builder(crate::Target::Static(addrs[..n].to_vec()).to_string())
-            .health_service(crate::proto::USERGUIDE_SERVICE)
-            .service_config(crate::proto::USERGUIDE_SERVICE_CONFIG)?
-            .build()
-            .await?;
+        let lb = balancer(&addrs[..n], None)?;
         all_ready(&lb, n).await?;
         let memory = resident_bytes().saturating_sub(before) as f64 / 1024.0 / n as f64;
         let tower = super::tower_p2c(&addrs[..n], config)?;
@@ -85,22 +88,26 @@ pub async fn run(
             tower_rounds.push(measure(&tower, config).await);
         }
         tower_alive.push(tower);
-        let rps = median(rounds.iter().map(|r| r.0).collect());
-        let cpu = median(rounds.iter().map(|r| r.2).collect());
-        let latency = rounds
-            .iter()
-            .min_by(|a, b| (a.0 - rps).abs().total_cmp(&(b.0 - rps).abs()))
-            .map(|r| r.1)
-            .unwrap_or_default();
-        rows.push(ScaleRow {
-            endpoints: n,
-            rps,
-            latency_ms: latency,
-            cpu_us_per_call: cpu,
-            tower_rps: median(tower_rounds.iter().map(|r| r.0).collect()),
-            tower_cpu_us_per_call: median(tower_rounds.iter().map(|r| r.2).collect()),
-            memory_kib_per_endpoint: memory,
-        });
+        let mut row = row(n, None, &rounds, memory);
+        row.tower_rps = Some(median(tower_rounds.iter().map(|r| r.0).collect()));
+        row.tower_cpu_us_per_call = Some(median(tower_rounds.iter().map(|r| r.2).collect()));
+        rows.push(row);
+        alive.push(lb);
+    }
+    for size in SUBSETS {
+        let before = resident_bytes();
+        let lb = balancer(&addrs, Some(size))?;
+        all_ready(&lb, size).await?;
+        let memory = resident_bytes().saturating_sub(before) as f64 / 1024.0 / size as f64;
+        let mut rounds = Vec::new();
+        for round in 0..config.rounds {
+            progress(&format!(
+                "scale / {largest} endpoints, subset {size} / round {}",
+                round + 1
+            ));
+            rounds.push(measure(&lb, config).await);
+        }
+        rows.push(row(largest, Some(size), &rounds, memory));
         alive.push(lb);
     }
     drop(alive);
@@ -108,11 +115,47 @@ pub async fn run(
     let _ = fleet.drain(Duration::from_secs(20)).await;
     Ok(ScaleScenario {
         setup: format!(
-            "{} replicas with no latency, the balancer over the first 3, 30, 100 and 300; {} in flight",
-            largest, config.concurrency
+            "{} replicas with no latency, the balancer over the first 3, 30, 100 and 300, then over \
+             all {} through subsets of {} and {}; {} in flight",
+            largest, largest, SUBSETS[0], SUBSETS[1], config.concurrency
         ),
         rows,
     })
+}
+
+fn balancer(addrs: &[SocketAddr], subset: Option<usize>) -> anyhow::Result<Balancer> {
+    let mut builder = Balancer::builder(crate::Target::Static(addrs.to_vec()).to_string())
+        .health_service(crate::proto::USERGUIDE_SERVICE)
+        .service_config(crate::proto::USERGUIDE_SERVICE_CONFIG)?;
+    if let Some(size) = subset {
+        builder = builder.subset(size);
+    }
+    Ok(builder.build_lazy()?)
+}
+
+/// A row from a balancer's rounds: medians, and the latency of the round closest to the median.
+fn row(
+    endpoints: usize,
+    subset: Option<usize>,
+    rounds: &[(f64, Latency, f64)],
+    memory: f64,
+) -> ScaleRow {
+    let rps = median(rounds.iter().map(|r| r.0).collect());
+    let latency = rounds
+        .iter()
+        .min_by(|a, b| (a.0 - rps).abs().total_cmp(&(b.0 - rps).abs()))
+        .map(|r| r.1)
+        .unwrap_or_default();
+    ScaleRow {
+        endpoints,
+        subset,
+        rps,
+        latency_ms: latency,
+        cpu_us_per_call: median(rounds.iter().map(|r| r.2).collect()),
+        tower_rps: None,
+        tower_cpu_us_per_call: None,
+        memory_kib_per_endpoint: memory,
+    }
 }
 
 /// Waits until `n` endpoints are ready (connections made, health answered).
@@ -168,23 +211,25 @@ fn resident_bytes() -> u64 {
 
 impl ScaleScenario {
     fn cells(r: &ScaleRow) -> [String; 9] {
+        let tower = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or("–".into());
         [
-            r.endpoints.to_string(),
+            match r.subset {
+                Some(size) => format!("{} (subset {size})", r.endpoints),
+                None => r.endpoints.to_string(),
+            },
             format!("{:.0}", r.rps),
             ms(r.latency_ms.p50),
             ms(r.latency_ms.p99),
             format!("{:.1}µs", r.cpu_us_per_call),
             format!("{:.1} KiB", r.memory_kib_per_endpoint),
-            format!("{:.0}", r.tower_rps),
-            format!("{:.1}µs", r.tower_cpu_us_per_call),
+            tower(r.tower_rps, &|v| format!("{v:.0}")),
+            tower(r.tower_cpu_us_per_call, &|v| format!("{v:.1}µs")),
             // Both grow with the transport (each call alone on an idle connection); what
-            // meshlb adds on top is this ratio, and it must not grow with the fleet.
-            if r.tower_cpu_us_per_call > 0.0 {
-                format!("{:.2}x", r.cpu_us_per_call / r.tower_cpu_us_per_call)
-            } else {
-                // Not measured (off Unix the CPU time reads 0).
-                "–".to_owned()
-            },
+            // meshlb adds on top is this ratio, and it must not grow with the fleet. Not
+            // measured off Unix (the CPU time reads 0).
+            tower(r.tower_cpu_us_per_call.filter(|t| *t > 0.0), &|t| {
+                format!("{:.2}x", r.cpu_us_per_call / t)
+            }),
         ]
     }
 
@@ -193,7 +238,7 @@ impl ScaleScenario {
         let mut out = format!("\nscale ({})\n", self.setup);
         let _ = writeln!(
             out,
-            "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14} {:>12}",
+            "{:>18} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14} {:>12}",
             "endpoints",
             "calls/s",
             "p50",
@@ -208,7 +253,7 @@ impl ScaleScenario {
             let c = Self::cells(r);
             let _ = writeln!(
                 out,
-                "{:>9} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14} {:>12}",
+                "{:>18} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14} {:>12}",
                 c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
             );
         }

@@ -66,6 +66,10 @@ pub struct ServiceConfigArgs {
     /// `_grpc_config.HOST`; while it has none for this client, --service-config's is in force.
     #[arg(long, env = "MESHLB_DNS_SERVICE_CONFIG")]
     pub dns_service_config: bool,
+    /// Connect to at most N of the discovered endpoints, a subset of this client's own (gRPC's
+    /// random_subsetting); wins over the service config's subsetSize. Default: every endpoint.
+    #[arg(long, env = "MESHLB_SUBSET", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub subset: Option<u32>,
 }
 
 /// A service config's JSON, checked; `None` for no config.
@@ -186,6 +190,9 @@ pub fn balancer(
         builder = builder
             .service_config(json)
             .map_err(|e| UsageError(e.to_string()))?;
+    }
+    if let Some(size) = service_config.subset {
+        builder = builder.subset(size as usize);
     }
     if service_config.dns_service_config {
         builder = builder.dns(crate::discovery::DnsConfig {

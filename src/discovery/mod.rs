@@ -13,8 +13,10 @@
 //!   with no records removes everything.
 //! - Your own source (a service registry, a file watch): [`from_stream`] takes any stream of
 //!   insertions and removals.
+//! - Of a large fleet, a client may keep a bounded subset ([`subset`]).
 
 mod dns;
+pub mod subset;
 
 pub use dns::DnsConfig;
 

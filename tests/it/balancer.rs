@@ -517,6 +517,67 @@ async fn your_own_discovery_stream_adds_and_removes_endpoints() {
     assert!(tally.of(&replicas[2].id) > 0);
 }
 
+/// `random_subsetting` (gRFC A68) from the service config: of five discovered replicas the
+/// balancer connects to two and only those serve; when a member goes away, the next in the
+/// client's ranking takes its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subset_of_the_fleet_serves_and_a_lost_member_is_replaced() {
+    use tower::discover::Change;
+    let mut replicas = Vec::new();
+    for i in 0..5 {
+        let ip = format!("127.0.0.{}", i + 2);
+        replicas.push(Replica::start(&ip, &format!("s{}", i + 1), latency(0)).await);
+    }
+    let (changes, discovered) = tokio::sync::mpsc::unbounded_channel();
+    for r in &replicas {
+        changes.send(Change::Insert(r.addr, ())).unwrap();
+    }
+    let config = r#"{"loadBalancingConfig": [{"random_subsetting": {"subsetSize": 2,
+        "childPolicy": [{"round_robin": {}}]}}]}"#;
+    let lb = crate::support::userguide("a large fleet")
+        .service_config(config)
+        .unwrap()
+        .discovery(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            discovered,
+        ))
+        .build()
+        .await
+        .unwrap();
+    let members = || {
+        let mut addrs: Vec<_> = lb.endpoints().iter().map(|e| e.addr).collect();
+        addrs.sort();
+        addrs
+    };
+    let ready_pair = || async {
+        let e = lb.endpoints();
+        (e.len() == 2 && e.iter().all(|e| e.state == EndpointState::Ready)).then_some(())
+    };
+    eventually("two members, both ready", ready_pair).await;
+    let first = members();
+    let id_of = |addr| &replicas.iter().find(|r| r.addr == addr).unwrap().id;
+    let tally = drive(&lb, 40, 2).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(tally.by_replica.len(), 2, "{:?}", tally.by_replica);
+    for addr in &first {
+        assert!(tally.of(id_of(*addr)) > 0, "{:?}", tally.by_replica);
+    }
+
+    changes.send(Change::Remove(first[0])).unwrap();
+    eventually("the lost member replaced", || async {
+        let now = members();
+        (now.len() == 2 && !now.contains(&first[0]) && now.contains(&first[1])).then_some(())
+    })
+    .await;
+    eventually("two members, both ready", ready_pair).await;
+    let second = members();
+    let tally = drive(&lb, 40, 2).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(tally.of(id_of(first[0])), 0);
+    for addr in &second {
+        assert!(tally.of(id_of(*addr)) > 0, "{:?}", tally.by_replica);
+    }
+}
+
 /// A config that retries every method (`"name": [{}]`) must not hold a live stream back: a
 /// bidirectional call whose caller writes its next message only after the answer to the last
 /// goes through message by message (waiting for the request's end to keep it would deadlock).

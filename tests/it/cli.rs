@@ -189,6 +189,19 @@ fn up_then_client_json_counts_add_up_and_round_robin_is_even() {
         assert!((80..=120).contains(&calls), "uneven round-robin: {rr}");
     }
 
+    // A subset of one: every call goes to the one member this client chose.
+    let (out, one) = json_client(&target, &["--requests", "100", "--subset", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{one}");
+    assert_eq!(one["ok"], 100);
+    let served: Vec<u64> = one["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["calls"].as_u64().unwrap())
+        .filter(|calls| *calls > 0)
+        .collect();
+    assert_eq!(served, [100], "{one}");
+
     let call = get_point(&target, "james", "26");
     let stdout = String::from_utf8_lossy(&call.stdout);
     assert!(call.status.success());
