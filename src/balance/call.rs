@@ -193,13 +193,15 @@ async fn traced(
     let span = tracing::info_span!(
         target: crate::telemetry::RPC_SPANS,
         "grpc.call",
-        otel.name = %format_args!("{service}/{method}"),
+        // Plain strings, not `%` values: a sampled span records each `%` field through a
+        // formatter into a new String.
+        otel.name = request.uri().path().trim_start_matches('/'),
         otel.kind = "client",
         rpc.system = "grpc",
-        rpc.service = %service,
-        rpc.method = %method,
-        meshlb.target = %shared.registry.target(),
-        meshlb.policy = %shared.policy,
+        rpc.service = service,
+        rpc.method = method,
+        meshlb.target = shared.registry.target(),
+        meshlb.policy = shared.policy.as_str(),
         meshlb.attempts = Empty,
         // The call span is also its first try's client span: a call tried once is one span.
         meshlb.attempt = 1,

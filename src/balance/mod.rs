@@ -141,13 +141,20 @@ impl std::str::FromStr for Policy {
     }
 }
 
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Policy {
+    /// Its name, as `--policy` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Policy::P2c => "p2c",
             Policy::RoundRobin => "round-robin",
             Policy::PickFirst => "pick-first",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
