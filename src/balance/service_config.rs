@@ -215,11 +215,23 @@ impl ServiceConfig {
     /// and method, else the one naming the service, else the default one.
     pub fn method(&self, path: &str) -> Option<&MethodConfig> {
         let (service, method) = crate::telemetry::rpc_names(path);
-        let find =
-            |want: &dyn Fn(&Name) -> bool| self.methods.iter().find(|m| m.names.iter().any(want));
-        find(&|n| n.service.as_deref() == Some(service) && n.method.as_deref() == Some(method))
-            .or_else(|| find(&|n| n.service.as_deref() == Some(service) && n.method.is_none()))
-            .or_else(|| find(&|n| n.service.is_none()))
+        // One pass (every call looks its method up): the most specific name seen so far wins,
+        // the first of equals (the parser refuses a name given twice).
+        let mut best: Option<(u8, &MethodConfig)> = None;
+        for m in &self.methods {
+            for n in &m.names {
+                let rank = match (n.service.as_deref(), n.method.as_deref()) {
+                    (Some(s), Some(x)) if s == service && x == method => return Some(m),
+                    (Some(s), None) if s == service => 2,
+                    (None, _) => 1,
+                    _ => continue,
+                };
+                if best.is_none_or(|(r, _)| rank > r) {
+                    best = Some((rank, m));
+                }
+            }
+        }
+        best.map(|(_, m)| m)
     }
 }
 
