@@ -234,7 +234,7 @@ impl Builder {
     }
 
     /// Connect to at most `size` of the discovered endpoints, a subset of its own chosen by
-    /// rendezvous hashing (gRPC's `random_subsetting`; see [`crate::discovery::subset`]): a
+    /// rendezvous hashing (gRPC's `random_subsetting_experimental`; see [`crate::discovery::subset`]): a
     /// client's connections and per-call cost then stay bounded however large the fleet grows,
     /// and across many clients every endpoint gets about the same share. Set here, it wins over
     /// the service config's `subsetSize`. Off by default: every endpoint is used.

@@ -338,10 +338,23 @@ pub async fn manage(
         .dns_errors
         .set(discovery.stats.failures.clone());
     let mut subset = settings.subset.map(Subset::new);
-    while let Some(update) = discovery.updates.recv().await {
+    while let Some(first) = discovery.updates.recv().await {
+        // What discovery has queued came together (one DNS answer): a subset is chosen once
+        // for all of it, so no member is connected only to be dropped a change later.
+        let mut batch = vec![first];
+        while let Ok(more) = discovery.updates.try_recv() {
+            batch.push(more);
+        }
+        for update in &batch {
+            let counter = match update {
+                Update::Insert(..) => &registry.counters.discovered,
+                Update::Remove(_) => &registry.counters.removed,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         let updates = match &mut subset {
-            Some(subset) => subset.apply(update),
-            None => vec![update],
+            Some(subset) => subset.apply_all(batch),
+            None => batch,
         };
         for update in updates {
             if !hand_on(update, &discovery, &registry, &settings, &to_balancer) {
@@ -368,7 +381,6 @@ fn hand_on(
                 let shared = Shared::new(addr, gate.clone(), settings.accrual, settings.ewma);
                 let watch = health::spawn_watch(channel.clone(), settings.health.clone(), gate);
                 registry.insert(addr, shared.clone(), channel.clone(), watch);
-                registry.counters.discovered.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%addr, "endpoint added");
                 Change::Insert(
                     addr,
@@ -382,7 +394,6 @@ fn hand_on(
                     return false;
                 }
                 registry.remove(&addr);
-                registry.counters.removed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%addr, "endpoint removed");
                 return true;
             }

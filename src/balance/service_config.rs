@@ -11,9 +11,9 @@
 //! - `retryThrottling` (`maxTokens`, `tokenRatio`).
 //! - `loadBalancingConfig[]`: the first policy this balancer knows of `round_robin`,
 //!   `pick_first` and `meshlb_p2c` (whose config holds the outlier-ejection settings); the older
-//!   `loadBalancingPolicy` string too. `random_subsetting` (gRFC A68; grpc-go's
-//!   `random_subsetting_experimental`) wraps one of them: `subsetSize` (default 20) and
-//!   `childPolicy[]`, the policy over the subset.
+//!   `loadBalancingPolicy` string too. `random_subsetting_experimental` (gRFC A68, as grpc-go
+//!   and grpc-java name it; A68's first draft's `random_subsetting` too) wraps one of them:
+//!   `subsetSize` (required, at least 1) and `childPolicy[]`, the policy over the subset.
 //!
 //! A config that does not follow the spec is an error naming the field
 //! (`methodConfig[0].retryPolicy.maxAttempts: must be at least 2`); unknown fields are errors
@@ -36,7 +36,7 @@ pub struct ServiceConfig {
     pub retry_throttling: Option<RetryThrottling>,
     /// The balancing policy, if the config chooses one.
     pub load_balancing: Option<LoadBalancing>,
-    /// `random_subsetting`'s `subsetSize`: connect to at most this many of the discovered
+    /// `random_subsetting_experimental`'s `subsetSize`: connect to at most this many of the discovered
     /// addresses ([`crate::discovery::subset`]).
     pub subset_size: Option<usize>,
     /// `healthCheckConfig.serviceName`: the grpc.health.v1 service each endpoint is watched for.
@@ -545,7 +545,10 @@ fn load_balancing(
                 return Ok((LoadBalancing::PickFirst, None));
             }
             "meshlb_p2c" => return Ok((LoadBalancing::P2c(p2c(config, &at)?), None)),
-            "random_subsetting" | "random_subsetting_experimental" if may_subset => {
+            "random_subsetting" | "random_subsetting_experimental" => {
+                if !may_subset {
+                    return Err(error(&at, "random_subsetting may not wrap itself"));
+                }
                 return subsetting(config, &at);
             }
             // Another implementation's policy: the next choice may be one of ours, as gRPC does.
@@ -563,17 +566,16 @@ fn subsetting(
     field: &str,
 ) -> Result<(LoadBalancing, Option<usize>), ServiceConfigError> {
     let map = object(value, field, &["subsetSize", "childPolicy"])?;
-    let size = match map.get("subsetSize") {
-        None => crate::discovery::subset::DEFAULT_SUBSET_SIZE,
-        Some(n) => {
-            let at = format!("{field}.subsetSize");
-            let n = number(n, &at)?;
-            if n.fract() != 0.0 || !(1.0..=u32::MAX as f64).contains(&n) {
-                return Err(error(&at, "must be a whole number, at least 1"));
-            }
-            n as usize
-        }
-    };
+    // Required, as grpc-go and grpc-java require it: a config they refuse is not one to share.
+    let at = format!("{field}.subsetSize");
+    let n = map
+        .get("subsetSize")
+        .ok_or_else(|| error(&at, "is required: how many endpoints to connect to"))?;
+    let n = number(n, &at)?;
+    if n.fract() != 0.0 || !(1.0..=u32::MAX as f64).contains(&n) {
+        return Err(error(&at, "must be a whole number, at least 1"));
+    }
+    let size = n as usize;
     let at = format!("{field}.childPolicy");
     let child = map
         .get("childPolicy")
@@ -671,10 +673,10 @@ mod tests {
         .unwrap();
         assert_eq!(config.load_balancing, Some(LoadBalancing::RoundRobin));
         assert_eq!(config.subset_size, Some(7));
-        // grpc-go's name, and A68's default size.
+        // grpc-go's and grpc-java's name.
         let config = ServiceConfig::from_json(
             r#"{"loadBalancingConfig": [{"random_subsetting_experimental":
-                {"childPolicy": [{"meshlb_p2c": {}}]}}]}"#,
+                {"subsetSize": 20, "childPolicy": [{"meshlb_p2c": {}}]}}]}"#,
         )
         .unwrap();
         assert!(matches!(config.load_balancing, Some(LoadBalancing::P2c(_))));
@@ -843,12 +845,17 @@ mod tests {
                 "is required",
             ),
             (
-                r#"{"loadBalancingConfig": [{"random_subsetting": {"childPolicy": [{"random_subsetting": {"childPolicy": [{"round_robin": {}}]}}]}}]}"#,
-                "loadBalancingConfig[0].random_subsetting.childPolicy",
-                "no policy",
+                r#"{"loadBalancingConfig": [{"random_subsetting": {"subsetSize": 9, "childPolicy": [{"random_subsetting_experimental": {"subsetSize": 3, "childPolicy": [{"round_robin": {}}]}}, {"round_robin": {}}]}}]}"#,
+                "loadBalancingConfig[0].random_subsetting.childPolicy[0].random_subsetting_experimental",
+                "may not wrap itself",
             ),
             (
-                r#"{"loadBalancingConfig": [{"random_subsetting": {"childPolicy": [{"round_robin": {}}], "size": 3}}]}"#,
+                r#"{"loadBalancingConfig": [{"random_subsetting_experimental": {"childPolicy": [{"round_robin": {}}]}}]}"#,
+                "loadBalancingConfig[0].random_subsetting_experimental.subsetSize",
+                "is required",
+            ),
+            (
+                r#"{"loadBalancingConfig": [{"random_subsetting": {"subsetSize": 2, "childPolicy": [{"round_robin": {}}], "size": 3}}]}"#,
                 "loadBalancingConfig[0].random_subsetting.size",
                 "unknown",
             ),

@@ -67,7 +67,7 @@ pub struct ServiceConfigArgs {
     #[arg(long, env = "MESHLB_DNS_SERVICE_CONFIG")]
     pub dns_service_config: bool,
     /// Connect to at most N of the discovered endpoints, a subset of this client's own (gRPC's
-    /// random_subsetting); wins over the service config's subsetSize. Default: every endpoint.
+    /// random_subsetting_experimental); wins over the service config's subsetSize. Default: every endpoint.
     #[arg(long, env = "MESHLB_SUBSET", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub subset: Option<u32>,
 }

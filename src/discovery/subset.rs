@@ -1,12 +1,16 @@
 //! Subsetting: of every address discovery finds, this client connects to a bounded subset, so a
 //! client's connections, health watches and per-call transport cost stay the same whether the
-//! service has 20 replicas or 2,000 (gRPC's `random_subsetting`, gRFC A68).
+//! service has 20 replicas or 2,000 (gRPC's `random_subsetting_experimental`, gRFC A68).
 //!
 //! The subset is chosen by rendezvous hashing: each address is hashed with a salt drawn once per
 //! client, and the `size` addresses with the lowest hashes are kept. Different clients draw
 //! different salts, so across many clients every address is chosen about equally often; and
 //! because an address's hash never changes, one address added or removed changes at most one
 //! member of a client's subset (no reshuffle of connections during a rollout).
+//!
+//! The subset is chosen again once per batch of changes (a DNS answer's removals and insertions
+//! arrive together), not after each one: filled one address at a time, a subset of 20 of 300
+//! would pass through some 70 members, each connected and then dropped.
 //!
 //! A filter on addresses only: it knows nothing of health, load or connections. A subset member
 //! that is unhealthy stays a member (its gate keeps it out of rotation), as in A68.
@@ -16,9 +20,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use tower::discover::Change;
-
-/// gRFC A68's default subset size.
-pub const DEFAULT_SUBSET_SIZE: usize = 20;
 
 /// The addresses known and the subset kept of them.
 #[derive(Debug)]
@@ -59,22 +60,30 @@ impl Subset {
         hasher.finish()
     }
 
-    /// Takes one change from discovery and returns the changes to the subset it causes: none
-    /// (an address outside the subset came or went), or a few (a member left and the next in
-    /// rank joins; a new address ranks above a member, which leaves). Removals come first, so
-    /// the next stage never holds more than `size` members.
+    /// Takes one change from discovery and returns the changes to the subset it causes (see
+    /// [`Subset::apply_all`]).
     pub fn apply(&mut self, change: Update) -> Vec<Update> {
-        match change {
-            Change::Insert(addr, ()) => {
-                if !self.ranks.contains_key(&addr) {
-                    let rank = self.rank(&addr);
-                    self.ranks.insert(addr, rank);
-                    self.ranked.insert((rank, addr));
+        self.apply_all([change])
+    }
+
+    /// Takes a batch of changes from discovery and returns the changes to the subset they cause
+    /// together: none (addresses outside the subset came or went), or a few (a member left and
+    /// the next in rank joins; a new address ranks above a member, which leaves). Removals come
+    /// first, so the next stage never holds more than `size` members.
+    pub fn apply_all(&mut self, changes: impl IntoIterator<Item = Update>) -> Vec<Update> {
+        for change in changes {
+            match change {
+                Change::Insert(addr, ()) => {
+                    if !self.ranks.contains_key(&addr) {
+                        let rank = self.rank(&addr);
+                        self.ranks.insert(addr, rank);
+                        self.ranked.insert((rank, addr));
+                    }
                 }
-            }
-            Change::Remove(addr) => {
-                if let Some(rank) = self.ranks.remove(&addr) {
-                    self.ranked.remove(&(rank, addr));
+                Change::Remove(addr) => {
+                    if let Some(rank) = self.ranks.remove(&addr) {
+                        self.ranked.remove(&(rank, addr));
+                    }
                 }
             }
         }
@@ -196,6 +205,27 @@ mod tests {
             assert!(changes.len() <= 2, "{changes:?}");
             assert!(members(&subset).len() == 5);
         }
+    }
+
+    #[test]
+    fn a_batch_hands_on_only_the_subset_it_ends_with() {
+        let mut subset = Subset::with_salt(20, 5);
+        let changes = subset.apply_all((0..300).map(|i| Change::Insert(addr(i), ())));
+        assert_eq!(changes.len(), 20, "only the final members are connected");
+        assert!(changes.iter().all(|c| matches!(c, Change::Insert(..))));
+        // A whole fleet replaced in one answer: 20 leave, 20 join, nothing in between.
+        let replaced = (0..300)
+            .map(|i| Change::Remove(addr(i)))
+            .chain((300..600).map(|i| Change::Insert(addr(i), ())));
+        let changes = subset.apply_all(replaced);
+        assert_eq!(changes.len(), 40);
+        assert!(changes[..20]
+            .iter()
+            .all(|c| matches!(c, Change::Remove(..))));
+        assert_eq!(members(&subset).len(), 20);
+        assert!(members(&subset)
+            .iter()
+            .all(|a| !members(&filled(20, 5, 300)).contains(a)));
     }
 
     #[test]

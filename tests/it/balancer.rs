@@ -517,7 +517,7 @@ async fn your_own_discovery_stream_adds_and_removes_endpoints() {
     assert!(tally.of(&replicas[2].id) > 0);
 }
 
-/// `random_subsetting` (gRFC A68) from the service config: of five discovered replicas the
+/// `random_subsetting_experimental` (gRFC A68) from the service config: of five discovered replicas the
 /// balancer connects to two and only those serve; when a member goes away, the next in the
 /// client's ranking takes its place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,7 +532,7 @@ async fn a_subset_of_the_fleet_serves_and_a_lost_member_is_replaced() {
     for r in &replicas {
         changes.send(Change::Insert(r.addr, ())).unwrap();
     }
-    let config = r#"{"loadBalancingConfig": [{"random_subsetting": {"subsetSize": 2,
+    let config = r#"{"loadBalancingConfig": [{"random_subsetting_experimental": {"subsetSize": 2,
         "childPolicy": [{"round_robin": {}}]}}]}"#;
     let lb = crate::support::userguide("a large fleet")
         .service_config(config)
