@@ -48,8 +48,16 @@ impl Default for EwmaConfig {
 const SMOOTHING: f64 = 0.2;
 
 /// What p2c compares: lower is better.
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+#[derive(Clone, Copy, PartialEq, PartialOrd)]
 pub struct Cost(f64);
+
+/// Whole nanoseconds (times the calls in flight, plus one): tower's p2c formats two costs into
+/// every sampled call's trace, and a float's shortest form costs several times an integer's.
+impl std::fmt::Debug for Cost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}ns", self.0 as u64)
+    }
+}
 
 impl Cost {
     /// Below any endpoint's: what an endpoint offering a probe costs, so that p2c sends the probe
@@ -163,6 +171,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cost_reads_as_whole_nanoseconds() {
+        assert_eq!(format!("{:?}", Cost(1_234_567.89)), "1234567ns");
+        assert_eq!(format!("{:?}", Cost::NONE), "0ns");
+    }
 
     const MS: Duration = Duration::from_millis(1);
 
