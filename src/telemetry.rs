@@ -161,6 +161,10 @@ pub fn init(default_service: &str, default_level: &str) -> Telemetry {
             .with_tracked_inactivity(false)
             .with_threads(false)
             .with_location(false)
+            // Activating the OTel context on every poll of a sampled span (a context clone and
+            // a thread-local push and pop) serves only code that reads `Context::current()`;
+            // spans here find their parent through tracing's current span.
+            .with_context_activation(false)
             .with_filter(ours.and(only_the_choice))
     });
     let installed = tracing_subscriber::registry()

@@ -220,7 +220,8 @@ async fn traced(
     if code != Code::Ok {
         span.record("otel.status_code", "ERROR");
     }
-    if let Some(Attempts(n)) = response.extensions().get::<Attempts>() {
+    // Only where there was more than one: each record passes every layer of the subscriber.
+    if let Some(Attempts(n @ 2..)) = response.extensions().get::<Attempts>() {
         span.record("meshlb.attempts", n);
     }
     response

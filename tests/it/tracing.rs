@@ -294,6 +294,8 @@ async fn a_retry_is_two_attempt_spans_on_two_replicas() {
     assert_eq!(first.attr("rpc.grpc.status_code"), "0");
     assert_eq!(last.attr("rpc.grpc.status_code"), "0");
     assert_ne!(last.attr("meshlb.attempt"), "1");
+    // The call's span counts its tries (written only when there was more than one).
+    assert_eq!(first.attr("meshlb.attempts"), last.attr("meshlb.attempt"));
     assert!(first
         .attr("meshlb.target")
         .contains(&healthy.addr.port().to_string()));
