@@ -373,33 +373,31 @@ fn hand_on(
     settings: &EndpointSettings,
     to_balancer: &mpsc::UnboundedSender<Change<SocketAddr, Endpoint>>,
 ) -> bool {
-    {
-        let change = match update {
-            Update::Insert(addr, ()) => {
-                let channel = connect(addr, &settings.connect);
-                let gate = registry.health_signal();
-                let shared = Shared::new(addr, gate.clone(), settings.accrual, settings.ewma);
-                let watch = health::spawn_watch(channel.clone(), settings.health.clone(), gate);
-                registry.insert(addr, shared.clone(), channel.clone(), watch);
-                tracing::debug!(%addr, "endpoint added");
-                Change::Insert(
-                    addr,
-                    Endpoint::new(shared, channel, discovery.refresh.clone()),
-                )
+    let change = match update {
+        Update::Insert(addr, ()) => {
+            let channel = connect(addr, &settings.connect);
+            let gate = registry.health_signal();
+            let shared = Shared::new(addr, gate.clone(), settings.accrual, settings.ewma);
+            let watch = health::spawn_watch(channel.clone(), settings.health.clone(), gate);
+            registry.insert(addr, shared.clone(), channel.clone(), watch);
+            tracing::debug!(%addr, "endpoint added");
+            Change::Insert(
+                addr,
+                Endpoint::new(shared, channel, discovery.refresh.clone()),
+            )
+        }
+        Update::Remove(addr) => {
+            // The balancer hears of the removal first (it reads its queue before every
+            // choice), so an endpoint gone from `endpoints()` is never chosen again.
+            if to_balancer.send(Change::Remove(addr)).is_err() {
+                return false;
             }
-            Update::Remove(addr) => {
-                // The balancer hears of the removal first (it reads its queue before every
-                // choice), so an endpoint gone from `endpoints()` is never chosen again.
-                if to_balancer.send(Change::Remove(addr)).is_err() {
-                    return false;
-                }
-                registry.remove(&addr);
-                tracing::debug!(%addr, "endpoint removed");
-                return true;
-            }
-        };
-        to_balancer.send(change).is_ok()
-    }
+            registry.remove(&addr);
+            tracing::debug!(%addr, "endpoint removed");
+            return true;
+        }
+    };
+    to_balancer.send(change).is_ok()
 }
 
 fn connect(addr: SocketAddr, config: &ConnectConfig) -> crate::connection::Connection {

@@ -36,8 +36,8 @@ pub struct ServiceConfig {
     pub retry_throttling: Option<RetryThrottling>,
     /// The balancing policy, if the config chooses one.
     pub load_balancing: Option<LoadBalancing>,
-    /// `random_subsetting_experimental`'s `subsetSize`: connect to at most this many of the discovered
-    /// addresses ([`crate::discovery::subset`]).
+    /// `random_subsetting_experimental`'s `subsetSize`: connect to at most this many of the
+    /// discovered addresses ([`crate::discovery::subset`]).
     pub subset_size: Option<usize>,
     /// `healthCheckConfig.serviceName`: the grpc.health.v1 service each endpoint is watched for.
     pub health_check_service: Option<String>,
@@ -557,7 +557,8 @@ fn load_balancing(
     }
     Err(error(
         field,
-        "names no policy this balancer knows (meshlb_p2c, round_robin, pick_first)",
+        "names no policy this balancer knows (meshlb_p2c, round_robin, pick_first, \
+         random_subsetting_experimental)",
     ))
 }
 

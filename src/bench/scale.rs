@@ -5,7 +5,8 @@
 //! size, the hand-rolled tower p2c (`PeakEwmaDiscover` over tonic channels) under the same load:
 //! how much of the growth is the transport's (more connections, each call alone on one) and how
 //! much meshlb's. Then the 300 again through subsets of 20 and of 3
-//! (`random_subsetting_experimental`): what a client pays when it connects to a bounded part of the fleet.
+//! (`random_subsetting_experimental`): what a client pays when it connects to a bounded part of
+//! the fleet.
 //!
 //! Knows the load generator and the fleet; nothing of how the figures are judged.
 
