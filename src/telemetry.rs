@@ -145,12 +145,17 @@ pub fn init(default_service: &str, default_level: &str) -> Telemetry {
         None
     };
     let otel = provider.as_ref().map(|p| {
-        // Only our spans, plus p2c's choice (the TRACE event in tower::balance that carries
-        // `chosen`; its other events fire on every poll and would only cost), so the exporter's
-        // own h2/hyper/tonic spans never feed back into it.
+        // Only our spans, plus p2c's choice when asked for (the TRACE event in tower::balance
+        // that carries `chosen`; its other events fire on every poll and would only cost), so
+        // the exporter's own h2/hyper/tonic spans never feed back into it.
+        let choices = if p2c_choices() {
+            LevelFilter::TRACE
+        } else {
+            LevelFilter::OFF
+        };
         let ours = Targets::new()
             .with_target("meshlb", LevelFilter::INFO)
-            .with_target("tower::balance::p2c", LevelFilter::TRACE);
+            .with_target("tower::balance::p2c", choices);
         let only_the_choice = filter_fn(|meta| {
             !meta.target().starts_with("tower::") || meta.fields().field("chosen").is_some()
         });
@@ -180,6 +185,19 @@ pub fn init(default_service: &str, default_level: &str) -> Telemetry {
         let _ = PROVIDER.set(p.clone());
     }
     Telemetry { provider }
+}
+
+/// Whether sampled traces carry p2c's choice: only when `MESHLB_TRACE_P2C` is `1`, `true` or
+/// `on`. Each choice event cost a sampled call about 28k instructions (tower formats both loads,
+/// the SDK stores and exports the event), a third of what tracing added to it. The event
+/// attaches to the current span of the balancer's worker, so a try that records it runs inside
+/// its span.
+pub fn p2c_choices() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("MESHLB_TRACE_P2C")
+            .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "on"))
+    })
 }
 
 fn exporter_provider(default_service: &str) -> Result<SdkTracerProvider, String> {
@@ -244,6 +262,25 @@ pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
     let span = cx.span();
     if span.span_context().is_valid() {
         inject_span_context(span.span_context(), headers);
+    }
+}
+
+/// Records the replica that answered (`server.address`, `server.port`) on `span`, which declared
+/// both fields, in one record: each record passes every layer of the subscriber.
+pub fn record_server(span: &tracing::Span, addr: std::net::SocketAddr) {
+    let Some(meta) = span.metadata() else {
+        return;
+    };
+    let fields = meta.fields();
+    if let (Some(address), Some(port)) =
+        (fields.field("server.address"), fields.field("server.port"))
+    {
+        let ip = tracing::field::display(addr.ip());
+        let port_value = addr.port();
+        span.record_all(&fields.value_set(&[
+            (&address, Some(&ip as &dyn tracing::Value)),
+            (&port, Some(&port_value as &dyn tracing::Value)),
+        ]));
     }
 }
 
@@ -316,6 +353,11 @@ pub enum CallTrace {
     /// Exported but not sampled: no span is built; this context (the caller's, or a new trace)
     /// goes out with the call, its sampled flag clear, so the next hops do not sample it either.
     Forward(SpanContext),
+    /// The call's span, carried down the call path in the request rather than entered as the
+    /// current span: entering it on every poll of the call, and in the balancer's worker (tower's
+    /// buffer enters the current span of each request it takes), passes every layer of the
+    /// subscriber each time. Its tries report to it, or to child spans of their own.
+    Call(tracing::Span),
 }
 
 /// Decides, before any span exists, whether the call about to start under the current span is

@@ -6,7 +6,8 @@
 //!
 //! Which span the try reports to: none for an unsampled call (it only forwards the trace
 //! context, not sampled), the call's own span for its first try (a call tried once is one
-//! span), a span of its own for a retry or a hedge ([`Try`]).
+//! span), a span of its own for a retry or a hedge ([`Try`]). The call's span comes in the
+//! request ([`CallTrace::Call`]), not as the current span.
 //!
 //! Knows requests, spans and the latency window hedging reads; nothing of policies.
 
@@ -86,16 +87,17 @@ impl Attempt {
                 telemetry::inject_span_context(&sc, request.headers_mut());
                 (None, false)
             }
-            _ if number == 1 && !hedge => {
-                let call = tracing::Span::current();
+            Some(CallTrace::Call(call)) if number == 1 && !hedge => {
                 telemetry::inject(&call, request.headers_mut());
                 (Some(call), false)
             }
-            _ => {
-                let span = attempt_span(request.uri().path(), number, hedge);
+            Some(CallTrace::Call(call)) => {
+                let span = attempt_span(&call, request.uri().path(), number, hedge);
                 telemetry::inject(&span, request.headers_mut());
                 (Some(span), true)
             }
+            // No span to report to (spans are not recorded).
+            Some(CallTrace::Spans) | None => (None, false),
         };
         let started = tokio::time::Instant::now();
         let mut buffer = Buffered::clone(&self.buffer);
@@ -111,7 +113,8 @@ impl Attempt {
             }
         };
         let result: Result<http::Response<Body>, BoxError> = match &span {
-            Some(span) if own => send.instrument(span.clone()).await,
+            // p2c records its choice on the current span of the balancer's worker.
+            Some(span) if telemetry::p2c_choices() => send.instrument(span.clone()).await,
             _ => send.await,
         };
         let code = match &result {
@@ -124,16 +127,17 @@ impl Attempt {
                 Err(error) => error.downcast_ref::<EndpointError>().map(|e| e.addr),
             };
             if let Some(addr) = served_by {
-                span.record("server.address", tracing::field::display(addr.ip()));
-                span.record("server.port", addr.port());
+                telemetry::record_server(span, addr);
             }
             if own {
                 span.record("rpc.grpc.status_code", code as i32);
                 if code != Code::Ok {
                     span.record("otel.status_code", "ERROR");
                 }
-            } else {
-                // The call's own status is its last try's, recorded when it ends.
+            } else if code != Code::Ok {
+                // The call's own status is its last try's, recorded when it ends; a first try
+                // that succeeded was the last (each record passes every layer of the
+                // subscriber).
                 span.record("meshlb.first_status_code", code as i32);
             }
         }
@@ -144,11 +148,12 @@ impl Attempt {
     }
 }
 
-/// The client span of try `number` of a call to `path`.
-fn attempt_span(path: &str, number: u32, hedge: bool) -> tracing::Span {
+/// The client span of try `number` of a call to `path`, a child of the call's.
+fn attempt_span(call: &tracing::Span, path: &str, number: u32, hedge: bool) -> tracing::Span {
     let (service, method) = telemetry::rpc_names(path);
     tracing::info_span!(
         target: crate::telemetry::RPC_SPANS,
+        parent: call,
         "grpc.attempt",
         otel.name = path.trim_start_matches('/'),
         otel.kind = "client",

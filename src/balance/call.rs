@@ -41,7 +41,6 @@ use tower::retry::budget::TpsBudget;
 use tower::retry::Retry;
 use tower::{ServiceBuilder, ServiceExt};
 use tracing::field::Empty;
-use tracing::Instrument;
 
 /// The call path's layers over the balancer's buffer.
 pub(crate) type Stack = Deadline<Replay<Retry<RetryPolicy, Hedge<Attempt>>>>;
@@ -145,9 +144,9 @@ impl CallConfig {
 }
 
 /// Runs one call to completion of its response headers. A sampled call (or any, when spans are
-/// not exported) runs inside one client span that is also its first try's; a retry or a hedge
-/// adds a child span of its own (the replica's server span is a child of the try that reached
-/// it). An unsampled call builds no span at all.
+/// not exported) has one client span that is also its first try's, carried in the request
+/// ([`CallTrace::Call`]); a retry or a hedge adds a child span of its own (the replica's server
+/// span is a child of the try that reached it). An unsampled call builds no span at all.
 pub(super) async fn run(
     stack: Stack,
     shared: Arc<super::Shared>,
@@ -211,9 +210,13 @@ async fn traced(
         rpc.grpc.status_code = Empty,
         otel.status_code = Empty,
     );
-    let response = run_in_span(stack, request, permit)
-        .instrument(span.clone())
-        .await;
+    let mut request = request;
+    if !span.is_disabled() {
+        request
+            .extensions_mut()
+            .insert(CallTrace::Call(span.clone()));
+    }
+    let response = run_in_span(stack, request, permit).await;
     telemetry::note_sampled(&span);
     let code = status_of(&response);
     span.record("rpc.grpc.status_code", code as i32);

@@ -138,25 +138,37 @@ pub async fn run(
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); Mode::ALL.len()];
     let mut spans = [0u64; 3];
     let mut failed = [0usize; 3];
+    // Cold replicas (their first connections, their allocator's first pages) would count
+    // against whichever mode ran first.
+    progress("tracing / warm-up");
+    let warm_up = BenchConfig {
+        duration: Duration::from_secs(1),
+        ..config.clone()
+    };
+    let _ = client_rps(launch, &target, Mode::Off, sink_addr, &warm_up).await;
     for round in 0..config.rounds {
-        let mut off = None;
-        for (i, mode) in Mode::ALL.iter().enumerate() {
+        let mut got = [None; 3];
+        // Each round starts with another mode, so that what a run leaves behind (the sink still
+        // decoding the last exports) does not always fall on the same one.
+        for k in 0..Mode::ALL.len() {
+            let i = (round + k) % Mode::ALL.len();
+            let mode = Mode::ALL[i];
             progress(&format!("tracing / {} / round {}", mode.label(), round + 1));
             let before = sink.spans();
-            match client_rps(launch, &target, *mode, sink_addr, config).await {
-                Some(r) => {
-                    rps[i].push(r);
-                    if *mode == Mode::Off {
-                        off = Some(r);
-                    }
-                    // A round whose tracing-off run failed has nothing to compare with.
-                    if let Some(base) = off {
-                        ratios[i].push(r / base.max(1e-9));
-                    }
-                }
-                None => failed[i] += 1,
+            got[i] = client_rps(launch, &target, mode, sink_addr, config).await;
+            spans[i] += settled(&sink).await - before;
+            if got[i].is_none() {
+                failed[i] += 1;
             }
-            spans[i] += sink.spans() - before;
+        }
+        // A round whose tracing-off run failed has nothing to compare with.
+        for (i, r) in got.iter().enumerate() {
+            if let Some(r) = r {
+                rps[i].push(*r);
+                if let Some(base) = got[0] {
+                    ratios[i].push(r / base.max(1e-9));
+                }
+            }
         }
     }
     server.abort();
@@ -179,6 +191,20 @@ pub async fn run(
         ),
         rows,
     })
+}
+
+/// The sink's span count once it has stopped growing (the last exports decoded), or after 5 s.
+async fn settled(sink: &Sink) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut last = sink.spans();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = sink.spans();
+        if now == last || tokio::time::Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
 }
 
 /// One `meshlb client` run's calls/s, or `None` if it gave no report.

@@ -128,6 +128,8 @@ fn replica(collector: SocketAddr, service: &str, args: &[&str]) -> Process {
 fn meshlb(collector: SocketAddr, args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
     otel_env(&mut cmd, collector, "client");
+    // p2c's choices are recorded only when asked for; the sampling test checks the default.
+    cmd.env("MESHLB_TRACE_P2C", "1");
     let out = cmd.args(args).output().unwrap();
     assert!(
         out.status.code().is_some(),
@@ -299,7 +301,8 @@ async fn a_retry_is_two_attempt_spans_on_two_replicas() {
     assert!(first
         .attr("meshlb.target")
         .contains(&healthy.addr.port().to_string()));
-    // With two ready endpoints, tower's p2c records its choice on the attempt span.
+    // With two ready endpoints (and MESHLB_TRACE_P2C=1), tower's p2c records its choice on the
+    // span of the try it routed.
     let p2c_events: Vec<_> = receiver
         .spans()
         .into_iter()
@@ -412,12 +415,19 @@ async fn sampling_is_decided_once_per_call_and_kept_by_every_hop() {
     // The client samples 30 % of new traces; the replica (parent-based, the default) follows.
     let (receiver, collector) = Receiver::start().await;
     let r = replica(collector, "sampled", &["--id", "sampled-1"]);
+    // Two, so that p2c has a choice to make (and, by default, not to record).
+    let r2 = replica(collector, "sampled", &["--id", "sampled-2"]);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
     otel_env(&mut cmd, collector, "client");
     let out = cmd
         .env("OTEL_TRACES_SAMPLER", "traceidratio")
         .env("OTEL_TRACES_SAMPLER_ARG", "0.3")
-        .args(["client", "--target", &format!("ipv4:{}", r.addr)])
+        .env_remove("MESHLB_TRACE_P2C")
+        .args([
+            "client",
+            "--target",
+            &format!("ipv4:{},{}", r.addr, r2.addr),
+        ])
         .args([
             "--requests",
             "200",
@@ -476,6 +486,13 @@ async fn sampling_is_decided_once_per_call_and_kept_by_every_hop() {
         assert!(
             attempt_ids.contains(&s.parent) || call_ids.contains(&s.parent),
             "a server span of an unsampled call: {s:?}"
+        );
+    }
+    // Without MESHLB_TRACE_P2C, no span carries p2c's choice.
+    for s in spans.iter().filter(|s| s.service == "client") {
+        assert!(
+            s.events.iter().all(|(name, _)| name != "p2c"),
+            "a p2c event by default: {s:?}"
         );
     }
 }
