@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tower::Service;
 
 /// What the gate knows of an endpoint's health.
@@ -177,7 +177,7 @@ enum Ended {
 }
 
 async fn watch_loop(mut connection: Connection, config: HealthConfig, gate: Arc<Gate>) {
-    let mut client = HealthClient::new(connection.clone());
+    let mut client = tonic::client::Grpc::new(connection.clone());
     let mut backoff = Backoff::new(config.backoff_base, config.backoff_max);
     loop {
         let wait = match watch_once(&mut connection, &mut client, &config, &gate).await {
@@ -201,9 +201,51 @@ async fn watch_loop(mut connection: Connection, config: HealthConfig, gate: Arc<
     }
 }
 
+/// The decode buffer of a health watch, which lives as long as its endpoint: a status is a few
+/// bytes, and tonic's default (8 KiB) was an eighth of what an endpoint holds.
+const WATCH_BUFFER: usize = 256;
+
+/// `grpc.health.v1.Health/Watch`, as tonic-health's client calls it but for the buffer size.
+async fn watch(
+    client: &mut tonic::client::Grpc<Connection>,
+    request: HealthCheckRequest,
+) -> Result<tonic::Response<tonic::Streaming<HealthCheckResponse>>, tonic::Status> {
+    client
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Watch");
+    client
+        .server_streaming(tonic::Request::new(request), path, SmallBuffers)
+        .await
+}
+
+/// prost's codec with [`WATCH_BUFFER`]-byte buffers (they grow if a message needs more).
+#[derive(Debug, Clone, Copy)]
+struct SmallBuffers;
+
+impl tonic::codec::Codec for SmallBuffers {
+    type Encode = HealthCheckRequest;
+    type Decode = HealthCheckResponse;
+    type Encoder = tonic_prost::ProstEncoder<HealthCheckRequest>;
+    type Decoder = tonic_prost::ProstDecoder<HealthCheckResponse>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::raw_encoder(
+            tonic::codec::BufferSettings::new(WATCH_BUFFER, 32 * 1024),
+        )
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::raw_decoder(
+            tonic::codec::BufferSettings::new(WATCH_BUFFER, 32 * 1024),
+        )
+    }
+}
+
 async fn watch_once(
     connection: &mut Connection,
-    client: &mut HealthClient<Connection>,
+    client: &mut tonic::client::Grpc<Connection>,
     config: &HealthConfig,
     gate: &Gate,
 ) -> Ended {
@@ -221,7 +263,7 @@ async fn watch_once(
                     std::error::Error::source(&*e),
                 ))
             })?;
-        let mut stream = client.watch(request).await?.into_inner();
+        let mut stream = watch(client, request).await?.into_inner();
         let first = stream.message().await?;
         Ok::<_, tonic::Status>((stream, first))
     };

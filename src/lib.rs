@@ -83,6 +83,8 @@ pub mod dynamic;
 #[cfg(feature = "tools")]
 pub mod fleet;
 #[cfg(feature = "tools")]
+pub mod heap;
+#[cfg(feature = "tools")]
 pub mod load;
 #[cfg(feature = "tools")]
 pub mod netns;

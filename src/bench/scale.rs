@@ -1,7 +1,7 @@
 //! The scale scenario: what the balancer costs as the fleet grows. The same closed-loop load over
 //! 3, 30, 100 and 300 replicas (processes, no injected latency): calls/s, latency, the client's
-//! CPU per call, and the library's resident memory per endpoint (the process's growth while the
-//! balancer connects and watches every endpoint, divided by their number). Beside it, at each
+//! CPU per call, and the library's memory per endpoint (the heap bytes the balancer holds once it
+//! has connected to and watches every endpoint, divided by their number; [`crate::heap`]). Beside it, at each
 //! size, the hand-rolled tower p2c (`PeakEwmaDiscover` over tonic channels) under the same load:
 //! how much of the growth is the transport's (more connections, each call alone on one) and how
 //! much meshlb's. Then the 300 again through subsets of 20 and of 3
@@ -45,7 +45,8 @@ pub struct ScaleRow {
     pub tower_rps: Option<f64>,
     /// Its CPU time per call, µs.
     pub tower_cpu_us_per_call: Option<f64>,
-    /// The client's resident memory growth per connected endpoint once every one is ready, KiB.
+    /// The heap the balancer holds per connected endpoint once every one is ready (the resident
+    /// set's growth where the allocator does not count), KiB.
     pub memory_kib_per_endpoint: f64,
 }
 
@@ -76,10 +77,10 @@ pub async fn run(
     let mut alive = Vec::new();
     let mut tower_alive = Vec::new();
     for n in SIZES {
-        let before = resident_bytes();
+        let growth = Growth::start();
         let lb = balancer(&addrs[..n], None)?;
         all_ready(&lb, n).await?;
-        let memory = resident_bytes().saturating_sub(before) as f64 / 1024.0 / n as f64;
+        let memory = growth.kib_per(n);
         let tower = super::tower_p2c(&addrs[..n], config)?;
         let mut rounds = Vec::new();
         let mut tower_rounds = Vec::new();
@@ -96,10 +97,10 @@ pub async fn run(
         alive.push(lb);
     }
     for size in SUBSETS {
-        let before = resident_bytes();
+        let growth = Growth::start();
         let lb = balancer(&addrs, Some(size))?;
         all_ready(&lb, size).await?;
-        let memory = resident_bytes().saturating_sub(before) as f64 / 1024.0 / size as f64;
+        let memory = growth.kib_per(size);
         let mut rounds = Vec::new();
         for round in 0..config.rounds {
             progress(&format!(
@@ -199,6 +200,31 @@ async fn measure<T: load::Transport>(lb: &T, config: &BenchConfig) -> (f64, Late
         Latency::of(&total.total),
         cpu * 1e6 / calls.max(1) as f64,
     )
+}
+
+/// What the process gains while a balancer is built and connects: heap bytes when the binary's
+/// allocator counts them ([`crate::heap`]), else the resident set's growth.
+enum Growth {
+    Heap(crate::heap::Measure),
+    Resident(u64),
+}
+
+impl Growth {
+    fn start() -> Self {
+        match crate::heap::start() {
+            Some(measure) => Growth::Heap(measure),
+            None => Growth::Resident(resident_bytes()),
+        }
+    }
+
+    /// The growth so far over `members`, KiB each; ends the measure.
+    fn kib_per(self, members: usize) -> f64 {
+        let bytes = match &self {
+            Growth::Heap(measure) => measure.grown().max(0) as u64,
+            Growth::Resident(before) => resident_bytes().saturating_sub(*before),
+        };
+        bytes as f64 / 1024.0 / members.max(1) as f64
+    }
 }
 
 /// The process's resident memory, from `/proc/self/statm` (0 where there is none).
