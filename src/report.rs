@@ -85,6 +85,9 @@ pub struct Report {
     pub rps: f64,
     /// Latency of successful calls.
     pub latency_ms: Latency,
+    /// The client process's CPU time (user and system, every thread: the balancer, the load,
+    /// the exporter) per call, µs; 0 where it is not measured.
+    pub cpu_us_per_call: f64,
     /// Per replica, ordered by id.
     pub replicas: Vec<ReplicaRow>,
     /// The trace id of one sampled call, when spans were exported.
@@ -137,6 +140,7 @@ impl Report {
             duration_s: (secs * 1000.0).round() / 1000.0,
             rps: (calls as f64 / secs * 10.0).round() / 10.0,
             latency_ms: Latency::of(&recording.total),
+            cpu_us_per_call: 0.0,
             replicas,
             trace_id: None,
         }

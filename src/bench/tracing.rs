@@ -101,6 +101,12 @@ pub struct TracingRow {
     pub rps: f64,
     /// Median over rounds of calls/s divided by tracing off's in the same round.
     pub ratio_to_off: f64,
+    /// The client's CPU time per call, µs (median over rounds): what tracing costs the client
+    /// itself, less shaken than calls/s by the replicas and the sink on the same two cores.
+    pub cpu_us_per_call: f64,
+    /// Median over rounds of tracing off's CPU per call divided by this mode's, in the same
+    /// round (1.00x: tracing costs nothing).
+    pub cpu_ratio_to_off: f64,
     /// Spans the sink received, over all rounds.
     pub spans: u64,
     /// Client runs that failed (no report).
@@ -136,6 +142,8 @@ pub async fn run(
 
     let mut rps: Vec<Vec<f64>> = vec![Vec::new(); Mode::ALL.len()];
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); Mode::ALL.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); Mode::ALL.len()];
+    let mut cpu_ratios: Vec<Vec<f64>> = vec![Vec::new(); Mode::ALL.len()];
     let mut spans = [0u64; 3];
     let mut failed = [0usize; 3];
     // Cold replicas (their first connections, their allocator's first pages) would count
@@ -145,7 +153,7 @@ pub async fn run(
         duration: Duration::from_secs(1),
         ..config.clone()
     };
-    let _ = client_rps(launch, &target, Mode::Off, sink_addr, &warm_up).await;
+    let _ = client_run(launch, &target, Mode::Off, sink_addr, &warm_up).await;
     for round in 0..config.rounds {
         let mut got = [None; 3];
         // Each round starts with another mode, so that what a run leaves behind (the sink still
@@ -155,18 +163,20 @@ pub async fn run(
             let mode = Mode::ALL[i];
             progress(&format!("tracing / {} / round {}", mode.label(), round + 1));
             let before = sink.spans();
-            got[i] = client_rps(launch, &target, mode, sink_addr, config).await;
+            got[i] = client_run(launch, &target, mode, sink_addr, config).await;
             spans[i] += settled(&sink).await - before;
             if got[i].is_none() {
                 failed[i] += 1;
             }
         }
         // A round whose tracing-off run failed has nothing to compare with.
-        for (i, r) in got.iter().enumerate() {
-            if let Some(r) = r {
-                rps[i].push(*r);
+        for (i, run) in got.iter().enumerate() {
+            if let Some(run) = run {
+                rps[i].push(run.rps);
+                cpu[i].push(run.cpu_us_per_call);
                 if let Some(base) = got[0] {
-                    ratios[i].push(r / base.max(1e-9));
+                    ratios[i].push(run.rps / base.rps.max(1e-9));
+                    cpu_ratios[i].push(base.cpu_us_per_call / run.cpu_us_per_call.max(1e-9));
                 }
             }
         }
@@ -180,6 +190,8 @@ pub async fn run(
             mode: *mode,
             rps: median(rps[i].clone()),
             ratio_to_off: median(ratios[i].clone()),
+            cpu_us_per_call: median(cpu[i].clone()),
+            cpu_ratio_to_off: median(cpu_ratios[i].clone()),
             spans: spans[i],
             failed_runs: failed[i],
         })
@@ -207,14 +219,21 @@ async fn settled(sink: &Sink) -> u64 {
     }
 }
 
-/// One `meshlb client` run's calls/s, or `None` if it gave no report.
-async fn client_rps(
+/// What one client run reported.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    rps: f64,
+    cpu_us_per_call: f64,
+}
+
+/// One `meshlb client` run's figures, or `None` if it gave no report.
+async fn client_run(
     launch: &Launch,
     target: &str,
     mode: Mode,
     sink: SocketAddr,
     config: &BenchConfig,
-) -> Option<f64> {
+) -> Option<Run> {
     let mut cmd = tokio::process::Command::new(&launch.exe);
     cmd.args(["client", "--target", target, "--format", "json"])
         .args([
@@ -242,15 +261,20 @@ async fn client_rps(
     }
     let out = cmd.output().await.ok()?;
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    report["rps"].as_f64()
+    Some(Run {
+        rps: report["rps"].as_f64()?,
+        cpu_us_per_call: report["cpu_us_per_call"].as_f64()?,
+    })
 }
 
 impl TracingScenario {
-    fn cells(r: &TracingRow) -> [String; 5] {
+    fn cells(r: &TracingRow) -> [String; 7] {
         [
             r.mode.label().to_owned(),
             format!("{:.0}", r.rps),
             format!("{:.2}x", r.ratio_to_off),
+            format!("{:.1}µs", r.cpu_us_per_call),
+            format!("{:.2}x", r.cpu_ratio_to_off),
             r.spans.to_string(),
             r.failed_runs.to_string(),
         ]
@@ -261,15 +285,21 @@ impl TracingScenario {
         let mut out = format!("\ntracing ({})\n", self.setup);
         let _ = writeln!(
             out,
-            "{:<28} {:>9} {:>13} {:>9} {:>12}",
-            "client", "calls/s", "ratio to off", "spans", "failed runs"
+            "{:<28} {:>9} {:>13} {:>13} {:>13} {:>9} {:>12}",
+            "client",
+            "calls/s",
+            "ratio to off",
+            "CPU per call",
+            "CPU vs off",
+            "spans",
+            "failed runs"
         );
         for r in &self.rows {
             let c = Self::cells(r);
             let _ = writeln!(
                 out,
-                "{:<28} {:>9} {:>13} {:>9} {:>12}",
-                c[0], c[1], c[2], c[3], c[4]
+                "{:<28} {:>9} {:>13} {:>13} {:>13} {:>9} {:>12}",
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6]
             );
         }
         out
@@ -278,8 +308,8 @@ impl TracingScenario {
     /// The scenario as a Markdown section.
     pub fn markdown(&self) -> String {
         let mut out = format!("### tracing ({})\n\n", self.setup);
-        out.push_str("| client | calls/s | ratio to tracing off (median of rounds) | spans received | failed runs |\n");
-        out.push_str("|---|---|---|---|---|\n");
+        out.push_str("| client | calls/s | ratio to tracing off (median of rounds) | client CPU per call | off's CPU per call over this (median of rounds) | spans received | failed runs |\n");
+        out.push_str("|---|---|---|---|---|---|---|\n");
         for r in &self.rows {
             let _ = writeln!(out, "| {} |", Self::cells(r).join(" | "));
         }

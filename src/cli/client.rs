@@ -330,6 +330,7 @@ pub async fn drive(lb: &Balancer, spec: &LoadSpec, watch: bool, progress: bool) 
     });
     let recorder = Recorder::default();
     let started = tokio::time::Instant::now();
+    let cpu_before = crate::bench::cpu_time();
     let bar = (progress && !watch && std::io::stdout().is_terminal()).then(|| progress_bar(spec));
     let view = {
         let (lb, recorder, bar, stop) = (lb.clone(), recorder.clone(), bar.clone(), spec.stop);
@@ -374,6 +375,9 @@ pub async fn drive(lb: &Balancer, spec: &LoadSpec, watch: bool, progress: bool) 
     );
     report.trace_id = recorder.trace_id();
     (report.hedges, report.hedge_wins) = lb.hedges();
+    let cpu = crate::bench::cpu_time().saturating_sub(cpu_before);
+    report.cpu_us_per_call =
+        (cpu.as_secs_f64() * 1e6 / report.calls.max(1) as f64 * 10.0).round() / 10.0;
     report
 }
 

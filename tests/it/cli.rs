@@ -161,6 +161,9 @@ fn up_then_client_json_counts_add_up_and_round_robin_is_even() {
     }
     assert_eq!(report["calls"], 300);
     assert_eq!(report["ok"], 300);
+    // 300 calls cost the client some CPU, and not a whole second each.
+    let cpu = report["cpu_us_per_call"].as_f64().unwrap();
+    assert!(cpu > 0.0 && cpu < 1e6, "cpu per call {cpu}: {report}");
     let replicas = report["replicas"].as_array().unwrap();
     assert_eq!(replicas.len(), 3);
     let sum: u64 = replicas.iter().map(|r| r["calls"].as_u64().unwrap()).sum();
