@@ -284,8 +284,12 @@ pub fn record_server(span: &tracing::Span, addr: std::net::SocketAddr) {
     }
 }
 
-/// Makes `span` continue the trace named in incoming request headers, if any.
+/// Makes `span` continue the trace named in incoming request headers, if any. A disabled span
+/// (nothing exported, nothing logged) has no parent to take: the headers are not parsed.
 pub fn extract(span: &tracing::Span, headers: &http::HeaderMap) {
+    if span.is_disabled() {
+        return;
+    }
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     if parent.span().span_context().is_valid() {
