@@ -69,7 +69,8 @@ impl Service<http::Request<Body>> for Attempt {
 }
 
 impl Attempt {
-    /// Polled inside the call's span (when it has one), which is what `Span::current` finds.
+    /// The call's span (when it has one) comes in the request ([`CallTrace::Call`]); the
+    /// current span is the caller's.
     async fn run(self, mut request: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
         let Try { number, hedge } = request.extensions().get::<Try>().copied().unwrap_or(Try {
             number: 1,
@@ -96,8 +97,12 @@ impl Attempt {
                 telemetry::inject(&span, request.headers_mut());
                 (Some(span), true)
             }
-            // No span to report to (spans are not recorded).
-            Some(CallTrace::Spans) | None => (None, false),
+            // meshlb's spans are not recorded (filtered out, or no OTel layer): the caller's own
+            // trace, if it has one, still goes on to the replica.
+            Some(CallTrace::Spans) | None => {
+                telemetry::inject(&tracing::Span::current(), request.headers_mut());
+                (None, false)
+            }
         };
         let started = tokio::time::Instant::now();
         let mut buffer = Buffered::clone(&self.buffer);

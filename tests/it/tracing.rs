@@ -496,3 +496,53 @@ async fn sampling_is_decided_once_per_call_and_kept_by_every_hop() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_is_an_event_on_the_call_span_and_a_child_span() {
+    let (receiver, collector) = Receiver::start().await;
+    // Both slow, so that every call outlasts the hedging delay whichever replica it reaches.
+    let a = replica(collector, "slow-a", &["--id", "a", "--latency", "100ms"]);
+    let b = replica(collector, "slow-b", &["--id", "b", "--latency", "100ms"]);
+    let config = std::env::temp_dir().join(format!("meshlb-hedge-{}.json", std::process::id()));
+    std::fs::write(
+        &config,
+        r#"{"methodConfig": [{"name": [{"service": "userguide.v1.UserGuideService"}],
+            "hedgingPolicy": {"maxAttempts": 2, "hedgingDelay": "0.010s"}}]}"#,
+    )
+    .unwrap();
+    let out = meshlb(
+        collector,
+        &[
+            "client",
+            "--target",
+            &format!("ipv4:{},{}", a.addr, b.addr),
+            "--requests",
+            "5",
+            "--concurrency",
+            "1",
+            "--service-config",
+            config.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+    );
+    let _ = std::fs::remove_file(&config);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["hedges"].as_u64().unwrap() > 0, "{report}");
+    let (call, hedge) = eventually("a hedged call's span and its hedge's", || {
+        let spans = receiver.spans();
+        async move {
+            let client: Vec<&Span> = spans.iter().filter(|s| s.service == "client").collect();
+            client.iter().find_map(|call| {
+                let hedged = call.events.iter().any(|(name, _)| name == "hedge");
+                let child = client
+                    .iter()
+                    .find(|s| s.parent == call.span_id && s.attr("meshlb.hedge") == "true")?;
+                hedged.then(|| ((*call).clone(), (*child).clone()))
+            })
+        }
+    })
+    .await;
+    assert_eq!(call.trace_id, hedge.trace_id);
+    assert_eq!(hedge.kind, SPAN_CLIENT);
+}
