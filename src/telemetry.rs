@@ -192,7 +192,7 @@ pub fn init(default_service: &str, default_level: &str) -> Telemetry {
 /// the SDK stores and exports the event), a third of what tracing added to it. The event
 /// attaches to the current span of the balancer's worker, so a try that records it runs inside
 /// its span.
-pub fn p2c_choices() -> bool {
+pub(crate) fn p2c_choices() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
         std::env::var("MESHLB_TRACE_P2C")
@@ -267,7 +267,7 @@ pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
 
 /// Records the replica that answered (`server.address`, `server.port`) on `span`, which declared
 /// both fields, in one record: each record passes every layer of the subscriber.
-pub fn record_server(span: &tracing::Span, addr: std::net::SocketAddr) {
+pub(crate) fn record_server(span: &tracing::Span, addr: std::net::SocketAddr) {
     let Some(meta) = span.metadata() else {
         return;
     };

@@ -310,13 +310,11 @@ where
     shared.counters.count_hedge(false);
     // An event on the call's span for traces, not a log line per hedge. The span comes with
     // the request: it is not the current one.
-    let delay_ms = plan.delay.as_secs_f64() * 1000.0;
-    match copy.extensions().get::<telemetry::CallTrace>() {
-        Some(telemetry::CallTrace::Call(call)) => {
-            tracing::info!(target: telemetry::RPC_SPANS, parent: call, delay_ms, "hedge");
-        }
-        _ => tracing::info!(target: telemetry::RPC_SPANS, delay_ms, "hedge"),
-    }
+    let call = match copy.extensions().get::<telemetry::CallTrace>() {
+        Some(telemetry::CallTrace::Call(call)) => call.clone(),
+        _ => tracing::Span::current(),
+    };
+    tracing::info!(target: telemetry::RPC_SPANS, parent: &call, delay_ms = plan.delay.as_secs_f64() * 1000.0, "hedge");
     let hedge = async move { second.ready().await?.call(copy).await };
     if early.is_some() {
         // The first try failed already: the hedge's answer is the call's (a win when useful).
