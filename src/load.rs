@@ -339,6 +339,21 @@ pub const USERS: [(&str, i32); 5] = [
     ("robert", 24),
 ];
 
+/// A probe of the UserGuide service that judges what its callers meet: GetPoint of the first
+/// of [`USERS`] (`--probe get-point`).
+pub fn get_point_probe() -> crate::balance::ProbeCall {
+    let (name, age) = USERS[0];
+    let request = GetPointRequest {
+        profile: Some(Profile {
+            age,
+            name: name.into(),
+        }),
+    };
+    let method = format!("{}/GetPoint", crate::proto::USERGUIDE_SERVICE);
+    crate::balance::ProbeCall::method(&method, prost::Message::encode_to_vec(&request))
+        .unwrap_or_default()
+}
+
 fn replica_of(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
     metadata
         .get("x-replica-id")

@@ -7,7 +7,11 @@
 //! ([`crate::backoff`], the same type as the health watch's and DNS's), so that the clients of
 //! one fleet, which saw the same failures, do not all probe the endpoint at the same instant.
 //! A stream error or a cancelled call says nothing about the endpoint: it neither counts nor
-//! forgives.
+//! forgives. A probe of the balancer's own (a health check, where no call could be copied) puts
+//! the endpoint back on trust: it answered, but not the callers' calls, so the backoff does not
+//! start over. Ejected again within the longest backoff, it stays out twice as long as the last
+//! time, and an endpoint that is still slow costs its callers a few calls every 30 s, not every
+//! second.
 //!
 //! [`Accrual`] is the decision, a plain state machine over outcomes and time. [`run`] is the task
 //! that owns it, one per endpoint: it is told how calls ended ([`Event`], over a channel), keeps
@@ -20,6 +24,7 @@
 use super::completion::Outcome;
 pub use super::gate::Reason;
 use super::gate::{Ejection, Gate};
+use super::probe::Probe;
 use crate::backoff::Backoff;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,6 +81,10 @@ pub struct Accrual {
     backoff: Backoff,
     probing: bool,
     reason: Option<Reason>,
+    /// When a probe of the balancer's own last put it back (see the module's doc).
+    on_trust_since: Option<Instant>,
+    /// How long a return on trust is remembered: the longest backoff.
+    trust_window: Duration,
 }
 
 impl Accrual {
@@ -88,6 +97,8 @@ impl Accrual {
             backoff: Backoff::new(config.backoff_base, config.backoff_max),
             probing: false,
             reason: None,
+            on_trust_since: None,
+            trust_window: config.backoff_max,
         }
     }
 
@@ -119,7 +130,11 @@ impl Accrual {
     /// Takes the endpoint out: from the base backoff, or for about twice the last one after a
     /// failed probe.
     fn eject(&mut self, now: Instant, reason: Reason, again: bool) {
-        if !again {
+        let on_trust = self
+            .on_trust_since
+            .take()
+            .is_some_and(|since| now.saturating_duration_since(since) < self.trust_window);
+        if !again && !on_trust {
             self.backoff.reset();
         }
         self.ejected_until = Some(now + self.backoff.next_delay());
@@ -132,10 +147,11 @@ impl Accrual {
     pub fn record(
         &mut self,
         outcome: Outcome,
-        was_probe: bool,
+        probe: Option<Probe>,
         probe_too_slow: bool,
         now: Instant,
     ) {
+        let was_probe = probe.is_some();
         match outcome {
             // Says nothing about the endpoint: no reset of the count, no verdict on a probe (the
             // next call probes again). A reset stream is one call's problem (see `failure`).
@@ -167,8 +183,12 @@ impl Accrual {
                         self.eject(now, Reason::Latency, true);
                     } else {
                         self.probing = false;
-                        self.backoff.reset();
                         self.reason = None;
+                        if matches!(probe, Some(Probe::Own { .. })) {
+                            self.on_trust_since = Some(now);
+                        } else {
+                            self.backoff.reset();
+                        }
                     }
                 }
             }
@@ -193,8 +213,8 @@ pub enum Event {
     Ended {
         /// How it ended.
         outcome: Outcome,
-        /// Whether it was the probe.
-        probe: bool,
+        /// Whether it was the probe, and whose.
+        probe: Option<Probe>,
         /// How soon it was answered (what judges a probe of a latency ejection).
         latency: Duration,
     },
@@ -239,10 +259,10 @@ pub async fn run(
                 let was_out = accrual.is_out(now);
                 let too_slow = threshold.is_some_and(|t| latency > t);
                 accrual.record(outcome, probe, too_slow, now);
-                if !was_out && accrual.is_out(now) && !probe {
+                if !was_out && accrual.is_out(now) && probe.is_none() {
                     tracing::info!(%addr, "ejected after consecutive failures");
                 }
-                probe
+                probe.is_some()
             }
             Event::LatencyOutlier { threshold: fleet } => {
                 if accrual.eject_for_latency(now) {
@@ -288,7 +308,7 @@ mod tests {
 
     impl Accrual {
         fn record_plain(&mut self, outcome: Outcome, was_probe: bool, now: Instant) {
-            self.record(outcome, was_probe, false, now);
+            self.record(outcome, was_probe.then_some(Probe::Copy), false, now);
         }
     }
 
@@ -340,7 +360,7 @@ mod tests {
         assert!(jittered(first, Duration::from_secs(1)), "{first:?}");
         let t1 = t0 + first;
         assert_eq!(a.admit(t1), Admit::Probe);
-        a.record(Outcome::Ok, true, true, t1);
+        a.record(Outcome::Ok, Some(Probe::Copy), true, t1);
         let second = ejected_for(&mut a, t1);
         assert!(
             jittered(second, Duration::from_secs(2)),
@@ -348,9 +368,48 @@ mod tests {
         );
         let t2 = t1 + second;
         assert_eq!(a.admit(t2), Admit::Probe);
-        a.record(Outcome::Ok, true, false, t2);
+        a.record(Outcome::Ok, Some(Probe::Copy), false, t2);
         assert_eq!(a.admit(t2), Admit::Yes);
         assert_eq!(a.reason(), None);
+    }
+
+    /// Back on the balancer's own probe, an endpoint ejected again soon after stays out twice as
+    /// long; past the longest backoff, or after a copy's pass, the backoff starts over.
+    #[tokio::test(start_paused = true)]
+    async fn a_return_on_trust_keeps_the_backoff_growing() {
+        let own = Some(Probe::Own { health: true });
+        let mut a = accrual();
+        let t0 = Instant::now();
+        assert!(a.eject_for_latency(t0));
+        let t1 = t0 + ejected_for(&mut a, t0);
+        assert_eq!(a.admit(t1), Admit::Probe);
+        a.record(Outcome::Ok, own, false, t1);
+        assert_eq!(a.admit(t1), Admit::Yes, "back");
+        // Slow again at once: out for the second bound, not the first.
+        let t2 = t1 + Duration::from_millis(300);
+        assert!(a.eject_for_latency(t2));
+        let second = ejected_for(&mut a, t2);
+        assert!(jittered(second, Duration::from_secs(2)), "{second:?}");
+        let t3 = t2 + second;
+        assert_eq!(a.admit(t3), Admit::Probe);
+        a.record(Outcome::Ok, own, false, t3);
+        // In rotation longer than the longest backoff (8 s here): forgiven.
+        let t4 = t3 + Duration::from_secs(9);
+        assert!(a.eject_for_latency(t4));
+        let third = ejected_for(&mut a, t4);
+        assert!(jittered(third, Duration::from_secs(1)), "{third:?}");
+        // A copy's pass is proof: the backoff starts over even when ejected again at once.
+        let t5 = t4 + third;
+        assert_eq!(a.admit(t5), Admit::Probe);
+        a.record(Outcome::Ok, own, true, t5);
+        let doubled = ejected_for(&mut a, t5);
+        assert!(jittered(doubled, Duration::from_secs(2)), "{doubled:?}");
+        let t6 = t5 + doubled;
+        assert_eq!(a.admit(t6), Admit::Probe);
+        a.record(Outcome::Ok, Some(Probe::Copy), false, t6);
+        assert!(a.eject_for_latency(t6));
+        let fresh = ejected_for(&mut a, t6);
+        assert!(jittered(fresh, Duration::from_secs(1)), "{fresh:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -362,14 +421,14 @@ mod tests {
             let t1 = t0 + ejected_for(&mut a, t0);
             assert_eq!(a.admit(t1), Admit::Probe);
             // Quick, because the server gave up at once: still no verdict of "fast".
-            a.record(Outcome::Status(code), true, false, t1);
+            a.record(Outcome::Status(code), Some(Probe::Copy), false, t1);
             let second = ejected_for(&mut a, t1);
             assert!(jittered(second, Duration::from_secs(2)), "{second:?}");
             assert_eq!(a.reason(), Some(Reason::Latency));
             // Not a probe: a deadline is the caller's business, and forgives nothing either way.
             let t2 = t1 + second;
             assert_eq!(a.admit(t2), Admit::Probe);
-            a.record(Outcome::Ok, true, false, t2);
+            a.record(Outcome::Ok, Some(Probe::Copy), false, t2);
             a.record_plain(Outcome::Status(code), false, t2);
             assert_eq!(a.admit(t2), Admit::Yes);
         }
@@ -420,9 +479,9 @@ mod tests {
             rx,
             SocketAddr::from(([127, 0, 0, 1], 1)),
         ));
-        let ended = |outcome, probe| Event::Ended {
+        let ended = |outcome, probe: bool| Event::Ended {
             outcome,
-            probe,
+            probe: probe.then_some(Probe::Copy),
             latency: Duration::from_millis(1),
         };
         for _ in 0..3 {
@@ -454,7 +513,7 @@ mod tests {
         assert!(gate.take_probe());
         let probe = |ms| Event::Ended {
             outcome: Outcome::Ok,
-            probe: true,
+            probe: Some(Probe::Copy),
             latency: Duration::from_millis(ms),
         };
         tx.send(probe(15)).unwrap();

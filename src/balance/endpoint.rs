@@ -11,6 +11,7 @@ use super::completion::{Completion, Outcome, TrackedBody};
 use super::failure::{self, Blame};
 use super::gate::{Admit, Ejection, Gate};
 use super::latency::{Cost, EwmaConfig, Judged, Latency};
+use super::probe::{OwnProbe, Probe};
 use super::silence::Progress;
 use crate::connection::Connection;
 use crate::discovery::Refresh;
@@ -272,8 +273,9 @@ impl Shared {
         outcome: Outcome,
         elapsed: Duration,
         answered: Option<Duration>,
-        was_probe: bool,
+        probe: Option<Probe>,
     ) -> (Duration, Judged) {
+        let was_probe = probe.is_some();
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.progress.call_ended();
         // A probe is judged by how soon the endpoint answered, not by how long its answer ran: a
@@ -296,10 +298,11 @@ impl Shared {
         match outcome {
             Outcome::Ok => {
                 self.served.fetch_add(1, Ordering::Relaxed);
-                judgement = if was_probe {
-                    Judged::Restart
-                } else {
-                    Judged::Add
+                judgement = match probe {
+                    None => Judged::Add,
+                    Some(Probe::Copy) => Judged::Restart,
+                    // Another method's time: the endpoint starts over as a new one.
+                    Some(Probe::Own { .. }) => Judged::Forget,
                 };
             }
             Outcome::Status(_) => {
@@ -332,8 +335,8 @@ impl Shared {
         };
         if tell {
             let _ = self.accrual.send(Event::Ended {
-                outcome,
-                probe: was_probe,
+                outcome: probe.map_or(outcome, |p| p.verdict(outcome)),
+                probe,
                 latency: judged,
             });
         }
@@ -347,7 +350,7 @@ impl Shared {
     pub(crate) fn test_finish_ok(&self, latency: Duration) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.latency.start();
-        let (rtt, judged) = self.finish(Outcome::Ok, latency, Some(latency), false);
+        let (rtt, judged) = self.finish(Outcome::Ok, latency, Some(latency), None);
         self.latency.end(rtt, judged, Instant::now());
     }
 }
@@ -362,7 +365,7 @@ pub struct CallGuard {
     /// When the answer's headers came, after `started` (probes only).
     answered: Option<Duration>,
     outcome: Outcome,
-    probe: bool,
+    probe: Option<Probe>,
     /// The endpoint shed the call, asking for this pause (see `Drop`).
     shed: Option<Duration>,
 }
@@ -413,17 +416,25 @@ pub struct Endpoint {
     channel: Connection,
     refresh: Refresh,
     next_is_probe: bool,
+    own_probe: OwnProbe,
 }
 
 impl Endpoint {
     /// An endpoint over `channel`, gated by `shared`'s gate. `refresh` asks discovery to look again
-    /// when the connection fails.
-    pub fn new(shared: Arc<Shared>, channel: Connection, refresh: Refresh) -> Self {
+    /// when the connection fails; `own_probe` judges it, while it is ejected, when the call it is
+    /// handed may not be duplicated.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        channel: Connection,
+        refresh: Refresh,
+        own_probe: OwnProbe,
+    ) -> Self {
         Self {
             shared,
             channel,
             refresh,
             next_is_probe: false,
+            own_probe,
         }
     }
 }
@@ -457,28 +468,31 @@ impl Service<http::Request<Body>> for Endpoint {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         // Only this endpoint takes its gate's probe, so the one poll_ready offered is still there.
-        let probe = std::mem::take(&mut self.next_is_probe) && self.shared.gate.take_probe();
-        if probe {
-            // The caller need not wait for an endpoint under judgement: a copy is the probe.
-            if let Some(copy) = super::probe::copy_of(&request) {
-                super::probe::run_detached(self.dispatch(copy, true));
-                return Box::pin(std::future::ready(Err(super::probe::Detached::boxed(
-                    request,
-                ))));
-            }
+        if std::mem::take(&mut self.next_is_probe) && self.shared.gate.take_probe() {
+            // No caller waits for an endpoint under judgement: a copy of the call is the probe
+            // where it may be duplicated, a call of the balancer's own where it may not.
+            let (probe, role) = match super::probe::copy_of(&request) {
+                Some(copy) => (copy, Probe::Copy),
+                None => (self.own_probe.request(), self.own_probe.role()),
+            };
+            super::probe::run_detached(self.dispatch(probe, Some(role)));
+            return Box::pin(std::future::ready(Err(super::probe::Detached::boxed(
+                request,
+            ))));
         }
-        self.dispatch(request, probe)
+        self.dispatch(request, None)
     }
 }
 
 impl Endpoint {
     /// Sends `request` on the connection (the readiness `poll_ready` reserved), tracking it.
+    /// `probe`: it is the probe, a copy of a caller's call or the balancer's own.
     fn dispatch(
         &mut self,
         request: http::Request<Body>,
-        probe: bool,
+        probe: Option<Probe>,
     ) -> <Self as Service<http::Request<Body>>>::Future {
-        if probe {
+        if probe.is_some() {
             self.shared.probes.fetch_add(1, Ordering::Relaxed);
         }
         let before = self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -505,7 +519,7 @@ impl Endpoint {
             };
             match result {
                 Ok(response) => {
-                    if guard.probe {
+                    if guard.probe.is_some() {
                         // Only a probe is judged by it: no clock read for the others.
                         guard.answered = Some(guard.started.elapsed());
                     }
@@ -579,7 +593,7 @@ mod tests {
         );
         let end = |outcome| {
             shared.in_flight.fetch_add(1, Ordering::Relaxed);
-            shared.finish(outcome, Duration::from_millis(1), None, false);
+            shared.finish(outcome, Duration::from_millis(1), None, None);
         };
         for _ in 0..4 {
             end(Outcome::Broken);
@@ -646,7 +660,7 @@ mod tests {
         shared.in_flight.fetch_add(1, Ordering::Relaxed);
         // A stream that ran 5 s, answered after 2 ms.
         let (ran, answered) = (Duration::from_secs(5), Duration::from_millis(2));
-        let (rtt, judged) = shared.finish(Outcome::Ok, ran, Some(answered), true);
+        let (rtt, judged) = shared.finish(Outcome::Ok, ran, Some(answered), Some(Probe::Copy));
         shared.latency.end(rtt, judged, Instant::now());
         settle().await;
         assert_eq!(shared.gate.ejection(), Ejection::None);
@@ -656,5 +670,45 @@ mod tests {
             answered,
             "the estimate starts over from it"
         );
+    }
+
+    /// The balancer's own probe: an error answer is no proof (out again, for latency still); an
+    /// OK one lets the endpoint back, but its estimate is not the probe's speed.
+    #[tokio::test(start_paused = true)]
+    async fn the_balancers_own_probe_must_succeed_and_leaves_the_peak_alone() {
+        let shared = serving();
+        shared.latency.start();
+        shared
+            .latency
+            .end(Duration::from_millis(200), Judged::Add, Instant::now());
+        let own = Some(Probe::Own { health: true });
+        let probe_ended = |outcome| {
+            let shared = shared.clone();
+            async move {
+                // Past the first ejection's bound (1 s) and the second's (2 s).
+                tokio::time::advance(Duration::from_secs(3)).await;
+                settle().await;
+                let mut cx = Context::from_waker(noop_waker_ref());
+                assert_eq!(shared.gate.poll_admit(&mut cx), Poll::Ready(Admit::Probe));
+                assert!(shared.gate.take_probe());
+                shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                shared.latency.start();
+                let fast = Duration::from_micros(300);
+                let (rtt, judged) = shared.finish(outcome, fast, Some(fast), own);
+                shared.latency.end(rtt, judged, Instant::now());
+                settle().await;
+            }
+        };
+        shared.eject_for_latency(Duration::from_millis(10));
+        settle().await;
+        probe_ended(Outcome::Status(tonic::Code::NotFound)).await;
+        assert_eq!(shared.gate.ejection(), Ejection::Out(Reason::Latency));
+        probe_ended(Outcome::Ok).await;
+        assert_eq!(shared.gate.ejection(), Ejection::None);
+        assert_eq!(shared.latency().0, Duration::ZERO, "nothing judged yet");
+        // 200 ms decayed over 6 s (to about 110 ms), not restarted at the probe's 0.3 ms.
+        let cost = format!("{:?}", shared.cost(Instant::now()));
+        let ns: f64 = cost.trim_end_matches("ns").parse().unwrap();
+        assert!((100e6..120e6).contains(&ns), "{cost}");
     }
 }

@@ -7,12 +7,15 @@
 //!   Reading the estimate decays it toward zero the same way, so an endpoint nobody chose for a
 //!   while gets tried again. The cost is the estimate times (calls in flight + 1).
 //! - **For judging** ([`Latency::smoothed`], what outlier ejection compares and `endpoints()`
-//!   shows): a moving average of successful calls, one fifth per sample.
+//!   shows): a moving average of successful calls, one fifth per sample. Judging by the peak
+//!   would eject on one scheduling hiccup: at a 10 s decay a single 50 ms answer among 2 ms ones
+//!   holds the peak above a 6 ms outlier threshold for about 20 s.
 //!
 //! A probe's answer restarts both (the estimate from before an ejection says nothing about now):
-//! a recovered endpoint is chosen again at once, instead of waiting for an old peak to decay. Judging by the peak would eject on
-//!   one scheduling hiccup: at a 10 s decay a single 50 ms answer among 2 ms ones holds the peak
-//!   above a 6 ms outlier threshold for about 20 s.
+//! a recovered endpoint is chosen again at once, instead of waiting for an old peak to decay. A
+//! probe of the balancer's own is another method's time: it restarts only the judging view, and
+//! the peak from before the ejection decays as usual (restarting it from a health check's
+//! sub-millisecond answer had p2c send a still-slow endpoint most calls until its first answer).
 //!
 //! Both views are fed by one call to [`Latency::end`] per call: one lock, one clock reading.
 //! (tower's `PeakEwma` kept its estimate beside the endpoint's own average: two locks, two clock
@@ -75,6 +78,11 @@ pub enum Judged {
     /// A probe's time: both views start over from it (what they held is from before the
     /// ejection, and says nothing about now).
     Restart,
+    /// A probe of the balancer's own answered: its time is another method's, so it says the
+    /// endpoint is back but not how fast its calls are. The judging view starts over with
+    /// nothing (the outlier detector waits for a call of the endpoint's own); the peak stays
+    /// what its calls last made it, so p2c tries it again as that decays, one call at a time.
+    Forget,
 }
 
 /// One endpoint's latency estimate.
@@ -134,13 +142,17 @@ impl Latency {
             .pending
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         let mut state = lock(&self.state);
+        if judged == Judged::Forget {
+            state.smoothed_us = 0.0;
+            return;
+        }
         if judged == Judged::Restart {
             state.peak_ns = 0.0;
         }
         state.update(rtt.as_nanos() as f64, now, self.decay_ns);
         let us = rtt.as_micros() as f64;
         state.smoothed_us = match judged {
-            Judged::Skip => state.smoothed_us,
+            Judged::Skip | Judged::Forget => state.smoothed_us,
             Judged::Restart => us,
             Judged::Add if state.smoothed_us == 0.0 => us,
             Judged::Add => state.smoothed_us * (1.0 - SMOOTHING) + us * SMOOTHING,
@@ -228,6 +240,26 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(30)).await;
         assert!(ms(l.cost(Instant::now())) < 3.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_methods_time_forgets_the_judgement_but_not_the_peak() {
+        let l = latency();
+        for _ in 0..5 {
+            l.start();
+            l.end(50 * MS, Judged::Add, Instant::now());
+        }
+        l.start();
+        l.end(MS, Judged::Forget, Instant::now());
+        assert_eq!(
+            ms(l.cost(Instant::now())),
+            50.0,
+            "the peak, not the probe's 1 ms"
+        );
+        assert_eq!(l.smoothed(), Duration::ZERO);
+        l.start();
+        l.end(2 * MS, Judged::Add, Instant::now());
+        assert_eq!(l.smoothed(), 2 * MS, "the first call after is the average");
     }
 
     #[tokio::test(start_paused = true)]

@@ -617,7 +617,7 @@ mod tests {
             crate::balance::completion::Outcome::Status(Code::NotFound),
             std::time::Duration::from_millis(1),
             None,
-            false,
+            None,
         );
         balancer.insert(addr, shared, connection, tokio::spawn(async {}));
         metrics.attach(&balancer);

@@ -91,6 +91,7 @@ pub use hedge::{HedgeConfig, HedgeDelay};
 pub use latency::EwmaConfig;
 pub use metrics::Metrics;
 pub use outlier::OutlierConfig;
+pub use probe::ProbeCall;
 pub use registry::ConnectConfig;
 pub use retry::Attempts;
 pub use service_config::{ServiceConfig, ServiceConfigError};
@@ -204,6 +205,7 @@ pub struct Builder {
     metrics: Option<Metrics>,
     discovery: Option<CustomDiscovery>,
     subset: Option<usize>,
+    probe: ProbeCall,
 }
 
 /// A discovery stream handed to the builder, taken by the first balancer built from it.
@@ -265,6 +267,14 @@ impl Builder {
     /// Silent-failure detection settings (`enabled: false` turns it off).
     pub fn silence(mut self, silence: SilenceConfig) -> Self {
         self.silence = silence;
+        self
+    }
+
+    /// What probes an ejected endpoint when the call it is handed may not be duplicated (no
+    /// retry or hedging policy for its method): default, a grpc.health.v1 `Check`. A call that may
+    /// be duplicated is copied as the probe instead; either way no caller waits for the probe.
+    pub fn probe(mut self, probe: ProbeCall) -> Self {
+        self.probe = probe;
         self
     }
 
@@ -438,12 +448,14 @@ impl Builder {
         let discover =
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
 
+        let probe = probe::OwnProbe::new(&self.probe, &health.service);
         let settings = EndpointSettings {
             connect,
             health,
             accrual: self.accrual,
             ewma: self.ewma,
             subset: self.subset.or(self.call.service_config.subset_size),
+            probe,
         };
         let manager = tokio::spawn(registry::manage(discovery, registry.clone(), settings, tx));
 
@@ -558,6 +570,7 @@ impl Balancer {
             metrics: None,
             discovery: None,
             subset: None,
+            probe: ProbeCall::default(),
         }
     }
 

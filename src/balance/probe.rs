@@ -3,21 +3,183 @@
 //! method has a retry or hedging policy, so its request is kept: [`Duplicable`]), copied: the copy
 //! goes to the endpoint as the probe and runs to its end on its own task, and the caller's own
 //! request comes back ([`Detached`]) to be sent elsewhere at once. A call that may not be
-//! duplicated is the probe itself, as before: its caller waits for the judged endpoint.
+//! duplicated is never a probe: the balancer sends a call of its own instead ([`ProbeCall`]: a
+//! grpc.health.v1 `Check` unless the user names a method), and the caller's request comes back
+//! the same way.
 //!
 //! Knows requests and futures; nothing of how endpoints are judged or picked.
 
+use super::completion::Outcome;
 use super::endpoint::BoxError;
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http_body_util::{BodyExt, Full};
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 use tonic::body::Body;
+use tonic::Code;
 
 /// The longest a detached probe may run: past it, it is dropped and judges nothing (the next
 /// call probes again).
 pub const PROBE_LIMIT: Duration = Duration::from_secs(10);
+
+/// What probes an ejected endpoint when the call it is handed may not be duplicated: a call the
+/// balancer makes itself, so that no caller ever waits for an endpoint under judgement.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeCall(Kind);
+
+#[derive(Debug, Clone, Default)]
+enum Kind {
+    #[default]
+    Health,
+    Method {
+        path: PathAndQuery,
+        message: Bytes,
+    },
+}
+
+impl ProbeCall {
+    /// `grpc.health.v1.Health/Check` for the service name the health watch asks about (the
+    /// default). It shows that the endpoint answers, and how soon its server does; not how fast
+    /// its handlers are, so an endpoint ejected for latency comes back on it as a new endpoint
+    /// would (p2c tries it gently) and is ejected again if its calls are still slow.
+    pub fn health() -> Self {
+        Self(Kind::Health)
+    }
+
+    /// A unary method of the service's, `package.Service/Method` (a leading `/` is optional),
+    /// with `message`, the request encoded as protobuf (empty: every field at its default, a
+    /// valid request of any method). It is judged as the callers' calls are, so it must be safe
+    /// to call at any time.
+    pub fn method(method: &str, message: impl Into<Bytes>) -> Result<Self, String> {
+        let trimmed = method.trim_start_matches('/');
+        let well_formed = trimmed.split_once('/').is_some_and(|(service, name)| {
+            !service.is_empty() && !name.is_empty() && !name.contains('/')
+        });
+        let path = if well_formed {
+            PathAndQuery::try_from(format!("/{trimmed}")).ok()
+        } else {
+            None
+        };
+        let path = path.ok_or_else(|| {
+            format!("probe method must be package.Service/Method, got {method:?}")
+        })?;
+        Ok(Self(Kind::Method {
+            path,
+            message: message.into(),
+        }))
+    }
+}
+
+impl std::str::FromStr for ProbeCall {
+    type Err = String;
+
+    /// `health`, or `package.Service/Method` called with an empty request.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "health" => Ok(Self::health()),
+            method => Self::method(method, Bytes::new()),
+        }
+    }
+}
+
+/// Whose call a probe is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// A copy of a caller's call: judged as any call is.
+    Copy,
+    /// The balancer's own [`ProbeCall`].
+    Own {
+        /// It is a health Check.
+        health: bool,
+    },
+}
+
+impl Probe {
+    /// What the probe's `outcome` tells accrual. A copy's, as it is. The balancer's own call is
+    /// chosen to succeed, so only OK shows the endpoint back (and UNIMPLEMENTED from a health
+    /// Check: a server without a health service, which its watch takes as serving too). Any
+    /// other status did not show the endpoint able to serve: it is told as a probe the server
+    /// gave up on, which ejects the endpoint again for the same reason. (A fast error would
+    /// otherwise let a slow endpoint back: a handler that rejects a request before doing its
+    /// work answers at once.)
+    pub(crate) fn verdict(self, outcome: Outcome) -> Outcome {
+        match (self, outcome) {
+            (Probe::Copy, outcome) => outcome,
+            (Probe::Own { health: true }, Outcome::Status(Code::Unimplemented)) => Outcome::Ok,
+            (Probe::Own { .. }, Outcome::Status(code)) if code != Code::Unavailable => {
+                Outcome::Status(Code::DeadlineExceeded)
+            }
+            (Probe::Own { .. }, outcome) => outcome,
+        }
+    }
+}
+
+/// A [`ProbeCall`], ready to send: its path and its one gRPC message, framed once per balancer.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnProbe {
+    path: PathAndQuery,
+    frame: Bytes,
+    health: bool,
+}
+
+impl OwnProbe {
+    /// `call`, where a health check asks about `health_service`.
+    pub(crate) fn new(call: &ProbeCall, health_service: &str) -> Self {
+        let health = matches!(call.0, Kind::Health);
+        let (path, message) = match &call.0 {
+            Kind::Health => {
+                let request = tonic_health::pb::HealthCheckRequest {
+                    service: health_service.to_owned(),
+                };
+                (
+                    PathAndQuery::from_static("/grpc.health.v1.Health/Check"),
+                    Bytes::from(prost::Message::encode_to_vec(&request)),
+                )
+            }
+            Kind::Method { path, message } => (path.clone(), message.clone()),
+        };
+        let mut frame = bytes::BytesMut::with_capacity(5 + message.len());
+        frame.extend_from_slice(&[0]);
+        frame.extend_from_slice(
+            &u32::try_from(message.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        frame.extend_from_slice(&message);
+        Self {
+            path,
+            frame: frame.freeze(),
+            health,
+        }
+    }
+
+    /// What its probes are.
+    pub(crate) fn role(&self) -> Probe {
+        Probe::Own {
+            health: self.health,
+        }
+    }
+
+    /// One probe request, with the probe's own deadline.
+    pub(crate) fn request(&self) -> http::Request<Body> {
+        let mut request = http::Request::new(Body::new(Full::new(self.frame.clone())));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = http::Uri::from(self.path.clone());
+        let headers = request.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        headers.insert(
+            crate::grpc::TIMEOUT_HEADER,
+            crate::grpc::timeout_value(PROBE_LIMIT),
+        );
+        request
+    }
+}
 
 /// In a request's extensions: its body, kept, so that the request may be sent more than once.
 #[derive(Debug, Clone)]
@@ -101,6 +263,61 @@ mod tests {
         assert_eq!(back.uri().path(), "/s.S/M");
         let other = again(BoxError::from("boom")).unwrap_err();
         assert_eq!(other.to_string(), "boom");
+    }
+
+    #[tokio::test]
+    async fn the_balancers_own_probe_is_one_framed_grpc_message() {
+        let health = OwnProbe::new(&ProbeCall::health(), "pkg.Svc").request();
+        assert_eq!(health.uri().path(), "/grpc.health.v1.Health/Check");
+        assert_eq!(health.method(), http::Method::POST);
+        assert_eq!(health.headers()["content-type"], "application/grpc");
+        assert_eq!(health.headers()["te"], "trailers");
+        assert_eq!(health.headers()["grpc-timeout"], "10000m");
+        let body = health.into_body().collect().await.unwrap().to_bytes();
+        let asked: tonic_health::pb::HealthCheckRequest =
+            prost::Message::decode(&body[5..]).unwrap();
+        assert_eq!(body[0], 0, "not compressed");
+        assert_eq!(
+            u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize,
+            body.len() - 5
+        );
+        assert_eq!(asked.service, "pkg.Svc");
+
+        let method: ProbeCall = "pkg.Svc/Get".parse().unwrap();
+        let request = OwnProbe::new(&method, "ignored").request();
+        assert_eq!(request.uri().path(), "/pkg.Svc/Get");
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], &[0, 0, 0, 0, 0], "an empty message");
+    }
+
+    #[test]
+    fn only_ok_lets_an_endpoint_back_on_the_balancers_own_probe() {
+        let own = Probe::Own { health: false };
+        let health = Probe::Own { health: true };
+        let gave_up = Outcome::Status(Code::DeadlineExceeded);
+        assert_eq!(own.verdict(Outcome::Ok), Outcome::Ok);
+        assert_eq!(own.verdict(Outcome::Status(Code::InvalidArgument)), gave_up);
+        assert_eq!(own.verdict(Outcome::Status(Code::Unimplemented)), gave_up);
+        assert_eq!(
+            health.verdict(Outcome::Status(Code::Unimplemented)),
+            Outcome::Ok
+        );
+        assert_eq!(health.verdict(Outcome::Status(Code::NotFound)), gave_up);
+        // A failure stays one (it ejects for failures), and a copy is judged as its call.
+        assert_eq!(own.verdict(Outcome::Broken), Outcome::Broken);
+        let unavailable = Outcome::Status(Code::Unavailable);
+        assert_eq!(own.verdict(unavailable), unavailable);
+        let invalid = Outcome::Status(Code::InvalidArgument);
+        assert_eq!(Probe::Copy.verdict(invalid), invalid);
+    }
+
+    #[test]
+    fn a_probe_method_must_name_a_service_and_a_method() {
+        assert!("/pkg.Svc/Get".parse::<ProbeCall>().is_ok());
+        for bad in ["", "pkg.Svc", "pkg.Svc/", "/Get", "a/b/c", "pkg.Svc/G et"] {
+            let error = bad.parse::<ProbeCall>().unwrap_err();
+            assert!(error.contains("package.Service/Method"), "{bad}: {error}");
+        }
     }
 
     #[tokio::test]

@@ -322,6 +322,8 @@ pub struct EndpointSettings {
     pub ewma: EwmaConfig,
     /// Connect to at most this many of the discovered addresses (none: to every one).
     pub subset: Option<usize>,
+    /// The probe of an ejected endpoint when the call it is handed may not be duplicated.
+    pub(crate) probe: super::probe::OwnProbe,
 }
 
 /// Consumes discovery updates until the balancer goes away: keeps the subset's addresses (every
@@ -383,7 +385,12 @@ fn hand_on(
             tracing::debug!(%addr, "endpoint added");
             Change::Insert(
                 addr,
-                Endpoint::new(shared, channel, discovery.refresh.clone()),
+                Endpoint::new(
+                    shared,
+                    channel,
+                    discovery.refresh.clone(),
+                    settings.probe.clone(),
+                ),
             )
         }
         Update::Remove(addr) => {

@@ -1,10 +1,11 @@
 //! Benchmarks: the same load against the same local fleet through each contender, scenario by
 //! scenario, so the numbers are comparable within one run, round by round (every contender once
 //! per round). Contenders: meshlb p2c (peak-EWMA with outlier ejection), p2c with hedging, p2c over
-//! plain peak-EWMA, p2c reporting metrics, meshlb round-robin, tonic's `Channel::balance_list`
-//! (what a tonic user gets today), and a single direct `Channel` to one healthy replica (the
-//! floor). Knows nothing of how results are printed
-//! beyond producing rows; [`Scenario::markdown`] and [`Scenario::table`] render them.
+//! plain peak-EWMA, p2c reporting metrics, p2c without a service config (no call may be
+//! duplicated: probes are the balancer's own, one-slow only), meshlb round-robin, tonic's
+//! `Channel::balance_list` (what a tonic user gets today), and a single direct `Channel` to one
+//! healthy replica (the floor). Knows nothing of how results are printed beyond producing rows;
+//! [`Scenario::markdown`] and [`Scenario::table`] render them.
 
 pub mod failures;
 pub mod scale;
@@ -102,6 +103,12 @@ pub enum Contender {
     /// meshlb p2c making the same GetPoint calls as `--call package.Service/Method` does: the
     /// schema by server reflection, the requests from JSON, dynamic messages on the wire.
     MeshlbP2cAnyMethod,
+    /// meshlb p2c with no service config: no call may be duplicated, so an ejected replica's
+    /// probe is the balancer's own health Check.
+    MeshlbP2cOnce,
+    /// As [`Contender::MeshlbP2cOnce`], probing with GetPoint itself (`--probe`): judged by what
+    /// callers would meet.
+    MeshlbP2cOnceProbed,
     /// meshlb, round-robin.
     MeshlbRoundRobin,
     /// tower's p2c over `PeakEwmaDiscover`, latency to the end of the body, on plain tonic
@@ -121,6 +128,8 @@ impl Contender {
             Contender::MeshlbP2cPlain => "p2c, plain EWMA",
             Contender::MeshlbP2cMetrics => "p2c + metrics",
             Contender::MeshlbP2cAnyMethod => "p2c, --call by reflection",
+            Contender::MeshlbP2cOnce => "p2c, no retries (Check probes)",
+            Contender::MeshlbP2cOnceProbed => "p2c, no retries (GetPoint probes)",
             Contender::MeshlbRoundRobin => "meshlb round-robin",
             Contender::TowerP2c => "tower p2c (hand-rolled)",
             Contender::TonicBalanceList => "tonic balance_list",
@@ -215,6 +224,11 @@ pub async fn run(
             // Where the client's own cost shows: the dynamic path beside the typed one.
             contenders.insert(1, Contender::MeshlbP2cAnyMethod);
         }
+        if kind == ScenarioKind::OneSlow {
+            // Where probes show: calls that may not be duplicated are never probes either.
+            contenders.insert(1, Contender::MeshlbP2cOnce);
+            contenders.insert(2, Contender::MeshlbP2cOnceProbed);
+        }
         if kind.has_direct() {
             contenders.push(Contender::TowerP2c);
             contenders.push(Contender::Direct);
@@ -287,6 +301,8 @@ async fn measure(
         | Contender::MeshlbP2cPlain
         | Contender::MeshlbP2cMetrics
         | Contender::MeshlbP2cAnyMethod
+        | Contender::MeshlbP2cOnce
+        | Contender::MeshlbP2cOnceProbed
         | Contender::MeshlbRoundRobin => {
             let policy = if contender == Contender::MeshlbRoundRobin {
                 Policy::RoundRobin
@@ -297,8 +313,17 @@ async fn measure(
             // over the config's balancing choice.
             let mut builder = Balancer::builder(target)
                 .policy(policy)
-                .health_service(crate::proto::USERGUIDE_SERVICE)
-                .service_config(crate::proto::USERGUIDE_SERVICE_CONFIG)?;
+                .health_service(crate::proto::USERGUIDE_SERVICE);
+            let once = matches!(
+                contender,
+                Contender::MeshlbP2cOnce | Contender::MeshlbP2cOnceProbed
+            );
+            if !once {
+                builder = builder.service_config(crate::proto::USERGUIDE_SERVICE_CONFIG)?;
+            }
+            if contender == Contender::MeshlbP2cOnceProbed {
+                builder = builder.probe(crate::load::get_point_probe());
+            }
             if contender == Contender::MeshlbP2cHedged {
                 builder = builder.hedge(HedgeConfig::p95());
             }

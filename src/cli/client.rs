@@ -70,6 +70,22 @@ pub struct ServiceConfigArgs {
     /// random_subsetting_experimental); wins over the service config's subsetSize. Default: every endpoint.
     #[arg(long, env = "MESHLB_SUBSET", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub subset: Option<u32>,
+    /// What probes an ejected endpoint when the call it is handed may not be duplicated (its
+    /// method has no retry or hedging policy): `health`, a grpc.health.v1 Check; `get-point`,
+    /// UserGuide's GetPoint for a known user; or package.Service/Method, called with an empty
+    /// request (it must answer OK to one, and be safe to call at any time). Default: get-point
+    /// for UserGuide's calls, health for any other service's. A call that may be duplicated is
+    /// copied as the probe instead; no caller waits for either.
+    #[arg(long, env = "MESHLB_PROBE", value_name = "health|get-point|METHOD", value_parser = parse_probe)]
+    pub probe: Option<crate::balance::ProbeCall>,
+}
+
+/// `health`, `get-point`, or package.Service/Method.
+fn parse_probe(value: &str) -> Result<crate::balance::ProbeCall, String> {
+    match value {
+        "get-point" => Ok(crate::load::get_point_probe()),
+        other => other.parse(),
+    }
 }
 
 /// A service config's JSON, checked; `None` for no config.
@@ -180,9 +196,16 @@ pub fn balancer(
     metrics: Option<&crate::balance::Metrics>,
     service_config: &ServiceConfigArgs,
 ) -> anyhow::Result<Balancer> {
+    // A GetPoint judges what UserGuide's callers meet; a health Check only that a server answers.
+    let probe = match &service_config.probe {
+        Some(probe) => probe.clone(),
+        None if health == crate::proto::USERGUIDE_SERVICE => crate::load::get_point_probe(),
+        None => crate::balance::ProbeCall::health(),
+    };
     let mut builder = Balancer::builder(target)
         .timeout(timeout)
-        .health_service(health);
+        .health_service(health)
+        .probe(probe);
     if let Some(policy) = policy {
         builder = builder.policy(policy);
     }

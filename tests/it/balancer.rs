@@ -639,25 +639,27 @@ async fn ejected_under_load(lb: &Balancer, slow: &Replica) {
     .await;
 }
 
-/// GetPoint calls a replica answered, as its own metrics count them.
-async fn answered(replica: &Replica) -> u64 {
+/// Calls of `method` a replica answered, as its own metrics count them.
+async fn answered(replica: &Replica, method: &str) -> u64 {
     let (_, text) = crate::support::http_get(replica.metrics, "/metrics").await;
+    let method = format!("grpc_method=\"{method}\"");
     text.lines()
-        .filter(|l| l.starts_with("grpc_server_handled_total{") && l.contains("GetPoint"))
+        .filter(|l| l.starts_with("grpc_server_handled_total{") && l.contains(&method))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
 
-/// An ejected replica is still probed (it gets calls), but with a method that may be duplicated
-/// the probe is a copy: no caller waits for the slow replica, however many probes it gets.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probes_of_an_ejected_replica_never_cost_a_caller() {
+/// Three replicas behind `lb`'s builder; the first turns slow (200 ms) once every replica has
+/// answered a few calls, and is driven out as a latency outlier. Returns the replicas and the
+/// balancer, every call ended.
+async fn one_ejected(
+    builder: impl FnOnce(String) -> meshlb::balance::Builder,
+) -> (Vec<Replica>, Balancer) {
     // Far slower than the fast ones even when a loaded machine slows them to tens of
     // milliseconds: then a probe of it is judged too slow, and it rightly stays out.
     let replicas = three([latency(0), latency(0), latency(0)]).await;
-    let slow = &replicas[0];
-    // The UserGuide config retries GetPoint: its calls may be duplicated.
-    let lb = crate::support::userguide(target(&replicas))
+    let lb = builder(target(&replicas))
+        .health_service(SERVICE)
         .build()
         .await
         .unwrap();
@@ -671,20 +673,26 @@ async fn probes_of_an_ejected_replica_never_cost_a_caller() {
         (replicas.iter().all(|r| tally.of(&r.id) >= 5)).then_some(())
     })
     .await;
-    set_faults(slow.admin, latency(200)).await;
-    ejected_under_load(&lb, slow).await;
+    set_faults(replicas[0].admin, latency(200)).await;
+    ejected_under_load(&lb, &replicas[0]).await;
+    (replicas, lb)
+}
+
+/// Drives load until the slow replica has answered two more calls of `method` (its probes);
+/// asserts that no caller's call was answered by it meanwhile.
+async fn probed_without_a_caller(lb: &Balancer, slow: &Replica, method: &str) {
     // Every call dispatched so far has ended: from here, what the slow replica answers is probes.
-    let before = answered(slow).await;
+    let before = answered(slow, method).await;
     let (by_slow, calls) = (
         std::sync::atomic::AtomicUsize::new(0),
         std::sync::atomic::AtomicUsize::new(0),
     );
     eventually("two probes of the ejected replica", || async {
-        let tally = drive(&lb, 60, 6).await;
+        let tally = drive(lb, 60, 6).await;
         assert!(tally.errors.is_empty(), "{:?}", tally.errors);
         by_slow.fetch_add(tally.of(&slow.id), Ordering::Relaxed);
         calls.fetch_add(tally.ok(), Ordering::Relaxed);
-        (answered(slow).await >= before + 2).then_some(())
+        (answered(slow, method).await >= before + 2).then_some(())
     })
     .await;
     assert_eq!(
@@ -692,6 +700,52 @@ async fn probes_of_an_ejected_replica_never_cost_a_caller() {
         0,
         "callers waited for the slow replica's probes ({} calls); endpoints now: {:?}",
         calls.load(Ordering::Relaxed),
+        lb.endpoints()
+    );
+}
+
+/// An ejected replica is still probed (it gets calls), but with a method that may be duplicated
+/// the probe is a copy: no caller waits for the slow replica, however many probes it gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_of_an_ejected_replica_never_cost_a_caller() {
+    // The UserGuide config retries GetPoint: its calls may be duplicated.
+    let (replicas, lb) = one_ejected(crate::support::userguide).await;
+    probed_without_a_caller(&lb, &replicas[0], "GetPoint").await;
+}
+
+/// With no service config, no call may be duplicated: none is ever a probe. The balancer sends
+/// the call it was told to probe with instead (here a GetPoint of its own, which the slow
+/// replica answers slowly: it stays out), and the caller's call goes elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_may_not_be_duplicated_is_never_a_probe() {
+    let (replicas, lb) = one_ejected(|target| {
+        meshlb::Balancer::builder(target).probe(meshlb::load::get_point_probe())
+    })
+    .await;
+    probed_without_a_caller(&lb, &replicas[0], "GetPoint").await;
+}
+
+/// The default probe of a call that may not be duplicated is a health `Check`: the slow
+/// replica's server answers it at once (its injected latency is its handlers'), so it comes
+/// back, as a new endpoint would, without a caller having waited for its judgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_probe_is_a_health_check() {
+    let (replicas, lb) = one_ejected(meshlb::Balancer::builder).await;
+    let slow = &replicas[0];
+    // The health watch asks `Watch`; any `Check` is a probe.
+    let checks = answered(slow, "Check").await;
+    eventually(
+        "the slow replica back in rotation after a health check",
+        || async {
+            let tally = drive(&lb, 30, 6).await;
+            assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+            (state_of(&lb, slow.addr) == Some(EndpointState::Ready)).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        answered(slow, "Check").await > checks,
+        "a Check was its probe; endpoints now: {:?}",
         lb.endpoints()
     );
 }

@@ -253,6 +253,10 @@ fn bad_usage_exits_2_with_one_clear_line() {
         "/nonexistent/fleet.toml",
     );
     assert_usage_error(&["replica", "--fail-rate", "7"], "fail rate");
+    assert_usage_error(
+        &["client", "--target", "x:1", "--probe", "pkg.Svc"],
+        "package.Service/Method",
+    );
     // Values that used to panic or make no sense.
     assert_usage_error(&["client", "--target", "x:1", "--rate", "1e12"], "--rate");
     assert_usage_error(&["client", "--target", "x:1", "--timeout", "0s"], "0s");
