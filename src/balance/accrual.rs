@@ -9,9 +9,10 @@
 //! A stream error or a cancelled call says nothing about the endpoint: it neither counts nor
 //! forgives. A probe of the balancer's own (a health check, where no call could be copied) puts
 //! the endpoint back on trust: it answered, but not the callers' calls, so the backoff does not
-//! start over. Ejected again within the longest backoff, it stays out twice as long as the last
-//! time, and an endpoint that is still slow costs its callers a few calls every 30 s, not every
-//! second.
+//! start over, and the first call it answers is its trial: slower than the fleet's outlier
+//! threshold, it is out again at once (not after the detector's window). Ejected again within the
+//! longest backoff, it stays out twice as long as the last time, so an endpoint that is still
+//! slow costs one caller now and then (at most every 30 s once the backoff is at its longest).
 //!
 //! [`Accrual`] is the decision, a plain state machine over outcomes and time. [`run`] is the task
 //! that owns it, one per endpoint: it is told how calls ended ([`Event`], over a channel), keeps
@@ -127,6 +128,17 @@ impl Accrual {
         true
     }
 
+    /// The first call after a return on trust was slower than the fleet's threshold: out again
+    /// at once (not after the outlier detector's window), for twice the last backoff. False if
+    /// it was not on trust, or is out already.
+    pub fn fail_trial(&mut self, now: Instant) -> bool {
+        if self.on_trust_since.is_none() || self.is_out(now) || self.probing {
+            return false;
+        }
+        self.eject(now, Reason::Latency, false);
+        true
+    }
+
     /// Takes the endpoint out: from the base backoff, or for about twice the last one after a
     /// failed probe.
     fn eject(&mut self, now: Instant, reason: Reason, again: bool) {
@@ -217,6 +229,8 @@ pub enum Event {
         probe: Option<Probe>,
         /// How soon it was answered (what judges a probe of a latency ejection).
         latency: Duration,
+        /// The first call answered since a probe of the balancer's own let the endpoint back.
+        trial: bool,
     },
     /// The outlier detector found the endpoint too slow: a probe must answer within `threshold`.
     LatencyOutlier {
@@ -255,10 +269,14 @@ pub async fn run(
                 outcome,
                 probe,
                 latency,
+                trial,
             } => {
                 let was_out = accrual.is_out(now);
                 let too_slow = threshold.is_some_and(|t| latency > t);
                 accrual.record(outcome, probe, too_slow, now);
+                if trial && too_slow && accrual.fail_trial(now) {
+                    tracing::info!(%addr, ?latency, "still slow after a return on trust: ejected");
+                }
                 if !was_out && accrual.is_out(now) && probe.is_none() {
                     tracing::info!(%addr, "ejected after consecutive failures");
                 }
@@ -393,6 +411,18 @@ mod tests {
         let t3 = t2 + second;
         assert_eq!(a.admit(t3), Admit::Probe);
         a.record(Outcome::Ok, own, false, t3);
+        // Its first call's answer is its trial; failed, it is out for the third bound.
+        assert!(a.fail_trial(t3 + Duration::from_millis(60)));
+        let t3b = t3 + Duration::from_millis(60);
+        let trial_failed = ejected_for(&mut a, t3b);
+        assert!(
+            jittered(trial_failed, Duration::from_secs(4)),
+            "{trial_failed:?}"
+        );
+        assert!(!a.fail_trial(t3b), "out already");
+        let t3 = t3b + trial_failed;
+        assert_eq!(a.admit(t3), Admit::Probe);
+        a.record(Outcome::Ok, own, false, t3);
         // In rotation longer than the longest backoff (8 s here): forgiven.
         let t4 = t3 + Duration::from_secs(9);
         assert!(a.eject_for_latency(t4));
@@ -407,6 +437,7 @@ mod tests {
         let t6 = t5 + doubled;
         assert_eq!(a.admit(t6), Admit::Probe);
         a.record(Outcome::Ok, Some(Probe::Copy), false, t6);
+        assert!(!a.fail_trial(t6), "a copy's pass puts it back for good");
         assert!(a.eject_for_latency(t6));
         let fresh = ejected_for(&mut a, t6);
         assert!(jittered(fresh, Duration::from_secs(1)), "{fresh:?}");
@@ -483,6 +514,7 @@ mod tests {
             outcome,
             probe: probe.then_some(Probe::Copy),
             latency: Duration::from_millis(1),
+            trial: false,
         };
         for _ in 0..3 {
             tx.send(ended(Outcome::Broken, false)).unwrap();
@@ -515,6 +547,7 @@ mod tests {
             outcome: Outcome::Ok,
             probe: Some(Probe::Copy),
             latency: Duration::from_millis(ms),
+            trial: false,
         };
         tx.send(probe(15)).unwrap();
         settle().await;

@@ -110,6 +110,9 @@ pub struct Shared {
     accrual: mpsc::UnboundedSender<Event>,
     /// The last outcome told to accrual was a failure: the next success must be told too.
     failing: AtomicBool,
+    /// Back on a probe of the balancer's own: the next call's answer must be told too, as the
+    /// first proof of its speed.
+    on_trial: AtomicBool,
     shed: AtomicU64,
     progress: Progress,
     /// Calls ended, by the gRPC code the caller saw (a broken connection counts as
@@ -169,6 +172,7 @@ impl Shared {
             latency: Latency::new(ewma),
             accrual: events,
             failing: AtomicBool::new(false),
+            on_trial: AtomicBool::new(false),
             shed: AtomicU64::new(0),
             progress: Progress::default(),
             by_code: Default::default(),
@@ -318,10 +322,19 @@ impl Shared {
             }
             Outcome::Cancelled => {}
         }
-        // Only what can change accrual's decision crosses to its task: a failure, a probe, and
-        // the first call after a failure that resets its count.
+        // Only what can change accrual's decision crosses to its task: a failure, a probe, the
+        // first call after a failure that resets its count, and the first answer after a return
+        // on trust.
         let failure = outcome.is_endpoint_failure();
         let resets = matches!(outcome, Outcome::Ok | Outcome::Status(_)) && !failure;
+        let told = probe.map_or(outcome, |p| p.verdict(outcome));
+        if matches!(probe, Some(Probe::Own { .. })) && told == Outcome::Ok {
+            self.on_trial.store(true, Ordering::Relaxed);
+        }
+        let trial = !was_probe
+            && outcome == Outcome::Ok
+            && self.on_trial.load(Ordering::Relaxed)
+            && self.on_trial.swap(false, Ordering::Relaxed);
         let tell = if failure {
             self.failing.store(true, Ordering::Relaxed);
             true
@@ -329,15 +342,17 @@ impl Shared {
             // A read first: most calls succeed with nothing to reset, and a write on every call
             // would bounce the flag's cache line between the cores.
             was_probe
+                || trial
                 || (resets
                     && self.failing.load(Ordering::Relaxed)
                     && self.failing.swap(false, Ordering::Relaxed))
         };
         if tell {
             let _ = self.accrual.send(Event::Ended {
-                outcome: probe.map_or(outcome, |p| p.verdict(outcome)),
+                outcome: told,
                 probe,
                 latency: judged,
+                trial,
             });
         }
         (judged, judgement)
@@ -710,5 +725,13 @@ mod tests {
         let cost = format!("{:?}", shared.cost(Instant::now()));
         let ns: f64 = cost.trim_end_matches("ns").parse().unwrap();
         assert!((100e6..120e6).contains(&ns), "{cost}");
+        // Its first caller's answer is its trial: still slow, out at once.
+        shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        shared.latency.start();
+        let slow = Duration::from_millis(200);
+        let (rtt, judged) = shared.finish(Outcome::Ok, slow, None, None);
+        shared.latency.end(rtt, judged, Instant::now());
+        settle().await;
+        assert_eq!(shared.gate.ejection(), Ejection::Out(Reason::Latency));
     }
 }
