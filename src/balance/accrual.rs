@@ -12,7 +12,8 @@
 //! start over, and the first call it answers is its trial: slower than the fleet's outlier
 //! threshold, it is out again at once (not after the detector's window). Ejected again within the
 //! longest backoff, it stays out twice as long as the last time, so an endpoint that is still
-//! slow costs one caller now and then (at most every 30 s once the backoff is at its longest).
+//! slow costs one caller now and then (every 15 to 30 s once the backoff is at its longest). A
+//! return on trust from an ejection for failures has no trial: its failures will tell.
 //!
 //! [`Accrual`] is the decision, a plain state machine over outcomes and time. [`run`] is the task
 //! that owns it, one per endpoint: it is told how calls ended ([`Event`], over a channel), keeps
@@ -82,8 +83,9 @@ pub struct Accrual {
     backoff: Backoff,
     probing: bool,
     reason: Option<Reason>,
-    /// When a probe of the balancer's own last put it back (see the module's doc).
-    on_trust_since: Option<Instant>,
+    /// When a probe of the balancer's own last put it back (see the module's doc), and why it
+    /// had been out.
+    on_trust_since: Option<(Instant, Reason)>,
     /// How long a return on trust is remembered: the longest backoff.
     trust_window: Duration,
 }
@@ -132,7 +134,8 @@ impl Accrual {
     /// at once (not after the outlier detector's window), for twice the last backoff. False if
     /// it was not on trust, or is out already.
     pub fn fail_trial(&mut self, now: Instant) -> bool {
-        if self.on_trust_since.is_none() || self.is_out(now) || self.probing {
+        let for_latency = matches!(self.on_trust_since, Some((_, Reason::Latency)));
+        if !for_latency || self.is_out(now) || self.probing {
             return false;
         }
         self.eject(now, Reason::Latency, false);
@@ -145,7 +148,7 @@ impl Accrual {
         let on_trust = self
             .on_trust_since
             .take()
-            .is_some_and(|since| now.saturating_duration_since(since) < self.trust_window);
+            .is_some_and(|(since, _)| now.saturating_duration_since(since) < self.trust_window);
         if !again && !on_trust {
             self.backoff.reset();
         }
@@ -195,9 +198,9 @@ impl Accrual {
                         self.eject(now, Reason::Latency, true);
                     } else {
                         self.probing = false;
-                        self.reason = None;
+                        let reason = self.reason.take().unwrap_or(Reason::Failures);
                         if matches!(probe, Some(Probe::Own { .. })) {
-                            self.on_trust_since = Some(now);
+                            self.on_trust_since = Some((now, reason));
                         } else {
                             self.backoff.reset();
                         }
@@ -276,8 +279,7 @@ pub async fn run(
                 accrual.record(outcome, probe, too_slow, now);
                 if trial && too_slow && accrual.fail_trial(now) {
                     tracing::info!(%addr, ?latency, "still slow after a return on trust: ejected");
-                }
-                if !was_out && accrual.is_out(now) && probe.is_none() {
+                } else if !was_out && accrual.is_out(now) && probe.is_none() {
                     tracing::info!(%addr, "ejected after consecutive failures");
                 }
                 probe.is_some()

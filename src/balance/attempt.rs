@@ -1,8 +1,8 @@
 //! One try of a call, the bottom of the call path above the balancer's buffer: it tells the
 //! server how long the caller still waits (`grpc-timeout`, from [`Expires`]), passes the trace
 //! on, waits for a ready endpoint (the fail-fast layer below bounds that wait), and sends the
-//! request; when an ejected endpoint took a copy of it as its probe ([`probe`]), the request
-//! goes to another endpoint at once.
+//! request; when an ejected endpoint sent a probe instead of it ([`probe`]: a copy of it, or a
+//! call of the balancer's own), the request goes to another endpoint at once.
 //!
 //! Which span the try reports to: none for an unsampled call (it only forwards the trace
 //! context, not sampled), the call's own span for its first try (a call tried once is one
@@ -112,7 +112,7 @@ impl Attempt {
                 buffer.ready().await?;
                 match buffer.call(request).await {
                     Ok(response) => return Ok(response),
-                    // An ejected endpoint took a copy as its probe: this try goes elsewhere.
+                    // An ejected endpoint sent its probe instead: this try goes elsewhere.
                     Err(error) => request = probe::again(error)?,
                 }
             }

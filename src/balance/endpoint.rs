@@ -185,9 +185,10 @@ impl Shared {
         self.addr
     }
 
-    /// Its latency estimate and how many calls it has answered: what outlier detection reads.
+    /// Its latency estimate and how many successful calls that holds: what outlier detection
+    /// reads.
     pub fn latency(&self) -> (Duration, u64) {
-        (self.latency.smoothed(), self.served.load(Ordering::Relaxed))
+        self.latency.judged()
     }
 
     /// Whether it is offered to the balancer now (serving and not ejected, probing or not).
@@ -282,9 +283,14 @@ impl Shared {
         let was_probe = probe.is_some();
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.progress.call_ended();
-        // A probe is judged by how soon the endpoint answered, not by how long its answer ran: a
-        // stream's length says nothing of the endpoint's speed, and would keep it ejected.
-        let judged = if was_probe {
+        let trial = !was_probe
+            && outcome == Outcome::Ok
+            && self.on_trial.load(Ordering::Relaxed)
+            && self.on_trial.swap(false, Ordering::Relaxed);
+        // A probe (or a trial) is judged by how soon the endpoint answered, not by how long its
+        // answer ran: a stream's length says nothing of the endpoint's speed, and would keep it
+        // ejected.
+        let judged = if was_probe || trial {
             answered.unwrap_or(elapsed)
         } else {
             elapsed
@@ -305,7 +311,7 @@ impl Shared {
                 judgement = match probe {
                     None => Judged::Add,
                     Some(Probe::Copy) => Judged::Restart,
-                    // Another method's time: the endpoint starts over as a new one.
+                    // Another method's time: the judging view starts over empty, the peak stays.
                     Some(Probe::Own { .. }) => Judged::Forget,
                 };
             }
@@ -331,10 +337,6 @@ impl Shared {
         if matches!(probe, Some(Probe::Own { .. })) && told == Outcome::Ok {
             self.on_trial.store(true, Ordering::Relaxed);
         }
-        let trial = !was_probe
-            && outcome == Outcome::Ok
-            && self.on_trial.load(Ordering::Relaxed)
-            && self.on_trial.swap(false, Ordering::Relaxed);
         let tell = if failure {
             self.failing.store(true, Ordering::Relaxed);
             true
@@ -361,6 +363,13 @@ impl Shared {
 
 #[cfg(test)]
 impl Shared {
+    /// Ends one call as a passed probe of the balancer's own would.
+    pub(crate) fn test_forget(&self) {
+        self.latency.start();
+        self.latency
+            .end(Duration::from_micros(300), Judged::Forget, Instant::now());
+    }
+
     /// Records one successful call of `latency`, as a finished call would.
     pub(crate) fn test_finish_ok(&self, latency: Duration) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -534,8 +543,8 @@ impl Endpoint {
             };
             match result {
                 Ok(response) => {
-                    if guard.probe.is_some() {
-                        // Only a probe is judged by it: no clock read for the others.
+                    if guard.probe.is_some() || guard.shared.on_trial.load(Ordering::Relaxed) {
+                        // Only a probe or a trial is judged by it: no clock read for the others.
                         guard.answered = Some(guard.started.elapsed());
                     }
                     let (mut parts, body) = response.into_parts();

@@ -99,6 +99,8 @@ struct State {
     updated: Instant,
     /// Microseconds; zero until the first judged call.
     smoothed_us: f64,
+    /// Successful calls in the smoothed view since it last started over.
+    judged: u64,
 }
 
 impl State {
@@ -124,6 +126,7 @@ impl Latency {
                 peak_ns: config.default_rtt.as_nanos() as f64,
                 updated: Instant::now(),
                 smoothed_us: 0.0,
+                judged: 0,
             }),
             // A zero decay would divide zero by zero; a nanosecond already forgets at once.
             decay_ns: (config.decay.as_nanos() as f64).max(1.0),
@@ -144,6 +147,7 @@ impl Latency {
         let mut state = lock(&self.state);
         if judged == Judged::Forget {
             state.smoothed_us = 0.0;
+            state.judged = 0;
             return;
         }
         if judged == Judged::Restart {
@@ -151,6 +155,11 @@ impl Latency {
         }
         state.update(rtt.as_nanos() as f64, now, self.decay_ns);
         let us = rtt.as_micros() as f64;
+        state.judged = match judged {
+            Judged::Skip | Judged::Forget => state.judged,
+            Judged::Restart => 1,
+            Judged::Add => state.judged.saturating_add(1),
+        };
         state.smoothed_us = match judged {
             Judged::Skip | Judged::Forget => state.smoothed_us,
             Judged::Restart => us,
@@ -171,6 +180,17 @@ impl Latency {
     /// The smoothed latency of its successful calls; zero before the first.
     pub fn smoothed(&self) -> Duration {
         Duration::from_micros(lock(&self.state).smoothed_us as u64)
+    }
+
+    /// The smoothed latency, and how many successful calls it holds since it last started
+    /// over (an endpoint back on a probe of the balancer's own holds none: it is not judged
+    /// until its callers' calls say how fast it is).
+    pub fn judged(&self) -> (Duration, u64) {
+        let state = lock(&self.state);
+        (
+            Duration::from_micros(state.smoothed_us as u64),
+            state.judged,
+        )
     }
 }
 
@@ -256,10 +276,14 @@ mod tests {
             50.0,
             "the peak, not the probe's 1 ms"
         );
-        assert_eq!(l.smoothed(), Duration::ZERO);
+        assert_eq!(l.judged(), (Duration::ZERO, 0), "nothing to judge it by");
         l.start();
         l.end(2 * MS, Judged::Add, Instant::now());
-        assert_eq!(l.smoothed(), 2 * MS, "the first call after is the average");
+        assert_eq!(
+            l.judged(),
+            (2 * MS, 1),
+            "the first call after is the average"
+        );
     }
 
     #[tokio::test(start_paused = true)]

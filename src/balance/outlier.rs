@@ -39,7 +39,8 @@ pub struct OutlierConfig {
     pub window: Duration,
     /// How often the detector looks.
     pub interval: Duration,
-    /// Answers an endpoint needs before its estimate is trusted.
+    /// Successful calls an endpoint's estimate must hold (since it last started over, at a
+    /// probe) before it is trusted.
     pub min_samples: u64,
 }
 
@@ -189,6 +190,23 @@ mod tests {
         crate::balance::testing::settle().await;
         assert_eq!(fleet[2].snapshot().state, EndpointState::EjectedLatency);
         assert_eq!(fleet[0].snapshot().state, EndpointState::Ready);
+    }
+
+    /// An endpoint back on a probe of the balancer's own holds no judged calls: it is left out
+    /// of the fleet's median rather than counted as infinitely fast (which had made the healthy
+    /// endpoint beside it look like an outlier).
+    #[tokio::test(start_paused = true)]
+    async fn an_estimate_that_started_over_empty_is_not_judged() {
+        let config = OutlierConfig::default();
+        let fleet: Vec<_> = (1..=2).map(endpoint).collect();
+        feed(&fleet[0], 6, 10);
+        feed(&fleet[1], 200, 10);
+        fleet[1].test_forget();
+        assert_eq!(fleet[1].latency(), (Duration::ZERO, 0));
+        let mut above = HashMap::new();
+        let t0 = Instant::now();
+        judge(&fleet, &config, &mut above, t0);
+        assert!(judge(&fleet, &config, &mut above, t0 + config.window * 10).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,7 +27,10 @@ pub const PROBE_LIMIT: Duration = Duration::from_secs(10);
 /// What probes an ejected endpoint when the call it is handed may not be duplicated: a call the
 /// balancer makes itself, so that no caller ever waits for an endpoint under judgement.
 #[derive(Debug, Clone, Default)]
-pub struct ProbeCall(Kind);
+pub struct ProbeCall {
+    kind: Kind,
+    headers: http::HeaderMap,
+}
 
 #[derive(Debug, Clone, Default)]
 enum Kind {
@@ -42,20 +45,28 @@ enum Kind {
 impl ProbeCall {
     /// `grpc.health.v1.Health/Check` for the service name the health watch asks about (the
     /// default). It shows that the endpoint answers, and how soon its server does; not how fast
-    /// its handlers are, so an endpoint ejected for latency comes back on it as a new endpoint
-    /// would (p2c tries it gently) and is ejected again if its calls are still slow.
+    /// its handlers are, so an endpoint ejected for latency comes back on it on trust (see
+    /// [`super::accrual`]): its first caller's answer is its trial.
     pub fn health() -> Self {
-        Self(Kind::Health)
+        Self::default()
     }
 
     /// A unary method of the service's, `package.Service/Method` (a leading `/` is optional),
     /// with `message`, the request encoded as protobuf (empty: every field at its default, a
-    /// valid request of any method). It is judged as the callers' calls are, so it must be safe
-    /// to call at any time.
+    /// valid request of any method), at most 4 MiB (what gRPC servers take by default). Only an
+    /// OK answer lets an endpoint back, so it must succeed, and be safe to call at any time: a
+    /// probe that fails everywhere keeps every ejected endpoint out.
     pub fn method(method: &str, message: impl Into<Bytes>) -> Result<Self, String> {
+        let message = message.into();
+        if message.len() > MAX_PROBE_MESSAGE {
+            return Err(format!(
+                "probe message is {} bytes, more than {MAX_PROBE_MESSAGE}",
+                message.len()
+            ));
+        }
         let trimmed = method.trim_start_matches('/');
         let well_formed = trimmed.split_once('/').is_some_and(|(service, name)| {
-            !service.is_empty() && !name.is_empty() && !name.contains('/')
+            !service.is_empty() && !name.is_empty() && !name.contains(['/', '?', '#'])
         });
         let path = if well_formed {
             PathAndQuery::try_from(format!("/{trimmed}")).ok()
@@ -65,12 +76,22 @@ impl ProbeCall {
         let path = path.ok_or_else(|| {
             format!("probe method must be package.Service/Method, got {method:?}")
         })?;
-        Ok(Self(Kind::Method {
-            path,
-            message: message.into(),
-        }))
+        Ok(Self {
+            kind: Kind::Method { path, message },
+            headers: http::HeaderMap::new(),
+        })
+    }
+
+    /// Sends `value` as metadata `name` with every probe (credentials, say, where the service
+    /// asks for them).
+    pub fn header(mut self, name: http::HeaderName, value: http::HeaderValue) -> Self {
+        self.headers.append(name, value);
+        self
     }
 }
+
+/// The largest request a [`ProbeCall::method`] may send.
+const MAX_PROBE_MESSAGE: usize = 4 * 1024 * 1024;
 
 impl std::str::FromStr for ProbeCall {
     type Err = String;
@@ -100,17 +121,19 @@ impl Probe {
     /// What the probe's `outcome` tells accrual. A copy's, as it is. The balancer's own call is
     /// chosen to succeed, so only OK shows the endpoint back (and UNIMPLEMENTED from a health
     /// Check: a server without a health service, which its watch takes as serving too). Any
-    /// other status did not show the endpoint able to serve: it is told as a probe the server
-    /// gave up on, which ejects the endpoint again for the same reason. (A fast error would
-    /// otherwise let a slow endpoint back: a handler that rejects a request before doing its
-    /// work answers at once.)
+    /// other status, a reset stream, or a probe cut off at [`PROBE_LIMIT`] did not show the
+    /// endpoint able to serve: it is told as a probe the server gave up on, which ejects the
+    /// endpoint again for the same reason. (A fast error would otherwise let a slow endpoint
+    /// back: a handler that rejects a request before doing its work answers at once. And a
+    /// probe with no verdict is offered again at once: an endpoint resetting every probe would
+    /// be probed at the call rate.)
     pub(crate) fn verdict(self, outcome: Outcome) -> Outcome {
+        let gave_up = Outcome::Status(Code::DeadlineExceeded);
         match (self, outcome) {
             (Probe::Copy, outcome) => outcome,
             (Probe::Own { health: true }, Outcome::Status(Code::Unimplemented)) => Outcome::Ok,
-            (Probe::Own { .. }, Outcome::Status(code)) if code != Code::Unavailable => {
-                Outcome::Status(Code::DeadlineExceeded)
-            }
+            (Probe::Own { .. }, Outcome::Status(code)) if code != Code::Unavailable => gave_up,
+            (Probe::Own { .. }, Outcome::StreamError(_) | Outcome::Cancelled) => gave_up,
             (Probe::Own { .. }, outcome) => outcome,
         }
     }
@@ -122,13 +145,14 @@ pub(crate) struct OwnProbe {
     path: PathAndQuery,
     frame: Bytes,
     health: bool,
+    headers: http::HeaderMap,
 }
 
 impl OwnProbe {
     /// `call`, where a health check asks about `health_service`.
     pub(crate) fn new(call: &ProbeCall, health_service: &str) -> Self {
-        let health = matches!(call.0, Kind::Health);
-        let (path, message) = match &call.0 {
+        let health = matches!(call.kind, Kind::Health);
+        let (path, message) = match &call.kind {
             Kind::Health => {
                 let request = tonic_health::pb::HealthCheckRequest {
                     service: health_service.to_owned(),
@@ -148,10 +172,21 @@ impl OwnProbe {
                 .to_be_bytes(),
         );
         frame.extend_from_slice(&message);
+        let mut headers = call.headers.clone();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        headers.insert(
+            crate::grpc::TIMEOUT_HEADER,
+            crate::grpc::timeout_value(PROBE_LIMIT),
+        );
         Self {
             path,
             frame: frame.freeze(),
             health,
+            headers,
         }
     }
 
@@ -167,16 +202,7 @@ impl OwnProbe {
         let mut request = http::Request::new(Body::new(Full::new(self.frame.clone())));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = http::Uri::from(self.path.clone());
-        let headers = request.headers_mut();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-        headers.insert(
-            crate::grpc::TIMEOUT_HEADER,
-            crate::grpc::timeout_value(PROBE_LIMIT),
-        );
+        *request.headers_mut() = self.headers.clone();
         request
     }
 }
@@ -185,14 +211,14 @@ impl OwnProbe {
 #[derive(Debug, Clone)]
 pub(crate) struct Duplicable(pub(crate) Bytes);
 
-/// The error a caller's try gets when the endpoint took a copy of it as its probe: the request
-/// inside goes to another endpoint.
+/// The error a caller's try gets when the endpoint sent its probe instead (a copy of the call, or
+/// a call of the balancer's own): the request inside goes to another endpoint.
 #[derive(Debug)]
 pub struct Detached(Mutex<Option<http::Request<Body>>>);
 
 impl std::fmt::Display for Detached {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the endpoint took a copy of this call as its probe")
+        f.write_str("the endpoint is being probed; this call goes elsewhere")
     }
 }
 
@@ -284,8 +310,16 @@ mod tests {
         assert_eq!(asked.service, "pkg.Svc");
 
         let method: ProbeCall = "pkg.Svc/Get".parse().unwrap();
+        let method = method.header(
+            http::HeaderName::from_static("authorization"),
+            http::HeaderValue::from_static("Bearer t"),
+        );
         let request = OwnProbe::new(&method, "ignored").request();
         assert_eq!(request.uri().path(), "/pkg.Svc/Get");
+        assert_eq!(request.headers()["authorization"], "Bearer t");
+        assert_eq!(request.headers()["content-type"], "application/grpc");
+        let too_big = ProbeCall::method("pkg.Svc/Get", vec![0; MAX_PROBE_MESSAGE + 1]);
+        assert!(too_big.unwrap_err().contains("more than"));
         let body = request.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], &[0, 0, 0, 0, 0], "an empty message");
     }
@@ -309,12 +343,27 @@ mod tests {
         assert_eq!(own.verdict(unavailable), unavailable);
         let invalid = Outcome::Status(Code::InvalidArgument);
         assert_eq!(Probe::Copy.verdict(invalid), invalid);
+        // No verdict would offer the probe again at once.
+        assert_eq!(
+            own.verdict(Outcome::StreamError(Code::Unavailable)),
+            gave_up
+        );
+        assert_eq!(own.verdict(Outcome::Cancelled), gave_up);
+        assert_eq!(Probe::Copy.verdict(Outcome::Cancelled), Outcome::Cancelled);
     }
 
     #[test]
     fn a_probe_method_must_name_a_service_and_a_method() {
         assert!("/pkg.Svc/Get".parse::<ProbeCall>().is_ok());
-        for bad in ["", "pkg.Svc", "pkg.Svc/", "/Get", "a/b/c", "pkg.Svc/G et"] {
+        for bad in [
+            "",
+            "pkg.Svc",
+            "pkg.Svc/",
+            "/Get",
+            "a/b/c",
+            "pkg.Svc/G et",
+            "pkg.Svc/Get?x=1",
+        ] {
             let error = bad.parse::<ProbeCall>().unwrap_err();
             assert!(error.contains("package.Service/Method"), "{bad}: {error}");
         }

@@ -74,8 +74,8 @@ pub struct ServiceConfigArgs {
     /// method has no retry or hedging policy): `health`, a grpc.health.v1 Check; `get-point`,
     /// UserGuide's GetPoint for a known user; or package.Service/Method, called with an empty
     /// request (it must answer OK to one, and be safe to call at any time). Default: get-point
-    /// for UserGuide's calls, health for any other service's. A call that may be duplicated is
-    /// copied as the probe instead; no caller waits for either.
+    /// when watching UserGuide's health (UserGuide's calls), health otherwise. A call that may be
+    /// duplicated is copied as the probe instead; no caller waits for either.
     #[arg(long, env = "MESHLB_PROBE", value_name = "health|get-point|METHOD", value_parser = parse_probe)]
     pub probe: Option<crate::balance::ProbeCall>,
 }

@@ -727,7 +727,7 @@ async fn a_call_that_may_not_be_duplicated_is_never_a_probe() {
 
 /// The default probe of a call that may not be duplicated is a health `Check`: the slow
 /// replica's server answers it at once (its injected latency is its handlers'), so it comes
-/// back, as a new endpoint would, without a caller having waited for its judgement.
+/// back on trust, without a caller having waited for its judgement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_probe_is_a_health_check() {
     let (replicas, lb) = one_ejected(meshlb::Balancer::builder).await;
