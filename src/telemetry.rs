@@ -275,13 +275,48 @@ pub(crate) fn record_server(span: &tracing::Span, addr: std::net::SocketAddr) {
     if let (Some(address), Some(port)) =
         (fields.field("server.address"), fields.field("server.port"))
     {
-        let ip = tracing::field::display(addr.ip());
         let port_value = addr.port();
-        span.record_all(&fields.value_set(&[
-            (&address, Some(&ip as &dyn tracing::Value)),
-            (&port, Some(&port_value as &dyn tracing::Value)),
-        ]));
+        let mut buf = [0; 15];
+        match addr.ip() {
+            std::net::IpAddr::V4(ip) => {
+                let ip = ipv4_text(ip, &mut buf);
+                span.record_all(&fields.value_set(&[
+                    (&address, Some(&ip as &dyn tracing::Value)),
+                    (&port, Some(&port_value as &dyn tracing::Value)),
+                ]));
+            }
+            ip => {
+                let ip = tracing::field::display(ip);
+                span.record_all(&fields.value_set(&[
+                    (&address, Some(&ip as &dyn tracing::Value)),
+                    (&port, Some(&port_value as &dyn tracing::Value)),
+                ]));
+            }
+        }
     }
+}
+
+/// `ip` in dotted decimal, written by hand: through `Display` (four integers through a
+/// formatter, into a new String) it cost every sampled call about 1k instructions.
+fn ipv4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
+    let mut n = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            buf[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            buf[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    std::str::from_utf8(&buf[..n]).unwrap_or_default()
 }
 
 /// Makes `span` continue the trace named in incoming request headers, if any. A disabled span
@@ -466,6 +501,21 @@ pub fn rpc_names(path: &str) -> (&str, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv4_address_is_written_as_display_writes_it() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.100.255",
+            "255.255.255.255",
+            "1.9.10.99",
+        ] {
+            let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+            let mut buf = [0; 15];
+            assert_eq!(ipv4_text(ip, &mut buf), ip.to_string());
+        }
+    }
 
     #[test]
     fn splits_grpc_paths() {
