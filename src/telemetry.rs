@@ -395,8 +395,10 @@ pub enum CallTrace {
     /// The call's span, carried down the call path in the request rather than entered as the
     /// current span: entering it on every poll of the call, and in the balancer's worker (tower's
     /// buffer enters the current span of each request it takes), passes every layer of the
-    /// subscriber each time. Its tries report to it, or to child spans of their own.
-    Call(tracing::Span),
+    /// subscriber each time. Its tries report to it, or to child spans of their own. Shared, not
+    /// cloned: the retry layer copies each request's extensions, and every clone and close of a
+    /// span passes every layer of the subscriber too.
+    Call(std::sync::Arc<tracing::Span>),
 }
 
 /// Decides, before any span exists, whether the call about to start under the current span is

@@ -95,7 +95,7 @@ impl Attempt {
             Some(CallTrace::Call(call)) => {
                 let span = attempt_span(&call, request.uri().path(), number, hedge);
                 telemetry::inject(&span, request.headers_mut());
-                (Some(span), true)
+                (Some(std::sync::Arc::new(span)), true)
             }
             // meshlb's spans are not recorded (filtered out, or no OTel layer): the caller's own
             // trace, if it has one, still goes on to the replica.
@@ -119,7 +119,9 @@ impl Attempt {
         };
         let result: Result<http::Response<Body>, BoxError> = match &span {
             // p2c records its choice on the current span of the balancer's worker.
-            Some(span) if telemetry::p2c_choices() => send.instrument(span.clone()).await,
+            Some(span) if telemetry::p2c_choices() => {
+                send.instrument(tracing::Span::clone(span)).await
+            }
             _ => send.await,
         };
         let code = match &result {

@@ -210,6 +210,7 @@ async fn traced(
         rpc.grpc.status_code = Empty,
         otel.status_code = Empty,
     );
+    let span = std::sync::Arc::new(span);
     let mut request = request;
     if !span.is_disabled() {
         request
