@@ -277,22 +277,21 @@ pub(crate) fn record_server(span: &tracing::Span, addr: std::net::SocketAddr) {
     {
         let port_value = addr.port();
         let mut buf = [0; 15];
-        match addr.ip() {
+        let (v4, v6);
+        let ip: &dyn tracing::Value = match addr.ip() {
             std::net::IpAddr::V4(ip) => {
-                let ip = ipv4_text(ip, &mut buf);
-                span.record_all(&fields.value_set(&[
-                    (&address, Some(&ip as &dyn tracing::Value)),
-                    (&port, Some(&port_value as &dyn tracing::Value)),
-                ]));
+                v4 = ipv4_text(ip, &mut buf);
+                &v4
             }
             ip => {
-                let ip = tracing::field::display(ip);
-                span.record_all(&fields.value_set(&[
-                    (&address, Some(&ip as &dyn tracing::Value)),
-                    (&port, Some(&port_value as &dyn tracing::Value)),
-                ]));
+                v6 = tracing::field::display(ip);
+                &v6
             }
-        }
+        };
+        span.record_all(&fields.value_set(&[
+            (&address, Some(ip)),
+            (&port, Some(&port_value as &dyn tracing::Value)),
+        ]));
     }
 }
 
