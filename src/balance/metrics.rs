@@ -51,6 +51,7 @@ fn state_label(state: EndpointState) -> &'static str {
 pub const NAMES: &[&str] = &[
     "grpc_client_handled_total",
     "grpc_client_handling_seconds",
+    "meshlb_balancer_aperture_endpoints",
     "meshlb_balancer_budget_exhausted_total",
     "meshlb_balancer_fail_fast_total",
     "meshlb_balancer_hedge_wins_total",
@@ -475,6 +476,18 @@ impl prometheus_client::collector::Collector for Collector {
         }
         let mut m = describe(
             &mut encoder,
+            "meshlb_balancer_aperture_endpoints",
+            "Endpoints the aperture uses now, of those discovered (no series without an aperture)",
+            &gauge,
+        )?;
+        for b in &balancers {
+            if let Some(size) = b.aperture() {
+                let labels = vec![("target", b.target().to_owned())];
+                ConstGauge::new(size as f64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = describe(
+            &mut encoder,
             "meshlb_discovery_endpoints_removed",
             "Endpoints discovery removed",
             &counter,
@@ -620,6 +633,7 @@ mod tests {
             None,
         );
         balancer.insert(addr, shared, connection, tokio::spawn(async {}));
+        balancer.set_aperture(1);
         metrics.attach(&balancer);
         metrics.call("ipv4:127.0.0.1:1", "/s.S/M").finish(Code::Ok);
         let mut text = String::new();
@@ -636,6 +650,7 @@ mod tests {
                 "grpc_client_handling_seconds",
                 &["grpc_method", "grpc_service", t],
             ),
+            ("meshlb_balancer_aperture_endpoints", &[t]),
             ("meshlb_balancer_budget_exhausted_total", &[t]),
             ("meshlb_balancer_fail_fast_total", &["reason", t]),
             ("meshlb_balancer_hedge_wins_total", &[t]),

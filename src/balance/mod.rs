@@ -57,6 +57,7 @@
 //! ```
 
 pub mod accrual;
+pub mod aperture;
 pub mod attempt;
 pub mod call;
 pub mod completion;
@@ -85,6 +86,7 @@ pub mod throttle;
 pub mod unavailable;
 
 pub use accrual::AccrualConfig;
+pub use aperture::ApertureConfig;
 pub use call::CallConfig;
 pub use endpoint::{BoxError, EndpointSnapshot, EndpointState, ServedBy};
 pub use hedge::{HedgeConfig, HedgeDelay};
@@ -103,7 +105,7 @@ use crate::health::HealthConfig;
 use crate::target::{Target, TargetError};
 use failfast::{FailFast, FailFastLayer};
 use futures::StreamExt;
-use registry::{EndpointSettings, Registry};
+use registry::{EndpointSettings, Membership, Registry};
 use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
@@ -205,6 +207,7 @@ pub struct Builder {
     metrics: Option<Metrics>,
     discovery: Option<CustomDiscovery>,
     subset: Option<usize>,
+    aperture: Option<ApertureConfig>,
     probe: ProbeCall,
 }
 
@@ -242,6 +245,15 @@ impl Builder {
     /// the service config's `subsetSize`. Off by default: every endpoint is used.
     pub fn subset(mut self, size: usize) -> Self {
         self.subset = Some(size.max(1));
+        self
+    }
+
+    /// Aperture settings ([`aperture`]): of a fleet larger than `min` endpoints, connect to the
+    /// smallest part the client's load needs. Unset, it is on for p2c (at least 12 endpoints in
+    /// rotation) and off for round-robin and pick-first; `enabled: false` connects to every
+    /// endpoint. A subset ([`Builder::subset`], or the service config's `subsetSize`) wins over it.
+    pub fn aperture(mut self, aperture: ApertureConfig) -> Self {
+        self.aperture = Some(aperture);
         self
     }
 
@@ -454,7 +466,17 @@ impl Builder {
             health,
             accrual: self.accrual,
             ewma: self.ewma,
-            subset: self.subset.or(self.call.service_config.subset_size),
+            membership: match (
+                self.subset.or(self.call.service_config.subset_size),
+                self.aperture,
+            ) {
+                (Some(size), _) => Membership::Subset(size),
+                (None, Some(aperture)) if aperture.enabled => Membership::Aperture(aperture),
+                (None, None) if policy == Policy::P2c => {
+                    Membership::Aperture(ApertureConfig::default())
+                }
+                _ => Membership::All,
+            },
             probe,
         };
         let manager = tokio::spawn(registry::manage(discovery, registry.clone(), settings, tx));
@@ -570,6 +592,7 @@ impl Balancer {
             metrics: None,
             discovery: None,
             subset: None,
+            aperture: None,
             probe: ProbeCall::default(),
         }
     }
@@ -584,6 +607,12 @@ impl Balancer {
     /// A snapshot of every discovered endpoint, ordered by address.
     pub fn endpoints(&self) -> Vec<EndpointSnapshot> {
         self.shared.registry.snapshot()
+    }
+
+    /// How many of the discovered endpoints the aperture uses now (`None` without one, or
+    /// before any address is known).
+    pub fn aperture(&self) -> Option<usize> {
+        self.shared.registry.aperture()
     }
 
     /// Hedges sent and hedges that answered first, across all clones.

@@ -4,6 +4,7 @@
 //! knows nothing of the others.
 
 use super::accrual::AccrualConfig;
+use super::aperture::{Aperture, Members};
 use super::endpoint::{Endpoint, EndpointSnapshot, EndpointState, Shared};
 use super::latency::EwmaConfig;
 use super::unavailable::{Reason, Unavailable};
@@ -14,7 +15,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tower::discover::Change;
@@ -56,6 +57,8 @@ pub struct Registry {
     counters: Arc<BalancerCounters>,
     /// Told by every endpoint's gate when it may have come into rotation.
     rotation: Arc<tokio::sync::Notify>,
+    /// The aperture's members, as it last decided (0 without one).
+    aperture: std::sync::atomic::AtomicUsize,
 }
 
 /// A balancer's own counters, beyond its endpoints', read when metrics are scraped. The call
@@ -124,6 +127,7 @@ impl Registry {
             endpoints: Mutex::new(BTreeMap::new()),
             counters: Arc::default(),
             rotation: Arc::default(),
+            aperture: Default::default(),
         })
     }
 
@@ -226,6 +230,33 @@ impl Registry {
         self.lock().values().map(|e| e.shared.clone()).collect()
     }
 
+    /// What the aperture looks at: how many endpoints, how many in rotation, their calls in
+    /// flight.
+    fn members(&self) -> Members {
+        let endpoints = self.lock();
+        let mut members = Members {
+            count: endpoints.len(),
+            in_rotation: 0,
+            in_flight: 0,
+        };
+        for entry in endpoints.values() {
+            members.in_rotation += usize::from(entry.shared.in_rotation());
+            members.in_flight += entry.shared.in_flight();
+        }
+        members
+    }
+
+    /// The aperture's size as it last decided (`None` without an aperture): how many of the
+    /// discovered endpoints this client uses.
+    pub fn aperture(&self) -> Option<usize> {
+        Some(self.aperture.load(Ordering::Relaxed)).filter(|n| *n > 0)
+    }
+
+    /// Records the aperture's size (0: none).
+    pub(crate) fn set_aperture(&self, size: usize) {
+        self.aperture.store(size, Ordering::Relaxed);
+    }
+
     /// Whether any endpoint is ready.
     pub fn any_ready(&self) -> bool {
         self.lock().values().any(|e| e.shared.in_rotation())
@@ -320,15 +351,26 @@ pub struct EndpointSettings {
     pub accrual: AccrualConfig,
     /// The latency estimate p2c balances by.
     pub ewma: EwmaConfig,
-    /// Connect to at most this many of the discovered addresses (none: to every one).
-    pub subset: Option<usize>,
+    /// Which of the discovered addresses to connect to.
+    pub membership: Membership,
     /// The probe of an ejected endpoint when the call it is handed may not be duplicated.
     pub(crate) probe: super::probe::OwnProbe,
 }
 
-/// Consumes discovery updates until the balancer goes away: keeps the subset's addresses (every
-/// address without one), connects to each new one, starts its health watch, registers it and
-/// hands it to the balancer.
+/// Which of the discovered addresses the registry connects to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Membership {
+    /// Every one.
+    All,
+    /// A subset of a fixed size (`random_subsetting`).
+    Subset(usize),
+    /// An aperture sized by load ([`super::aperture`]).
+    Aperture(super::aperture::ApertureConfig),
+}
+
+/// Consumes discovery updates until the balancer goes away: keeps the members (every address,
+/// a subset's, or an aperture's, resized as it looks at the load), connects to each new one,
+/// starts its health watch, registers it and hands it to the balancer.
 pub async fn manage(
     mut discovery: Discovery,
     registry: Arc<Registry>,
@@ -339,24 +381,53 @@ pub async fn manage(
         .counters
         .dns_errors
         .set(discovery.stats.failures.clone());
-    let mut subset = settings.subset.map(Subset::new);
-    while let Some(first) = discovery.updates.recv().await {
-        // What discovery has queued came together (one DNS answer): a subset is chosen once
-        // for all of it, so no member is connected only to be dropped a change later.
-        let mut batch = vec![first];
-        while let Ok(more) = discovery.updates.try_recv() {
-            batch.push(more);
+    let (mut subset, mut aperture) = match settings.membership {
+        Membership::All => (None, None),
+        Membership::Subset(size) => (Some(Subset::new(size)), None),
+        Membership::Aperture(config) => {
+            let aperture = Aperture::new(config);
+            (Some(Subset::new(aperture.size())), Some(aperture))
         }
-        for update in &batch {
-            let counter = match update {
-                Update::Insert(..) => &registry.counters.discovered,
-                Update::Remove(_) => &registry.counters.removed,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-        let updates = match &mut subset {
-            Some(subset) => subset.apply_all(batch),
-            None => batch,
+    };
+    let mut look = tokio::time::interval(
+        aperture
+            .as_ref()
+            .map_or(Duration::from_secs(3600), Aperture::interval),
+    );
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let updates = tokio::select! {
+            first = discovery.updates.recv() => {
+                let Some(first) = first else { return };
+                // What discovery has queued came together (one DNS answer): a subset is chosen
+                // once for all of it, so no member is connected only to be dropped a change
+                // later.
+                let mut batch = vec![first];
+                while let Ok(more) = discovery.updates.try_recv() {
+                    batch.push(more);
+                }
+                for update in &batch {
+                    let counter = match update {
+                        Update::Insert(..) => &registry.counters.discovered,
+                        Update::Remove(_) => &registry.counters.removed,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                match &mut subset {
+                    Some(subset) => subset.apply_all(batch),
+                    None => batch,
+                }
+            }
+            _ = look.tick(), if aperture.is_some() => {
+                match (&mut aperture, &mut subset) {
+                    (Some(aperture), Some(subset)) => {
+                        let size = aperture.look(Instant::now(), registry.members(), subset.known());
+                        registry.set_aperture(size.min(subset.known()));
+                        subset.resize(size)
+                    }
+                    _ => Vec::new(),
+                }
+            }
         };
         for update in updates {
             if !hand_on(update, &discovery, &registry, &settings, &to_balancer) {

@@ -1,12 +1,13 @@
 //! The scale scenario: what the balancer costs as the fleet grows. The same closed-loop load over
-//! 3, 30, 100 and 300 replicas (processes, no injected latency): calls/s, latency, the client's
-//! CPU per call, and the library's memory per endpoint (the heap bytes the balancer holds once it
-//! has connected to and watches every endpoint, divided by their number; [`crate::heap`]). Beside it, at each
-//! size, the hand-rolled tower p2c (`PeakEwmaDiscover` over tonic channels) under the same load:
-//! how much of the growth is the transport's (more connections, each call alone on one) and how
-//! much meshlb's. Then the 300 again through subsets of 20 and of 3
-//! (`random_subsetting_experimental`): what a client pays when it connects to a bounded part of
-//! the fleet.
+//! 3, 30, 100 and 300 replicas (processes, no injected latency): calls/s, latency and the
+//! client's CPU per call of meshlb p2c as shipped (its aperture connects to the part of the
+//! fleet its load needs; [`crate::balance::aperture`]), of meshlb connected to every endpoint, and
+//! of the hand-rolled tower p2c (`PeakEwmaDiscover` over tonic channels): how much of the growth
+//! is the transport's (more connections, each call alone on one) and how much meshlb's. The
+//! library's memory per endpoint is measured on the balancer connected to every endpoint (the
+//! heap bytes it holds once it has connected to and watches every one, divided by their number;
+//! [`crate::heap`]). Then the 300 again through a subset of 20
+//! (`random_subsetting_experimental`).
 //!
 //! Knows the load generator and the fleet; nothing of how the figures are judged.
 
@@ -25,7 +26,7 @@ use std::time::Duration;
 pub const SIZES: [usize; 4] = [3, 30, 100, 300];
 
 /// The subset sizes measured over the largest fleet.
-pub const SUBSETS: [usize; 2] = [20, 3];
+pub const SUBSETS: [usize; 1] = [20];
 
 /// One fleet size.
 #[derive(Debug, Clone, Serialize)]
@@ -34,19 +35,26 @@ pub struct ScaleRow {
     pub endpoints: usize,
     /// The subset the balancer connected to, if it used one.
     pub subset: Option<usize>,
+    /// The endpoints meshlb p2c as shipped connected to (its aperture, or the subset).
+    pub connected: usize,
     /// Calls per second (median over rounds).
     pub rps: f64,
     /// Latency of the median round, ms.
     pub latency_ms: Latency,
     /// The client's CPU time per call (median over rounds).
     pub cpu_us_per_call: f64,
+    /// meshlb p2c connected to every endpoint (`--aperture off`): calls/s and CPU per call.
+    pub every_rps: Option<f64>,
+    /// Its CPU time per call, µs.
+    pub every_cpu_us_per_call: Option<f64>,
     /// The hand-rolled tower p2c over the same endpoints: calls/s and CPU per call (not
     /// measured for a subset: tower has none).
     pub tower_rps: Option<f64>,
     /// Its CPU time per call, µs.
     pub tower_cpu_us_per_call: Option<f64>,
     /// The heap the balancer holds per connected endpoint once every one is ready (the resident
-    /// set's growth where the allocator does not count), KiB.
+    /// set's growth where the allocator does not count), KiB: meshlb connected to every
+    /// endpoint.
     pub memory_kib_per_endpoint: f64,
 }
 
@@ -78,27 +86,33 @@ pub async fn run(
     let mut tower_alive = Vec::new();
     for n in SIZES {
         let growth = Growth::start();
-        let lb = balancer(&addrs[..n], None)?;
-        all_ready(&lb, n).await?;
+        let every = balancer(&addrs[..n], Members::Every)?;
+        all_ready(&every, n).await?;
         let memory = growth.kib_per(n);
+        let shipped = balancer(&addrs[..n], Members::Shipped)?;
+        let connected = aperture_ready(&shipped).await?;
         let tower = super::tower_p2c(&addrs[..n], config)?;
-        let mut rounds = Vec::new();
-        let mut tower_rounds = Vec::new();
+        let (mut rounds, mut every_rounds, mut tower_rounds) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..config.rounds {
             progress(&format!("scale / {n} endpoints / round {}", round + 1));
-            rounds.push(measure(&lb, config).await);
+            rounds.push(measure(&shipped, config).await);
+            every_rounds.push(measure(&every, config).await);
             tower_rounds.push(measure(&tower, config).await);
         }
         tower_alive.push(tower);
-        let mut row = row(n, None, &rounds, memory);
-        row.tower_rps = Some(median(tower_rounds.iter().map(|r| r.0).collect()));
-        row.tower_cpu_us_per_call = Some(median(tower_rounds.iter().map(|r| r.2).collect()));
+        let mut row = row(n, None, connected, &rounds, memory);
+        let rps = |r: &[(f64, Latency, f64)]| median(r.iter().map(|r| r.0).collect());
+        let cpu = |r: &[(f64, Latency, f64)]| median(r.iter().map(|r| r.2).collect());
+        row.every_rps = Some(rps(&every_rounds));
+        row.every_cpu_us_per_call = Some(cpu(&every_rounds));
+        row.tower_rps = Some(rps(&tower_rounds));
+        row.tower_cpu_us_per_call = Some(cpu(&tower_rounds));
         rows.push(row);
-        alive.push(lb);
+        alive.extend([every, shipped]);
     }
     for size in SUBSETS {
         let growth = Growth::start();
-        let lb = balancer(&addrs, Some(size))?;
+        let lb = balancer(&addrs, Members::Subset(size))?;
         all_ready(&lb, size).await?;
         let memory = growth.kib_per(size);
         let mut rounds = Vec::new();
@@ -109,7 +123,7 @@ pub async fn run(
             ));
             rounds.push(measure(&lb, config).await);
         }
-        rows.push(row(largest, Some(size), &rounds, memory));
+        rows.push(row(largest, Some(size), size, &rounds, memory));
         alive.push(lb);
     }
     drop(alive);
@@ -117,20 +131,39 @@ pub async fn run(
     let _ = fleet.drain(Duration::from_secs(20)).await;
     Ok(ScaleScenario {
         setup: format!(
-            "{} replicas with no latency, the balancer over the first 3, 30, 100 and 300, then over \
-             all {} through subsets of {} and {}; {} in flight",
-            largest, largest, SUBSETS[0], SUBSETS[1], config.concurrency
+            "{} replicas with no latency, the balancer over the first 3, 30, 100 and 300: as \
+             shipped (its aperture), with every endpoint, and tower's p2c; then over all {} \
+             through a subset of {}; {} in flight",
+            largest, largest, SUBSETS[0], config.concurrency
         ),
         rows,
     })
 }
 
-fn balancer(addrs: &[SocketAddr], subset: Option<usize>) -> anyhow::Result<Balancer> {
+/// Which endpoints a measured balancer connects to.
+#[derive(Debug, Clone, Copy)]
+enum Members {
+    /// As shipped: p2c's aperture.
+    Shipped,
+    /// Every endpoint (`--aperture off`).
+    Every,
+    /// A subset of this size.
+    Subset(usize),
+}
+
+fn balancer(addrs: &[SocketAddr], members: Members) -> anyhow::Result<Balancer> {
     let mut builder = Balancer::builder(crate::Target::Static(addrs.to_vec()).to_string())
         .health_service(crate::proto::USERGUIDE_SERVICE)
         .service_config(crate::proto::USERGUIDE_SERVICE_CONFIG)?;
-    if let Some(size) = subset {
-        builder = builder.subset(size);
+    match members {
+        Members::Shipped => {}
+        Members::Every => {
+            builder = builder.aperture(crate::balance::ApertureConfig {
+                enabled: false,
+                ..Default::default()
+            })
+        }
+        Members::Subset(size) => builder = builder.subset(size),
     }
     Ok(builder.build_lazy()?)
 }
@@ -139,6 +172,7 @@ fn balancer(addrs: &[SocketAddr], subset: Option<usize>) -> anyhow::Result<Balan
 fn row(
     endpoints: usize,
     subset: Option<usize>,
+    connected: usize,
     rounds: &[(f64, Latency, f64)],
     memory: f64,
 ) -> ScaleRow {
@@ -151,24 +185,49 @@ fn row(
     ScaleRow {
         endpoints,
         subset,
+        connected,
         rps,
         latency_ms: latency,
         cpu_us_per_call: median(rounds.iter().map(|r| r.2).collect()),
+        every_rps: None,
+        every_cpu_us_per_call: None,
         tower_rps: None,
         tower_cpu_us_per_call: None,
         memory_kib_per_endpoint: memory,
     }
 }
 
+/// Waits until the aperture has decided and every member is ready; returns how many it has.
+async fn aperture_ready(lb: &Balancer) -> anyhow::Result<usize> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(size) = lb.aperture() {
+            if ready_count(lb) == size {
+                return Ok(size);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "scale: the aperture ({:?}) was not ready within 60 s",
+                lb.aperture()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ready_count(lb: &Balancer) -> usize {
+    lb.endpoints()
+        .iter()
+        .filter(|e| e.state == crate::balance::EndpointState::Ready)
+        .count()
+}
+
 /// Waits until `n` endpoints are ready (connections made, health answered).
 async fn all_ready(lb: &Balancer, n: usize) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let ready = lb
-            .endpoints()
-            .iter()
-            .filter(|e| e.state == crate::balance::EndpointState::Ready)
-            .count();
+        let ready = ready_count(lb);
         if ready == n {
             return Ok(());
         }
@@ -237,52 +296,55 @@ fn resident_bytes() -> u64 {
 }
 
 impl ScaleScenario {
-    fn cells(r: &ScaleRow) -> [String; 9] {
-        let tower = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or("–".into());
+    fn cells(r: &ScaleRow) -> [String; 11] {
+        let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or("–".into());
         [
             match r.subset {
                 Some(size) => format!("{} (subset {size})", r.endpoints),
                 None => r.endpoints.to_string(),
             },
+            r.connected.to_string(),
             format!("{:.0}", r.rps),
             ms(r.latency_ms.p50),
             ms(r.latency_ms.p99),
             format!("{:.1}µs", r.cpu_us_per_call),
+            opt(r.every_rps, &|v| format!("{v:.0}")),
+            opt(r.every_cpu_us_per_call, &|v| format!("{v:.1}µs")),
+            opt(r.tower_rps, &|v| format!("{v:.0}")),
+            opt(r.tower_cpu_us_per_call, &|v| format!("{v:.1}µs")),
             format!("{:.1} KiB", r.memory_kib_per_endpoint),
-            tower(r.tower_rps, &|v| format!("{v:.0}")),
-            tower(r.tower_cpu_us_per_call, &|v| format!("{v:.1}µs")),
-            // Both grow with the transport (each call alone on an idle connection); what
-            // meshlb adds on top is this ratio, and it must not grow with the fleet. Not
-            // measured off Unix (the CPU time reads 0).
-            tower(r.tower_cpu_us_per_call.filter(|t| *t > 0.0), &|t| {
-                format!("{:.2}x", r.cpu_us_per_call / t)
-            }),
         ]
     }
+
+    const HEADERS: [&'static str; 11] = [
+        "endpoints",
+        "connected",
+        "calls/s",
+        "p50",
+        "p99",
+        "CPU per call",
+        "every endpoint: calls/s",
+        "every endpoint: CPU per call",
+        "tower p2c calls/s",
+        "tower p2c CPU per call",
+        "memory per endpoint",
+    ];
 
     /// The scenario as a terminal table.
     pub fn table(&self) -> String {
         let mut out = format!("\nscale ({})\n", self.setup);
-        let _ = writeln!(
-            out,
-            "{:>18} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14} {:>12}",
-            "endpoints",
-            "calls/s",
-            "p50",
-            "p99",
-            "CPU per call",
-            "memory/endpoint",
-            "tower calls/s",
-            "tower CPU/call",
-            "CPU vs tower"
-        );
+        let widths = [18, 10, 8, 9, 9, 13, 24, 29, 18, 23, 20];
+        let line = |cells: &[String]| {
+            cells
+                .iter()
+                .zip(widths)
+                .map(|(c, w)| format!("{c:>w$}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let _ = writeln!(out, "{}", line(&Self::HEADERS.map(String::from)));
         for r in &self.rows {
-            let c = Self::cells(r);
-            let _ = writeln!(
-                out,
-                "{:>18} {:>8} {:>9} {:>9} {:>14} {:>16} {:>14} {:>14} {:>12}",
-                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
-            );
+            let _ = writeln!(out, "{}", line(&Self::cells(r)));
         }
         out
     }
@@ -290,10 +352,8 @@ impl ScaleScenario {
     /// The scenario as a Markdown section.
     pub fn markdown(&self) -> String {
         let mut out = format!("### scale ({})\n\n", self.setup);
-        out.push_str(
-            "| endpoints | calls/s | p50 | p99 | client CPU per call | memory per endpoint | tower p2c calls/s | tower p2c CPU per call | meshlb CPU vs tower's |\n",
-        );
-        out.push_str("|---|---|---|---|---|---|---|---|---|\n");
+        let _ = writeln!(out, "| {} |", Self::HEADERS.join(" | "));
+        let _ = writeln!(out, "|{}", "---|".repeat(Self::HEADERS.len()));
         for r in &self.rows {
             let _ = writeln!(out, "| {} |", Self::cells(r).join(" | "));
         }

@@ -67,9 +67,15 @@ pub struct ServiceConfigArgs {
     #[arg(long, env = "MESHLB_DNS_SERVICE_CONFIG")]
     pub dns_service_config: bool,
     /// Connect to at most N of the discovered endpoints, a subset of this client's own (gRPC's
-    /// random_subsetting_experimental); wins over the service config's subsetSize. Default: every endpoint.
+    /// random_subsetting_experimental); wins over the service config's subsetSize and the
+    /// aperture. Default: the aperture's choice.
     #[arg(long, env = "MESHLB_SUBSET", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub subset: Option<u32>,
+    /// p2c's aperture: of a fleet larger than N endpoints, connect to the smallest part this
+    /// client's load needs (about one call in flight per endpoint), never fewer than N in
+    /// rotation; `off`: connect to every endpoint. Default: 12.
+    #[arg(long, env = "MESHLB_APERTURE", value_name = "N|off", value_parser = parse_aperture)]
+    pub aperture: Option<crate::balance::ApertureConfig>,
     /// What probes an ejected endpoint when the call it is handed may not be duplicated (its
     /// method has no retry or hedging policy): `health`, a grpc.health.v1 Check; `get-point`,
     /// UserGuide's GetPoint for a known user; or package.Service/Method, called with an empty
@@ -78,6 +84,23 @@ pub struct ServiceConfigArgs {
     /// duplicated is copied as the probe instead; no caller waits for either.
     #[arg(long, env = "MESHLB_PROBE", value_name = "health|get-point|METHOD", value_parser = parse_probe)]
     pub probe: Option<crate::balance::ProbeCall>,
+}
+
+/// `off`, or the aperture's minimum.
+fn parse_aperture(value: &str) -> Result<crate::balance::ApertureConfig, String> {
+    let config = crate::balance::ApertureConfig::default();
+    if value == "off" {
+        return Ok(crate::balance::ApertureConfig {
+            enabled: false,
+            ..config
+        });
+    }
+    match value.parse::<usize>() {
+        Ok(min) if min >= 1 => Ok(crate::balance::ApertureConfig { min, ..config }),
+        _ => Err(format!(
+            "`{value}` is neither `off` nor a number of endpoints (1 or more)"
+        )),
+    }
 }
 
 /// `health`, `get-point`, or package.Service/Method.
@@ -216,6 +239,9 @@ pub fn balancer(
     }
     if let Some(size) = service_config.subset {
         builder = builder.subset(size as usize);
+    }
+    if let Some(aperture) = service_config.aperture {
+        builder = builder.aperture(aperture);
     }
     if service_config.dns_service_config {
         builder = builder.dns(crate::discovery::DnsConfig {

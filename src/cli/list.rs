@@ -96,6 +96,7 @@ async fn load(args: &Args, services: Option<&[String]>) -> anyhow::Result<Schema
             service_config: ServiceConfigSource(None),
             dns_service_config: false,
             subset: None,
+            aperture: None,
             probe: None,
         },
     )?;

@@ -12,6 +12,9 @@
 //! arrive together), not after each one: filled one address at a time, a subset of 20 of 300
 //! would pass through some 70 members, each connected and then dropped.
 //!
+//! Its size may change ([`Subset::resize`]): the aperture ([`crate::balance::aperture`]) sizes it
+//! by the client's load.
+//!
 //! A filter on addresses only: it knows nothing of health, load or connections. A subset member
 //! that is unhealthy stays a member (its gate keeps it out of rotation), as in A68.
 
@@ -105,6 +108,18 @@ impl Subset {
         );
         self.members = wanted;
         changes
+    }
+
+    /// Changes the size (at least 1) and returns the changes to the subset it causes: the next
+    /// addresses in rank join, or the highest-ranked members leave.
+    pub fn resize(&mut self, size: usize) -> Vec<Update> {
+        self.size = size.max(1);
+        self.apply_all([])
+    }
+
+    /// The size asked for (the members are fewer while fewer addresses are known).
+    pub fn size(&self) -> usize {
+        self.size
     }
 
     /// The current members.
@@ -226,6 +241,23 @@ mod tests {
         assert!(members(&subset)
             .iter()
             .all(|a| !members(&filled(20, 5, 300)).contains(a)));
+    }
+
+    #[test]
+    fn resizing_adds_the_next_in_rank_and_lets_the_last_go() {
+        let mut subset = filled(4, 9, 50);
+        let four = members(&subset);
+        let wider = subset.resize(7);
+        assert_eq!(wider.len(), 3);
+        assert!(wider.iter().all(|c| matches!(c, Change::Insert(..))));
+        assert!(four.is_subset(&members(&subset)), "the members stay");
+        assert_eq!(members(&subset), members(&filled(7, 9, 50)));
+        let narrower = subset.resize(4);
+        assert_eq!(narrower.len(), 3);
+        assert!(narrower.iter().all(|c| matches!(c, Change::Remove(..))));
+        assert_eq!(members(&subset), four);
+        assert!(subset.resize(4).is_empty());
+        assert_eq!(subset.size(), 4);
     }
 
     #[test]

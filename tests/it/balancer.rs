@@ -4,7 +4,7 @@
 use crate::support::{
     drive, eventually, ipv4_target, latency, set_faults, set_serving, state_of, Process, Replica,
 };
-use meshlb::balance::{ConnectConfig, EndpointState, EwmaConfig};
+use meshlb::balance::{ApertureConfig, ConnectConfig, EndpointState, EwmaConfig};
 use meshlb::health::HealthConfig;
 use meshlb::replica::FaultConfig;
 use meshlb::{Balancer, Policy};
@@ -151,15 +151,16 @@ fn all_in(lb: &Balancer, state: EndpointState) -> bool {
     lb.endpoints().iter().all(|e| e.state == state)
 }
 
-/// Runs calls in the background until stopped; returns the tally.
+/// Runs calls in the background, `concurrency` at a time, until stopped; returns the tally.
 fn background_load(
     lb: Balancer,
     stop: Arc<AtomicBool>,
+    concurrency: usize,
 ) -> tokio::task::JoinHandle<crate::support::Tally> {
     tokio::spawn(async move {
         let mut total = crate::support::Tally::default();
         while !stop.load(Ordering::Relaxed) {
-            let t = drive(&lb, 16, 4).await;
+            let t = drive(&lb, 4 * concurrency, concurrency).await;
             for (id, n) in t.by_replica {
                 *total.by_replica.entry(id).or_default() += n;
             }
@@ -189,7 +190,7 @@ async fn killed_replica_is_routed_around_and_no_call_fails() {
     assert!(drive(&lb, 30, 3).await.errors.is_empty());
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load = background_load(lb.clone(), stop.clone());
+    let load = background_load(lb.clone(), stop.clone(), 4);
     let victim = procs[0].addr;
     eventually("load is flowing to the victim", || async {
         lb.endpoints()
@@ -575,6 +576,110 @@ async fn a_subset_of_the_fleet_serves_and_a_lost_member_is_replaced() {
     assert_eq!(tally.of(id_of(first[0])), 0);
     for addr in &second {
         assert!(tally.of(id_of(*addr)) > 0, "{:?}", tally.by_replica);
+    }
+}
+
+/// p2c's aperture over eight replicas with a minimum of two: a light load is served by two
+/// members and no other replica is connected to; twelve calls in flight widen it to the whole
+/// fleet; when the load stops it narrows back, one member at a time; a member that stops
+/// serving is replaced, so two stay in rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aperture_follows_the_load_and_keeps_its_minimum_in_rotation() {
+    let mut replicas = Vec::new();
+    for i in 0..8 {
+        let ip = format!("127.0.0.{}", i + 2);
+        replicas.push(Replica::start(&ip, &format!("a{}", i + 1), latency(20)).await);
+    }
+    let lb = crate::support::userguide(target(&replicas))
+        .health_service(SERVICE)
+        .aperture(ApertureConfig {
+            min: 2,
+            window: Duration::from_millis(300),
+            interval: Duration::from_millis(20),
+            narrow_after: Duration::from_millis(200),
+            settle: Duration::from_secs(1),
+            ..ApertureConfig::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let ready = |n: usize| {
+        let lb = lb.clone();
+        async move {
+            let e = lb.endpoints();
+            (lb.aperture() == Some(n)
+                && e.len() == n
+                && e.iter().all(|e| e.state == EndpointState::Ready))
+            .then_some(())
+        }
+    };
+    eventually("an aperture of two, both ready", || ready(2)).await;
+    let light = drive(&lb, 30, 1).await;
+    assert!(light.errors.is_empty(), "{:?}", light.errors);
+    assert!(light.by_replica.len() <= 2, "{:?}", light.by_replica);
+
+    // Twelve in flight: 12 / 1.125 members wanted, more than the fleet has.
+    let stop = Arc::new(AtomicBool::new(false));
+    let heavy = background_load(lb.clone(), stop.clone(), 12);
+    eventually("the aperture widened to the whole fleet", || ready(8)).await;
+    // Calls reach the new members too, not only the first two.
+    eventually("calls served by most of the fleet", || async {
+        let served = lb.endpoints().iter().filter(|e| e.served > 0).count();
+        (served >= 6).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let tally = heavy.await.unwrap();
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+
+    eventually("narrowed back to two", || ready(2)).await;
+
+    // A member stops serving: one more joins, so two are in rotation again.
+    let member = lb.endpoints()[0].addr;
+    let sick = replicas.iter().find(|r| r.addr == member).unwrap();
+    set_serving(sick.admin, false).await;
+    eventually("the sick member replaced", || async {
+        let e = lb.endpoints();
+        let in_rotation = e.iter().filter(|e| e.state == EndpointState::Ready).count();
+        (e.len() == 3 && in_rotation == 2 && lb.aperture() == Some(3)).then_some(())
+    })
+    .await;
+    let tally = drive(&lb, 30, 2).await;
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(tally.of(&sick.id), 0, "{:?}", tally.by_replica);
+}
+
+/// Without an aperture (`enabled: false`) and with round-robin (whose default has none), every
+/// endpoint is connected to; with p2c's default aperture, a fleet no larger than its minimum is
+/// used whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_aperture_or_below_its_minimum_every_endpoint_is_used() {
+    let replicas = three(Default::default()).await;
+    let off = ApertureConfig {
+        enabled: false,
+        min: 1,
+        ..ApertureConfig::default()
+    };
+    let builders = [
+        (
+            crate::support::userguide(target(&replicas)).aperture(off),
+            None,
+        ),
+        (
+            crate::support::userguide(target(&replicas)).policy(Policy::RoundRobin),
+            None,
+        ),
+        // The default minimum is above 3.
+        (crate::support::userguide(target(&replicas)), Some(3)),
+    ];
+    for (builder, aperture) in builders {
+        let lb = builder.build().await.unwrap();
+        eventually("every endpoint ready", || async {
+            let e = lb.endpoints();
+            (e.len() == 3 && e.iter().all(|e| e.state == EndpointState::Ready)).then_some(())
+        })
+        .await;
+        assert_eq!(lb.aperture(), aperture, "{lb:?}");
     }
 }
 

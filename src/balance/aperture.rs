@@ -1,0 +1,340 @@
+//! The aperture: of a large fleet, a p2c client sends its calls to the smallest part of it that
+//! its load needs, and connects to nothing else.
+//!
+//! # The problem
+//! p2c over every endpoint spreads a client's calls as thin as the fleet is wide. A client with 8
+//! calls in flight over 300 replicas sends each call alone on an idle connection: no two calls
+//! share a write or a wake-up, and each touches a connection gone cold in the cache. Measured
+//! here, its CPU per call grows 1.3-1.4x from 3 to 300 endpoints (tower's own p2c as much), and it
+//! holds 300 connections and 300 health watches it has no use for.
+//!
+//! # What this does
+//! Finagle's aperture balancer, on our subset: the addresses are ranked by rendezvous hashing
+//! with a salt of the client's own ([`crate::discovery::subset`]), and the client connects to the
+//! lowest-ranked `size` of them. The size follows the client's load, calls in flight smoothed
+//! over a window, so that each member carries between `low_load` and `high_load` of them (the
+//! load band, Finagle's default 0.875-1.125), never fewer than `min` members *in rotation*:
+//! - Load above the band widens the aperture at once, to as many members as the load needs.
+//! - Members out of rotation (unhealthy, ejected, unreachable) are replaced: the aperture widens
+//!   by as many, so `min` stay in rotation. A member that has just joined is given `settle` to
+//!   connect before it counts as missing, so one ejection adds one member, not one per look.
+//! - Load below the band narrows it by one member at a time, each after `narrow_after` of low
+//!   load, and never to a size whose load would be above the band (no flapping), nor below
+//!   `min` in rotation.
+//!
+//! A fleet no larger than `min` is used whole, exactly as without an aperture. Across many
+//! clients every address is chosen about equally often (each client's salt is its own).
+//!
+//! This module decides a size from numbers handed to it; it knows nothing of addresses,
+//! connections or the registry that feeds it.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Aperture settings. On by default for p2c (fleets of more than `min` endpoints are narrowed),
+/// off for round-robin and pick-first, whose users expect every endpoint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ApertureConfig {
+    /// Off connects to every discovered endpoint.
+    pub enabled: bool,
+    /// The fewest members in rotation (default 12): enough for outlier detection's median and to
+    /// lose a few without a thin fleet.
+    pub min: usize,
+    /// Below this many calls in flight per member, the aperture narrows (default 0.875).
+    pub low_load: f64,
+    /// Above this many calls in flight per member, it widens (default 1.125).
+    pub high_load: f64,
+    /// How long calls in flight are smoothed over (default 5 s).
+    pub window: Duration,
+    /// How often the load and the members' health are looked at (default 100 ms).
+    pub interval: Duration,
+    /// How long the load must stay below the band before one member is let go (default 5 s).
+    pub narrow_after: Duration,
+    /// How long a new member has to connect and pass its health check before it counts as
+    /// missing (default 2 s, the connect timeout).
+    pub settle: Duration,
+}
+
+impl Default for ApertureConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min: 12,
+            low_load: 0.875,
+            high_load: 1.125,
+            window: Duration::from_secs(5),
+            interval: Duration::from_millis(100),
+            narrow_after: Duration::from_secs(5),
+            settle: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What one look sees of the current members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Members {
+    /// Members connected to.
+    pub count: usize,
+    /// Of them, in rotation now.
+    pub in_rotation: usize,
+    /// Calls in flight on them, together.
+    pub in_flight: u64,
+}
+
+/// The aperture's size, decided look by look.
+#[derive(Debug)]
+pub struct Aperture {
+    config: ApertureConfig,
+    size: usize,
+    /// Calls in flight, smoothed.
+    load: f64,
+    last_look: Option<Instant>,
+    /// Since when the load has been below the band.
+    low_since: Option<Instant>,
+    /// Members added to replace missing ones, and when: still settling for `settle`.
+    replacing: VecDeque<(Instant, usize)>,
+}
+
+impl Aperture {
+    /// An aperture of `min` members (at least 1).
+    pub fn new(mut config: ApertureConfig) -> Self {
+        config.min = config.min.max(1);
+        // A band the wrong way round (or zero) would widen forever or never; keep it a band.
+        if !(config.high_load.is_finite() && config.high_load > 0.0) {
+            config.high_load = ApertureConfig::default().high_load;
+        }
+        if !(config.low_load.is_finite() && config.low_load >= 0.0) {
+            config.low_load = 0.0;
+        }
+        config.low_load = config.low_load.min(config.high_load);
+        Self {
+            size: config.min,
+            config,
+            load: 0.0,
+            last_look: None,
+            low_since: None,
+            replacing: VecDeque::new(),
+        }
+    }
+
+    /// The members wanted now.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Calls in flight, as smoothed so far.
+    pub fn load(&self) -> f64 {
+        self.load
+    }
+
+    /// How often to look.
+    pub fn interval(&self) -> Duration {
+        self.config.interval.max(Duration::from_millis(1))
+    }
+
+    /// One look at the members, with `known` addresses to choose from; returns the size wanted.
+    pub fn look(&mut self, now: Instant, members: Members, known: usize) -> usize {
+        let c = self.config;
+        let elapsed = self.last_look.map_or(c.window, |last| now - last);
+        self.last_look = Some(now);
+        let alpha = if c.window.is_zero() {
+            1.0
+        } else {
+            1.0 - (-elapsed.as_secs_f64() / c.window.as_secs_f64()).exp()
+        };
+        self.load += alpha * (members.in_flight as f64 - self.load);
+
+        while self
+            .replacing
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= c.settle)
+        {
+            self.replacing.pop_front();
+        }
+        // Members still settling are taken as on their way into rotation.
+        let settling: usize = self.replacing.iter().map(|(_, n)| n).sum();
+        let out = members.count.saturating_sub(members.in_rotation);
+        let missing = c
+            .min
+            .saturating_sub(members.in_rotation + settling.min(out));
+        // Never more than there is to choose from; a fleet that grows back starts from `min`.
+        let ceiling = known.max(c.min);
+        let mut size = self.size.min(ceiling);
+        // Replaced only once the members are what the last look asked for (the registry has
+        // connected to them), or the same gap would be filled twice.
+        let replaced = if missing > 0 && members.count >= size.min(known) {
+            size + missing
+        } else {
+            size
+        };
+        let by_load = (self.load / c.high_load).ceil() as usize;
+        let wanted = replaced.max(by_load).min(ceiling);
+        if wanted > size && missing > 0 {
+            self.replacing
+                .push_back((now, (wanted - size).min(missing)));
+        }
+        size = size.max(wanted);
+
+        let narrowable = size > c.min
+            && members.in_rotation > c.min
+            && self.load < c.low_load * size as f64
+            && self.load <= c.high_load * (size - 1) as f64;
+        if size > self.size || !narrowable {
+            self.low_since = None;
+        } else {
+            match self.low_since {
+                None => self.low_since = Some(now),
+                Some(since) if now.duration_since(since) >= c.narrow_after => {
+                    size -= 1;
+                    self.low_since = Some(now);
+                }
+                Some(_) => {}
+            }
+        }
+        self.size = size.max(c.min);
+        self.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ApertureConfig {
+        ApertureConfig {
+            min: 4,
+            window: Duration::from_secs(1),
+            narrow_after: Duration::from_secs(2),
+            ..ApertureConfig::default()
+        }
+    }
+
+    fn healthy(count: usize, in_flight: u64) -> Members {
+        Members {
+            count,
+            in_rotation: count,
+            in_flight,
+        }
+    }
+
+    /// Looks every 100 ms for `for_` with the members `at` gives for each size; returns the size.
+    fn run(
+        aperture: &mut Aperture,
+        start: &mut Instant,
+        for_: Duration,
+        known: usize,
+        at: impl Fn(usize) -> Members,
+    ) -> usize {
+        let end = *start + for_;
+        while *start < end {
+            *start += Duration::from_millis(100);
+            let members = at(aperture.size().min(known));
+            aperture.look(*start, members, known);
+        }
+        aperture.size()
+    }
+
+    /// Looks for `secs` at a fleet of healthy members with `in_flight` calls on them.
+    fn steady(a: &mut Aperture, t: &mut Instant, secs: u64, known: usize, in_flight: u64) -> usize {
+        run(a, t, Duration::from_secs(secs), known, |n| {
+            healthy(n, in_flight)
+        })
+    }
+
+    #[test]
+    fn a_light_load_keeps_the_minimum() {
+        let mut a = Aperture::new(config());
+        let mut t = Instant::now();
+        let size = steady(&mut a, &mut t, 10, 300, 3);
+        assert_eq!(size, 4);
+    }
+
+    #[test]
+    fn load_above_the_band_widens_to_what_it_needs_and_a_lull_narrows_one_at_a_time() {
+        let mut a = Aperture::new(config());
+        let mut t = Instant::now();
+        // 40 calls in flight need 40 / 1.125 = 36 members.
+        let size = steady(&mut a, &mut t, 10, 300, 40);
+        assert_eq!(size, 36, "load {}", a.load());
+        // The fleet is only 20 wide: never more than there is.
+        let mut narrow = Aperture::new(config());
+        let mut t2 = Instant::now();
+        assert_eq!(steady(&mut narrow, &mut t2, 10, 20, 40), 20);
+
+        // The load stops: one member goes per 2 s of low load, never below the minimum.
+        let before = a.size();
+        let size = steady(&mut a, &mut t, 7, 300, 0);
+        assert!(
+            (before - 4..before).contains(&size),
+            "{before} -> {size}: about one per 2 s"
+        );
+        let size = steady(&mut a, &mut t, 120, 300, 0);
+        assert_eq!(size, 4);
+    }
+
+    #[test]
+    fn within_the_band_it_holds_still() {
+        let mut a = Aperture::new(config());
+        let mut t = Instant::now();
+        steady(&mut a, &mut t, 10, 300, 10);
+        let settled = a.size();
+        // 10 in flight: 9 members at 1.11 each is inside the band; 8 would be above it.
+        assert_eq!(settled, 9);
+        assert_eq!(steady(&mut a, &mut t, 60, 300, 10), settled);
+    }
+
+    #[test]
+    fn a_member_out_of_rotation_is_replaced_once_not_once_per_look() {
+        let mut a = Aperture::new(config());
+        let mut t = Instant::now();
+        // One member ejected; the new one takes 1 s to become ready.
+        let joined = std::cell::Cell::new(None::<Instant>);
+        let clock = std::cell::Cell::new(t);
+        let size = run(&mut a, &mut t, Duration::from_secs(5), 300, |n| {
+            clock.set(clock.get() + Duration::from_millis(100));
+            if n > 4 && joined.get().is_none() {
+                joined.set(Some(clock.get()));
+            }
+            let ready_new = joined
+                .get()
+                .is_some_and(|j| clock.get().duration_since(j) >= Duration::from_secs(1));
+            let in_rotation = 3 + usize::from(ready_new) + n.saturating_sub(5);
+            Members {
+                count: n,
+                in_rotation: in_rotation.min(n),
+                in_flight: 2,
+            }
+        });
+        assert_eq!(size, 5, "one member replaces the ejected one");
+    }
+
+    #[test]
+    fn unreachable_members_are_replaced_until_the_minimum_is_in_rotation() {
+        let mut a = Aperture::new(config());
+        let mut t = Instant::now();
+        // Every other address is dead: only half of any aperture is ever in rotation.
+        let size = run(&mut a, &mut t, Duration::from_secs(30), 300, |n| Members {
+            count: n,
+            in_rotation: n / 2,
+            in_flight: 1,
+        });
+        assert_eq!(size, 8, "8 members, 4 of them in rotation");
+    }
+
+    #[test]
+    fn a_fleet_smaller_than_the_minimum_is_used_whole() {
+        let mut a = Aperture::new(config());
+        let mut t = Instant::now();
+        let size = steady(&mut a, &mut t, 5, 3, 30);
+        assert!(size >= 3, "every one of the 3: {size}");
+        // Nonsense settings do not stop it deciding.
+        let mut odd = Aperture::new(ApertureConfig {
+            min: 0,
+            high_load: f64::NAN,
+            low_load: 5.0,
+            window: Duration::ZERO,
+            ..config()
+        });
+        assert_eq!(odd.look(Instant::now(), healthy(1, 9), 100), 8);
+    }
+}
