@@ -16,8 +16,9 @@
 //! load band, Finagle's default 0.875-1.125), never fewer than `min` members *in rotation*:
 //! - Load above the band widens the aperture at once, to as many members as the load needs.
 //! - Members out of rotation (unhealthy, ejected, unreachable) are replaced: the aperture widens
-//!   by as many, so `min` stay in rotation. A member that has just joined is given `settle` to
-//!   connect before it counts as missing, so one ejection adds one member, not one per look.
+//!   by as many, so `min` stay in rotation. A member that has just joined (the first ones too)
+//!   is given `settle` to connect before it counts as missing, so one ejection adds one member,
+//!   not one per look, and a client starting up connects to `min`, not twice as many.
 //! - Load below the band narrows it by one member at a time, each after `narrow_after` of low
 //!   load, and never to a size whose load would be above the band (no flapping), nor below
 //!   `min` in rotation.
@@ -28,7 +29,6 @@
 //! This module decides a size from numbers handed to it; it knows nothing of addresses,
 //! connections or the registry that feeds it.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// Aperture settings. On by default for p2c (fleets of more than `min` endpoints are narrowed),
@@ -77,6 +77,9 @@ pub struct Members {
     pub count: usize,
     /// Of them, in rotation now.
     pub in_rotation: usize,
+    /// Of those out of rotation, the ones that joined less than `settle` ago: taken as on their
+    /// way in, not as missing.
+    pub settling: usize,
     /// Calls in flight on them, together.
     pub in_flight: u64,
 }
@@ -91,8 +94,6 @@ pub struct Aperture {
     last_look: Option<Instant>,
     /// Since when the load has been below the band.
     low_since: Option<Instant>,
-    /// Members added to replace missing ones, and when: still settling for `settle`.
-    replacing: VecDeque<(Instant, usize)>,
 }
 
 impl Aperture {
@@ -113,7 +114,6 @@ impl Aperture {
             load: 0.0,
             last_look: None,
             low_since: None,
-            replacing: VecDeque::new(),
         }
     }
 
@@ -132,6 +132,11 @@ impl Aperture {
         self.config.interval.max(Duration::from_millis(1))
     }
 
+    /// How long a new member may take to come into rotation before it counts as missing.
+    pub fn settle(&self) -> Duration {
+        self.config.settle
+    }
+
     /// One look at the members, with `known` addresses to choose from; returns the size wanted.
     pub fn look(&mut self, now: Instant, members: Members, known: usize) -> usize {
         let c = self.config;
@@ -144,19 +149,7 @@ impl Aperture {
         };
         self.load += alpha * (members.in_flight as f64 - self.load);
 
-        while self
-            .replacing
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) >= c.settle)
-        {
-            self.replacing.pop_front();
-        }
-        // Members still settling are taken as on their way into rotation.
-        let settling: usize = self.replacing.iter().map(|(_, n)| n).sum();
-        let out = members.count.saturating_sub(members.in_rotation);
-        let missing = c
-            .min
-            .saturating_sub(members.in_rotation + settling.min(out));
+        let missing = c.min.saturating_sub(members.in_rotation + members.settling);
         // Never more than there is to choose from; a fleet that grows back starts from `min`.
         let ceiling = known.max(c.min);
         let mut size = self.size.min(ceiling);
@@ -168,12 +161,7 @@ impl Aperture {
             size
         };
         let by_load = (self.load / c.high_load).ceil() as usize;
-        let wanted = replaced.max(by_load).min(ceiling);
-        if wanted > size && missing > 0 {
-            self.replacing
-                .push_back((now, (wanted - size).min(missing)));
-        }
-        size = size.max(wanted);
+        size = size.max(replaced.max(by_load).min(ceiling));
 
         let narrowable = size > c.min
             && members.in_rotation > c.min
@@ -209,44 +197,73 @@ mod tests {
         }
     }
 
-    fn healthy(count: usize, in_flight: u64) -> Members {
-        Members {
-            count,
-            in_rotation: count,
-            in_flight,
-        }
+    /// A simulated fleet: member `i` joins when the aperture first reaches it, and comes into
+    /// rotation `ready_after` later if `alive(i)`.
+    struct Fleet {
+        joined: Vec<Instant>,
+        alive: fn(usize) -> bool,
+        ready_after: Duration,
+        in_flight: u64,
     }
 
-    /// Looks every 100 ms for `for_` with the members `at` gives for each size; returns the size.
-    fn run(
-        aperture: &mut Aperture,
-        start: &mut Instant,
-        for_: Duration,
-        known: usize,
-        at: impl Fn(usize) -> Members,
-    ) -> usize {
-        let end = *start + for_;
-        while *start < end {
-            *start += Duration::from_millis(100);
-            let members = at(aperture.size().min(known));
-            aperture.look(*start, members, known);
+    impl Fleet {
+        fn healthy(in_flight: u64) -> Self {
+            Self {
+                joined: Vec::new(),
+                alive: |_| true,
+                ready_after: Duration::ZERO,
+                in_flight,
+            }
         }
-        aperture.size()
+
+        fn members(&mut self, n: usize, now: Instant, settle: Duration) -> Members {
+            self.joined.truncate(n);
+            self.joined.resize(n, now);
+            let mut members = Members {
+                count: n,
+                in_rotation: 0,
+                settling: 0,
+                in_flight: self.in_flight,
+            };
+            for (i, joined) in self.joined.iter().enumerate() {
+                let age = now.duration_since(*joined);
+                if (self.alive)(i) && age >= self.ready_after {
+                    members.in_rotation += 1;
+                } else if age < settle {
+                    members.settling += 1;
+                }
+            }
+            members
+        }
+
+        /// Looks every 100 ms for `secs`, with `known` addresses; returns the size.
+        fn run(&mut self, a: &mut Aperture, t: &mut Instant, secs: u64, known: usize) -> usize {
+            let end = *t + Duration::from_secs(secs);
+            while *t < end {
+                *t += Duration::from_millis(100);
+                let members = self.members(a.size().min(known), *t, a.settle());
+                a.look(*t, members, known);
+            }
+            a.size()
+        }
     }
 
     /// Looks for `secs` at a fleet of healthy members with `in_flight` calls on them.
     fn steady(a: &mut Aperture, t: &mut Instant, secs: u64, known: usize, in_flight: u64) -> usize {
-        run(a, t, Duration::from_secs(secs), known, |n| {
-            healthy(n, in_flight)
-        })
+        Fleet::healthy(in_flight).run(a, t, secs, known)
     }
 
     #[test]
-    fn a_light_load_keeps_the_minimum() {
+    fn a_light_load_keeps_the_minimum_from_the_start() {
         let mut a = Aperture::new(config());
         let mut t = Instant::now();
-        let size = steady(&mut a, &mut t, 10, 300, 3);
-        assert_eq!(size, 4);
+        // The first members take a second to connect: they are not replaced meanwhile.
+        let mut fleet = Fleet {
+            ready_after: Duration::from_secs(1),
+            ..Fleet::healthy(3)
+        };
+        assert_eq!(fleet.run(&mut a, &mut t, 10, 300), 4);
+        assert_eq!(fleet.joined.len(), 4, "no member joined beyond the minimum");
     }
 
     #[test]
@@ -287,38 +304,29 @@ mod tests {
     fn a_member_out_of_rotation_is_replaced_once_not_once_per_look() {
         let mut a = Aperture::new(config());
         let mut t = Instant::now();
-        // One member ejected; the new one takes 1 s to become ready.
-        let joined = std::cell::Cell::new(None::<Instant>);
-        let clock = std::cell::Cell::new(t);
-        let size = run(&mut a, &mut t, Duration::from_secs(5), 300, |n| {
-            clock.set(clock.get() + Duration::from_millis(100));
-            if n > 4 && joined.get().is_none() {
-                joined.set(Some(clock.get()));
-            }
-            let ready_new = joined
-                .get()
-                .is_some_and(|j| clock.get().duration_since(j) >= Duration::from_secs(1));
-            let in_rotation = 3 + usize::from(ready_new) + n.saturating_sub(5);
-            Members {
-                count: n,
-                in_rotation: in_rotation.min(n),
-                in_flight: 2,
-            }
-        });
-        assert_eq!(size, 5, "one member replaces the ejected one");
+        // The first member never comes into rotation; the others take 1 s each.
+        let mut fleet = Fleet {
+            alive: |i| i != 0,
+            ready_after: Duration::from_secs(1),
+            ..Fleet::healthy(2)
+        };
+        assert_eq!(fleet.run(&mut a, &mut t, 10, 300), 5);
+        let m = fleet.members(5, t, a.settle());
+        assert_eq!(m.in_rotation, 4, "{m:?}");
     }
 
     #[test]
     fn unreachable_members_are_replaced_until_the_minimum_is_in_rotation() {
         let mut a = Aperture::new(config());
         let mut t = Instant::now();
-        // Every other address is dead: only half of any aperture is ever in rotation.
-        let size = run(&mut a, &mut t, Duration::from_secs(30), 300, |n| Members {
-            count: n,
-            in_rotation: n / 2,
-            in_flight: 1,
-        });
-        assert_eq!(size, 8, "8 members, 4 of them in rotation");
+        // Every other address is dead.
+        let mut fleet = Fleet {
+            alive: |i| i % 2 == 0,
+            ..Fleet::healthy(1)
+        };
+        let size = fleet.run(&mut a, &mut t, 30, 300);
+        assert_eq!(size, 7, "members 0, 2, 4 and 6 in rotation");
+        assert_eq!(fleet.members(size, t, a.settle()).in_rotation, 4);
     }
 
     #[test]
@@ -335,6 +343,12 @@ mod tests {
             window: Duration::ZERO,
             ..config()
         });
-        assert_eq!(odd.look(Instant::now(), healthy(1, 9), 100), 8);
+        let one = Members {
+            count: 1,
+            in_rotation: 1,
+            settling: 0,
+            in_flight: 9,
+        };
+        assert_eq!(odd.look(Instant::now(), one, 100), 8);
     }
 }

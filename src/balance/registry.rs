@@ -48,6 +48,7 @@ struct Entry {
     shared: Arc<Shared>,
     channel: crate::connection::Connection,
     watch: JoinHandle<()>,
+    added: Instant,
 }
 
 /// Every endpoint currently discovered.
@@ -230,17 +231,22 @@ impl Registry {
         self.lock().values().map(|e| e.shared.clone()).collect()
     }
 
-    /// What the aperture looks at: how many endpoints, how many in rotation, their calls in
-    /// flight.
-    fn members(&self) -> Members {
+    /// What the aperture looks at: how many endpoints, how many in rotation or added less than
+    /// `settle` ago, their calls in flight.
+    fn members(&self, settle: Duration) -> Members {
         let endpoints = self.lock();
         let mut members = Members {
             count: endpoints.len(),
             in_rotation: 0,
+            settling: 0,
             in_flight: 0,
         };
         for entry in endpoints.values() {
-            members.in_rotation += usize::from(entry.shared.in_rotation());
+            if entry.shared.in_rotation() {
+                members.in_rotation += 1;
+            } else if entry.added.elapsed() < settle {
+                members.settling += 1;
+            }
             members.in_flight += entry.shared.in_flight();
         }
         members
@@ -300,6 +306,7 @@ impl Registry {
             shared,
             channel,
             watch,
+            added: Instant::now(),
         };
         if let Some(old) = self.lock().insert(addr, entry) {
             old.watch.abort();
@@ -421,7 +428,11 @@ pub async fn manage(
             _ = look.tick(), if aperture.is_some() => {
                 match (&mut aperture, &mut subset) {
                     (Some(aperture), Some(subset)) => {
-                        let size = aperture.look(Instant::now(), registry.members(), subset.known());
+                        let size = aperture.look(
+                            Instant::now(),
+                            registry.members(aperture.settle()),
+                            subset.known(),
+                        );
                         registry.set_aperture(size.min(subset.known()));
                         subset.resize(size)
                     }

@@ -581,8 +581,9 @@ async fn a_subset_of_the_fleet_serves_and_a_lost_member_is_replaced() {
 
 /// p2c's aperture over eight replicas with a minimum of two: a light load is served by two
 /// members and no other replica is connected to; twelve calls in flight widen it to the whole
-/// fleet; when the load stops it narrows back, one member at a time; a member that stops
-/// serving is replaced, so two stay in rotation.
+/// fleet; at five it narrows with calls on the members it lets go (none fails); when the load
+/// stops it narrows back to two; a member that stops serving is replaced, so two stay in
+/// rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_aperture_follows_the_load_and_keeps_its_minimum_in_rotation() {
     let mut replicas = Vec::new();
@@ -631,6 +632,18 @@ async fn the_aperture_follows_the_load_and_keeps_its_minimum_in_rotation() {
     stop.store(true, Ordering::Relaxed);
     let tally = heavy.await.unwrap();
     assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+
+    // Five in flight: members are let go while calls are on them, and none of those fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let medium = background_load(lb.clone(), stop.clone(), 5);
+    eventually("narrowed under load", || async {
+        (lb.aperture().is_some_and(|n| n <= 6) && lb.endpoints().len() <= 6).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let tally = medium.await.unwrap();
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert!(tally.ok() > 0);
 
     eventually("narrowed back to two", || ready(2)).await;
 
