@@ -1,57 +1,65 @@
-//! The aperture: of a large fleet, a p2c client sends its calls to the smallest part of it that
-//! its load needs, and connects to nothing else.
+//! The aperture: of a large fleet, a client sends its calls to the smallest part of it that its
+//! load needs, and connects to nothing else. Opt-in ([`crate::balance::Builder::aperture`]).
 //!
 //! # The problem
 //! p2c over every endpoint spreads a client's calls as thin as the fleet is wide. A client with 8
 //! calls in flight over 300 replicas sends each call alone on an idle connection: no two calls
 //! share a write or a wake-up, and each touches a connection gone cold in the cache. Measured
-//! here, its CPU per call grows 1.3-1.4x from 3 to 300 endpoints (tower's own p2c as much), and it
-//! holds 300 connections and 300 health watches it has no use for.
+//! here, its CPU per call grows 1.2-1.4x from 3 to 300 endpoints (tower's own p2c as much), and
+//! it holds 300 connections and 300 health watches it has no use for.
 //!
 //! # What this does
-//! Finagle's aperture balancer, on our subset: the addresses are ranked by rendezvous hashing
-//! with a salt of the client's own ([`crate::discovery::subset`]), and the client connects to the
-//! lowest-ranked `size` of them. The size follows the client's load, calls in flight smoothed
-//! over a window, so that each member carries between `low_load` and `high_load` of them (the
-//! load band, Finagle's default 0.875-1.125), never fewer than `min` members *in rotation*:
-//! - Load above the band widens the aperture at once, to as many members as the load needs.
-//! - Members out of rotation (unhealthy, ejected, unreachable) are replaced: the aperture widens
-//!   by as many, so `min` stay in rotation. A member that has just joined (the first ones too)
-//!   is given `settle` to connect before it counts as missing, so one ejection adds one member,
-//!   not one per look, and a client starting up connects to `min`, not twice as many.
-//! - Load below the band narrows it by one member at a time, each after `narrow_after` of low
-//!   load, and never to a size whose load would be above the band (no flapping), nor below
-//!   `min` in rotation.
+//! Finagle's (random) aperture balancer, on our subset: the addresses are ranked by rendezvous
+//! hashing with a salt of the client's own ([`crate::discovery::subset`]), and the client
+//! connects to the lowest-ranked `size` of them. The size follows the client's load, calls in
+//! flight smoothed over a window, so that each member in rotation carries between `low_load` and
+//! `high_load` of them (the load band, Finagle's default 0.875-1.125), and never fewer than `min`
+//! are in rotation:
+//! - The members in rotation the load needs (at least `min`) are kept in rotation: load above
+//!   the band, or members out of rotation (unhealthy, ejected, unreachable), widen the aperture
+//!   at once by what is missing. A member that has just joined (the first ones too) has
+//!   `settle` to connect before it counts as missing, so one ejection adds one member, not one
+//!   per look, and a client starting up connects to `min`, not twice as many.
+//! - It never widens past twice what the load needs to replace missing members: in an outage of
+//!   most of the fleet a client looks for live members among at most that many, not among all.
+//! - Load below the band narrows it, after `narrow_after` of low load, by a quarter of the
+//!   members in rotation beyond what the load needs (at least one), and again after each
+//!   `narrow_after`: never below what the load needs (no flapping), nor below `min` in rotation.
 //!
-//! A fleet no larger than `min` is used whole, exactly as without an aperture. Across many
-//! clients every address is chosen about equally often (each client's salt is its own).
+//! # The price
+//! Each client uses its own part of the fleet. Across many clients every address is chosen
+//! about equally often (each client's salt is its own), but a few clients over a large fleet
+//! leave some replicas idle and give others more than their share; the load band widens a
+//! client's aperture only for its own load, not for a replica's. That is why it is off by
+//! default: for many clients over a large fleet, where connections and per-call cost matter more.
+//! A fleet no larger than `min` is used whole, exactly as without an aperture.
 //!
 //! This module decides a size from numbers handed to it; it knows nothing of addresses,
 //! connections or the registry that feeds it.
 
 use std::time::{Duration, Instant};
 
-/// Aperture settings. On by default for p2c (fleets of more than `min` endpoints are narrowed),
-/// off for round-robin and pick-first, whose users expect every endpoint.
+/// Aperture settings; off unless given to the builder ([`crate::balance::Builder::aperture`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ApertureConfig {
-    /// Off connects to every discovered endpoint.
+    /// Off connects to every discovered endpoint (as without one).
     pub enabled: bool,
     /// The fewest members in rotation (default 12): enough for outlier detection's median and to
     /// lose a few without a thin fleet.
     pub min: usize,
-    /// Below this many calls in flight per member, the aperture narrows (default 0.875).
+    /// Below this many calls in flight per member in rotation, the aperture narrows (default
+    /// 0.875).
     pub low_load: f64,
-    /// Above this many calls in flight per member, it widens (default 1.125).
+    /// Above this many, it widens (default 1.125).
     pub high_load: f64,
     /// How long calls in flight are smoothed over (default 5 s).
     pub window: Duration,
     /// How often the load and the members' health are looked at (default 100 ms).
     pub interval: Duration,
-    /// How long the load must stay below the band before one member is let go (default 5 s).
+    /// How long the load must stay below the band before members are let go (default 5 s).
     pub narrow_after: Duration,
     /// How long a new member has to connect and pass its health check before it counts as
-    /// missing (default 2 s, the connect timeout).
+    /// missing (default 2 s; the balancer makes it at least its connect timeout).
     pub settle: Duration,
 }
 
@@ -149,31 +157,24 @@ impl Aperture {
         };
         self.load += alpha * (members.in_flight as f64 - self.load);
 
-        let missing = c.min.saturating_sub(members.in_rotation + members.settling);
-        // Never more than there is to choose from; a fleet that grows back starts from `min`.
-        let ceiling = known.max(c.min);
-        let mut size = self.size.min(ceiling);
-        // Replaced only once the members are what the last look asked for (the registry has
-        // connected to them), or the same gap would be filled twice.
-        let replaced = if missing > 0 && members.count >= size.min(known) {
-            size + missing
-        } else {
-            size
-        };
-        let by_load = (self.load / c.high_load).ceil() as usize;
-        size = size.max(replaced.max(by_load).min(ceiling));
+        // In rotation, the load needs this many (a float cast saturates, never wraps).
+        let needed = ((self.load / c.high_load).ceil() as usize).max(c.min);
+        let deficit = needed.saturating_sub(members.in_rotation + members.settling);
+        let grown = members
+            .count
+            .saturating_add(deficit)
+            .min(needed.saturating_mul(2));
+        let mut size = self.size.max(grown).min(known.max(c.min));
 
-        let narrowable = size > c.min
-            && members.in_rotation > c.min
-            && self.load < c.low_load * size as f64
-            && self.load <= c.high_load * (size - 1) as f64;
-        if size > self.size || !narrowable {
+        let excess = members.in_rotation.saturating_sub(needed);
+        let low = self.load < c.low_load * members.in_rotation as f64;
+        if size > self.size || excess == 0 || !low || size <= c.min {
             self.low_since = None;
         } else {
             match self.low_since {
                 None => self.low_since = Some(now),
                 Some(since) if now.duration_since(since) >= c.narrow_after => {
-                    size -= 1;
+                    size -= excess.div_ceil(4).min(size - c.min);
                     self.low_since = Some(now);
                 }
                 Some(_) => {}
@@ -187,6 +188,7 @@ impl Aperture {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn config() -> ApertureConfig {
         ApertureConfig {
@@ -198,10 +200,11 @@ mod tests {
     }
 
     /// A simulated fleet: member `i` joins when the aperture first reaches it, and comes into
-    /// rotation `ready_after` later if `alive(i)`.
+    /// rotation `ready_after` later if `alive(i)` and it has not been killed.
     struct Fleet {
         joined: Vec<Instant>,
         alive: fn(usize) -> bool,
+        killed: BTreeSet<usize>,
         ready_after: Duration,
         in_flight: u64,
     }
@@ -211,6 +214,7 @@ mod tests {
             Self {
                 joined: Vec::new(),
                 alive: |_| true,
+                killed: BTreeSet::new(),
                 ready_after: Duration::ZERO,
                 in_flight,
             }
@@ -227,7 +231,7 @@ mod tests {
             };
             for (i, joined) in self.joined.iter().enumerate() {
                 let age = now.duration_since(*joined);
-                if (self.alive)(i) && age >= self.ready_after {
+                if (self.alive)(i) && !self.killed.contains(&i) && age >= self.ready_after {
                     members.in_rotation += 1;
                 } else if age < settle {
                     members.settling += 1;
@@ -245,6 +249,10 @@ mod tests {
                 a.look(*t, members, known);
             }
             a.size()
+        }
+
+        fn in_rotation(&mut self, a: &Aperture, t: Instant, known: usize) -> usize {
+            self.members(a.size().min(known), t, a.settle()).in_rotation
         }
     }
 
@@ -267,7 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn load_above_the_band_widens_to_what_it_needs_and_a_lull_narrows_one_at_a_time() {
+    fn load_above_the_band_widens_to_what_it_needs_and_a_lull_narrows_it_back() {
         let mut a = Aperture::new(config());
         let mut t = Instant::now();
         // 40 calls in flight need 40 / 1.125 = 36 members.
@@ -278,15 +286,10 @@ mod tests {
         let mut t2 = Instant::now();
         assert_eq!(steady(&mut narrow, &mut t2, 10, 20, 40), 20);
 
-        // The load stops: one member goes per 2 s of low load, never below the minimum.
-        let before = a.size();
+        // The load stops: a few members go every 2 s of low load, never below the minimum.
         let size = steady(&mut a, &mut t, 7, 300, 0);
-        assert!(
-            (before - 4..before).contains(&size),
-            "{before} -> {size}: about one per 2 s"
-        );
-        let size = steady(&mut a, &mut t, 120, 300, 0);
-        assert_eq!(size, 4);
+        assert!((5..36).contains(&size), "36 -> {size} in 7 s");
+        assert_eq!(steady(&mut a, &mut t, 30, 300, 0), 4);
     }
 
     #[test]
@@ -311,8 +314,7 @@ mod tests {
             ..Fleet::healthy(2)
         };
         assert_eq!(fleet.run(&mut a, &mut t, 10, 300), 5);
-        let m = fleet.members(5, t, a.settle());
-        assert_eq!(m.in_rotation, 4, "{m:?}");
+        assert_eq!(fleet.in_rotation(&a, t, 300), 4);
     }
 
     #[test]
@@ -324,20 +326,57 @@ mod tests {
             alive: |i| i % 2 == 0,
             ..Fleet::healthy(1)
         };
-        let size = fleet.run(&mut a, &mut t, 30, 300);
-        assert_eq!(size, 7, "members 0, 2, 4 and 6 in rotation");
-        assert_eq!(fleet.members(size, t, a.settle()).in_rotation, 4);
+        assert_eq!(fleet.run(&mut a, &mut t, 30, 300), 7, "0, 2, 4 and 6 serve");
+        assert_eq!(fleet.in_rotation(&a, t, 300), 4);
     }
 
     #[test]
-    fn a_fleet_smaller_than_the_minimum_is_used_whole() {
+    fn members_lost_above_the_minimum_are_replaced_as_the_load_needs() {
         let mut a = Aperture::new(config());
         let mut t = Instant::now();
-        let size = steady(&mut a, &mut t, 5, 3, 30);
-        assert!(size >= 3, "every one of the 3: {size}");
+        let mut fleet = Fleet::healthy(20);
+        // 20 in flight need 18 in rotation.
+        assert_eq!(fleet.run(&mut a, &mut t, 10, 300), 18);
+        fleet.killed.extend(0..7);
+        assert_eq!(fleet.run(&mut a, &mut t, 10, 300), 25);
+        assert_eq!(fleet.in_rotation(&a, t, 300), 18);
+    }
+
+    #[test]
+    fn an_outage_widens_to_twice_the_need_not_to_the_fleet_and_recovery_narrows_back() {
+        let mut a = Aperture::new(config());
+        let mut t = Instant::now();
+        let mut fleet = Fleet {
+            alive: |_| false,
+            ..Fleet::healthy(1)
+        };
+        assert_eq!(
+            fleet.run(&mut a, &mut t, 60, 300),
+            8,
+            "at most twice the 4 needed"
+        );
+        fleet.alive = |_| true;
+        assert_eq!(fleet.run(&mut a, &mut t, 15, 300), 4);
+    }
+
+    #[test]
+    fn a_fleet_smaller_than_the_minimum_is_used_whole_and_may_grow_back() {
+        let mut a = Aperture::new(config());
+        let mut t = Instant::now();
+        assert_eq!(
+            steady(&mut a, &mut t, 5, 3, 30),
+            4,
+            "the 3 there are, and room for one"
+        );
+        assert_eq!(steady(&mut a, &mut t, 5, 2, 1), 4);
+        assert_eq!(
+            steady(&mut a, &mut t, 5, 300, 1),
+            4,
+            "the fleet back, the minimum"
+        );
         // Nonsense settings do not stop it deciding.
         let mut odd = Aperture::new(ApertureConfig {
-            min: 0,
+            min: usize::MAX,
             high_load: f64::NAN,
             low_load: 5.0,
             window: Duration::ZERO,
@@ -347,8 +386,24 @@ mod tests {
             count: 1,
             in_rotation: 1,
             settling: 0,
-            in_flight: 9,
+            in_flight: u64::MAX,
         };
-        assert_eq!(odd.look(Instant::now(), one, 100), 8);
+        assert_eq!(odd.look(Instant::now(), one, 100), usize::MAX);
+        let mut zero = Aperture::new(ApertureConfig {
+            min: 0,
+            window: Duration::ZERO,
+            ..config()
+        });
+        assert_eq!(
+            zero.look(
+                Instant::now(),
+                Members {
+                    in_flight: 9,
+                    ..one
+                },
+                100
+            ),
+            8
+        );
     }
 }

@@ -248,10 +248,13 @@ impl Builder {
         self
     }
 
-    /// Aperture settings ([`aperture`]): of a fleet larger than `min` endpoints, connect to the
-    /// smallest part the client's load needs. Unset, it is on for p2c (at least 12 endpoints in
-    /// rotation) and off for round-robin and pick-first; `enabled: false` connects to every
-    /// endpoint. A subset ([`Builder::subset`], or the service config's `subsetSize`) wins over it.
+    /// An aperture ([`aperture`]): of a fleet larger than `min` endpoints, connect to the
+    /// smallest part this client's load needs (about one call in flight per endpoint, at least
+    /// `min` in rotation), for any policy. Off by default: every endpoint is used. For many
+    /// clients over a large fleet; a few clients leave some replicas idle (see the module). A
+    /// subset ([`Builder::subset`], or the service config's `subsetSize`) wins over it. Only the
+    /// aperture's members are connected, so they are all [`Balancer::endpoints`] shows, and
+    /// all that outlier ejection and fail-fast's messages count.
     pub fn aperture(mut self, aperture: ApertureConfig) -> Self {
         self.aperture = Some(aperture);
         self
@@ -461,6 +464,7 @@ impl Builder {
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
 
         let probe = probe::OwnProbe::new(&self.probe, &health.service);
+        let connect_timeout = connect.connect_timeout;
         let settings = EndpointSettings {
             connect,
             health,
@@ -471,9 +475,12 @@ impl Builder {
                 self.aperture,
             ) {
                 (Some(size), _) => Membership::Subset(size),
-                (None, Some(aperture)) if aperture.enabled => Membership::Aperture(aperture),
-                (None, None) if policy == Policy::P2c => {
-                    Membership::Aperture(ApertureConfig::default())
+                (None, Some(aperture)) if aperture.enabled => {
+                    Membership::Aperture(ApertureConfig {
+                        // A member still within its connect timeout is not yet missing.
+                        settle: aperture.settle.max(connect_timeout),
+                        ..aperture
+                    })
                 }
                 _ => Membership::All,
             },
@@ -609,8 +616,8 @@ impl Balancer {
         self.shared.registry.snapshot()
     }
 
-    /// How many of the discovered endpoints the aperture uses now (`None` without one, or
-    /// before any address is known).
+    /// How many of the discovered endpoints the aperture uses now (`None` without an aperture,
+    /// or before any address is known).
     pub fn aperture(&self) -> Option<usize> {
         self.shared.registry.aperture()
     }

@@ -421,7 +421,13 @@ pub async fn manage(
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
                 match &mut subset {
-                    Some(subset) => subset.apply_all(batch),
+                    Some(subset) => {
+                        let changes = subset.apply_all(batch);
+                        if aperture.is_some() {
+                            registry.set_aperture(subset.size().min(subset.known()));
+                        }
+                        changes
+                    }
                     None => batch,
                 }
             }

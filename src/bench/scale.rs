@@ -1,8 +1,8 @@
 //! The scale scenario: what the balancer costs as the fleet grows. The same closed-loop load over
 //! 3, 30, 100 and 300 replicas (processes, no injected latency): calls/s, latency and the
-//! client's CPU per call of meshlb p2c as shipped (its aperture connects to the part of the
-//! fleet its load needs; [`crate::balance::aperture`]), of meshlb connected to every endpoint, and
-//! of the hand-rolled tower p2c (`PeakEwmaDiscover` over tonic channels): how much of the growth
+//! client's CPU per call of meshlb p2c as shipped (connected to every endpoint), of meshlb with
+//! an aperture of 12 (it connects to the part of the fleet its load needs;
+//! [`crate::balance::aperture`]), and of the hand-rolled tower p2c (`PeakEwmaDiscover` over tonic channels): how much of the growth
 //! is the transport's (more connections, each call alone on one) and how much meshlb's. The
 //! library's memory per endpoint is measured on the balancer connected to every endpoint (the
 //! heap bytes it holds once it has connected to and watches every one, divided by their number;
@@ -35,7 +35,7 @@ pub struct ScaleRow {
     pub endpoints: usize,
     /// The subset the balancer connected to, if it used one.
     pub subset: Option<usize>,
-    /// The endpoints meshlb p2c as shipped connected to (its aperture, or the subset).
+    /// The endpoints meshlb p2c with an aperture (or the subset) connected to.
     pub connected: usize,
     /// Calls per second (median over rounds).
     pub rps: f64,
@@ -43,7 +43,7 @@ pub struct ScaleRow {
     pub latency_ms: Latency,
     /// The client's CPU time per call (median over rounds).
     pub cpu_us_per_call: f64,
-    /// meshlb p2c connected to every endpoint (`--aperture off`): calls/s and CPU per call.
+    /// meshlb p2c as shipped, connected to every endpoint: calls/s and CPU per call.
     pub every_rps: Option<f64>,
     /// Its CPU time per call, µs.
     pub every_cpu_us_per_call: Option<f64>,
@@ -89,13 +89,13 @@ pub async fn run(
         let every = balancer(&addrs[..n], Members::Every)?;
         all_ready(&every, n).await?;
         let memory = growth.kib_per(n);
-        let shipped = balancer(&addrs[..n], Members::Shipped)?;
-        let connected = aperture_ready(&shipped).await?;
+        let aperture = balancer(&addrs[..n], Members::Aperture)?;
+        let connected = aperture_ready(&aperture).await?;
         let tower = super::tower_p2c(&addrs[..n], config)?;
         let (mut rounds, mut every_rounds, mut tower_rounds) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..config.rounds {
             progress(&format!("scale / {n} endpoints / round {}", round + 1));
-            rounds.push(measure(&shipped, config).await);
+            rounds.push(measure(&aperture, config).await);
             every_rounds.push(measure(&every, config).await);
             tower_rounds.push(measure(&tower, config).await);
         }
@@ -108,7 +108,7 @@ pub async fn run(
         row.tower_rps = Some(rps(&tower_rounds));
         row.tower_cpu_us_per_call = Some(cpu(&tower_rounds));
         rows.push(row);
-        alive.extend([every, shipped]);
+        alive.extend([every, aperture]);
     }
     for size in SUBSETS {
         let growth = Growth::start();
@@ -132,7 +132,7 @@ pub async fn run(
     Ok(ScaleScenario {
         setup: format!(
             "{} replicas with no latency, the balancer over the first 3, 30, 100 and 300: as \
-             shipped (its aperture), with every endpoint, and tower's p2c; then over all {} \
+             shipped (every endpoint), with an aperture of 12, and tower's p2c; then over all {} \
              through a subset of {}; {} in flight",
             largest, largest, SUBSETS[0], config.concurrency
         ),
@@ -143,9 +143,9 @@ pub async fn run(
 /// Which endpoints a measured balancer connects to.
 #[derive(Debug, Clone, Copy)]
 enum Members {
-    /// As shipped: p2c's aperture.
-    Shipped,
-    /// Every endpoint (`--aperture off`).
+    /// With the default aperture (`--aperture 12`).
+    Aperture,
+    /// Every endpoint, as shipped.
     Every,
     /// A subset of this size.
     Subset(usize),
@@ -156,13 +156,8 @@ fn balancer(addrs: &[SocketAddr], members: Members) -> anyhow::Result<Balancer> 
         .health_service(crate::proto::USERGUIDE_SERVICE)
         .service_config(crate::proto::USERGUIDE_SERVICE_CONFIG)?;
     match members {
-        Members::Shipped => {}
-        Members::Every => {
-            builder = builder.aperture(crate::balance::ApertureConfig {
-                enabled: false,
-                ..Default::default()
-            })
-        }
+        Members::Aperture => builder = builder.aperture(Default::default()),
+        Members::Every => {}
         Members::Subset(size) => builder = builder.subset(size),
     }
     Ok(builder.build_lazy()?)
@@ -303,13 +298,13 @@ impl ScaleScenario {
                 Some(size) => format!("{} (subset {size})", r.endpoints),
                 None => r.endpoints.to_string(),
             },
+            opt(r.every_rps, &|v| format!("{v:.0}")),
+            opt(r.every_cpu_us_per_call, &|v| format!("{v:.1}µs")),
             r.connected.to_string(),
             format!("{:.0}", r.rps),
             ms(r.latency_ms.p50),
             ms(r.latency_ms.p99),
             format!("{:.1}µs", r.cpu_us_per_call),
-            opt(r.every_rps, &|v| format!("{v:.0}")),
-            opt(r.every_cpu_us_per_call, &|v| format!("{v:.1}µs")),
             opt(r.tower_rps, &|v| format!("{v:.0}")),
             opt(r.tower_cpu_us_per_call, &|v| format!("{v:.1}µs")),
             format!("{:.1} KiB", r.memory_kib_per_endpoint),
@@ -318,13 +313,13 @@ impl ScaleScenario {
 
     const HEADERS: [&'static str; 11] = [
         "endpoints",
-        "connected",
-        "calls/s",
-        "p50",
-        "p99",
-        "CPU per call",
         "every endpoint: calls/s",
         "every endpoint: CPU per call",
+        "aperture: connected",
+        "aperture: calls/s",
+        "aperture: p50",
+        "aperture: p99",
+        "aperture: CPU per call",
         "tower p2c calls/s",
         "tower p2c CPU per call",
         "memory per endpoint",
@@ -333,7 +328,7 @@ impl ScaleScenario {
     /// The scenario as a terminal table.
     pub fn table(&self) -> String {
         let mut out = format!("\nscale ({})\n", self.setup);
-        let widths = [18, 10, 8, 9, 9, 13, 24, 29, 18, 23, 20];
+        let widths = [18, 24, 29, 20, 18, 14, 14, 23, 18, 23, 20];
         let line = |cells: &[String]| {
             cells
                 .iter()

@@ -71,9 +71,10 @@ pub struct ServiceConfigArgs {
     /// aperture. Default: the aperture's choice.
     #[arg(long, env = "MESHLB_SUBSET", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub subset: Option<u32>,
-    /// p2c's aperture: of a fleet larger than N endpoints, connect to the smallest part this
+    /// An aperture: of a fleet larger than N endpoints, connect to the smallest part this
     /// client's load needs (about one call in flight per endpoint), never fewer than N in
-    /// rotation; `off`: connect to every endpoint. Default: 12.
+    /// rotation; for many clients over a large fleet (a few clients leave some replicas idle).
+    /// Default: off, every endpoint.
     #[arg(long, env = "MESHLB_APERTURE", value_name = "N|off", value_parser = parse_aperture)]
     pub aperture: Option<crate::balance::ApertureConfig>,
     /// What probes an ejected endpoint when the call it is handed may not be duplicated (its
@@ -86,6 +87,9 @@ pub struct ServiceConfigArgs {
     pub probe: Option<crate::balance::ProbeCall>,
 }
 
+/// The largest minimum `--aperture` takes: more connections than any fleet a client balances.
+const MAX_APERTURE: usize = 100_000;
+
 /// `off`, or the aperture's minimum.
 fn parse_aperture(value: &str) -> Result<crate::balance::ApertureConfig, String> {
     let config = crate::balance::ApertureConfig::default();
@@ -96,9 +100,9 @@ fn parse_aperture(value: &str) -> Result<crate::balance::ApertureConfig, String>
         });
     }
     match value.parse::<usize>() {
-        Ok(min) if min >= 1 => Ok(crate::balance::ApertureConfig { min, ..config }),
+        Ok(min @ 1..=MAX_APERTURE) => Ok(crate::balance::ApertureConfig { min, ..config }),
         _ => Err(format!(
-            "`{value}` is neither `off` nor a number of endpoints (1 or more)"
+            "`{value}` is neither `off` nor a number of endpoints (1 to {MAX_APERTURE})"
         )),
     }
 }

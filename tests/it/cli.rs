@@ -204,6 +204,19 @@ fn up_then_client_json_counts_add_up_and_round_robin_is_even() {
         .filter(|calls| *calls > 0)
         .collect();
     assert_eq!(served, [100], "{one}");
+    // An aperture of one, one call at a time: the load needs one member, and only it serves.
+    let (out, narrow) = json_client(
+        &target,
+        &["--requests", "60", "--concurrency", "1", "--aperture", "1"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{narrow}");
+    let served = narrow["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["calls"].as_u64().unwrap() > 0)
+        .count();
+    assert_eq!(served, 1, "{narrow}");
 
     let call = get_point(&target, "james", "26");
     let stdout = String::from_utf8_lossy(&call.stdout);
@@ -262,6 +275,10 @@ fn bad_usage_exits_2_with_one_clear_line() {
     assert_usage_error(&["client", "--target", "x:1", "--timeout", "0s"], "0s");
     assert_usage_error(&["client", "--target", "x:1", "--duration", "0s"], "0s");
     assert_usage_error(&["client", "--target", "x:1", "--requests", "0"], "0");
+    assert_usage_error(
+        &["client", "--target", "x:1", "--aperture", "0"],
+        "number of endpoints",
+    );
     assert_usage_error(
         &[
             "call",
