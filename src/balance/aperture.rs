@@ -13,15 +13,17 @@
 //! hashing with a salt of the client's own ([`crate::discovery::subset`]), and the client
 //! connects to the lowest-ranked `size` of them. The size follows the client's load, calls in
 //! flight smoothed over a window, so that each member in rotation carries between `low_load` and
-//! `high_load` of them (the load band, Finagle's default 0.875-1.125), and never fewer than `min`
-//! are in rotation:
-//! - The members in rotation the load needs (at least `min`) are kept in rotation: load above
-//!   the band, or members out of rotation (unhealthy, ejected, unreachable), widen the aperture
-//!   at once by what is missing. A member that has just joined (the first ones too) has
-//!   `settle` to connect before it counts as missing, so one ejection adds one member, not one
-//!   per look, and a client starting up connects to `min`, not twice as many.
-//! - It never widens past twice what the load needs to replace missing members: in an outage of
-//!   most of the fleet a client looks for live members among at most that many, not among all.
+//! `high_load` of them (the load band, Finagle's default 0.875-1.125), and at least `min` are in
+//! rotation whenever that many are alive:
+//! - It looks for as many members in rotation as the load needs (at least `min`): load above
+//!   the band (as the smoothed load rises), or members out of rotation (unhealthy, ejected,
+//!   unreachable), widen the aperture by what is missing. A member that has just joined (the
+//!   first ones too) has `settle` to come into rotation before it counts as missing, so one
+//!   ejection adds one member, not one per look, and a client starting up connects to `min`,
+//!   not twice as many.
+//! - Up to twice what the load needs, missing members are replaced at once; beyond that, one
+//!   step per `settle`: in an outage of most of the fleet a client keeps looking for live
+//!   members, but does not connect to the whole fleet at once.
 //! - Load below the band narrows it, after `narrow_after` of low load, by a quarter of the
 //!   members in rotation beyond what the load needs (at least one), and again after each
 //!   `narrow_after`: never below what the load needs (no flapping), nor below `min` in rotation.
@@ -59,7 +61,7 @@ pub struct ApertureConfig {
     /// How long the load must stay below the band before members are let go (default 5 s).
     pub narrow_after: Duration,
     /// How long a new member has to connect and pass its health check before it counts as
-    /// missing (default 2 s; the balancer makes it at least its connect timeout).
+    /// missing (default 2 s; the balancer makes it at least twice its connect timeout).
     pub settle: Duration,
 }
 
@@ -160,10 +162,15 @@ impl Aperture {
         // In rotation, the load needs this many (a float cast saturates, never wraps).
         let needed = ((self.load / c.high_load).ceil() as usize).max(c.min);
         let deficit = needed.saturating_sub(members.in_rotation + members.settling);
-        let grown = members
-            .count
-            .saturating_add(deficit)
-            .min(needed.saturating_mul(2));
+        // Up to twice the need, what is missing is replaced at once; beyond that only once every
+        // member has had its `settle`, so an outage of most of the fleet makes a client look
+        // further a step at a time, not connect to all of it at once.
+        let cap = if members.settling == 0 {
+            usize::MAX
+        } else {
+            needed.saturating_mul(2)
+        };
+        let grown = members.count.saturating_add(deficit).min(cap);
         let mut size = self.size.max(grown).min(known.max(c.min));
 
         let excess = members.in_rotation.saturating_sub(needed);
@@ -207,6 +214,8 @@ mod tests {
         killed: BTreeSet<usize>,
         ready_after: Duration,
         in_flight: u64,
+        /// Members that joined, counting each return.
+        joins: usize,
     }
 
     impl Fleet {
@@ -217,11 +226,13 @@ mod tests {
                 killed: BTreeSet::new(),
                 ready_after: Duration::ZERO,
                 in_flight,
+                joins: 0,
             }
         }
 
         fn members(&mut self, n: usize, now: Instant, settle: Duration) -> Members {
             self.joined.truncate(n);
+            self.joins += n - self.joined.len();
             self.joined.resize(n, now);
             let mut members = Members {
                 count: n,
@@ -286,9 +297,11 @@ mod tests {
         let mut t2 = Instant::now();
         assert_eq!(steady(&mut narrow, &mut t2, 10, 20, 40), 20);
 
-        // The load stops: a few members go every 2 s of low load, never below the minimum.
-        let size = steady(&mut a, &mut t, 7, 300, 0);
-        assert!((5..36).contains(&size), "36 -> {size} in 7 s");
+        // The load stops: nothing goes for the first 2 s of low load, then a quarter of the
+        // surplus every 2 s, never below the minimum.
+        assert_eq!(steady(&mut a, &mut t, 1, 300, 0), 36);
+        let size = steady(&mut a, &mut t, 6, 300, 0);
+        assert!((9..=28).contains(&size), "36 -> {size} in 7 s");
         assert_eq!(steady(&mut a, &mut t, 30, 300, 0), 4);
     }
 
@@ -296,11 +309,16 @@ mod tests {
     fn within_the_band_it_holds_still() {
         let mut a = Aperture::new(config());
         let mut t = Instant::now();
-        steady(&mut a, &mut t, 10, 300, 10);
-        let settled = a.size();
-        // 10 in flight: 9 members at 1.11 each is inside the band; 8 would be above it.
-        assert_eq!(settled, 9);
-        assert_eq!(steady(&mut a, &mut t, 60, 300, 10), settled);
+        // 10 in flight from below: 9 members at 1.11 each is inside the band; 8 would be above.
+        assert_eq!(steady(&mut a, &mut t, 10, 300, 10), 9);
+        assert_eq!(steady(&mut a, &mut t, 60, 300, 10), 9);
+        // From above (after 40 in flight): it narrows until 10 calls are 0.875 or more per
+        // member, 11 members at 0.91, and stays there.
+        let mut b = Aperture::new(config());
+        let mut t = Instant::now();
+        assert_eq!(steady(&mut b, &mut t, 10, 300, 40), 36);
+        assert_eq!(steady(&mut b, &mut t, 60, 300, 10), 11);
+        assert_eq!(steady(&mut b, &mut t, 60, 300, 10), 11);
     }
 
     #[test]
@@ -315,6 +333,7 @@ mod tests {
         };
         assert_eq!(fleet.run(&mut a, &mut t, 10, 300), 5);
         assert_eq!(fleet.in_rotation(&a, t, 300), 4);
+        assert_eq!(fleet.joins, 5, "nobody left and joined again");
     }
 
     #[test]
@@ -343,20 +362,22 @@ mod tests {
     }
 
     #[test]
-    fn an_outage_widens_to_twice_the_need_not_to_the_fleet_and_recovery_narrows_back() {
+    fn an_outage_looks_further_a_step_at_a_time_and_recovery_narrows_back() {
         let mut a = Aperture::new(config());
         let mut t = Instant::now();
+        // Only the addresses ranked 20th and beyond are alive.
         let mut fleet = Fleet {
-            alive: |_| false,
+            alive: |i| i >= 20,
             ..Fleet::healthy(1)
         };
-        assert_eq!(
-            fleet.run(&mut a, &mut t, 60, 300),
-            8,
-            "at most twice the 4 needed"
-        );
+        // One settle (2 s) in: the first 4 replaced once, not the fleet connected to.
+        assert_eq!(fleet.run(&mut a, &mut t, 3, 300), 8);
+        // Then 4 more per settle until 4 live ones are found.
+        assert_eq!(fleet.run(&mut a, &mut t, 30, 300), 24);
+        assert_eq!(fleet.in_rotation(&a, t, 300), 4);
+        // Everyone back: the surplus goes, a quarter at a time.
         fleet.alive = |_| true;
-        assert_eq!(fleet.run(&mut a, &mut t, 15, 300), 4);
+        assert_eq!(fleet.run(&mut a, &mut t, 30, 300), 4);
     }
 
     #[test]

@@ -250,7 +250,8 @@ impl Builder {
 
     /// An aperture ([`aperture`]): of a fleet larger than `min` endpoints, connect to the
     /// smallest part this client's load needs (about one call in flight per endpoint, at least
-    /// `min` in rotation), for any policy. Off by default: every endpoint is used. For many
+    /// `min` in rotation while that many are alive), for p2c and round-robin (pick-first uses
+    /// one endpoint anyway). Off by default: every endpoint is used. For many
     /// clients over a large fleet; a few clients leave some replicas idle (see the module). A
     /// subset ([`Builder::subset`], or the service config's `subsetSize`) wins over it. Only the
     /// aperture's members are connected, so they are all [`Balancer::endpoints`] shows, and
@@ -475,10 +476,13 @@ impl Builder {
                 self.aperture,
             ) {
                 (Some(size), _) => Membership::Subset(size),
-                (None, Some(aperture)) if aperture.enabled => {
+                // Pick-first sends every call to one endpoint: an aperture sized by its calls in
+                // flight would only open connections it never uses.
+                (None, Some(aperture)) if aperture.enabled && policy != Policy::PickFirst => {
                     Membership::Aperture(ApertureConfig {
-                        // A member still within its connect timeout is not yet missing.
-                        settle: aperture.settle.max(connect_timeout),
+                        // A member may take a connect timeout, and a TLS handshake and its first
+                        // health answer after that, before it is in rotation: not yet missing.
+                        settle: aperture.settle.max(connect_timeout * 2),
                         ..aperture
                     })
                 }

@@ -421,13 +421,7 @@ pub async fn manage(
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
                 match &mut subset {
-                    Some(subset) => {
-                        let changes = subset.apply_all(batch);
-                        if aperture.is_some() {
-                            registry.set_aperture(subset.size().min(subset.known()));
-                        }
-                        changes
-                    }
+                    Some(subset) => subset.apply_all(batch),
                     None => batch,
                 }
             }
@@ -439,7 +433,6 @@ pub async fn manage(
                             registry.members(aperture.settle()),
                             subset.known(),
                         );
-                        registry.set_aperture(size.min(subset.known()));
                         subset.resize(size)
                     }
                     _ => Vec::new(),
@@ -450,6 +443,10 @@ pub async fn manage(
             if !hand_on(update, &discovery, &registry, &settings, &to_balancer) {
                 return;
             }
+        }
+        // Recorded once the members are what it says, after a look or a discovery batch.
+        if let (Some(_), Some(subset)) = (&aperture, &subset) {
+            registry.set_aperture(subset.size().min(subset.known()));
         }
     }
 }

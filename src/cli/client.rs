@@ -67,14 +67,14 @@ pub struct ServiceConfigArgs {
     #[arg(long, env = "MESHLB_DNS_SERVICE_CONFIG")]
     pub dns_service_config: bool,
     /// Connect to at most N of the discovered endpoints, a subset of this client's own (gRPC's
-    /// random_subsetting_experimental); wins over the service config's subsetSize and the
-    /// aperture. Default: the aperture's choice.
+    /// random_subsetting_experimental); wins over the service config's subsetSize and
+    /// --aperture. Default: every endpoint.
     #[arg(long, env = "MESHLB_SUBSET", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub subset: Option<u32>,
     /// An aperture: of a fleet larger than N endpoints, connect to the smallest part this
-    /// client's load needs (about one call in flight per endpoint), never fewer than N in
-    /// rotation; for many clients over a large fleet (a few clients leave some replicas idle).
-    /// Default: off, every endpoint.
+    /// client's load needs (about one call in flight per endpoint), at least N in rotation
+    /// while N are alive; for many clients over a large fleet (a few clients leave some
+    /// replicas idle). p2c and round-robin only. Default: off, every endpoint.
     #[arg(long, env = "MESHLB_APERTURE", value_name = "N|off", value_parser = parse_aperture)]
     pub aperture: Option<crate::balance::ApertureConfig>,
     /// What probes an ejected endpoint when the call it is handed may not be duplicated (its

@@ -662,8 +662,9 @@ async fn the_aperture_follows_the_load_and_keeps_its_minimum_in_rotation() {
     assert_eq!(tally.of(&sick.id), 0, "{:?}", tally.by_replica);
 }
 
-/// By default (p2c or round-robin) and with an aperture turned off, every endpoint is connected
-/// to; with an aperture whose minimum is above the fleet's size, the fleet is used whole.
+/// By default (p2c or round-robin), with an aperture turned off, and with pick-first even when
+/// given one, every endpoint is connected to; with an aperture whose minimum is above the
+/// fleet's size, the fleet is used whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_aperture_or_below_its_minimum_every_endpoint_is_used() {
     let replicas = three(Default::default()).await;
@@ -680,6 +681,13 @@ async fn without_an_aperture_or_below_its_minimum_every_endpoint_is_used() {
         ),
         (
             crate::support::userguide(target(&replicas)).aperture(off),
+            None,
+        ),
+        // Pick-first uses one endpoint however many calls are in flight: no aperture.
+        (
+            crate::support::userguide(target(&replicas))
+                .policy(Policy::PickFirst)
+                .aperture(ApertureConfig::default()),
             None,
         ),
         // The default minimum, 12, is above 3.
