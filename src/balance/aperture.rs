@@ -5,8 +5,9 @@
 //! p2c over every endpoint spreads a client's calls as thin as the fleet is wide. A client with 8
 //! calls in flight over 300 replicas sends each call alone on an idle connection: no two calls
 //! share a write or a wake-up, and each touches a connection gone cold in the cache. Measured
-//! here, its CPU per call grows 1.2-1.4x from 3 to 300 endpoints (tower's own p2c as much), and
-//! it holds 300 connections and 300 health watches it has no use for.
+//! here, its CPU per call grows 1.2-1.6x from 3 to 300 endpoints (tower's own p2c as much), and
+//! it holds 300 connections and 300 health watches it has no use for. With an aperture of 12 it
+//! stays flat (1.02x at 300, a client in a process of its own).
 //!
 //! # What this does
 //! Finagle's (random) aperture balancer, on our subset: the addresses are ranked by rendezvous

@@ -437,6 +437,52 @@ fn tonic_endpoint(
     Ok(endpoint)
 }
 
+/// What one `meshlb client` run in a process of its own reported.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientRun {
+    /// Calls per second.
+    pub rps: f64,
+    /// The client process's CPU time per call, µs.
+    pub cpu_us_per_call: f64,
+    /// Replicas that served at least one call.
+    pub served_by: usize,
+}
+
+/// Runs `meshlb client` against `target` for the configured duration and concurrency, in a
+/// process of its own (nothing else of the bench's in it), with what `configure` adds; `None`
+/// if it gave no report.
+pub(crate) async fn client_process(
+    launch: &Launch,
+    target: &str,
+    config: &BenchConfig,
+    configure: impl FnOnce(&mut tokio::process::Command),
+) -> Option<ClientRun> {
+    let mut cmd = tokio::process::Command::new(&launch.exe);
+    cmd.args(["client", "--target", target, "--format", "json"])
+        .args([
+            "--duration",
+            &humantime::format_duration(config.duration).to_string(),
+        ])
+        .args(["--concurrency", &config.concurrency.to_string()])
+        .env("RUST_LOG", "error")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    configure(&mut cmd);
+    let out = cmd.output().await.ok()?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let served_by = report["replicas"].as_array().map_or(0, |replicas| {
+        replicas
+            .iter()
+            .filter(|r| r["calls"].as_u64().unwrap_or(0) > 0)
+            .count()
+    });
+    Some(ClientRun {
+        rps: report["rps"].as_f64()?,
+        cpu_us_per_call: report["cpu_us_per_call"].as_f64()?,
+        served_by,
+    })
+}
+
 #[cfg(not(unix))]
 pub(crate) fn cpu_time() -> Duration {
     // Not measured off Unix: the column reads 0.

@@ -6,8 +6,9 @@
 //! is the transport's (more connections, each call alone on one) and how much meshlb's. The
 //! library's memory per endpoint is measured on the balancer connected to every endpoint (the
 //! heap bytes it holds once it has connected to and watches every one, divided by their number;
-//! [`crate::heap`]). Then the 300 again through a subset of 20
-//! (`random_subsetting_experimental`).
+//! [`crate::heap`]); it keeps every balancer alive, so the CPU figures of `meshlb client` run as
+//! a process of its own beside them (every endpoint, and `--aperture 12`) are what a deployed
+//! client pays. Then the 300 again through a subset of 20 (`random_subsetting_experimental`).
 //!
 //! Knows the load generator and the fleet; nothing of how the figures are judged.
 
@@ -52,6 +53,13 @@ pub struct ScaleRow {
     pub tower_rps: Option<f64>,
     /// Its CPU time per call, µs.
     pub tower_cpu_us_per_call: Option<f64>,
+    /// `meshlb client` in a process of its own (no other balancer beside it), connected to
+    /// every endpoint: CPU time per call, µs (median over rounds).
+    pub own_process_every_cpu_us_per_call: Option<f64>,
+    /// The same with `--aperture 12`.
+    pub own_process_aperture_cpu_us_per_call: Option<f64>,
+    /// The replicas that client's calls reached (the most of any round).
+    pub own_process_aperture_served_by: Option<usize>,
     /// The heap the balancer holds per connected endpoint once every one is ready (the resident
     /// set's growth where the allocator does not count), KiB: meshlb connected to every
     /// endpoint.
@@ -92,12 +100,23 @@ pub async fn run(
         let aperture = balancer(&addrs[..n], Members::Aperture)?;
         let connected = aperture_ready(&aperture).await?;
         let tower = super::tower_p2c(&addrs[..n], config)?;
+        let target = crate::Target::Static(addrs[..n].to_vec()).to_string();
         let (mut rounds, mut every_rounds, mut tower_rounds) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut own_every, mut own_aperture) = (Vec::new(), Vec::new());
         for round in 0..config.rounds {
             progress(&format!("scale / {n} endpoints / round {}", round + 1));
             rounds.push(measure(&aperture, config).await);
             every_rounds.push(measure(&every, config).await);
             tower_rounds.push(measure(&tower, config).await);
+            // The bench process holds every earlier balancer (for the memory figures): a
+            // client in a process of its own is what a deployment runs.
+            own_every.extend(super::client_process(launch, &target, config, |_| {}).await);
+            own_aperture.extend(
+                super::client_process(launch, &target, config, |cmd| {
+                    cmd.args(["--aperture", "12"]);
+                })
+                .await,
+            );
         }
         tower_alive.push(tower);
         let mut row = row(n, None, connected, &rounds, memory);
@@ -107,6 +126,12 @@ pub async fn run(
         row.every_cpu_us_per_call = Some(cpu(&every_rounds));
         row.tower_rps = Some(rps(&tower_rounds));
         row.tower_cpu_us_per_call = Some(cpu(&tower_rounds));
+        let own = |runs: &[super::ClientRun]| {
+            (!runs.is_empty()).then(|| median(runs.iter().map(|r| r.cpu_us_per_call).collect()))
+        };
+        row.own_process_every_cpu_us_per_call = own(&own_every);
+        row.own_process_aperture_cpu_us_per_call = own(&own_aperture);
+        row.own_process_aperture_served_by = own_aperture.iter().map(|r| r.served_by).max();
         rows.push(row);
         alive.extend([every, aperture]);
     }
@@ -132,8 +157,9 @@ pub async fn run(
     Ok(ScaleScenario {
         setup: format!(
             "{} replicas with no latency, the balancer over the first 3, 30, 100 and 300: as \
-             shipped (every endpoint), with an aperture of 12, and tower's p2c; then over all {} \
-             through a subset of {}; {} in flight",
+             shipped (every endpoint), with an aperture of 12, and tower's p2c, in the bench's \
+             process; meshlb client as a process of its own, every endpoint and --aperture 12; \
+             then over all {} through a subset of {}; {} in flight",
             largest, largest, SUBSETS[0], config.concurrency
         ),
         rows,
@@ -188,6 +214,9 @@ fn row(
         every_cpu_us_per_call: None,
         tower_rps: None,
         tower_cpu_us_per_call: None,
+        own_process_every_cpu_us_per_call: None,
+        own_process_aperture_cpu_us_per_call: None,
+        own_process_aperture_served_by: None,
         memory_kib_per_endpoint: memory,
     }
 }
@@ -291,7 +320,7 @@ fn resident_bytes() -> u64 {
 }
 
 impl ScaleScenario {
-    fn cells(r: &ScaleRow) -> [String; 11] {
+    fn cells(r: &ScaleRow) -> [String; 14] {
         let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or("–".into());
         [
             match r.subset {
@@ -307,11 +336,19 @@ impl ScaleScenario {
             format!("{:.1}µs", r.cpu_us_per_call),
             opt(r.tower_rps, &|v| format!("{v:.0}")),
             opt(r.tower_cpu_us_per_call, &|v| format!("{v:.1}µs")),
+            opt(r.own_process_every_cpu_us_per_call, &|v| {
+                format!("{v:.1}µs")
+            }),
+            opt(r.own_process_aperture_cpu_us_per_call, &|v| {
+                format!("{v:.1}µs")
+            }),
+            r.own_process_aperture_served_by
+                .map_or("–".into(), |n| n.to_string()),
             format!("{:.1} KiB", r.memory_kib_per_endpoint),
         ]
     }
 
-    const HEADERS: [&'static str; 11] = [
+    const HEADERS: [&'static str; 14] = [
         "endpoints",
         "every endpoint: calls/s",
         "every endpoint: CPU per call",
@@ -322,13 +359,16 @@ impl ScaleScenario {
         "aperture: CPU per call",
         "tower p2c calls/s",
         "tower p2c CPU per call",
+        "own process: every endpoint, CPU per call",
+        "own process: aperture, CPU per call",
+        "own process: aperture, replicas used",
         "memory per endpoint",
     ];
 
     /// The scenario as a terminal table.
     pub fn table(&self) -> String {
         let mut out = format!("\nscale ({})\n", self.setup);
-        let widths = [18, 24, 29, 20, 18, 14, 14, 23, 18, 23, 20];
+        let widths = [18, 24, 29, 20, 18, 14, 14, 23, 18, 23, 42, 36, 36, 20];
         let line = |cells: &[String]| {
             cells
                 .iter()

@@ -7,7 +7,7 @@
 //! Knows the fleet, the client's command line and the OTLP protocol; nothing of how the client
 //! traces.
 
-use super::{median, BenchConfig};
+use super::{median, BenchConfig, ClientRun};
 use crate::fleet::{FleetSpec, Launch, RunningFleet};
 use crate::replica::FaultConfig;
 use opentelemetry_proto::tonic::collector::trace::v1::{
@@ -219,52 +219,33 @@ async fn settled(sink: &Sink) -> u64 {
     }
 }
 
-/// What one client run reported.
-#[derive(Debug, Clone, Copy)]
-struct Run {
-    rps: f64,
-    cpu_us_per_call: f64,
-}
-
-/// One `meshlb client` run's figures, or `None` if it gave no report.
+/// One `meshlb client` run's figures with tracing as `mode` says, or `None` if it gave no
+/// report.
 async fn client_run(
     launch: &Launch,
     target: &str,
     mode: Mode,
     sink: SocketAddr,
     config: &BenchConfig,
-) -> Option<Run> {
-    let mut cmd = tokio::process::Command::new(&launch.exe);
-    cmd.args(["client", "--target", target, "--format", "json"])
-        .args([
-            "--duration",
-            &humantime::format_duration(config.duration).to_string(),
-        ])
-        .args(["--concurrency", &config.concurrency.to_string()])
-        .env("RUST_LOG", "error")
-        .env("OTEL_SERVICE_NAME", "meshlb-bench-client")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_TRACES_SAMPLER")
-        .env_remove("OTEL_TRACES_SAMPLER_ARG")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    match mode {
-        Mode::Off => {}
-        Mode::OnePercent => {
-            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{sink}"))
-                .env("OTEL_TRACES_SAMPLER", "traceidratio")
-                .env("OTEL_TRACES_SAMPLER_ARG", "0.01");
+) -> Option<ClientRun> {
+    super::client_process(launch, target, config, |cmd| {
+        cmd.env("OTEL_SERVICE_NAME", "meshlb-bench-client")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_TRACES_SAMPLER")
+            .env_remove("OTEL_TRACES_SAMPLER_ARG");
+        match mode {
+            Mode::Off => {}
+            Mode::OnePercent => {
+                cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{sink}"))
+                    .env("OTEL_TRACES_SAMPLER", "traceidratio")
+                    .env("OTEL_TRACES_SAMPLER_ARG", "0.01");
+            }
+            Mode::Every => {
+                cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{sink}"));
+            }
         }
-        Mode::Every => {
-            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{sink}"));
-        }
-    }
-    let out = cmd.output().await.ok()?;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(Run {
-        rps: report["rps"].as_f64()?,
-        cpu_us_per_call: report["cpu_us_per_call"].as_f64()?,
     })
+    .await
 }
 
 impl TracingScenario {
