@@ -543,12 +543,23 @@ fn watch_runs_until_ctrl_c_counts_retries_per_second_and_looks_as_the_readme_sho
         last.contains("latency p50"),
         "final table expected, got: {last}"
     );
-    // A frame after the kill has the README sample's lines, in its order.
+    // A frame after the kill has the README sample's lines, in its order. The killed replica
+    // shows out of rotation: ejected by its failed calls, or connecting once that ends.
+    let killed_addr = serving
+        .iter()
+        .find(|l| l.starts_with("users-2"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("up prints users-2's address: {serving:?}"));
     let after_kill = frames
         .iter()
         .rev()
-        .find(|f| f.iter().any(|l| l.contains(" connecting ")))
-        .unwrap_or_else(|| panic!("users-2 shows as connecting: {frames:?}"));
+        .find(|f| {
+            f.iter().any(|l| {
+                l.split_whitespace().next() == Some(killed_addr)
+                    && (l.contains(" connecting ") || l.contains(" ejected "))
+            })
+        })
+        .unwrap_or_else(|| panic!("users-2 shows as out of rotation: {frames:?}"));
     assert_eq!(
         frame_structure(after_kill),
         frame_structure(&readme_watch_sample()),
