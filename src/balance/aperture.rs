@@ -151,7 +151,9 @@ impl Aperture {
     /// One look at the members, with `known` addresses to choose from; returns the size wanted.
     pub fn look(&mut self, now: Instant, members: Members, known: usize) -> usize {
         let c = self.config;
-        let elapsed = self.last_look.map_or(c.window, |last| now - last);
+        let elapsed = self
+            .last_look
+            .map_or(c.window, |last| now.saturating_duration_since(last));
         self.last_look = Some(now);
         let alpha = if c.window.is_zero() {
             1.0
@@ -188,7 +190,8 @@ impl Aperture {
                 Some(_) => {}
             }
         }
-        self.size = size.max(c.min);
+        // Never below `min`: the ceiling is at least `min`, and narrowing stops there.
+        self.size = size;
         self.size
     }
 }

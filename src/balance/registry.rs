@@ -234,6 +234,7 @@ impl Registry {
     /// What the aperture looks at: how many endpoints, how many in rotation or added less than
     /// `settle` ago, their calls in flight.
     fn members(&self, settle: Duration) -> Members {
+        let now = Instant::now();
         let endpoints = self.lock();
         let mut members = Members {
             count: endpoints.len(),
@@ -244,7 +245,7 @@ impl Registry {
         for entry in endpoints.values() {
             if entry.shared.in_rotation() {
                 members.in_rotation += 1;
-            } else if entry.added.elapsed() < settle {
+            } else if now.saturating_duration_since(entry.added) < settle {
                 members.settling += 1;
             }
             members.in_flight += entry.shared.in_flight();

@@ -13,6 +13,7 @@
 //! Knows the load generator and the fleet; nothing of how the figures are judged.
 
 use super::{cpu_time, median, BenchConfig};
+use crate::balance::ApertureConfig;
 use crate::fleet::{FleetSpec, Launch, RunningFleet};
 use crate::load::{self, CallKind, LoadSpec, Recorder, Stop};
 use crate::replica::FaultConfig;
@@ -113,7 +114,7 @@ pub async fn run(
             own_every.extend(super::client_process(launch, &target, config, |_| {}).await);
             own_aperture.extend(
                 super::client_process(launch, &target, config, |cmd| {
-                    cmd.args(["--aperture", "12"]);
+                    cmd.args(["--aperture", &ApertureConfig::default().min.to_string()]);
                 })
                 .await,
             );
@@ -182,7 +183,7 @@ fn balancer(addrs: &[SocketAddr], members: Members) -> anyhow::Result<Balancer> 
         .health_service(crate::proto::USERGUIDE_SERVICE)
         .service_config(crate::proto::USERGUIDE_SERVICE_CONFIG)?;
     match members {
-        Members::Aperture => builder = builder.aperture(Default::default()),
+        Members::Aperture => builder = builder.aperture(ApertureConfig::default()),
         Members::Every => {}
         Members::Subset(size) => builder = builder.subset(size),
     }
@@ -368,7 +369,13 @@ impl ScaleScenario {
     /// The scenario as a terminal table.
     pub fn table(&self) -> String {
         let mut out = format!("\nscale ({})\n", self.setup);
-        let widths = [18, 24, 29, 20, 18, 14, 14, 23, 18, 23, 42, 36, 36, 20];
+        let rows: Vec<_> = self.rows.iter().map(Self::cells).collect();
+        let mut widths = Self::HEADERS.map(|h| h.chars().count());
+        for cells in &rows {
+            for (w, c) in widths.iter_mut().zip(cells) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
         let line = |cells: &[String]| {
             cells
                 .iter()
@@ -378,8 +385,8 @@ impl ScaleScenario {
                 .join(" ")
         };
         let _ = writeln!(out, "{}", line(&Self::HEADERS.map(String::from)));
-        for r in &self.rows {
-            let _ = writeln!(out, "{}", line(&Self::cells(r)));
+        for cells in &rows {
+            let _ = writeln!(out, "{}", line(cells));
         }
         out
     }

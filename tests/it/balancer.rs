@@ -16,10 +16,15 @@ use tonic::Code;
 const SERVICE: &str = meshlb::proto::USERGUIDE_SERVICE;
 
 async fn three(faults: [FaultConfig; 3]) -> Vec<Replica> {
+    fleet("r", faults).await
+}
+
+/// Replicas on 127.0.0.2, .3, …, named `{prefix}1`, `{prefix}2`, …, one per fault setting.
+async fn fleet(prefix: &str, faults: impl IntoIterator<Item = FaultConfig>) -> Vec<Replica> {
     let mut replicas = Vec::new();
     for (i, f) in faults.into_iter().enumerate() {
         let ip = format!("127.0.0.{}", i + 2);
-        replicas.push(Replica::start(&ip, &format!("r{}", i + 1), f).await);
+        replicas.push(Replica::start(&ip, &format!("{prefix}{}", i + 1), f).await);
     }
     replicas
 }
@@ -524,11 +529,7 @@ async fn your_own_discovery_stream_adds_and_removes_endpoints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subset_of_the_fleet_serves_and_a_lost_member_is_replaced() {
     use tower::discover::Change;
-    let mut replicas = Vec::new();
-    for i in 0..5 {
-        let ip = format!("127.0.0.{}", i + 2);
-        replicas.push(Replica::start(&ip, &format!("s{}", i + 1), latency(0)).await);
-    }
+    let replicas = fleet("s", vec![latency(0); 5]).await;
     let (changes, discovered) = tokio::sync::mpsc::unbounded_channel();
     for r in &replicas {
         changes.send(Change::Insert(r.addr, ())).unwrap();
@@ -586,11 +587,7 @@ async fn a_subset_of_the_fleet_serves_and_a_lost_member_is_replaced() {
 /// rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_aperture_follows_the_load_and_keeps_its_minimum_in_rotation() {
-    let mut replicas = Vec::new();
-    for i in 0..8 {
-        let ip = format!("127.0.0.{}", i + 2);
-        replicas.push(Replica::start(&ip, &format!("a{}", i + 1), latency(20)).await);
-    }
+    let replicas = fleet("a", vec![latency(20); 8]).await;
     let lb = crate::support::userguide(target(&replicas))
         .health_service(SERVICE)
         .aperture(ApertureConfig {
@@ -598,7 +595,6 @@ async fn the_aperture_follows_the_load_and_keeps_its_minimum_in_rotation() {
             window: Duration::from_millis(300),
             interval: Duration::from_millis(20),
             narrow_after: Duration::from_millis(200),
-            settle: Duration::from_secs(1),
             ..ApertureConfig::default()
         })
         .build()
