@@ -860,13 +860,17 @@ async fn the_default_probe_is_a_health_check() {
     let (replicas, lb) = one_ejected(meshlb::Balancer::builder).await;
     let slow = &replicas[0];
     // The health watch asks `Watch`; any `Check` is a probe. Counted from the start, not from
-    // now: on a loaded machine the probe may already have been sent.
+    // now: on a loaded machine the probe may already have been sent. `Ready` alone comes as
+    // soon as the probe is on offer (an endpoint offering one is in rotation), before the Check
+    // is sent: both are waited for.
     eventually(
         "the slow replica back in rotation after a health check",
         || async {
             let tally = drive(&lb, 30, 6).await;
             assert!(tally.errors.is_empty(), "{:?}", tally.errors);
-            (state_of(&lb, slow.addr) == Some(EndpointState::Ready)).then_some(())
+            (state_of(&lb, slow.addr) == Some(EndpointState::Ready)
+                && answered(slow, "Check").await > 0)
+                .then_some(())
         },
     )
     .await;
