@@ -382,7 +382,7 @@ impl IdGenerator for DecidedIds {
     }
 }
 
-/// How a call is traced, decided when it starts.
+/// How a call is traced, decided when it starts ([`decide_call`]).
 #[derive(Debug, Clone)]
 pub enum CallTrace {
     /// Spans for the call and its attempts (exported and sampled, or not exported at all: then
@@ -390,15 +390,19 @@ pub enum CallTrace {
     Spans,
     /// Exported but not sampled: no span is built; this context (the caller's, or a new trace)
     /// goes out with the call, its sampled flag clear, so the next hops do not sample it either.
+    /// It is the same for every try, so it is written into the request's headers once
+    /// ([`inject_span_context`]) and every copy of the request carries it.
     Forward(SpanContext),
-    /// The call's span, carried down the call path in the request rather than entered as the
-    /// current span: entering it on every poll of the call, and in the balancer's worker (tower's
-    /// buffer enters the current span of each request it takes), passes every layer of the
-    /// subscriber each time. Its tries report to it, or to child spans of their own. Shared, not
-    /// cloned: the retry layer copies each request's extensions, and every clone and close of a
-    /// span passes every layer of the subscriber too.
-    Call(std::sync::Arc<tracing::Span>),
 }
+
+/// The call's span, carried down the call path in the request rather than entered as the
+/// current span: entering it on every poll of the call, and in the balancer's worker (tower's
+/// buffer enters the current span of each request it takes), passes every layer of the
+/// subscriber each time. Its tries report to it, or to child spans of their own. Shared, not
+/// cloned: the retry layer copies each request's extensions, and every clone and close of a span
+/// passes every layer of the subscriber too.
+#[derive(Debug, Clone)]
+pub struct CallSpan(pub std::sync::Arc<tracing::Span>);
 
 /// Decides, before any span exists, whether the call about to start under the current span is
 /// sampled, with the exporter's own sampler. Building spans (with tracing-opentelemetry) costs
@@ -468,16 +472,17 @@ pub fn inject_span_context(sc: &SpanContext, headers: &mut http::HeaderMap) {
         &mut buf[53..55],
         &[(sc.trace_flags() & TraceFlags::SAMPLED).to_u8()],
     );
-    match http::HeaderValue::from_bytes(&buf).ok() {
-        Some(value) => headers.insert(TRACEPARENT, crate::grpc::never_indexed(value)),
-        None => headers.remove(TRACEPARENT),
+    match http::HeaderValue::from_bytes(&buf) {
+        Ok(value) => headers.insert(TRACEPARENT, crate::grpc::never_indexed(value)),
+        Err(_) => headers.remove(TRACEPARENT),
     };
-    let state = sc.trace_state().header();
-    match http::HeaderValue::from_str(&state) {
-        Ok(value) if !state.is_empty() => {
-            headers.insert(TRACESTATE, crate::grpc::never_indexed(value))
-        }
-        _ => headers.remove(TRACESTATE),
+    let state = match sc.trace_state() {
+        state if *state == TraceState::NONE => None,
+        state => http::HeaderValue::from_str(&state.header()).ok(),
+    };
+    match state.filter(|value| !value.is_empty()) {
+        Some(value) => headers.insert(TRACESTATE, crate::grpc::never_indexed(value)),
+        None => headers.remove(TRACESTATE),
     };
 }
 

@@ -7,7 +7,7 @@
 //! Which span the try reports to: none for an unsampled call (it only forwards the trace
 //! context, not sampled), the call's own span for its first try (a call tried once is one
 //! span), a span of its own for a retry or a hedge ([`Try`]). The call's span comes in the
-//! request ([`CallTrace::Call`]), not as the current span.
+//! request ([`CallSpan`]), not as the current span.
 //!
 //! Knows requests, spans and the latency window hedging reads; nothing of policies.
 
@@ -17,7 +17,7 @@ use super::hedge::{HedgeDelay, LatencyWindow};
 use super::probe;
 use super::retry::{status_of, Try};
 use super::Buffered;
-use crate::telemetry::{self, CallTrace};
+use crate::telemetry::{self, CallSpan};
 use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -69,7 +69,7 @@ impl Service<http::Request<Body>> for Attempt {
 }
 
 impl Attempt {
-    /// The call's span (when it has one) comes in the request ([`CallTrace::Call`]); the
+    /// The call's span (when it has one) comes in the request ([`CallSpan`]); the
     /// current span is the caller's.
     async fn run(self, mut request: http::Request<Body>) -> Result<http::Response<Body>, BoxError> {
         let Try { number, hedge } = request.extensions().get::<Try>().copied().unwrap_or(Try {
@@ -83,23 +83,22 @@ impl Attempt {
                 crate::grpc::timeout_value(left),
             );
         }
-        let (span, own) = match request.extensions_mut().remove::<CallTrace>() {
-            Some(CallTrace::Forward(sc)) => {
-                telemetry::inject_span_context(&sc, request.headers_mut());
-                (None, false)
-            }
-            Some(CallTrace::Call(call)) if number == 1 && !hedge => {
+        let (span, own) = match request.extensions_mut().remove::<CallSpan>() {
+            Some(CallSpan(call)) if number == 1 && !hedge => {
                 telemetry::inject(&call, request.headers_mut());
                 (Some(call), false)
             }
-            Some(CallTrace::Call(call)) => {
+            Some(CallSpan(call)) => {
                 let span = attempt_span(&call, request.uri().path(), number, hedge);
                 telemetry::inject(&span, request.headers_mut());
                 (Some(std::sync::Arc::new(span)), true)
             }
+            // An unsampled call of a process that exports: its context is in its headers already
+            // ([`telemetry::CallTrace::Forward`]).
+            None if telemetry::exporting() => (None, false),
             // meshlb's spans are not recorded (filtered out, or no OTel layer): the caller's own
             // trace, if it has one, still goes on to the replica.
-            Some(CallTrace::Spans) | None => {
+            None => {
                 telemetry::inject(&tracing::Span::current(), request.headers_mut());
                 (None, false)
             }

@@ -32,7 +32,7 @@ use super::service_config::ServiceConfig;
 use super::throttle::Allowance;
 use super::unavailable::Unavailable;
 use super::Buffered;
-use crate::telemetry::{self, CallTrace};
+use crate::telemetry::{self, CallSpan, CallTrace};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::body::Body;
@@ -145,7 +145,7 @@ impl CallConfig {
 
 /// Runs one call to completion of its response headers. A sampled call (or any, when spans are
 /// not exported) has one client span that is also its first try's, carried in the request
-/// ([`CallTrace::Call`]); a retry or a hedge adds a child span of its own (the replica's server
+/// ([`CallSpan`]); a retry or a hedge adds a child span of its own (the replica's server
 /// span is a child of the try that reached it). An unsampled call builds no span at all.
 pub(super) async fn run(
     stack: Stack,
@@ -159,9 +159,11 @@ pub(super) async fn run(
         .map(|m| m.call(shared.registry.target(), request.uri().path()));
     let response = match telemetry::decide_call() {
         CallTrace::Spans => traced(stack, &shared, request, permit).await,
-        forward => {
-            // The attempts learn it from the request, and forward the context instead of a span.
-            request.extensions_mut().insert(forward);
+        CallTrace::Forward(context) => {
+            // Every try forwards the same context, so it goes into the headers once, here, and
+            // every copy of the request (retries, hedges, probes) carries it: a request extension
+            // would cost an allocation, a map insert and a copy per retry layer's clone.
+            telemetry::inject_span_context(&context, request.headers_mut());
             run_in_span(stack, request, permit).await
         }
     };
@@ -213,9 +215,7 @@ async fn traced(
     let span = std::sync::Arc::new(span);
     let mut request = request;
     if !span.is_disabled() {
-        request
-            .extensions_mut()
-            .insert(CallTrace::Call(span.clone()));
+        request.extensions_mut().insert(CallSpan(span.clone()));
     }
     let response = run_in_span(stack, request, permit).await;
     telemetry::note_sampled(&span);

@@ -310,9 +310,9 @@ where
     shared.counters.count_hedge(false);
     // An event on the call's span for traces, not a log line per hedge. The span comes with
     // the request: it is not the current one.
-    let call = match copy.extensions().get::<telemetry::CallTrace>() {
-        Some(telemetry::CallTrace::Call(call)) => tracing::Span::clone(call),
-        _ => tracing::Span::current(),
+    let call = match copy.extensions().get::<telemetry::CallSpan>() {
+        Some(telemetry::CallSpan(call)) => tracing::Span::clone(call),
+        None => tracing::Span::current(),
     };
     tracing::info!(target: telemetry::RPC_SPANS, parent: &call, delay_ms = plan.delay.as_secs_f64() * 1000.0, "hedge");
     let hedge = async move { second.ready().await?.call(copy).await };

@@ -498,6 +498,58 @@ async fn sampling_is_decided_once_per_call_and_kept_by_every_hop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsampled_call_stays_unsampled_on_every_try() {
+    // The client samples nothing; the replicas (parent-based, the default) sample every trace
+    // that comes without a sampled-flag-clear `traceparent`. A try that went out without one
+    // (a retry among them) would leave a server span.
+    let (receiver, collector) = Receiver::start().await;
+    let failing = replica(collector, "failing", &["--id", "bad", "--fail-rate", "1"]);
+    let healthy = replica(collector, "healthy", &["--id", "good"]);
+    let client = |sampler: &str, target: String, requests: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
+        otel_env(&mut cmd, collector, "client");
+        let out = cmd
+            .env("OTEL_TRACES_SAMPLER", sampler)
+            .args(["client", "--target", &target, "--requests", requests])
+            .args(["--concurrency", "1", "--format", "json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let both = format!("ipv4:{},{}", failing.addr, healthy.addr);
+    let report = client("always_off", both, "20");
+    assert!(report["retries"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["ok"].as_u64().unwrap() > 0, "{report}");
+    // Then one sampled call to each replica: each exports its spans in the order they end, so
+    // once these arrive, a server span of an earlier call would have arrived too.
+    let mut sampled = Vec::new();
+    for r in [&failing, &healthy] {
+        let report = client("always_on", format!("ipv4:{}", r.addr), "1");
+        sampled.push(report["trace_id"].as_str().expect("a trace id").to_owned());
+    }
+    let spans = eventually("both replicas' spans of the sampled calls", || {
+        let spans = receiver.spans();
+        let sampled = sampled.clone();
+        async move {
+            let arrived = |service: &str, trace: &str| {
+                spans
+                    .iter()
+                    .any(|s| s.service == service && s.trace_id == trace && s.kind == SPAN_SERVER)
+            };
+            (arrived("failing", &sampled[0]) && arrived("healthy", &sampled[1])).then_some(spans)
+        }
+    })
+    .await;
+    for s in spans.iter().filter(|s| s.service != "client") {
+        assert!(
+            sampled.contains(&s.trace_id),
+            "a replica sampled a try of an unsampled call: {s:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hedge_is_an_event_on_the_call_span_and_a_child_span() {
     let (receiver, collector) = Receiver::start().await;
     // Both slow, so that every call outlasts the hedging delay whichever replica it reaches.
