@@ -61,6 +61,10 @@ pub enum EndpointState {
     Ejected,
     /// Taken out as a latency outlier until its backoff ends.
     EjectedLatency,
+    /// Ejected, its backoff over: on probation. Callers' calls still go elsewhere; its next call
+    /// is a probe (a copy of a call that may be duplicated, or a call of the balancer's own,
+    /// sent as calls come), and it rejoins when a probe answers in time.
+    Probing,
 }
 
 impl std::fmt::Display for EndpointState {
@@ -71,6 +75,7 @@ impl std::fmt::Display for EndpointState {
             EndpointState::Unhealthy => "unhealthy",
             EndpointState::Ejected => "ejected",
             EndpointState::EjectedLatency => "ejected (latency)",
+            EndpointState::Probing => "probing",
         })
     }
 }
@@ -223,7 +228,10 @@ impl Shared {
         let state = match self.gate.ejection() {
             Ejection::Out(Reason::Latency) => EndpointState::EjectedLatency,
             Ejection::Out(Reason::Failures) => EndpointState::Ejected,
-            Ejection::None | Ejection::Probe(_) => match health.health() {
+            ejection => match health.health() {
+                // On probation its probe is on offer, so it reads as ready to the balancer; not
+                // to a caller, whose calls still go elsewhere.
+                Health::Serving if matches!(ejection, Ejection::Probe(_)) => EndpointState::Probing,
                 Health::Serving => EndpointState::Ready,
                 Health::Connecting => EndpointState::Connecting,
                 Health::NotServing => EndpointState::Unhealthy,
@@ -673,9 +681,13 @@ mod tests {
         assert_eq!(shared.snapshot().state, EndpointState::EjectedLatency);
         tokio::time::advance(Duration::from_secs(2)).await;
         settle().await;
+        // On probation: offered to the balancer for its probe, not ready for a caller.
+        assert_eq!(shared.snapshot().state, EndpointState::Probing);
+        assert_eq!(shared.snapshot().state.to_string(), "probing");
         let mut cx = Context::from_waker(noop_waker_ref());
         assert_eq!(shared.gate.poll_admit(&mut cx), Poll::Ready(Admit::Probe));
         assert!(shared.gate.take_probe());
+        assert_eq!(shared.snapshot().state, EndpointState::Probing);
         assert_ne!(
             shared.cost(Instant::now()),
             Cost::NONE,

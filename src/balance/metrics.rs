@@ -28,12 +28,13 @@ use tokio::time::Instant;
 use tonic::Code;
 
 /// The state label values of `meshlb_endpoint_state`, one series each (1 for the current one).
-pub const STATES: [EndpointState; 5] = [
+pub const STATES: [EndpointState; 6] = [
     EndpointState::Ready,
     EndpointState::Connecting,
     EndpointState::Unhealthy,
     EndpointState::Ejected,
     EndpointState::EjectedLatency,
+    EndpointState::Probing,
 ];
 
 fn state_label(state: EndpointState) -> &'static str {
@@ -43,6 +44,7 @@ fn state_label(state: EndpointState) -> &'static str {
         EndpointState::Unhealthy => "unhealthy",
         EndpointState::Ejected => "ejected_failures",
         EndpointState::EjectedLatency => "ejected_latency",
+        EndpointState::Probing => "probing",
     }
 }
 
@@ -691,6 +693,7 @@ mod tests {
                 "connecting",
                 "ejected_failures",
                 "ejected_latency",
+                "probing",
                 "ready",
                 "unhealthy"
             ]

@@ -185,7 +185,10 @@ impl Registry {
         }
         let count = |s| all.iter().filter(|e| e.state == s).count();
         let n = all.len();
-        let ejected = count(EndpointState::Ejected) + count(EndpointState::EjectedLatency);
+        // On probation is still out for a caller: only its probe goes there.
+        let ejected = count(EndpointState::Ejected)
+            + count(EndpointState::EjectedLatency)
+            + count(EndpointState::Probing);
         // One concrete cause (a refused connection, a TLS handshake error) beats a count.
         let cause = all
             .iter()

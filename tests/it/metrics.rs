@@ -136,6 +136,7 @@ async fn library_metrics_count_what_the_calls_saw() {
             "unhealthy",
             "ejected_failures",
             "ejected_latency",
+            "probing",
         ]
         .iter()
         .map(|state| {
