@@ -93,15 +93,9 @@ impl Attempt {
                 telemetry::inject(&span, request.headers_mut());
                 (Some(std::sync::Arc::new(span)), true)
             }
-            // An unsampled call of a process that exports: its context is in its headers already
-            // ([`telemetry::CallTrace::Forward`]).
-            None if telemetry::exporting() => (None, false),
-            // meshlb's spans are not recorded (filtered out, or no OTel layer): the caller's own
-            // trace, if it has one, still goes on to the replica.
-            None => {
-                telemetry::inject(&tracing::Span::current(), request.headers_mut());
-                (None, false)
-            }
+            // No span of ours: the call wrote its trace context into the headers when it
+            // started (the caller's, or an unsampled one), and every try carries it.
+            None => (None, false),
         };
         let started = tokio::time::Instant::now();
         let mut buffer = Buffered::clone(&self.buffer);

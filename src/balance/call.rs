@@ -214,7 +214,11 @@ async fn traced(
     );
     let span = std::sync::Arc::new(span);
     let mut request = request;
-    if !span.is_disabled() {
+    if span.is_disabled() {
+        // meshlb's spans are not recorded (filtered out, or no OTel layer): the caller's own
+        // trace, if it has one, still goes on to the replica, written once for every try.
+        telemetry::inject(&tracing::Span::current(), request.headers_mut());
+    } else {
         request.extensions_mut().insert(CallSpan(span.clone()));
     }
     let response = run_in_span(stack, request, permit).await;

@@ -47,8 +47,10 @@ pub struct EndpointError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServedBy(pub SocketAddr);
 
-/// An endpoint's state as `endpoints()` reports it.
+/// An endpoint's state as `endpoints()` reports it. More states may come: a `match` needs a
+/// wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 #[serde(rename_all = "snake_case")]
 pub enum EndpointState {
     /// Healthy and offered to the balancer.

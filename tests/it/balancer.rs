@@ -860,9 +860,8 @@ async fn the_default_probe_is_a_health_check() {
     let (replicas, lb) = one_ejected(meshlb::Balancer::builder).await;
     let slow = &replicas[0];
     // The health watch asks `Watch`; any `Check` is a probe. Counted from the start, not from
-    // now: on a loaded machine the probe may already have been sent. `Ready` alone comes as
-    // soon as the probe is on offer (an endpoint offering one is in rotation), before the Check
-    // is sent: both are waited for.
+    // now: on a loaded machine the probe may already have been sent. `Ready` comes once a probe
+    // answered in time; the Check is waited for too, to know it was the probe that did.
     eventually(
         "the slow replica back in rotation after a health check",
         || async {

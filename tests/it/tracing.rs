@@ -503,8 +503,15 @@ async fn an_unsampled_call_stays_unsampled_on_every_try() {
     // that comes without a sampled-flag-clear `traceparent`. A try that went out without one
     // (a retry among them) would leave a server span.
     let (receiver, collector) = Receiver::start().await;
-    let failing = replica(collector, "failing", &["--id", "bad", "--fail-rate", "1"]);
-    let healthy = replica(collector, "healthy", &["--id", "good"]);
+    // Parent-based whatever the environment says: a replica that sampled nothing would pass.
+    let parent_based = |service, args: &[&str]| {
+        Process::spawn_with("127.0.0.1:0", args, |cmd| {
+            otel_env(cmd, collector, service);
+            cmd.env("OTEL_TRACES_SAMPLER", "parentbased_always_on");
+        })
+    };
+    let failing = parent_based("failing", &["--id", "bad", "--fail-rate", "1"]);
+    let healthy = parent_based("healthy", &["--id", "good"]);
     let client = |sampler: &str, target: String, requests: &str| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
         otel_env(&mut cmd, collector, "client");
