@@ -203,6 +203,11 @@ impl Shared {
         self.gate.in_rotation()
     }
 
+    /// Whether a caller's call may go there: serving, and neither ejected nor on probation.
+    pub fn open_to_callers(&self) -> bool {
+        self.gate.in_rotation() && self.gate.ejection() == Ejection::None
+    }
+
     /// Asks accrual to eject the endpoint as a latency outlier (unless it is already out or being
     /// probed); its probe is to answer within `threshold`, the fleet's.
     pub fn eject_for_latency(&self, threshold: Duration) {

@@ -89,8 +89,11 @@ impl super::deadline::Readiness for Registry {
         &self.target
     }
 
+    /// Endpoints on probation are in rotation for their probes, but a caller's call does not go
+    /// there: with only those left, the caller hears that they are ejected.
     fn why_unready(&self) -> Option<Unavailable> {
-        (!self.any_ready()).then(|| self.fail_fast())
+        let open = self.lock().values().any(|e| e.shared.open_to_callers());
+        (!open).then(|| self.fail_fast())
     }
 }
 
@@ -577,5 +580,42 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         crate::balance::testing::settle().await;
         assert!(waiting.is_finished(), "woken by the ejection's end");
+    }
+
+    /// An endpoint on probation is in rotation for its probe only: a caller left with nothing
+    /// else hears that the fleet is ejected, not that some endpoint is ready.
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_left_with_endpoints_on_probation_hears_they_are_ejected() {
+        use crate::balance::deadline::Readiness;
+        let registry = Registry::new("t".into());
+        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let health = registry.health_signal();
+        let shared = Shared::new(
+            addr,
+            health.clone(),
+            AccrualConfig::default(),
+            EwmaConfig::default(),
+        );
+        let channel = connect(addr, &ConnectConfig::default());
+        registry.insert(addr, shared.clone(), channel, tokio::spawn(async {}));
+        health.set(health::Health::Serving);
+        crate::balance::testing::settle().await;
+        assert!(registry.why_unready().is_none(), "ready");
+
+        shared.eject_for_latency(Duration::from_millis(10));
+        crate::balance::testing::settle().await;
+        let out = registry.why_unready().expect("ejected");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        crate::balance::testing::settle().await;
+        assert_eq!(shared.snapshot().state, EndpointState::Probing);
+        assert!(registry.any_ready(), "in rotation for its probe");
+        let probing = registry.why_unready().expect("not open to callers");
+        assert_eq!(probing.reason, out.reason);
+        assert!(
+            probing
+                .to_string()
+                .contains("all 1 endpoints of t are ejected"),
+            "{probing}"
+        );
     }
 }
