@@ -538,10 +538,8 @@ mod tests {
         assert!(looked.get() >= 3);
     }
 
-    /// The wait for a ready endpoint is woken by the gate that opens, at that instant (on a paused
-    /// clock, a wait that polled would have let time pass).
-    #[tokio::test(start_paused = true)]
-    async fn the_wait_for_readiness_ends_when_a_gate_opens_not_at_a_poll() {
+    /// A registry for "t" with one endpoint, not yet serving: its shared state and health.
+    fn one_endpoint() -> (Arc<Registry>, Arc<Shared>, Arc<health::Gate>) {
         let registry = Registry::new("t".into());
         let addr = SocketAddr::from(([127, 0, 0, 1], 1));
         let health = registry.health_signal();
@@ -553,6 +551,14 @@ mod tests {
         );
         let channel = connect(addr, &ConnectConfig::default());
         registry.insert(addr, shared.clone(), channel, tokio::spawn(async {}));
+        (registry, shared, health)
+    }
+
+    /// The wait for a ready endpoint is woken by the gate that opens, at that instant (on a paused
+    /// clock, a wait that polled would have let time pass).
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_readiness_ends_when_a_gate_opens_not_at_a_poll() {
+        let (registry, shared, health) = one_endpoint();
 
         let start = tokio::time::Instant::now();
         let waiting = tokio::spawn({
@@ -587,17 +593,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_caller_left_with_endpoints_on_probation_hears_they_are_ejected() {
         use crate::balance::deadline::Readiness;
-        let registry = Registry::new("t".into());
-        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
-        let health = registry.health_signal();
-        let shared = Shared::new(
-            addr,
-            health.clone(),
-            AccrualConfig::default(),
-            EwmaConfig::default(),
-        );
-        let channel = connect(addr, &ConnectConfig::default());
-        registry.insert(addr, shared.clone(), channel, tokio::spawn(async {}));
+        let (registry, shared, health) = one_endpoint();
         health.set(health::Health::Serving);
         crate::balance::testing::settle().await;
         assert!(registry.why_unready().is_none(), "ready");
