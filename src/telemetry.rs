@@ -472,17 +472,16 @@ pub fn inject_span_context(sc: &SpanContext, headers: &mut http::HeaderMap) {
         &mut buf[53..55],
         &[(sc.trace_flags() & TraceFlags::SAMPLED).to_u8()],
     );
-    match http::HeaderValue::from_bytes(&buf) {
-        Ok(value) => headers.insert(TRACEPARENT, crate::grpc::never_indexed(value)),
-        Err(_) => headers.remove(TRACEPARENT),
+    match http::HeaderValue::from_bytes(&buf).ok() {
+        Some(value) => headers.insert(TRACEPARENT, crate::grpc::never_indexed(value)),
+        None => headers.remove(TRACEPARENT),
     };
-    let state = match sc.trace_state() {
-        state if *state == TraceState::NONE => None,
-        state => http::HeaderValue::from_str(&state.header()).ok(),
-    };
-    match state.filter(|value| !value.is_empty()) {
-        Some(value) => headers.insert(TRACESTATE, crate::grpc::never_indexed(value)),
-        None => headers.remove(TRACESTATE),
+    let state = sc.trace_state().header();
+    match http::HeaderValue::from_str(&state) {
+        Ok(value) if !state.is_empty() => {
+            headers.insert(TRACESTATE, crate::grpc::never_indexed(value))
+        }
+        _ => headers.remove(TRACESTATE),
     };
 }
 

@@ -203,11 +203,6 @@ impl Shared {
         self.gate.in_rotation()
     }
 
-    /// Whether a caller's call may go there: serving, and neither ejected nor on probation.
-    pub fn open_to_callers(&self) -> bool {
-        self.gate.in_rotation() && self.gate.ejection() == Ejection::None
-    }
-
     /// Asks accrual to eject the endpoint as a latency outlier (unless it is already out or being
     /// probed); its probe is to answer within `threshold`, the fleet's.
     pub fn eject_for_latency(&self, threshold: Duration) {
@@ -232,17 +227,14 @@ impl Shared {
     /// A snapshot for `endpoints()`.
     pub fn snapshot(&self) -> EndpointSnapshot {
         let health = self.gate.health();
-        let state = match self.gate.ejection() {
-            Ejection::Out(Reason::Latency) => EndpointState::EjectedLatency,
-            Ejection::Out(Reason::Failures) => EndpointState::Ejected,
-            ejection => match health.health() {
-                // On probation its probe is on offer, so it reads as ready to the balancer; not
-                // to a caller, whose calls still go elsewhere.
-                Health::Serving if matches!(ejection, Ejection::Probe(_)) => EndpointState::Probing,
-                Health::Serving => EndpointState::Ready,
-                Health::Connecting => EndpointState::Connecting,
-                Health::NotServing => EndpointState::Unhealthy,
-            },
+        let state = match (self.gate.ejection(), health.health()) {
+            (Ejection::Out(Reason::Latency), _) => EndpointState::EjectedLatency,
+            (Ejection::Out(Reason::Failures), _) => EndpointState::Ejected,
+            (_, Health::Connecting) => EndpointState::Connecting,
+            (_, Health::NotServing) => EndpointState::Unhealthy,
+            // On probation its probe is on offer to the balancer; a caller's calls go elsewhere.
+            (Ejection::Probe(_), Health::Serving) => EndpointState::Probing,
+            (Ejection::None, Health::Serving) => EndpointState::Ready,
         };
         EndpointSnapshot {
             addr: self.addr,

@@ -139,6 +139,12 @@ impl Gate {
         self.health.health() == Health::Serving && !matches!(self.ejection(), Ejection::Out(_))
     }
 
+    /// Whether a caller's call may go there: serving, and neither ejected nor on probation
+    /// (where only its probe goes).
+    pub fn open_to_callers(&self) -> bool {
+        self.health.health() == Health::Serving && self.ejection() == Ejection::None
+    }
+
     /// Ejections so far: for failures, for latency.
     pub fn ejections(&self) -> [u64; 2] {
         [0, 1].map(|i| self.ejections[i].load(Ordering::Relaxed))

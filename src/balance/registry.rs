@@ -92,7 +92,10 @@ impl super::deadline::Readiness for Registry {
     /// Endpoints on probation are in rotation for their probes, but a caller's call does not go
     /// there: with only those left, the caller hears that they are ejected.
     fn why_unready(&self) -> Option<Unavailable> {
-        let open = self.lock().values().any(|e| e.shared.open_to_callers());
+        let open = self
+            .lock()
+            .values()
+            .any(|e| e.shared.gate().open_to_callers());
         (!open).then(|| self.fail_fast())
     }
 }

@@ -2,8 +2,9 @@
 //! 3, 30, 100 and 300 replicas (processes, no injected latency): calls/s, latency and the
 //! client's CPU per call of meshlb p2c as shipped (connected to every endpoint), of meshlb with
 //! an aperture of 12 (it connects to the part of the fleet its load needs;
-//! [`crate::balance::aperture`]), and of the hand-rolled tower p2c (`PeakEwmaDiscover` over tonic channels): how much of the growth
-//! is the transport's (more connections, each call alone on one) and how much meshlb's. The
+//! [`crate::balance::aperture`]), and of the hand-rolled tower p2c (`PeakEwmaDiscover` over
+//! tonic channels): how much of the growth is the transport's (more connections, each call
+//! alone on one) and how much meshlb's. The
 //! library's memory per endpoint is measured on the balancer connected to every endpoint (the
 //! heap bytes it holds once it has connected to and watches every one, divided by their number;
 //! [`crate::heap`]); it keeps every balancer alive, so the CPU figures of `meshlb client` run as
@@ -323,26 +324,23 @@ fn resident_bytes() -> u64 {
 impl ScaleScenario {
     fn cells(r: &ScaleRow) -> [String; 14] {
         let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or("–".into());
+        let us = |v: Option<f64>| opt(v, &|v| format!("{v:.1}µs"));
         [
             match r.subset {
                 Some(size) => format!("{} (subset {size})", r.endpoints),
                 None => r.endpoints.to_string(),
             },
             opt(r.every_rps, &|v| format!("{v:.0}")),
-            opt(r.every_cpu_us_per_call, &|v| format!("{v:.1}µs")),
+            us(r.every_cpu_us_per_call),
             r.connected.to_string(),
             format!("{:.0}", r.rps),
             ms(r.latency_ms.p50),
             ms(r.latency_ms.p99),
             format!("{:.1}µs", r.cpu_us_per_call),
             opt(r.tower_rps, &|v| format!("{v:.0}")),
-            opt(r.tower_cpu_us_per_call, &|v| format!("{v:.1}µs")),
-            opt(r.own_process_every_cpu_us_per_call, &|v| {
-                format!("{v:.1}µs")
-            }),
-            opt(r.own_process_aperture_cpu_us_per_call, &|v| {
-                format!("{v:.1}µs")
-            }),
+            us(r.tower_cpu_us_per_call),
+            us(r.own_process_every_cpu_us_per_call),
+            us(r.own_process_aperture_cpu_us_per_call),
             r.own_process_aperture_served_by
                 .map_or("–".into(), |n| n.to_string()),
             format!("{:.1} KiB", r.memory_kib_per_endpoint),
