@@ -35,6 +35,9 @@
 //! leave some replicas idle and give others more than their share; the load band widens a
 //! client's aperture only for its own load, not for a replica's. That is why it is off by
 //! default: for many clients over a large fleet, where connections and per-call cost matter more.
+//! Clients that know their places among themselves ([`crate::discovery::subset::Coordinate`])
+//! take slices of a ring they share instead, never fewer than their slice, and leave no replica
+//! idle (Finagle's deterministic aperture).
 //! A fleet no larger than `min` is used whole, exactly as without an aperture.
 //!
 //! This module decides a size from numbers handed to it; it knows nothing of addresses,

@@ -85,6 +85,7 @@ mod testing;
 pub mod throttle;
 pub mod unavailable;
 
+pub use crate::discovery::subset::{Coordinate, CoordinateError};
 pub use accrual::AccrualConfig;
 pub use aperture::ApertureConfig;
 pub use call::CallConfig;
@@ -178,6 +179,10 @@ pub enum BuildError {
     /// The TLS files are missing or wrong.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// A coordinate was given, but the balancer uses every endpoint: there is no subset or
+    /// aperture to place.
+    #[error("coordinate {0} places a subset or an aperture, and this balancer has neither (it uses every endpoint): set one, or leave the coordinate out")]
+    Coordinate(Coordinate),
 }
 
 type Inner = BoxService<http::Request<Body>, http::Response<Body>, BoxError>;
@@ -208,6 +213,7 @@ pub struct Builder {
     discovery: Option<CustomDiscovery>,
     subset: Option<usize>,
     aperture: Option<ApertureConfig>,
+    coordinate: Option<Coordinate>,
     probe: ProbeCall,
 }
 
@@ -252,12 +258,25 @@ impl Builder {
     /// smallest part this client's load needs (about one call in flight per endpoint, at least
     /// `min` in rotation while that many are alive), for p2c and round-robin (pick-first uses
     /// one endpoint anyway). Off by default: every endpoint is used. For many
-    /// clients over a large fleet; a few clients leave some replicas idle (see the module). A
+    /// clients over a large fleet; a few clients leave some replicas idle (see the module)
+    /// unless they know their places ([`Builder::coordinate`]). A
     /// subset ([`Builder::subset`], or the service config's `subsetSize`) wins over it. Only the
     /// aperture's members are connected, so they are all [`Balancer::endpoints`] shows, and
     /// all that outlier ejection and fail-fast's messages count.
     pub fn aperture(mut self, aperture: ApertureConfig) -> Self {
         self.aperture = Some(aperture);
+        self
+    }
+
+    /// This client's place among the clients of the same service (client `index` of `count`,
+    /// from a StatefulSet's ordinal, say): its subset or aperture is then its slice of a ring
+    /// they all share, so that between them every endpoint has a client and none has more than
+    /// one client more than another (Finagle's deterministic aperture; see
+    /// [`crate::discovery::subset`]). It never takes fewer endpoints than its slice,
+    /// `ceil(endpoints / count)`: a lone client (`0/1`) uses every endpoint. Without a subset
+    /// or an aperture it has nothing to place, and [`Builder::build`] says so.
+    pub fn coordinate(mut self, coordinate: Coordinate) -> Self {
+        self.coordinate = Some(coordinate);
         self
     }
 
@@ -443,6 +462,27 @@ impl Builder {
         ) {
             health.service = service.clone();
         }
+        let connect_timeout = connect.connect_timeout;
+        let membership = match (
+            self.subset.or(self.call.service_config.subset_size),
+            self.aperture,
+        ) {
+            (Some(size), _) => Membership::Subset(size),
+            // Pick-first sends every call to one endpoint: an aperture sized by its calls in
+            // flight would only open connections it never uses.
+            (None, Some(aperture)) if aperture.enabled && policy != Policy::PickFirst => {
+                Membership::Aperture(ApertureConfig {
+                    // A member may take a connect timeout, and a TLS handshake and its first
+                    // health answer after that, before it is in rotation: not yet missing.
+                    settle: aperture.settle.max(connect_timeout * 2),
+                    ..aperture
+                })
+            }
+            _ => Membership::All,
+        };
+        if let (Membership::All, Some(coordinate)) = (membership, self.coordinate) {
+            return Err(BuildError::Coordinate(coordinate));
+        }
         let mut discovery = match parsed {
             Ok(target) => discovery::spawn(&target, &self.dns)?,
             Err(changes) => discovery::from_stream(changes),
@@ -465,29 +505,13 @@ impl Builder {
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, Infallible>);
 
         let probe = probe::OwnProbe::new(&self.probe, &health.service);
-        let connect_timeout = connect.connect_timeout;
         let settings = EndpointSettings {
             connect,
             health,
             accrual: self.accrual,
             ewma: self.ewma,
-            membership: match (
-                self.subset.or(self.call.service_config.subset_size),
-                self.aperture,
-            ) {
-                (Some(size), _) => Membership::Subset(size),
-                // Pick-first sends every call to one endpoint: an aperture sized by its calls in
-                // flight would only open connections it never uses.
-                (None, Some(aperture)) if aperture.enabled && policy != Policy::PickFirst => {
-                    Membership::Aperture(ApertureConfig {
-                        // A member may take a connect timeout, and a TLS handshake and its first
-                        // health answer after that, before it is in rotation: not yet missing.
-                        settle: aperture.settle.max(connect_timeout * 2),
-                        ..aperture
-                    })
-                }
-                _ => Membership::All,
-            },
+            membership,
+            coordinate: self.coordinate,
             probe,
         };
         let manager = tokio::spawn(registry::manage(discovery, registry.clone(), settings, tx));
@@ -604,6 +628,7 @@ impl Balancer {
             discovery: None,
             subset: None,
             aperture: None,
+            coordinate: None,
             probe: ProbeCall::default(),
         }
     }

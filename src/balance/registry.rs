@@ -8,7 +8,7 @@ use super::aperture::{Aperture, Members};
 use super::endpoint::{Endpoint, EndpointSnapshot, EndpointState, Shared};
 use super::latency::EwmaConfig;
 use super::unavailable::{Reason, Unavailable};
-use crate::discovery::subset::Subset;
+use crate::discovery::subset::{Coordinate, Subset};
 use crate::discovery::{Discovery, Update};
 use crate::health::{self, HealthConfig};
 use std::collections::BTreeMap;
@@ -370,6 +370,9 @@ pub struct EndpointSettings {
     pub ewma: EwmaConfig,
     /// Which of the discovered addresses to connect to.
     pub membership: Membership,
+    /// This client's place among its peers: a subset or an aperture is then its slice of a ring
+    /// they share, not a salted one of its own ([`crate::discovery::subset`]).
+    pub coordinate: Option<Coordinate>,
     /// The probe of an ejected endpoint when the call it is handed may not be duplicated.
     pub(crate) probe: super::probe::OwnProbe,
 }
@@ -398,12 +401,16 @@ pub async fn manage(
         .counters
         .dns_errors
         .set(discovery.stats.failures.clone());
+    let subset_of = |size| match settings.coordinate {
+        Some(coordinate) => Subset::placed(size, coordinate),
+        None => Subset::new(size),
+    };
     let (mut subset, mut aperture) = match settings.membership {
         Membership::All => (None, None),
-        Membership::Subset(size) => (Some(Subset::new(size)), None),
+        Membership::Subset(size) => (Some(subset_of(size)), None),
         Membership::Aperture(config) => {
             let aperture = Aperture::new(config);
-            (Some(Subset::new(aperture.size())), Some(aperture))
+            (Some(subset_of(aperture.size())), Some(aperture))
         }
     };
     let mut look = tokio::time::interval(
@@ -456,7 +463,7 @@ pub async fn manage(
         }
         // Recorded once the members are what it says, after a look or a discovery batch.
         if let (Some(_), Some(subset)) = (&aperture, &subset) {
-            registry.set_aperture(subset.size().min(subset.known()));
+            registry.set_aperture(subset.len());
         }
     }
 }

@@ -74,9 +74,17 @@ pub struct ServiceConfigArgs {
     /// An aperture: of a fleet larger than N endpoints, connect to the smallest part this
     /// client's load needs (about one call in flight per endpoint), at least N in rotation
     /// while N are alive; for many clients over a large fleet (a few clients leave some
-    /// replicas idle). p2c and round-robin only. Default: off, every endpoint.
+    /// replicas idle, unless they know their places: --coordinate). p2c and round-robin only.
+    /// Default: off, every endpoint.
     #[arg(long, env = "MESHLB_APERTURE", value_name = "N|off", value_parser = parse_aperture)]
     pub aperture: Option<crate::balance::ApertureConfig>,
+    /// This client's place among the clients of the same service, client I of N (I from 0;
+    /// from a StatefulSet's ordinal, say): its --subset or --aperture is then its slice of a
+    /// ring they all share, so that between them every replica has a client and none has more
+    /// than one client more than another. It takes at least its slice, ceil(endpoints / N):
+    /// alone (0/1) it uses every endpoint.
+    #[arg(long, env = "MESHLB_COORDINATE", value_name = "I/N")]
+    pub coordinate: Option<crate::balance::Coordinate>,
     /// What probes an ejected endpoint when the call it is handed may not be duplicated (its
     /// method has no retry or hedging policy): `health`, a grpc.health.v1 Check; `get-point`,
     /// UserGuide's GetPoint for a known user; or package.Service/Method, called with an empty
@@ -246,6 +254,9 @@ pub fn balancer(
     }
     if let Some(aperture) = service_config.aperture {
         builder = builder.aperture(aperture);
+    }
+    if let Some(coordinate) = service_config.coordinate {
+        builder = builder.coordinate(coordinate);
     }
     if service_config.dns_service_config {
         builder = builder.dns(crate::discovery::DnsConfig {

@@ -97,6 +97,7 @@ async fn load(args: &Args, services: Option<&[String]>) -> anyhow::Result<Schema
             dns_service_config: false,
             subset: None,
             aperture: None,
+            coordinate: None,
             probe: None,
         },
     )?;

@@ -15,6 +15,20 @@
 //! Its size may change ([`Subset::resize`]): the aperture ([`crate::balance::aperture`]) sizes it
 //! by the client's load.
 //!
+//! # A client that knows its place: deterministic subsets
+//! Random salts leave a few clients over a large fleet covering it unevenly: 20 clients with
+//! subsets of 12 over 300 replicas leave about 44 % of the replicas with no client at all, and
+//! give others two or three clients' share. A client that knows its [`Coordinate`] (client `i`
+//! of `n`, from a StatefulSet's ordinal, say) takes a slice of a ring instead (Finagle's
+//! deterministic aperture; the SRE book's deterministic subsetting): every client orders the
+//! known addresses the same way (sorted), client `i` starts at position `i * known / n`, and
+//! takes the next `size` addresses round the ring, never fewer than its own slice,
+//! `ceil(known / n)`. The slices tile the ring, so with every coordinate taken every address
+//! has a client, and each has within one of the same number of clients. The price: a lone client
+//! (`0/1`) covers the whole fleet, and an address added or removed moves each client's window by
+//! a step (at most one member leaves and two join), where a salted subset changes by at most one
+//! member and only in the clients that hold it.
+//!
 //! A filter on addresses only: it knows nothing of health, load or connections. A subset member
 //! that is unhealthy stays a member (its gate keeps it out of rotation), as in A68.
 
@@ -24,14 +38,79 @@ use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use tower::discover::Change;
 
+/// This client's place among the `count` clients of one service that share the fleet: client
+/// `index` (from 0). Written `index/count`, as `3/20`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Coordinate {
+    index: u32,
+    count: u32,
+}
+
+impl Coordinate {
+    /// Client `index` of `count`; `None` unless `index < count`.
+    pub fn new(index: u32, count: u32) -> Option<Self> {
+        (index < count).then_some(Self { index, count })
+    }
+
+    /// This client's index, from 0.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// How many clients share the fleet.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Where this client's slice of `known` ring positions starts.
+    fn start(&self, known: usize) -> usize {
+        (self.index as u128 * known as u128 / self.count as u128) as usize
+    }
+
+    /// The addresses one client's slice holds, so that the `count` slices cover `known`.
+    fn slice(&self, known: usize) -> usize {
+        known.div_ceil(self.count as usize)
+    }
+}
+
+impl std::fmt::Display for Coordinate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// Why a coordinate did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a coordinate INDEX/COUNT with INDEX below COUNT (as 3/20)")]
+pub struct CoordinateError(String);
+
+impl std::str::FromStr for Coordinate {
+    type Err = CoordinateError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.split_once('/')
+            .and_then(|(i, n)| Self::new(i.trim().parse().ok()?, n.trim().parse().ok()?))
+            .ok_or_else(|| CoordinateError(text.to_string()))
+    }
+}
+
+/// How a client ranks the addresses it chooses from.
+#[derive(Debug, Clone, Copy)]
+enum Order {
+    /// By a hash salted with the client's own salt (rendezvous).
+    Salted(u64),
+    /// Round a ring all clients share, from this client's place on it.
+    Ring(Coordinate),
+}
+
 /// The addresses known and the subset kept of them.
 #[derive(Debug)]
 pub struct Subset {
     size: usize,
-    salt: u64,
-    /// Every known address, by its rank (lowest hash first).
+    order: Order,
+    /// Every known address, by its rank (lowest hash first; unused round a ring).
     ranked: BTreeSet<(u64, SocketAddr)>,
-    /// Each known address's rank.
+    /// Each known address's rank, by address: also the ring, in order.
     ranks: BTreeMap<SocketAddr, u64>,
     /// The members handed on, as the next stage knows them.
     members: BTreeSet<SocketAddr>,
@@ -45,9 +124,19 @@ impl Subset {
 
     /// A subset with a given salt: the same salt and addresses always give the same subset.
     pub fn with_salt(size: usize, salt: u64) -> Self {
+        Self::ordered(size, Order::Salted(salt))
+    }
+
+    /// A deterministic subset: client `coordinate`'s slice of the ring (see the module), at
+    /// least `size` addresses.
+    pub fn placed(size: usize, coordinate: Coordinate) -> Self {
+        Self::ordered(size, Order::Ring(coordinate))
+    }
+
+    fn ordered(size: usize, order: Order) -> Self {
         Self {
             size: size.max(1),
-            salt,
+            order,
             ranked: BTreeSet::new(),
             ranks: BTreeMap::new(),
             members: BTreeSet::new(),
@@ -55,12 +144,39 @@ impl Subset {
     }
 
     fn rank(&self, addr: &SocketAddr) -> u64 {
+        let Order::Salted(salt) = self.order else {
+            // Round a ring an address's place follows from the others: see `wanted`.
+            return 0;
+        };
         // Fixed keys (`new`, not a `RandomState`): the salt alone makes the ranking this
         // client's own, and the same salt ranks the same way in a test.
         let mut hasher = std::hash::DefaultHasher::new();
-        self.salt.hash(&mut hasher);
+        salt.hash(&mut hasher);
         addr.hash(&mut hasher);
         hasher.finish()
+    }
+
+    /// The members the known addresses and the size call for.
+    fn wanted(&self) -> BTreeSet<SocketAddr> {
+        match self.order {
+            Order::Salted(_) => self
+                .ranked
+                .iter()
+                .take(self.size)
+                .map(|(_, addr)| *addr)
+                .collect(),
+            Order::Ring(coordinate) => {
+                let known = self.ranks.len();
+                let size = self.size.max(coordinate.slice(known));
+                self.ranks
+                    .keys()
+                    .cycle()
+                    .skip(coordinate.start(known))
+                    .take(size.min(known))
+                    .copied()
+                    .collect()
+            }
+        }
     }
 
     /// Takes one change from discovery and returns the changes to the subset it causes (see
@@ -80,7 +196,9 @@ impl Subset {
                     if !self.ranks.contains_key(&addr) {
                         let rank = self.rank(&addr);
                         self.ranks.insert(addr, rank);
-                        self.ranked.insert((rank, addr));
+                        if let Order::Salted(_) = self.order {
+                            self.ranked.insert((rank, addr));
+                        }
                     }
                 }
                 Change::Remove(addr) => {
@@ -90,12 +208,7 @@ impl Subset {
                 }
             }
         }
-        let wanted: BTreeSet<SocketAddr> = self
-            .ranked
-            .iter()
-            .take(self.size)
-            .map(|(_, addr)| *addr)
-            .collect();
+        let wanted = self.wanted();
         let mut changes: Vec<Update> = self
             .members
             .difference(&wanted)
@@ -117,9 +230,20 @@ impl Subset {
         self.apply_all([])
     }
 
-    /// The size asked for (the members are fewer while fewer addresses are known).
+    /// The size asked for (the members are fewer while fewer addresses are known, and may be
+    /// more round a ring: never fewer than the client's slice).
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// How many members there are.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
     }
 
     /// The current members.
@@ -283,5 +407,117 @@ mod tests {
         for (a, n) in &chosen {
             assert!((200..=400).contains(n), "{a} chosen by {n} of 1000 clients");
         }
+    }
+
+    fn placed(size: usize, index: u32, count: u32, n: usize) -> Subset {
+        let mut subset =
+            Subset::placed(size, Coordinate::new(index, count).expect("index < count"));
+        subset.apply_all((0..n).map(|i| Change::Insert(addr(i), ())));
+        subset
+    }
+
+    /// How many of `clients` hold each of the first `n` addresses.
+    fn coverage<'a>(clients: impl IntoIterator<Item = &'a Subset>, n: usize) -> Vec<usize> {
+        let mut held = vec![0; n];
+        for client in clients {
+            for a in client.members() {
+                let i = (0..n).find(|i| addr(*i) == *a).expect("a known address");
+                held[i] += 1;
+            }
+        }
+        held
+    }
+
+    #[test]
+    fn a_coordinate_is_written_index_slash_count() {
+        let c: Coordinate = "3/20".parse().expect("3/20");
+        assert_eq!((c.index(), c.count()), (3, 20));
+        assert_eq!(c.to_string(), "3/20");
+        assert_eq!(" 0 / 1 ".parse::<Coordinate>().map(|c| c.count()), Ok(1));
+        for bad in ["20/20", "0/0", "3", "a/3", "3/b", "-1/3", "", "1/2/3"] {
+            let error = bad.parse::<Coordinate>().expect_err(bad);
+            assert!(error.to_string().contains("INDEX/COUNT"), "{error}");
+        }
+    }
+
+    #[test]
+    fn placed_clients_give_every_address_a_client_where_salted_ones_leave_some_idle() {
+        // The case that keeps the salted aperture opt-in: 20 clients of 12 over 300 replicas.
+        let salted: Vec<Subset> = (0..20).map(|salt| filled(12, salt, 300)).collect();
+        let idle = coverage(&salted, 300).iter().filter(|n| **n == 0).count();
+        assert!(idle > 60, "salted subsets leave {idle} of 300 idle");
+
+        // Placed, each takes at least its slice (15 of 300): the slices tile the ring.
+        let placed_20: Vec<Subset> = (0..20).map(|i| placed(12, i, 20, 300)).collect();
+        assert!(placed_20.iter().all(|c| c.len() == 15));
+        assert!(coverage(&placed_20, 300).iter().all(|n| *n == 1));
+
+        // Wider than the slice, and a fleet the clients do not divide: every address has a
+        // client, and none has more than one client more than another.
+        for (size, n) in [(30, 300), (12, 301), (40, 307), (5, 17)] {
+            let clients: Vec<Subset> = (0..20).map(|i| placed(size, i, 20, n)).collect();
+            let held = coverage(&clients, n);
+            let (least, most) = (held.iter().min(), held.iter().max());
+            assert!(least >= Some(&1), "size {size} of {n}: {held:?}");
+            assert!(
+                most <= least.map(|l| l + 1).as_ref(),
+                "size {size} of {n}: {held:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lone_placed_client_covers_the_whole_fleet() {
+        assert_eq!(placed(12, 0, 1, 300).len(), 300);
+        // Asked for more than there are: every address, once.
+        assert_eq!(placed(12, 1, 4, 8).len(), 8);
+    }
+
+    #[test]
+    fn one_address_added_or_removed_moves_a_placed_window_a_step() {
+        for index in 0..20 {
+            for size in [12, 15, 40] {
+                let mut subset = placed(size, index, 20, 300);
+                let before = members(&subset);
+                let changes = subset.apply(Change::Insert(addr(1000 + index as usize), ()));
+                let left = changes
+                    .iter()
+                    .filter(|c| matches!(c, Change::Remove(_)))
+                    .count();
+                assert!(
+                    left <= 1 && changes.len() - left <= 2,
+                    "{index}/20, {size}: {changes:?}"
+                );
+                assert_eq!(members(&subset).len(), subset.len());
+
+                let gone = *before.iter().nth(3).expect("a member");
+                let mut subset = placed(size, index, 20, 300);
+                let changes = subset.apply(Change::Remove(gone));
+                let left = changes
+                    .iter()
+                    .filter(|c| matches!(c, Change::Remove(_)))
+                    .count();
+                assert!(
+                    left <= 2 && changes.len() - left <= 1,
+                    "{index}/20, {size}: {changes:?}"
+                );
+                assert!(!members(&subset).contains(&gone));
+            }
+        }
+    }
+
+    #[test]
+    fn a_placed_subset_is_the_same_whatever_order_its_addresses_came_in() {
+        let forward = placed(6, 5, 9, 50);
+        let mut backward = Subset::placed(6, Coordinate::new(5, 9).expect("5 < 9"));
+        for i in (0..50).rev() {
+            backward.apply(Change::Insert(addr(i), ()));
+        }
+        assert_eq!(members(&forward), members(&backward));
+        // And resizing it widens it round the ring, from where it starts.
+        let mut wider = placed(6, 5, 9, 50);
+        let added = wider.resize(9);
+        assert_eq!(added.len(), 3);
+        assert!(members(&forward).is_subset(&members(&wider)));
     }
 }

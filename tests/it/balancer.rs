@@ -4,7 +4,7 @@
 use crate::support::{
     drive, eventually, ipv4_target, latency, set_faults, set_serving, state_of, Process, Replica,
 };
-use meshlb::balance::{ApertureConfig, ConnectConfig, EndpointState, EwmaConfig};
+use meshlb::balance::{ApertureConfig, ConnectConfig, Coordinate, EndpointState, EwmaConfig};
 use meshlb::health::HealthConfig;
 use meshlb::replica::FaultConfig;
 use meshlb::{Balancer, Policy};
@@ -656,6 +656,46 @@ async fn the_aperture_follows_the_load_and_keeps_its_minimum_in_rotation() {
     let tally = drive(&lb, 30, 2).await;
     assert!(tally.errors.is_empty(), "{:?}", tally.errors);
     assert_eq!(tally.of(&sick.id), 0, "{:?}", tally.by_replica);
+}
+
+/// Two clients that know their places among two (`0/2`, `1/2`), each with an aperture of one
+/// under a light load, over six replicas: each takes its slice of the ring, three replicas, and
+/// the slices are the two halves of the fleet, so every replica serves one client's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placed_apertures_split_the_fleet_between_their_clients() {
+    let replicas = fleet("p", vec![latency(0); 6]).await;
+    let mut served = Vec::new();
+    for index in 0..2 {
+        let lb = crate::support::userguide(target(&replicas))
+            .health_service(SERVICE)
+            .aperture(ApertureConfig {
+                min: 1,
+                interval: Duration::from_millis(20),
+                ..ApertureConfig::default()
+            })
+            .coordinate(Coordinate::new(index, 2).unwrap())
+            .build()
+            .await
+            .unwrap();
+        eventually("its slice of three, all ready", || async {
+            let e = lb.endpoints();
+            (lb.aperture() == Some(3)
+                && e.len() == 3
+                && e.iter().all(|e| e.state == EndpointState::Ready))
+            .then_some(())
+        })
+        .await;
+        let tally = drive(&lb, 60, 3).await;
+        assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+        let mut ids: Vec<String> = tally.by_replica.keys().cloned().collect();
+        ids.sort();
+        assert_eq!(ids.len(), 3, "{index}/2: {:?}", tally.by_replica);
+        served.push(ids);
+    }
+    assert!(
+        served[0].iter().all(|id| !served[1].contains(id)),
+        "the halves overlap: {served:?}"
+    );
 }
 
 /// By default (p2c or round-robin), with an aperture turned off, and with pick-first even when

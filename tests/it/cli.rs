@@ -204,6 +204,37 @@ fn up_then_client_json_counts_add_up_and_round_robin_is_even() {
         .filter(|calls| *calls > 0)
         .collect();
     assert_eq!(served, [100], "{one}");
+    // Three clients that know their places (0/3, 1/3, 2/3) with subsets of one: each has a
+    // replica of its own, and between them every replica has a client. Salted subsets would
+    // leave one idle two times in three.
+    let mut placed = std::collections::BTreeSet::new();
+    for coordinate in ["0/3", "1/3", "2/3"] {
+        let (out, report) = json_client(
+            &target,
+            &[
+                "--requests",
+                "30",
+                "--subset",
+                "1",
+                "--coordinate",
+                coordinate,
+            ],
+        );
+        assert_eq!(out.status.code(), Some(0), "{report}");
+        let served: Vec<&str> = report["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["calls"].as_u64().unwrap() > 0)
+            .map(|r| r["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(served.len(), 1, "{coordinate}: {report}");
+        assert!(
+            placed.insert(served[0].to_string()),
+            "{coordinate}: {placed:?}"
+        );
+    }
+    assert_eq!(placed.len(), 3);
     // An aperture of one, one call at a time: the load needs one member, and only it serves.
     let (out, narrow) = json_client(
         &target,
@@ -278,6 +309,15 @@ fn bad_usage_exits_2_with_one_clear_line() {
     assert_usage_error(
         &["client", "--target", "x:1", "--aperture", "0"],
         "number of endpoints",
+    );
+    assert_usage_error(
+        &["client", "--target", "x:1", "--coordinate", "3/3"],
+        "INDEX/COUNT",
+    );
+    // A place among the clients, and nothing to place: every endpoint is used.
+    assert_usage_error(
+        &["client", "--target", "x:1", "--coordinate", "1/3"],
+        "has neither",
     );
     assert_usage_error(
         &[
