@@ -676,7 +676,11 @@ impl Balancer {
         self.shared.policy
     }
 
-    /// Waits until at least one endpoint is ready, or `timeout` passes; says which.
+    /// Waits until at least one endpoint is in rotation, or `timeout` passes; says which. An
+    /// endpoint on probation (`probing`) counts: its probe goes out with the next call, so
+    /// waiting for it to be open to callers without sending one could wait forever. A caller
+    /// left with probing endpoints only is failed fast (`UNAVAILABLE`, "… are ejected"), which a
+    /// fresh balancer never is: none of its endpoints has been ejected yet.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         // `timeout` copes with any length, `Duration::MAX` included.
         tokio::time::timeout(timeout, self.shared.registry.until_ready())

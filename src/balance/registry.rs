@@ -273,7 +273,7 @@ impl Registry {
         self.aperture.store(size, Ordering::Relaxed);
     }
 
-    /// Whether any endpoint is ready.
+    /// Whether any endpoint is in rotation (on probation for its probe included).
     pub fn any_ready(&self) -> bool {
         self.lock().values().any(|e| e.shared.in_rotation())
     }
