@@ -108,6 +108,9 @@ pub struct Aperture {
     last_look: Option<Instant>,
     /// Since when the load has been below the band.
     low_since: Option<Instant>,
+    /// The members the subset keeps whatever the size (a placed client's slice): narrowing
+    /// stops there, or it would narrow below it look after look and change nothing.
+    floor: usize,
 }
 
 impl Aperture {
@@ -128,7 +131,14 @@ impl Aperture {
             load: 0.0,
             last_look: None,
             low_since: None,
+            floor: 0,
         }
+    }
+
+    /// The members the subset keeps whatever the size asked of it
+    /// ([`crate::discovery::subset::Subset::floor`]).
+    pub fn set_floor(&mut self, floor: usize) {
+        self.floor = floor;
     }
 
     /// The members wanted now.
@@ -181,19 +191,21 @@ impl Aperture {
 
         let excess = members.in_rotation.saturating_sub(needed);
         let low = self.load < c.low_load * members.in_rotation as f64;
-        if size > self.size || excess == 0 || !low || size <= c.min {
+        let least = c.min.max(self.floor);
+        if size > self.size || excess == 0 || !low || size <= least {
             self.low_since = None;
         } else {
             match self.low_since {
                 None => self.low_since = Some(now),
                 Some(since) if now.duration_since(since) >= c.narrow_after => {
-                    size -= excess.div_ceil(4).min(size - c.min);
+                    size -= excess.div_ceil(4).min(size - least);
                     self.low_since = Some(now);
                 }
                 Some(_) => {}
             }
         }
-        // Never below `min`: the ceiling is at least `min`, and narrowing stops there.
+        // Never below `min`: the ceiling is at least `min`, and narrowing stops there (or at the
+        // floor).
         self.size = size;
         self.size
     }
@@ -310,6 +322,18 @@ mod tests {
         let size = steady(&mut a, &mut t, 6, 300, 0);
         assert!((9..=28).contains(&size), "36 -> {size} in 7 s");
         assert_eq!(steady(&mut a, &mut t, 30, 300, 0), 4);
+    }
+
+    #[test]
+    fn a_lull_narrows_to_the_floor_and_no_further() {
+        // A placed client's slice of 300 among 20 is 15 (its subset keeps them whatever the
+        // size): the lull narrows to it, not to the minimum of 4.
+        let mut a = Aperture::new(config());
+        a.set_floor(15);
+        let mut t = Instant::now();
+        assert_eq!(steady(&mut a, &mut t, 10, 300, 40), 36);
+        assert_eq!(steady(&mut a, &mut t, 30, 300, 0), 15);
+        assert_eq!(steady(&mut a, &mut t, 30, 300, 0), 15, "and stays there");
     }
 
     #[test]

@@ -180,8 +180,8 @@ pub enum BuildError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     /// A coordinate was given, but the balancer uses every endpoint: there is no subset or
-    /// aperture to place.
-    #[error("coordinate {0} places a subset or an aperture, and this balancer has neither (it uses every endpoint): set one, or leave the coordinate out")]
+    /// aperture to place (none was set, or pick-first, which uses no aperture).
+    #[error("coordinate {0} places a subset or an aperture, and this balancer has neither (it uses every endpoint; pick-first uses no aperture): set a subset or an aperture with p2c or round-robin, or leave the coordinate out")]
     Coordinate(Coordinate),
 }
 
@@ -244,7 +244,8 @@ impl Builder {
         self
     }
 
-    /// Connect to at most `size` of the discovered endpoints, a subset of its own chosen by
+    /// Connect to at most `size` of the discovered endpoints (with a [`Builder::coordinate`],
+    /// at least the client's slice), a subset of its own chosen by
     /// rendezvous hashing (gRPC's `random_subsetting_experimental`; see [`crate::discovery::subset`]): a
     /// client's connections and per-call cost then stay bounded however large the fleet grows,
     /// and across many clients every endpoint gets about the same share. Set here, it wins over
@@ -270,11 +271,13 @@ impl Builder {
 
     /// This client's place among the clients of the same service (client `index` of `count`,
     /// from a StatefulSet's ordinal, say): its subset or aperture is then its slice of a ring
-    /// they all share, so that between them every endpoint has a client and none has more than
-    /// one client more than another (Finagle's deterministic aperture; see
+    /// they all share, so that between them every endpoint has a client (and, with subsets of
+    /// one size, none has more than one client more than another; Finagle's deterministic
+    /// aperture; see
     /// [`crate::discovery::subset`]). It never takes fewer endpoints than its slice,
     /// `ceil(endpoints / count)`: a lone client (`0/1`) uses every endpoint. Without a subset
-    /// or an aperture it has nothing to place, and [`Builder::build`] says so.
+    /// or an aperture (pick-first has none) it has nothing to place, and [`Builder::build`]
+    /// says so.
     pub fn coordinate(mut self, coordinate: Coordinate) -> Self {
         self.coordinate = Some(coordinate);
         self

@@ -445,6 +445,7 @@ pub async fn manage(
             _ = look.tick(), if aperture.is_some() => {
                 match (&mut aperture, &mut subset) {
                     (Some(aperture), Some(subset)) => {
+                        aperture.set_floor(subset.floor());
                         let size = aperture.look(
                             Instant::now(),
                             registry.members(aperture.settle()),

@@ -66,9 +66,9 @@ pub struct ServiceConfigArgs {
     /// `_grpc_config.HOST`; while it has none for this client, --service-config's is in force.
     #[arg(long, env = "MESHLB_DNS_SERVICE_CONFIG")]
     pub dns_service_config: bool,
-    /// Connect to at most N of the discovered endpoints, a subset of this client's own (gRPC's
-    /// random_subsetting_experimental); wins over the service config's subsetSize and
-    /// --aperture. Default: every endpoint.
+    /// Connect to at most N of the discovered endpoints (with --coordinate, at least its
+    /// slice), a subset of this client's own (gRPC's random_subsetting_experimental); wins over
+    /// the service config's subsetSize and --aperture. Default: every endpoint.
     #[arg(long, env = "MESHLB_SUBSET", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub subset: Option<u32>,
     /// An aperture: of a fleet larger than N endpoints, connect to the smallest part this
@@ -78,12 +78,12 @@ pub struct ServiceConfigArgs {
     /// Default: off, every endpoint.
     #[arg(long, env = "MESHLB_APERTURE", value_name = "N|off", value_parser = parse_aperture)]
     pub aperture: Option<crate::balance::ApertureConfig>,
-    /// This client's place among the clients of the same service, client I of N (I from 0;
-    /// from a StatefulSet's ordinal, say): its --subset or --aperture is then its slice of a
-    /// ring they all share, so that between them every replica has a client and none has more
-    /// than one client more than another. It takes at least its slice, ceil(endpoints / N):
-    /// alone (0/1) it uses every endpoint.
-    #[arg(long, env = "MESHLB_COORDINATE", value_name = "I/N")]
+    /// This client's place among the clients of the same service, client I of COUNT (I from
+    /// 0; from a StatefulSet's ordinal, say): its --subset or --aperture is then its slice of a
+    /// ring they all share, so that between them every replica has a client (and, with subsets
+    /// of one size, none has more than one client more than another). It takes at least its
+    /// slice, ceil(endpoints / COUNT): alone (0/1) it uses every endpoint. Not with pick-first.
+    #[arg(long, env = "MESHLB_COORDINATE", value_name = "I/COUNT")]
     pub coordinate: Option<crate::balance::Coordinate>,
     /// What probes an ejected endpoint when the call it is handed may not be duplicated (its
     /// method has no retry or hedging policy): `health`, a grpc.health.v1 Check; `get-point`,

@@ -23,11 +23,14 @@
 //! deterministic aperture; the SRE book's deterministic subsetting): every client orders the
 //! known addresses the same way (sorted), client `i` starts at position `i * known / n`, and
 //! takes the next `size` addresses round the ring, never fewer than its own slice,
-//! `ceil(known / n)`. The slices tile the ring, so with every coordinate taken every address
-//! has a client, and each has within one of the same number of clients. The price: a lone client
-//! (`0/1`) covers the whole fleet, and an address added or removed moves each client's window by
-//! a step (at most one member leaves and two join), where a salted subset changes by at most one
-//! member and only in the clients that hold it.
+//! `ceil(known / n)`. The slices tile the ring, so with every coordinate taken (and every client
+//! seeing the same addresses) every address has a client; where the clients' subsets are of one
+//! size, each address has within one of the same number of clients (an aperture's size follows
+//! its own client's load, so apertures promise only the first). The price: a lone client (`0/1`)
+//! covers the whole fleet, and an address added or removed moves each client's window by a step
+//! (at most two members leave and two join, one and one unless the window wraps round the
+//! ring's end), where a salted subset changes by at most one member and only in the clients that
+//! hold it.
 //!
 //! A filter on addresses only: it knows nothing of health, load or connections. A subset member
 //! that is unhealthy stays a member (its gate keeps it out of rotation), as in A68.
@@ -81,7 +84,7 @@ impl std::fmt::Display for Coordinate {
 
 /// Why a coordinate did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a coordinate INDEX/COUNT with INDEX below COUNT (as 3/20)")]
+#[error("`{0}` is not a coordinate I/COUNT with I below COUNT (as 3/20)")]
 pub struct CoordinateError(String);
 
 impl std::str::FromStr for Coordinate {
@@ -156,6 +159,15 @@ impl Subset {
         hasher.finish()
     }
 
+    /// The fewest members it keeps whatever its size: a placed client's slice of the addresses
+    /// known (0 for a salted subset).
+    pub fn floor(&self) -> usize {
+        match self.order {
+            Order::Salted(_) => 0,
+            Order::Ring(coordinate) => coordinate.slice(self.ranks.len()),
+        }
+    }
+
     /// The members the known addresses and the size call for.
     fn wanted(&self) -> BTreeSet<SocketAddr> {
         match self.order {
@@ -167,7 +179,7 @@ impl Subset {
                 .collect(),
             Order::Ring(coordinate) => {
                 let known = self.ranks.len();
-                let size = self.size.max(coordinate.slice(known));
+                let size = self.size.max(self.floor());
                 self.ranks
                     .keys()
                     .cycle()
@@ -188,7 +200,8 @@ impl Subset {
     /// Takes a batch of changes from discovery and returns the changes to the subset they cause
     /// together: none (addresses outside the subset came or went), or a few (a member left and
     /// the next in rank joins; a new address ranks above a member, which leaves). Removals come
-    /// first, so the next stage never holds more than `size` members.
+    /// first, so the next stage never holds more members than it ends with (`size`; round a
+    /// ring, at least the client's slice).
     pub fn apply_all(&mut self, changes: impl IntoIterator<Item = Update>) -> Vec<Update> {
         for change in changes {
             match change {
@@ -436,7 +449,7 @@ mod tests {
         assert_eq!(" 0 / 1 ".parse::<Coordinate>().map(|c| c.count()), Ok(1));
         for bad in ["20/20", "0/0", "3", "a/3", "3/b", "-1/3", "", "1/2/3"] {
             let error = bad.parse::<Coordinate>().expect_err(bad);
-            assert!(error.to_string().contains("INDEX/COUNT"), "{error}");
+            assert!(error.to_string().contains("I/COUNT"), "{error}");
         }
     }
 
@@ -473,37 +486,60 @@ mod tests {
         assert_eq!(placed(12, 1, 4, 8).len(), 8);
     }
 
+    /// Whether a placed subset's window runs past the ring's end.
+    fn wraps(subset: &Subset) -> bool {
+        let Order::Ring(coordinate) = subset.order else {
+            return false;
+        };
+        let known = subset.known();
+        coordinate.start(known) + subset.size.max(subset.floor()) > known
+    }
+
     #[test]
     fn one_address_added_or_removed_moves_a_placed_window_a_step() {
+        // (left, joined) at most, for one insertion or removal anywhere on the ring.
+        fn moved(changes: &[Update]) -> (usize, usize) {
+            let left = changes
+                .iter()
+                .filter(|c| matches!(c, Change::Remove(_)))
+                .count();
+            (left, changes.len() - left)
+        }
+        let (mut worst, mut unwrapped_worst) = ((0, 0), (0, 0));
         for index in 0..20 {
             for size in [12, 15, 40] {
-                let mut subset = placed(size, index, 20, 300);
-                let before = members(&subset);
-                let changes = subset.apply(Change::Insert(addr(1000 + index as usize), ()));
-                let left = changes
-                    .iter()
-                    .filter(|c| matches!(c, Change::Remove(_)))
-                    .count();
-                assert!(
-                    left <= 1 && changes.len() - left <= 2,
-                    "{index}/20, {size}: {changes:?}"
-                );
-                assert_eq!(members(&subset).len(), subset.len());
-
-                let gone = *before.iter().nth(3).expect("a member");
-                let mut subset = placed(size, index, 20, 300);
-                let changes = subset.apply(Change::Remove(gone));
-                let left = changes
-                    .iter()
-                    .filter(|c| matches!(c, Change::Remove(_)))
-                    .count();
-                assert!(
-                    left <= 2 && changes.len() - left <= 1,
-                    "{index}/20, {size}: {changes:?}"
-                );
-                assert!(!members(&subset).contains(&gone));
+                // Every position: before the first address, between any two, after the last.
+                // Port 50050 sorts just before `addr(at - 1)`, and after `addr(59)` at 61.
+                for at in 1..=61 {
+                    let mut subset = placed(size, index, 20, 60);
+                    let wrapped = wraps(&subset);
+                    let new = SocketAddr::from(([10, 0, 0, at as u8], 50050));
+                    let m = moved(&subset.apply(Change::Insert(new, ())));
+                    assert!(
+                        m.0 <= 2 && m.1 <= 2,
+                        "{index}/20, {size}, insert at {at}: {m:?}"
+                    );
+                    worst = worst.max(m);
+                    if !wrapped && !wraps(&subset) {
+                        assert!(m.0 <= 1 && m.1 <= 2, "{index}/20, {size}, at {at}: {m:?}");
+                        unwrapped_worst = unwrapped_worst.max(m);
+                    }
+                }
+                for gone in 0..60 {
+                    let mut subset = placed(size, index, 20, 60);
+                    let m = moved(&subset.apply(Change::Remove(addr(gone))));
+                    assert!(
+                        m.0 <= 2 && m.1 <= 2,
+                        "{index}/20, {size}, remove {gone}: {m:?}"
+                    );
+                    assert!(!members(&subset).contains(&addr(gone)));
+                    worst = worst.max(m);
+                }
             }
         }
+        // The bounds are reached, so the test would see them exceeded.
+        assert_eq!(worst, (2, 2));
+        assert!(unwrapped_worst.0 <= 1, "{unwrapped_worst:?}");
     }
 
     #[test]

@@ -312,12 +312,26 @@ fn bad_usage_exits_2_with_one_clear_line() {
     );
     assert_usage_error(
         &["client", "--target", "x:1", "--coordinate", "3/3"],
-        "INDEX/COUNT",
+        "I/COUNT",
     );
     // A place among the clients, and nothing to place: every endpoint is used.
     assert_usage_error(
         &["client", "--target", "x:1", "--coordinate", "1/3"],
         "has neither",
+    );
+    assert_usage_error(
+        &[
+            "client",
+            "--target",
+            "x:1",
+            "--policy",
+            "pick-first",
+            "--aperture",
+            "12",
+            "--coordinate",
+            "1/3",
+        ],
+        "pick-first uses no aperture",
     );
     assert_usage_error(
         &[
