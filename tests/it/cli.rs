@@ -122,6 +122,17 @@ fn stop(mut child: Fleet) {
     assert!(status.success(), "up exited with {status}");
 }
 
+/// The replicas of a client's JSON report that served calls, with how many.
+fn serving(report: &serde_json::Value) -> Vec<(&str, u64)> {
+    report["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap(), r["calls"].as_u64().unwrap()))
+        .filter(|(_, calls)| *calls > 0)
+        .collect()
+}
+
 fn json_client(target: &str, extra: &[&str]) -> (Output, serde_json::Value) {
     let out = meshlb()
         .args(["client", "--target", target, "--format", "json"])
@@ -196,17 +207,11 @@ fn up_then_client_json_counts_add_up_and_round_robin_is_even() {
     let (out, one) = json_client(&target, &["--requests", "100", "--subset", "1"]);
     assert_eq!(out.status.code(), Some(0), "{one}");
     assert_eq!(one["ok"], 100);
-    let served: Vec<u64> = one["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["calls"].as_u64().unwrap())
-        .filter(|calls| *calls > 0)
-        .collect();
-    assert_eq!(served, [100], "{one}");
+    let calls: Vec<u64> = serving(&one).iter().map(|(_, calls)| *calls).collect();
+    assert_eq!(calls, [100], "{one}");
     // Three clients that know their places (0/3, 1/3, 2/3) with subsets of one: each has a
     // replica of its own, and between them every replica has a client. Salted subsets would
-    // leave one idle two times in three.
+    // leave one idle seven times in nine.
     let mut placed = std::collections::BTreeSet::new();
     for coordinate in ["0/3", "1/3", "2/3"] {
         let (out, report) = json_client(
@@ -221,16 +226,10 @@ fn up_then_client_json_counts_add_up_and_round_robin_is_even() {
             ],
         );
         assert_eq!(out.status.code(), Some(0), "{report}");
-        let served: Vec<&str> = report["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["calls"].as_u64().unwrap() > 0)
-            .map(|r| r["id"].as_str().unwrap())
-            .collect();
+        let served = serving(&report);
         assert_eq!(served.len(), 1, "{coordinate}: {report}");
         assert!(
-            placed.insert(served[0].to_string()),
+            placed.insert(served[0].0.to_string()),
             "{coordinate}: {placed:?}"
         );
     }
@@ -241,12 +240,7 @@ fn up_then_client_json_counts_add_up_and_round_robin_is_even() {
         &["--requests", "60", "--concurrency", "1", "--aperture", "1"],
     );
     assert_eq!(out.status.code(), Some(0), "{narrow}");
-    let served = narrow["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["calls"].as_u64().unwrap() > 0)
-        .count();
+    let served = serving(&narrow).len();
     assert_eq!(served, 1, "{narrow}");
 
     let call = get_point(&target, "james", "26");
