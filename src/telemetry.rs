@@ -1,6 +1,7 @@
 //! Logs and traces. `tracing` to stderr (filtered by `RUST_LOG`), and, when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, every meshlb span bridged by `tracing-opentelemetry` to
-//! OpenTelemetry and exported over OTLP/gRPC (batched, off the request path). The standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, meshlb's spans exported over OTLP/gRPC (batched, off the
+//! request path): bridged from `tracing` by `tracing-opentelemetry`, except the balancer's call
+//! spans, which it builds with the tracer this module keeps ([`direct_tracer`]). The standard
 //! variables work: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
 //! `OTEL_TRACES_SAMPLER_ARG`. W3C Trace Context (`traceparent`, `tracestate`) crosses every hop in
 //! gRPC metadata: [`inject`] on the way out ([`inject_span_context`] for a call that is not
@@ -32,6 +33,9 @@ pub const RPC_SPANS: &str = "meshlb::rpc";
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// The running exporter, for [`flush`]; set once by [`init`].
 static PROVIDER: std::sync::OnceLock<SdkTracerProvider> = std::sync::OnceLock::new();
+/// meshlb's tracer, set with [`PROVIDER`], for the spans the balancer builds without `tracing`.
+static TRACER: std::sync::OnceLock<opentelemetry_sdk::trace::SdkTracer> =
+    std::sync::OnceLock::new();
 /// The first export that failed in this process, if any.
 static EXPORT_FAILURE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
@@ -183,8 +187,17 @@ pub fn init(default_service: &str, default_level: &str) -> Telemetry {
     );
     if let (true, Some(p)) = (installed, &provider) {
         let _ = PROVIDER.set(p.clone());
+        let _ = TRACER.set(p.tracer("meshlb"));
     }
     Telemetry { provider }
+}
+
+/// meshlb's tracer while its exporter runs, for spans built straight with it rather than through
+/// `tracing` (the balancer's call spans: [`crate::balance::span`]); `None` when nothing is
+/// exported, when the exporter is not meshlb's, or when p2c's choices are traced (they are
+/// `tracing` events, and need a `tracing` span to land on).
+pub(crate) fn direct_tracer() -> Option<&'static opentelemetry_sdk::trace::SdkTracer> {
+    TRACER.get().filter(|_| exporting() && !p2c_choices())
 }
 
 /// Whether sampled traces carry p2c's choice: only when `MESHLB_TRACE_P2C` is `1`, `true` or
@@ -265,59 +278,6 @@ pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
     }
 }
 
-/// Records the replica that answered (`server.address`, `server.port`) on `span`, which declared
-/// both fields, in one record: each record passes every layer of the subscriber.
-pub(crate) fn record_server(span: &tracing::Span, addr: std::net::SocketAddr) {
-    let Some(meta) = span.metadata() else {
-        return;
-    };
-    let fields = meta.fields();
-    if let (Some(address), Some(port)) =
-        (fields.field("server.address"), fields.field("server.port"))
-    {
-        let port_value = addr.port();
-        let mut buf = [0; 15];
-        let (v4, v6);
-        let ip: &dyn tracing::Value = match addr.ip() {
-            std::net::IpAddr::V4(ip) => {
-                v4 = ipv4_text(ip, &mut buf);
-                &v4
-            }
-            ip => {
-                v6 = tracing::field::display(ip);
-                &v6
-            }
-        };
-        span.record_all(&fields.value_set(&[
-            (&address, Some(ip)),
-            (&port, Some(&port_value as &dyn tracing::Value)),
-        ]));
-    }
-}
-
-/// `ip` in dotted decimal, written by hand: through `Display` (four integers through a
-/// formatter, into a new String) it cost every sampled call about 1k instructions.
-fn ipv4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
-    let mut n = 0;
-    for (i, octet) in ip.octets().into_iter().enumerate() {
-        if i > 0 {
-            buf[n] = b'.';
-            n += 1;
-        }
-        if octet >= 100 {
-            buf[n] = b'0' + octet / 100;
-            n += 1;
-        }
-        if octet >= 10 {
-            buf[n] = b'0' + octet / 10 % 10;
-            n += 1;
-        }
-        buf[n] = b'0' + octet % 10;
-        n += 1;
-    }
-    std::str::from_utf8(&buf[..n]).unwrap_or_default()
-}
-
 /// Makes `span` continue the trace named in incoming request headers, if any. A disabled span
 /// (nothing exported, nothing logged) has no parent to take: the headers are not parsed.
 pub fn extract(span: &tracing::Span, headers: &http::HeaderMap) {
@@ -337,24 +297,21 @@ static FIRST_SAMPLED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// Remembers `span`'s trace id if it is the process's first sampled call (one atomic load once
 /// there is one, and nothing at all when nothing is exported).
 pub fn note_sampled(span: &tracing::Span) {
-    if !exporting() || FIRST_SAMPLED.get().is_some() {
-        return;
+    if exporting() && FIRST_SAMPLED.get().is_none() {
+        note_sampled_context(span.context().span().span_context());
     }
-    if let Some(id) = sampled_trace_id(span) {
-        let _ = FIRST_SAMPLED.set(id);
+}
+
+/// [`note_sampled`] for the context of a span that is not a `tracing` one.
+pub fn note_sampled_context(sc: &SpanContext) {
+    if exporting() && FIRST_SAMPLED.get().is_none() && sc.is_valid() && sc.is_sampled() {
+        let _ = FIRST_SAMPLED.set(sc.trace_id().to_string());
     }
 }
 
 /// The trace id [`note_sampled`] kept, if any.
 pub fn first_sampled_trace_id() -> Option<String> {
     FIRST_SAMPLED.get().cloned()
-}
-
-/// The trace id of `span`, when it is exported and sampled.
-pub fn sampled_trace_id(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    (sc.is_valid() && sc.is_sampled()).then(|| sc.trace_id().to_string())
 }
 
 /// The sampler the exporter was built with (from `OTEL_TRACES_SAMPLER`), for [`decide_call`].
@@ -394,15 +351,6 @@ pub enum CallTrace {
     /// ([`inject_span_context`]) and every copy of the request carries it.
     Forward(SpanContext),
 }
-
-/// The call's span, carried down the call path in the request rather than entered as the
-/// current span: entering it on every poll of the call, and in the balancer's worker (tower's
-/// buffer enters the current span of each request it takes), passes every layer of the
-/// subscriber each time. Its tries report to it, or to child spans of their own. Shared, not
-/// cloned: the retry layer copies each request's extensions, and every clone and close of a span
-/// passes every layer of the subscriber too.
-#[derive(Debug, Clone)]
-pub struct CallSpan(pub std::sync::Arc<tracing::Span>);
 
 /// Decides, before any span exists, whether the call about to start under the current span is
 /// sampled, with the exporter's own sampler. Building spans (with tracing-opentelemetry) costs
@@ -506,21 +454,6 @@ pub fn rpc_names(path: &str) -> (&str, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_ipv4_address_is_written_as_display_writes_it() {
-        for ip in [
-            "0.0.0.0",
-            "127.0.0.1",
-            "10.20.100.255",
-            "255.255.255.255",
-            "1.9.10.99",
-        ] {
-            let ip: std::net::Ipv4Addr = ip.parse().unwrap();
-            let mut buf = [0; 15];
-            assert_eq!(ipv4_text(ip, &mut buf), ip.to_string());
-        }
-    }
 
     #[test]
     fn splits_grpc_paths() {

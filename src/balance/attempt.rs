@@ -16,15 +16,15 @@ use super::endpoint::{BoxError, EndpointError, ServedBy};
 use super::hedge::{HedgeDelay, LatencyWindow};
 use super::probe;
 use super::retry::{status_of, Try};
+use super::span::CallSpan;
 use super::Buffered;
-use crate::telemetry::{self, CallSpan};
+use crate::telemetry;
 use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::body::Body;
 use tonic::Code;
 use tower::{Service, ServiceExt};
-use tracing::field::Empty;
 use tracing::Instrument;
 
 /// Tries, each through the balancer's buffer.
@@ -84,14 +84,14 @@ impl Attempt {
             );
         }
         let (span, own) = match request.extensions_mut().remove::<CallSpan>() {
-            Some(CallSpan(call)) if number == 1 && !hedge => {
-                telemetry::inject(&call, request.headers_mut());
+            Some(call) if number == 1 && !hedge => {
+                call.inject(request.headers_mut());
                 (Some(call), false)
             }
-            Some(CallSpan(call)) => {
-                let span = attempt_span(&call, request.uri().path(), number, hedge);
-                telemetry::inject(&span, request.headers_mut());
-                (Some(std::sync::Arc::new(span)), true)
+            Some(call) => {
+                let span = call.attempt(request.uri().path(), number, hedge);
+                span.inject(request.headers_mut());
+                (Some(span), true)
             }
             // No span of ours: the call wrote its trace context into the headers when it
             // started (the caller's, or an unsampled one), and every try carries it.
@@ -110,13 +110,12 @@ impl Attempt {
                 }
             }
         };
-        let result: Result<http::Response<Body>, BoxError> = match &span {
-            // p2c records its choice on the current span of the balancer's worker.
-            Some(span) if telemetry::p2c_choices() => {
-                send.instrument(tracing::Span::clone(span)).await
-            }
-            _ => send.await,
-        };
+        let result: Result<http::Response<Body>, BoxError> =
+            match span.as_ref().and_then(CallSpan::bridged) {
+                // p2c records its choice on the current span of the balancer's worker.
+                Some(span) if telemetry::p2c_choices() => send.instrument(span.clone()).await,
+                _ => send.await,
+            };
         let code = match &result {
             Ok(response) => status_of(response),
             Err(_) => Code::Unavailable,
@@ -127,18 +126,15 @@ impl Attempt {
                 Err(error) => error.downcast_ref::<EndpointError>().map(|e| e.addr),
             };
             if let Some(addr) = served_by {
-                telemetry::record_server(span, addr);
+                span.record_server(addr);
             }
             if own {
-                span.record("rpc.grpc.status_code", code as i32);
-                if code != Code::Ok {
-                    span.record("otel.status_code", "ERROR");
-                }
+                span.record_status(code);
             } else if code != Code::Ok {
                 // The call's own status is its last try's, recorded when it ends; a first try
                 // that succeeded was the last (each record passes every layer of the
                 // subscriber).
-                span.record("meshlb.first_status_code", code as i32);
+                span.record_first_status(code);
             }
         }
         if let (Code::Ok, Some((window, quantile))) = (code, &self.latency) {
@@ -146,25 +142,4 @@ impl Attempt {
         }
         result
     }
-}
-
-/// The client span of try `number` of a call to `path`, a child of the call's.
-fn attempt_span(call: &tracing::Span, path: &str, number: u32, hedge: bool) -> tracing::Span {
-    let (service, method) = telemetry::rpc_names(path);
-    tracing::info_span!(
-        target: crate::telemetry::RPC_SPANS,
-        parent: call,
-        "grpc.attempt",
-        otel.name = path.trim_start_matches('/'),
-        otel.kind = "client",
-        rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = method,
-        meshlb.attempt = number,
-        meshlb.hedge = hedge,
-        server.address = Empty,
-        server.port = Empty,
-        rpc.grpc.status_code = Empty,
-        otel.status_code = Empty,
-    )
 }

@@ -29,18 +29,18 @@ use super::registry::Registry;
 use super::replay::{Replay, ReplayLayer};
 use super::retry::{status_of, Attempts, RetryPolicy};
 use super::service_config::ServiceConfig;
+use super::span::CallSpan;
 use super::throttle::Allowance;
 use super::unavailable::Unavailable;
 use super::Buffered;
-use crate::telemetry::{self, CallSpan, CallTrace};
+use crate::telemetry::{self, CallTrace};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::body::Body;
-use tonic::{Code, Status};
+use tonic::Status;
 use tower::retry::budget::TpsBudget;
 use tower::retry::Retry;
 use tower::{ServiceBuilder, ServiceExt};
-use tracing::field::Empty;
 
 /// The call path's layers over the balancer's buffer.
 pub(crate) type Stack = Deadline<Replay<Retry<RetryPolicy, Hedge<Attempt>>>>;
@@ -187,50 +187,26 @@ pub(super) async fn run(
 async fn traced(
     stack: Stack,
     shared: &super::Shared,
-    request: http::Request<Body>,
+    mut request: http::Request<Body>,
     permit: Option<Permit>,
 ) -> http::Response<Body> {
-    let (service, method) = telemetry::rpc_names(request.uri().path());
-    let span = tracing::info_span!(
-        target: crate::telemetry::RPC_SPANS,
-        "grpc.call",
-        // Plain strings, not `%` values: a sampled span records each `%` field through a
-        // formatter into a new String.
-        otel.name = request.uri().path().trim_start_matches('/'),
-        otel.kind = "client",
-        rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = method,
-        meshlb.target = shared.registry.target(),
-        meshlb.policy = shared.policy.as_str(),
-        meshlb.attempts = Empty,
-        // The call span is also its first try's client span: a call tried once is one span.
-        meshlb.attempt = 1,
-        meshlb.first_status_code = Empty,
-        server.address = Empty,
-        server.port = Empty,
-        rpc.grpc.status_code = Empty,
-        otel.status_code = Empty,
-    );
-    let span = std::sync::Arc::new(span);
-    let mut request = request;
-    if span.is_disabled() {
+    let Some(span) = CallSpan::call(
+        request.uri().path(),
+        shared.registry.target(),
+        shared.policy.as_str(),
+    ) else {
         // meshlb's spans are not recorded (filtered out, or no OTel layer): the caller's own
         // trace, if it has one, still goes on to the replica, written once for every try.
         telemetry::inject(&tracing::Span::current(), request.headers_mut());
-    } else {
-        request.extensions_mut().insert(CallSpan(span.clone()));
-    }
+        return run_in_span(stack, request, permit).await;
+    };
+    request.extensions_mut().insert(span.clone());
     let response = run_in_span(stack, request, permit).await;
-    telemetry::note_sampled(&span);
-    let code = status_of(&response);
-    span.record("rpc.grpc.status_code", code as i32);
-    if code != Code::Ok {
-        span.record("otel.status_code", "ERROR");
-    }
+    span.note_sampled();
+    span.record_status(status_of(&response));
     // Only where there was more than one: each record passes every layer of the subscriber.
     if let Some(Attempts(n @ 2..)) = response.extensions().get::<Attempts>() {
-        span.record("meshlb.attempts", n);
+        span.record_attempts(*n);
     }
     response
 }

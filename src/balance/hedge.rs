@@ -17,6 +17,7 @@ use super::live_config::LiveConfig;
 use super::registry::BalancerCounters;
 use super::replay;
 use super::retry::{code_of, Try};
+use super::span::CallSpan;
 use super::throttle::Allowance;
 use crate::telemetry;
 use futures::future::{BoxFuture, Either};
@@ -310,11 +311,11 @@ where
     shared.counters.count_hedge(false);
     // An event on the call's span for traces, not a log line per hedge. The span comes with
     // the request: it is not the current one.
-    let call = match copy.extensions().get::<telemetry::CallSpan>() {
-        Some(telemetry::CallSpan(call)) => tracing::Span::clone(call),
-        None => tracing::Span::current(),
-    };
-    tracing::info!(target: telemetry::RPC_SPANS, parent: &call, delay_ms = plan.delay.as_secs_f64() * 1000.0, "hedge");
+    let delay_ms = plan.delay.as_secs_f64() * 1000.0;
+    match copy.extensions().get::<CallSpan>() {
+        Some(call) => call.hedge_event(delay_ms),
+        None => tracing::info!(target: telemetry::RPC_SPANS, delay_ms, "hedge"),
+    }
     let hedge = async move { second.ready().await?.call(copy).await };
     if early.is_some() {
         // The first try failed already: the hedge's answer is the call's (a win when useful).

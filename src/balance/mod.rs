@@ -80,6 +80,7 @@ pub mod retry;
 pub mod round_robin;
 pub mod service_config;
 pub mod silence;
+pub mod span;
 #[cfg(test)]
 mod testing;
 pub mod throttle;

@@ -1,6 +1,7 @@
 //! Traces across hops, asserted on what the real OTLP exporter sends to an in-process receiver:
 //! client -> front replica -> back replica in one trace with the right parent links and RPC
 //! attributes, a retry as two attempt spans on two replicas, and a foreign traceparent continued.
+//! The client's own spans are asserted both ways it makes them ([`Way`]): they must not differ.
 
 use crate::support::{eventually, Process};
 use opentelemetry_proto::tonic::collector::trace::v1::{
@@ -23,6 +24,8 @@ struct Span {
     parent: String,
     attrs: HashMap<String, String>,
     events: Vec<(String, HashMap<String, String>)>,
+    /// OTLP's status code: 0 unset, 1 ok, 2 error.
+    status: i32,
 }
 
 impl Span {
@@ -86,6 +89,7 @@ impl TraceService for Receiver {
                             (e.name.clone(), attrs.collect())
                         })
                         .collect(),
+                    status: span.status.as_ref().map_or(0, |s| s.code),
                 });
             }
         }
@@ -125,11 +129,24 @@ fn replica(collector: SocketAddr, service: &str, args: &[&str]) -> Process {
     Process::spawn_with("127.0.0.1:0", args, |cmd| otel_env(cmd, collector, service))
 }
 
-fn meshlb(collector: SocketAddr, args: &[&str]) -> std::process::Output {
+/// The two ways the client makes its call and try spans.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Way {
+    /// `tracing` spans bridged by tracing-opentelemetry: what a subscriber of the user's own
+    /// gets, and what carries p2c's choices (`MESHLB_TRACE_P2C`, which needs a `tracing` span).
+    Bridged,
+    /// Built straight with meshlb's tracer: what `meshlb` does when it exports (the default).
+    Direct,
+}
+
+fn meshlb(collector: SocketAddr, way: Way, args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
     otel_env(&mut cmd, collector, "client");
     // p2c's choices are recorded only when asked for; the sampling test checks the default.
-    cmd.env("MESHLB_TRACE_P2C", "1");
+    match way {
+        Way::Bridged => cmd.env("MESHLB_TRACE_P2C", "1"),
+        Way::Direct => cmd.env_remove("MESHLB_TRACE_P2C"),
+    };
     let out = cmd.args(args).output().unwrap();
     assert!(
         out.status.code().is_some(),
@@ -141,6 +158,15 @@ fn meshlb(collector: SocketAddr, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_across_client_front_and_back() {
+    one_trace_across_hops(Way::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_across_client_front_and_back_bridged() {
+    one_trace_across_hops(Way::Bridged).await;
+}
+
+async fn one_trace_across_hops(way: Way) {
     let (receiver, collector) = Receiver::start().await;
     let back = replica(collector, "back", &["--id", "back-1"]);
     let back_target = format!("ipv4:{}", back.addr);
@@ -151,6 +177,7 @@ async fn one_trace_across_client_front_and_back() {
     );
     let out = meshlb(
         collector,
+        way,
         &[
             "call",
             "--target",
@@ -203,6 +230,22 @@ async fn one_trace_across_client_front_and_back() {
     assert_eq!(client_attempt.attr("meshlb.policy"), "p2c");
     assert_eq!(client_attempt.attr("meshlb.attempt"), "1");
     assert_eq!(
+        client_attempt.attr("meshlb.target"),
+        format!("ipv4:{}", front.addr)
+    );
+    // Fields only written when there is something to say are absent, not empty.
+    for absent in [
+        "meshlb.attempts",
+        "meshlb.first_status_code",
+        "otel.status_code",
+    ] {
+        assert!(
+            !client_attempt.attrs.contains_key(absent),
+            "{absent}: {client_attempt:?}"
+        );
+    }
+    assert_eq!(client_attempt.status, 0, "{client_attempt:?}");
+    assert_eq!(
         spans.iter().filter(|s| s.service == "client").count(),
         1,
         "one span for a call tried once: {spans:?}"
@@ -228,12 +271,22 @@ async fn one_trace_across_client_front_and_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_is_two_attempt_spans_on_two_replicas() {
+    retry_spans(Way::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_two_attempt_spans_on_two_replicas_bridged() {
+    retry_spans(Way::Bridged).await;
+}
+
+async fn retry_spans(way: Way) {
     let (receiver, collector) = Receiver::start().await;
     let failing = replica(collector, "failing", &["--id", "bad", "--fail-rate", "1"]);
     let healthy = replica(collector, "healthy", &["--id", "good"]);
     let target = format!("ipv4:{},{}", failing.addr, healthy.addr);
     let out = meshlb(
         collector,
+        way,
         &[
             "client",
             "--target",
@@ -296,6 +349,10 @@ async fn a_retry_is_two_attempt_spans_on_two_replicas() {
     assert_eq!(first.attr("rpc.grpc.status_code"), "0");
     assert_eq!(last.attr("rpc.grpc.status_code"), "0");
     assert_ne!(last.attr("meshlb.attempt"), "1");
+    assert_eq!(last.attr("meshlb.hedge"), "false");
+    assert_eq!(last.attr("rpc.method"), "GetPoint");
+    assert_eq!(last.attr("server.address"), "127.0.0.1");
+    assert_eq!((first.status, last.status), (0, 0));
     // The call's span counts its tries (written only when there was more than one).
     assert_eq!(first.attr("meshlb.attempts"), last.attr("meshlb.attempt"));
     assert!(first
@@ -303,6 +360,9 @@ async fn a_retry_is_two_attempt_spans_on_two_replicas() {
         .contains(&healthy.addr.port().to_string()));
     // With two ready endpoints (and MESHLB_TRACE_P2C=1), tower's p2c records its choice on the
     // span of the try it routed.
+    if way == Way::Direct {
+        return;
+    }
     let p2c_events: Vec<_> = receiver
         .spans()
         .into_iter()
@@ -558,6 +618,15 @@ async fn an_unsampled_call_stays_unsampled_on_every_try() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hedge_is_an_event_on_the_call_span_and_a_child_span() {
+    hedge_spans(Way::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_is_an_event_on_the_call_span_and_a_child_span_bridged() {
+    hedge_spans(Way::Bridged).await;
+}
+
+async fn hedge_spans(way: Way) {
     let (receiver, collector) = Receiver::start().await;
     // Both slow, so that every call outlasts the hedging delay whichever replica it reaches.
     let a = replica(collector, "slow-a", &["--id", "a", "--latency", "100ms"]);
@@ -571,6 +640,7 @@ async fn a_hedge_is_an_event_on_the_call_span_and_a_child_span() {
     .unwrap();
     let out = meshlb(
         collector,
+        way,
         &[
             "client",
             "--target",
@@ -604,4 +674,60 @@ async fn a_hedge_is_an_event_on_the_call_span_and_a_child_span() {
     .await;
     assert_eq!(call.trace_id, hedge.trace_id);
     assert_eq!(hedge.kind, SPAN_CLIENT);
+    // A hedge of the first try: the same number, marked as a hedge.
+    assert_eq!(hedge.attr("meshlb.attempt"), "1");
+    let (_, attrs) = call
+        .events
+        .iter()
+        .find(|(name, _)| name == "hedge")
+        .unwrap();
+    assert_eq!(
+        attrs.get("delay_ms").map(String::as_str),
+        Some("10"),
+        "{attrs:?}"
+    );
+    assert_eq!(attrs.get("target").map(String::as_str), Some("meshlb::rpc"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_call_is_an_error_span() {
+    failed_call_span(Way::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_call_is_an_error_span_bridged() {
+    failed_call_span(Way::Bridged).await;
+}
+
+async fn failed_call_span(way: Way) {
+    let (receiver, collector) = Receiver::start().await;
+    let failing = replica(collector, "failing", &["--id", "bad", "--fail-rate", "1"]);
+    let out = meshlb(
+        collector,
+        way,
+        &[
+            "call",
+            "--target",
+            &format!("ipv4:{}", failing.addr),
+            "get-point",
+            "--name",
+            "james",
+            "--age",
+            "26",
+        ],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    let call = eventually("the failed call's span", || {
+        let spans = receiver.spans();
+        async move { spans.into_iter().find(|s| s.service == "client") }
+    })
+    .await;
+    assert_eq!(call.kind, SPAN_CLIENT);
+    assert_eq!(call.attr("rpc.grpc.status_code"), "14", "{call:?}");
+    assert_eq!(call.status, 2, "an error span: {call:?}");
+    assert_eq!(
+        call.attr("server.port"),
+        failing.addr.port().to_string(),
+        "{call:?}"
+    );
 }
