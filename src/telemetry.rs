@@ -163,33 +163,58 @@ pub fn init(default_service: &str, default_level: &str) -> Telemetry {
         let only_the_choice = filter_fn(|meta| {
             !meta.target().starts_with("tower::") || meta.fields().field("chosen").is_some()
         });
-        // Busy/idle timing, thread and source-location attributes cost a clock read or an
-        // allocation on every poll or span, on the request path, and say nothing a trace needs.
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("meshlb"))
-            .with_tracked_inactivity(false)
-            .with_threads(false)
-            .with_location(false)
-            // Activating the OTel context on every poll of a sampled span (a context clone and
-            // a thread-local push and pop) serves only code that reads `Context::current()`;
-            // spans here find their parent through tracing's current span.
-            .with_context_activation(false)
-            .with_filter(ours.and(only_the_choice))
+        bridge(p.tracer("meshlb")).with_filter(ours.and(only_the_choice))
     });
     let installed = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)
         .try_init()
         .is_ok();
-    EXPORTING.store(
-        installed && provider.is_some(),
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    // A second call keeps the first setup, exporting or not.
+    if installed {
+        EXPORTING.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
+    }
     if let (true, Some(p)) = (installed, &provider) {
         let _ = PROVIDER.set(p.clone());
         let _ = TRACER.set(p.tracer("meshlb"));
     }
     Telemetry { provider }
+}
+
+/// tracing-opentelemetry's layer as meshlb sets it up, for `tracing` spans exported through
+/// `tracer`.
+pub(crate) fn bridge<S>(
+    tracer: opentelemetry_sdk::trace::SdkTracer,
+) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    // Busy/idle timing, thread, source-location and target attributes cost a clock read or an
+    // allocation on every poll or span, on the request path, and say nothing a trace needs.
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_target(false)
+        // Activating the OTel context on every poll of a sampled span (a context clone and a
+        // thread-local push and pop) serves only code that reads `Context::current()`; spans
+        // here find their parent through tracing's current span.
+        .with_context_activation(false)
+}
+
+/// The OTel context a call started now belongs to, as tracing-opentelemetry would find it for a
+/// span opened here: the current `tracing` span's, or OpenTelemetry's current context when there
+/// is no current span. `None` when the current span is one the OTel layer does not record (a
+/// span of the program's own, filtered out): the layer would look further up, to the nearest
+/// ancestor it records, which only it can do.
+pub(crate) fn caller_context() -> Option<opentelemetry::Context> {
+    let current = tracing::Span::current();
+    if current.is_none() {
+        return Some(opentelemetry::Context::current());
+    }
+    let cx = current.context();
+    cx.has_active_span().then_some(cx)
 }
 
 /// meshlb's tracer while its exporter runs, for spans built straight with it rather than through
@@ -343,8 +368,9 @@ impl IdGenerator for DecidedIds {
 #[derive(Debug, Clone)]
 pub enum CallTrace {
     /// Spans for the call and its attempts (exported and sampled, or not exported at all: then
-    /// spans are disabled and cost next to nothing).
-    Spans,
+    /// spans are disabled and cost next to nothing), with the caller's context when the decision
+    /// was made on it.
+    Spans(Option<opentelemetry::Context>),
     /// Exported but not sampled: no span is built; this context (the caller's, or a new trace)
     /// goes out with the call, its sampled flag clear, so the next hops do not sample it either.
     /// It is the same for every try, so it is written into the request's headers once
@@ -357,9 +383,13 @@ pub enum CallTrace {
 /// the same sampled or not; an unsampled call builds none.
 pub fn decide_call() -> CallTrace {
     let Some(sampler) = SAMPLER.get().filter(|_| exporting()) else {
-        return CallTrace::Spans;
+        return CallTrace::Spans(None);
     };
-    let parent = tracing::Span::current().context();
+    // A parent hidden from us: the bridge finds it, and the sampler decides when it builds the
+    // span (no trace id is kept for it: it may not be a new trace).
+    let Some(parent) = caller_context() else {
+        return CallTrace::Spans(None);
+    };
     let psc = parent.span().span_context().clone();
     let trace_id = if psc.is_valid() {
         psc.trace_id()
@@ -378,7 +408,7 @@ pub fn decide_call() -> CallTrace {
         if !psc.is_valid() {
             NEXT_TRACE_ID.with(|next| next.set(Some(trace_id)));
         }
-        return CallTrace::Spans;
+        return CallTrace::Spans(Some(parent));
     }
     let forward = if psc.is_valid() {
         SpanContext::new(

@@ -158,7 +158,7 @@ pub(super) async fn run(
         .as_ref()
         .map(|m| m.call(shared.registry.target(), request.uri().path()));
     let response = match telemetry::decide_call() {
-        CallTrace::Spans => traced(stack, &shared, request, permit).await,
+        CallTrace::Spans(parent) => traced(stack, &shared, request, permit, parent).await,
         CallTrace::Forward(context) => {
             // Every try forwards the same context, so it goes into the headers once, here, and
             // every copy of the request (retries, hedges, probes) carries it: a request extension
@@ -183,17 +183,20 @@ pub(super) async fn run(
     Ok(response)
 }
 
-/// The call inside its `grpc.call` span.
+/// The call with its span, handed down in the request (`parent`: the caller's context, when
+/// the call was sampled on it).
 async fn traced(
     stack: Stack,
     shared: &super::Shared,
     mut request: http::Request<Body>,
     permit: Option<Permit>,
+    parent: Option<opentelemetry::Context>,
 ) -> http::Response<Body> {
     let Some(span) = CallSpan::call(
         request.uri().path(),
         shared.registry.target(),
         shared.policy.as_str(),
+        parent,
     ) else {
         // meshlb's spans are not recorded (filtered out, or no OTel layer): the caller's own
         // trace, if it has one, still goes on to the replica, written once for every try.

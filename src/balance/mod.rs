@@ -80,7 +80,7 @@ pub mod retry;
 pub mod round_robin;
 pub mod service_config;
 pub mod silence;
-pub mod span;
+pub(crate) mod span;
 #[cfg(test)]
 mod testing;
 pub mod throttle;

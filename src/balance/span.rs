@@ -1,18 +1,21 @@
 //! The spans of a call and of its tries: one type, [`CallSpan`], over two ways of making them.
 //!
-//! - **Direct**, when meshlb's own exporter runs ([`telemetry::init`]) and p2c's choices are not
-//!   traced: a sampled call's span is built with meshlb's OpenTelemetry tracer. Bridged through
-//!   `tracing`, the same span cost a sampled call about 9.5k instructions more (a quarter of all
-//!   tracing added to it): opening it, recording each field through a visitor, activating its
-//!   OTel context for the `traceparent`, and closing it, each pass through every layer of the
-//!   subscriber.
+//! - **Direct**, when meshlb's own exporter runs ([`telemetry::init`]), the call was sampled
+//!   when it started ([`telemetry::decide_call`], which hands over the caller's context), and
+//!   p2c's choices are not traced: the span is built with meshlb's OpenTelemetry tracer. Bridged
+//!   through `tracing`, the same span cost a sampled call about 9k instructions more (a quarter
+//!   of all tracing added to it): opening it, recording each field through a visitor, activating
+//!   its OTel context for the `traceparent`, and closing it, each a pass through every layer of
+//!   the subscriber.
 //! - **Bridged**, otherwise: a `tracing` span, for a subscriber of the user's own (with
-//!   tracing-opentelemetry, or a log of spans), and for p2c's choices (`MESHLB_TRACE_P2C`), which
-//!   tower records as `tracing` events on the current span.
+//!   tracing-opentelemetry, or a log of spans); for p2c's choices (`MESHLB_TRACE_P2C`), which
+//!   tower records as `tracing` events on the current span; and for a caller whose current span
+//!   the OTel layer does not record (only the layer can find the ancestor it does record).
 //!
-//! Both carry the same name, kind, parent, attributes, status and events (`tests/it/tracing.rs`
-//! runs its cases both ways). The span is shared by the layers of the call path, not cloned, and
-//! ends when the last of them lets it go.
+//! Both carry the same name, kind, parent, attributes (of the same types), status and events:
+//! the unit test below compares what the two ways export, and `tests/it/tracing.rs` runs its
+//! client cases both ways. The span is shared by the layers of the call path, not cloned, and
+//! ends when the last of them lets it go (when the call's response head is back).
 //!
 //! Knows the spans' names and attributes (OpenTelemetry's RPC conventions and meshlb's own);
 //! nothing of retries, hedges or policies, which only tell it what happened.
@@ -30,16 +33,19 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// than entered as the current span (entering it on every poll, and in the balancer's worker,
 /// would pass every layer of the subscriber each time).
 #[derive(Debug, Clone)]
-pub struct CallSpan(Arc<Made>);
+pub struct CallSpan(Arc<Kind>);
+
+type Tracer = &'static opentelemetry_sdk::trace::SdkTracer;
 
 // Always behind the one `Arc` of a `CallSpan`: boxing the larger variant would only add a
 // second allocation to every sampled call.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-enum Made {
+enum Kind {
     Bridged(tracing::Span),
-    /// Locked only by the call's own tries, one after another (a hedge's two at once at most).
-    Direct(Mutex<opentelemetry_sdk::trace::Span>),
+    /// Locked by the call's layers and tries in turn (a hedge's two tries at once at most); the
+    /// tracer makes the tries' spans.
+    Direct(Mutex<opentelemetry_sdk::trace::Span>, Tracer),
 }
 
 const RPC_SYSTEM: Key = Key::from_static_str("rpc.system");
@@ -57,10 +63,29 @@ const STATUS_CODE: Key = Key::from_static_str("rpc.grpc.status_code");
 
 impl CallSpan {
     /// The span of a call to `path` (`/package.Service/Method`) through the balancer of `target`
-    /// with `policy`, a child of the caller's current span; `None` when nothing would record it.
-    /// The call span is also its first try's client span: a call tried once is one span.
-    pub fn call(path: &str, target: &str, policy: &'static str) -> Option<Self> {
-        if let Some(tracer) = telemetry::direct_tracer() {
+    /// with `policy`. `parent` is the caller's context when [`telemetry::decide_call`] sampled the
+    /// call on it: the span is then built directly, as its child. Otherwise it is a `tracing`
+    /// span, a child of the caller's current span (or of the nearest ancestor the OTel layer
+    /// records), and `None` when nothing would record it. The call span is also its first try's
+    /// client span: a call tried once is one span.
+    pub fn call(
+        path: &str,
+        target: &str,
+        policy: &'static str,
+        parent: Option<opentelemetry::Context>,
+    ) -> Option<Self> {
+        Self::open(telemetry::direct_tracer(), path, target, policy, parent)
+    }
+
+    fn open(
+        tracer: Option<Tracer>,
+        path: &str,
+        target: &str,
+        policy: &'static str,
+        parent: Option<opentelemetry::Context>,
+    ) -> Option<Self> {
+        let decided = parent.is_some();
+        if let (Some(tracer), Some(parent)) = (tracer, parent) {
             let span = rpc_client(
                 path,
                 [
@@ -69,8 +94,8 @@ impl CallSpan {
                     KeyValue::new(ATTEMPT, 1),
                 ],
             )
-            .start_with_context(tracer, &tracing::Span::current().context());
-            return Some(Self::direct(span));
+            .start_with_context(tracer, &parent);
+            return Some(Self(Arc::new(Kind::Direct(Mutex::new(span), tracer))));
         }
         let (service, method) = telemetry::rpc_names(path);
         let span = tracing::info_span!(
@@ -93,14 +118,25 @@ impl CallSpan {
             rpc.grpc.status_code = Empty,
             otel.status_code = Empty,
         );
-        (!span.is_disabled()).then(|| Self(Arc::new(Made::Bridged(span))))
+        if span.is_disabled() {
+            return None;
+        }
+        if decided {
+            // The OTel span behind it is built lazily; built now, in the poll that sampled the
+            // call, it takes the trace id the decision was made on (a thread-local), where a
+            // later poll on another thread would take a random one, and leave that id behind.
+            let _ = span.context();
+        }
+        Some(Self(Arc::new(Kind::Bridged(span))))
     }
 
     /// The client span of try `number` of the call to `path` (a retry, or a hedge), a child of
     /// this call's span.
     pub fn attempt(&self, path: &str, number: u32, hedge: bool) -> Self {
         match &*self.0 {
-            Made::Direct(call) => {
+            Kind::Direct(call, tracer) => {
+                // "Remote" only in how the context is carried: the span context keeps its own
+                // `is_remote` (false), so the exported parent is not marked remote.
                 let parent = opentelemetry::Context::new()
                     .with_remote_span_context(lock(call).span_context().clone());
                 let span = rpc_client(
@@ -109,16 +145,13 @@ impl CallSpan {
                         KeyValue::new(ATTEMPT, i64::from(number)),
                         KeyValue::new(HEDGE, hedge),
                     ],
-                );
-                match telemetry::direct_tracer() {
-                    Some(tracer) => Self::direct(span.start_with_context(tracer, &parent)),
-                    // The exporter stopped during the call: its tries go unrecorded.
-                    None => Self(Arc::new(Made::Bridged(tracing::Span::none()))),
-                }
+                )
+                .start_with_context(*tracer, &parent);
+                Self(Arc::new(Kind::Direct(Mutex::new(span), tracer)))
             }
-            Made::Bridged(call) => {
+            Kind::Bridged(call) => {
                 let (service, method) = telemetry::rpc_names(path);
-                Self(Arc::new(Made::Bridged(tracing::info_span!(
+                Self(Arc::new(Kind::Bridged(tracing::info_span!(
                     target: telemetry::RPC_SPANS,
                     parent: call,
                     "grpc.attempt",
@@ -127,7 +160,8 @@ impl CallSpan {
                     rpc.system = "grpc",
                     rpc.service = service,
                     rpc.method = method,
-                    meshlb.attempt = number,
+                    // As i64: tracing-opentelemetry writes unsigned integers as strings.
+                    meshlb.attempt = i64::from(number),
                     meshlb.hedge = hedge,
                     server.address = Empty,
                     server.port = Empty,
@@ -138,24 +172,20 @@ impl CallSpan {
         }
     }
 
-    fn direct(span: opentelemetry_sdk::trace::Span) -> Self {
-        Self(Arc::new(Made::Direct(Mutex::new(span))))
-    }
-
     /// The `tracing` span, for what must run inside one (p2c's choice is an event on the current
     /// span); `None` for a span built directly.
     pub fn bridged(&self) -> Option<&tracing::Span> {
         match &*self.0 {
-            Made::Bridged(span) => Some(span),
-            Made::Direct(_) => None,
+            Kind::Bridged(span) => Some(span),
+            Kind::Direct(..) => None,
         }
     }
 
     /// Writes this span's context into outgoing request headers (`traceparent`, `tracestate`).
     pub fn inject(&self, headers: &mut http::HeaderMap) {
         match &*self.0 {
-            Made::Bridged(span) => telemetry::inject(span, headers),
-            Made::Direct(span) => {
+            Kind::Bridged(span) => telemetry::inject(span, headers),
+            Kind::Direct(span, _) => {
                 telemetry::inject_span_context(lock(span).span_context(), headers)
             }
         }
@@ -173,13 +203,13 @@ impl CallSpan {
             }
         };
         match &*self.0 {
-            Made::Direct(span) => {
+            Kind::Direct(span, _) => {
                 let mut span = lock(span);
                 span.set_attribute(KeyValue::new(SERVER_ADDRESS, address.to_owned()));
                 span.set_attribute(KeyValue::new(SERVER_PORT, i64::from(addr.port())));
             }
             // In one record: each record passes every layer of the subscriber.
-            Made::Bridged(span) => {
+            Kind::Bridged(span) => {
                 let Some(meta) = span.metadata() else {
                     return;
                 };
@@ -187,7 +217,7 @@ impl CallSpan {
                 if let (Some(address_field), Some(port_field)) =
                     (fields.field("server.address"), fields.field("server.port"))
                 {
-                    let port = addr.port();
+                    let port = i64::from(addr.port());
                     span.record_all(&fields.value_set(&[
                         (&address_field, Some(&address as &dyn tracing::Value)),
                         (&port_field, Some(&port as &dyn tracing::Value)),
@@ -201,14 +231,14 @@ impl CallSpan {
     /// for any code but OK).
     pub fn record_status(&self, code: Code) {
         match &*self.0 {
-            Made::Direct(span) => {
+            Kind::Direct(span, _) => {
                 let mut span = lock(span);
                 span.set_attribute(KeyValue::new(STATUS_CODE, code as i64));
                 if code != Code::Ok {
                     span.set_status(Status::error(""));
                 }
             }
-            Made::Bridged(span) => {
+            Kind::Bridged(span) => {
                 span.record("rpc.grpc.status_code", code as i32);
                 if code != Code::Ok {
                     span.record("otel.status_code", "ERROR");
@@ -229,8 +259,8 @@ impl CallSpan {
 
     fn record_int(&self, key: Key, value: i64) {
         match &*self.0 {
-            Made::Direct(span) => lock(span).set_attribute(KeyValue::new(key, value)),
-            Made::Bridged(span) => {
+            Kind::Direct(span, _) => lock(span).set_attribute(KeyValue::new(key, value)),
+            Kind::Bridged(span) => {
                 span.record(key.as_str(), value);
             }
         }
@@ -239,7 +269,7 @@ impl CallSpan {
     /// A `hedge` event on the span: a copy of the call went out after `delay_ms`.
     pub fn hedge_event(&self, delay_ms: f64) {
         match &*self.0 {
-            Made::Direct(span) => lock(span).add_event(
+            Kind::Direct(span, _) => lock(span).add_event(
                 "hedge",
                 vec![
                     KeyValue::new(Key::from_static_str("delay_ms"), delay_ms),
@@ -251,7 +281,7 @@ impl CallSpan {
                     ),
                 ],
             ),
-            Made::Bridged(span) => {
+            Kind::Bridged(span) => {
                 tracing::info!(target: telemetry::RPC_SPANS, parent: span, delay_ms, "hedge")
             }
         }
@@ -261,8 +291,8 @@ impl CallSpan {
     /// ([`telemetry::first_sampled_trace_id`]).
     pub fn note_sampled(&self) {
         match &*self.0 {
-            Made::Direct(span) => telemetry::note_sampled_context(lock(span).span_context()),
-            Made::Bridged(span) => telemetry::note_sampled(span),
+            Kind::Direct(span, _) => telemetry::note_sampled_context(lock(span).span_context()),
+            Kind::Bridged(span) => telemetry::note_sampled(span),
         }
     }
 }
@@ -315,6 +345,9 @@ fn ipv4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use tracing_subscriber::layer::SubscriberExt;
 
     #[test]
     fn an_ipv4_address_is_written_as_display_writes_it() {
@@ -329,5 +362,129 @@ mod tests {
             let mut buf = [0; 15];
             assert_eq!(ipv4_text(ip, &mut buf), ip.to_string());
         }
+    }
+
+    /// Keeps every span it is given.
+    #[derive(Debug, Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Kept {
+        async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+
+    const PATH: &str = "/userguide.v1.UserGuideService/GetPoint";
+
+    /// A call retried once, with a hedge event, its spans made one way (`direct`) or the other,
+    /// under a subscriber with meshlb's bridge, as they reach an exporter: (call, retry).
+    fn retried_call(direct: bool) -> (SpanData, SpanData) {
+        let kept = Kept::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(kept.clone())
+            .build();
+        let tracer: Tracer = Box::leak(Box::new(provider.tracer("meshlb")));
+        let subscriber =
+            tracing_subscriber::registry().with(telemetry::bridge(provider.tracer("meshlb")));
+        tracing::subscriber::with_default(subscriber, || {
+            let parent = telemetry::caller_context();
+            assert!(parent.is_some(), "no current span: OTel's current context");
+            let call = CallSpan::open(
+                direct.then_some(tracer),
+                PATH,
+                "ipv4:10.0.0.1:50051",
+                "p2c",
+                parent,
+            )
+            .expect("recorded");
+            assert_eq!(call.bridged().is_none(), direct, "made the way asked for");
+            call.record_server("10.0.0.1:50051".parse().unwrap());
+            call.record_first_status(Code::Unavailable);
+            call.hedge_event(12.5);
+            let retry = call.attempt(PATH, 2, false);
+            retry.record_server("[::1]:50052".parse().unwrap());
+            retry.record_status(Code::Ok);
+            drop(retry);
+            call.record_status(Code::Internal);
+            call.record_attempts(2);
+        });
+        let spans = std::mem::take(&mut *kept.0.lock().unwrap());
+        assert_eq!(spans.len(), 2, "{spans:#?}");
+        let (call, retry) = match spans[0].parent_span_id == spans[1].span_context.span_id() {
+            true => (spans[1].clone(), spans[0].clone()),
+            false => (spans[0].clone(), spans[1].clone()),
+        };
+        assert_eq!(retry.parent_span_id, call.span_context.span_id());
+        assert_eq!(retry.span_context.trace_id(), call.span_context.trace_id());
+        (call, retry)
+    }
+
+    /// An attribute as an exporter writes it: its key, type and value (whether a string is
+    /// borrowed or owned is the SDK's business).
+    fn attribute(kv: &KeyValue) -> String {
+        match &kv.value {
+            Value::String(text) => format!("{}=String({:?})", kv.key, text.as_str()),
+            value => format!("{}={value:?}", kv.key),
+        }
+    }
+
+    /// What an exporter sees of a span, less its ids and times.
+    fn seen(span: &SpanData) -> String {
+        let mut attributes: Vec<String> = span.attributes.iter().map(attribute).collect();
+        attributes.sort();
+        let events: Vec<String> = span
+            .events
+            .iter()
+            .map(|e| {
+                let mut attributes: Vec<String> = e.attributes.iter().map(attribute).collect();
+                attributes.sort();
+                format!("{} {attributes:?}", e.name)
+            })
+            .collect();
+        format!(
+            "{} {:?} {:?} scope={} {attributes:?} {events:?}",
+            span.name,
+            span.span_kind,
+            span.status,
+            span.instrumentation_scope.name()
+        )
+    }
+
+    #[test]
+    fn a_call_made_directly_is_what_the_bridge_makes() {
+        let (direct_call, direct_retry) = retried_call(true);
+        let (bridged_call, bridged_retry) = retried_call(false);
+        assert_eq!(seen(&direct_call), seen(&bridged_call));
+        assert_eq!(seen(&direct_retry), seen(&bridged_retry));
+        // And what both make is what the docs say (docs/tracing.md).
+        let call = seen(&direct_call);
+        for expected in [
+            "GetPoint",
+            "Client",
+            "Error",
+            r#"meshlb.attempt=I64(1)"#,
+            r#"meshlb.attempts=I64(2)"#,
+            r#"meshlb.first_status_code=I64(14)"#,
+            r#"meshlb.policy=String(\"p2c\")"#,
+            r#"rpc.grpc.status_code=I64(13)"#,
+            r#"server.address=String(\"10.0.0.1\")"#,
+            r#"server.port=I64(50051)"#,
+            "hedge",
+            "delay_ms=F64(12.5)",
+        ] {
+            assert!(call.contains(expected), "{expected} not in {call}");
+        }
+        let retry = seen(&direct_retry);
+        for expected in [
+            "meshlb.attempt=I64(2)",
+            "meshlb.hedge=Bool(false)",
+            "server.port=I64(50052)",
+            "rpc.grpc.status_code=I64(0)",
+            r#"server.address=String(\"::1\")"#,
+        ] {
+            assert!(retry.contains(expected), "{expected} not in {retry}");
+        }
+        assert!(!retry.contains("meshlb.target"), "{retry}");
     }
 }

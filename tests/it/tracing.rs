@@ -139,14 +139,21 @@ enum Way {
     Direct,
 }
 
+impl Way {
+    /// Makes `cmd`, a `meshlb` command, make its spans this way.
+    fn choose(self, cmd: &mut Command) {
+        // p2c's choices are recorded only when asked for; the sampling test checks the default.
+        match self {
+            Way::Bridged => cmd.env("MESHLB_TRACE_P2C", "1"),
+            Way::Direct => cmd.env_remove("MESHLB_TRACE_P2C"),
+        };
+    }
+}
+
 fn meshlb(collector: SocketAddr, way: Way, args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
     otel_env(&mut cmd, collector, "client");
-    // p2c's choices are recorded only when asked for; the sampling test checks the default.
-    match way {
-        Way::Bridged => cmd.env("MESHLB_TRACE_P2C", "1"),
-        Way::Direct => cmd.env_remove("MESHLB_TRACE_P2C"),
-    };
+    way.choose(&mut cmd);
     let out = cmd.args(args).output().unwrap();
     assert!(
         out.status.code().is_some(),
@@ -472,6 +479,15 @@ fn replica_plain(id: &str) -> Process {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sampling_is_decided_once_per_call_and_kept_by_every_hop() {
+    sampled_once(Way::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_is_decided_once_per_call_and_kept_by_every_hop_bridged() {
+    sampled_once(Way::Bridged).await;
+}
+
+async fn sampled_once(way: Way) {
     // The client samples 30 % of new traces; the replica (parent-based, the default) follows.
     let (receiver, collector) = Receiver::start().await;
     let r = replica(collector, "sampled", &["--id", "sampled-1"]);
@@ -479,10 +495,10 @@ async fn sampling_is_decided_once_per_call_and_kept_by_every_hop() {
     let r2 = replica(collector, "sampled", &["--id", "sampled-2"]);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshlb"));
     otel_env(&mut cmd, collector, "client");
+    way.choose(&mut cmd);
     let out = cmd
         .env("OTEL_TRACES_SAMPLER", "traceidratio")
         .env("OTEL_TRACES_SAMPLER_ARG", "0.3")
-        .env_remove("MESHLB_TRACE_P2C")
         .args([
             "client",
             "--target",
@@ -549,6 +565,9 @@ async fn sampling_is_decided_once_per_call_and_kept_by_every_hop() {
         );
     }
     // Without MESHLB_TRACE_P2C, no span carries p2c's choice.
+    if way == Way::Bridged {
+        return;
+    }
     for s in spans.iter().filter(|s| s.service == "client") {
         assert!(
             s.events.iter().all(|(name, _)| name != "p2c"),
@@ -702,6 +721,19 @@ async fn a_failed_call_is_an_error_span_bridged() {
 async fn failed_call_span(way: Way) {
     let (receiver, collector) = Receiver::start().await;
     let failing = replica(collector, "failing", &["--id", "bad", "--fail-rate", "1"]);
+    // Tried twice: the retry is a span of its own, which fails too.
+    let config = std::env::temp_dir().join(format!(
+        "meshlb-failed-{:?}-{}.json",
+        way,
+        std::process::id()
+    ));
+    std::fs::write(
+        &config,
+        r#"{"methodConfig": [{"name": [{"service": "userguide.v1.UserGuideService"}],
+            "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.01s", "maxBackoff": "0.01s",
+                            "backoffMultiplier": 1, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,
+    )
+    .unwrap();
     let out = meshlb(
         collector,
         way,
@@ -709,6 +741,8 @@ async fn failed_call_span(way: Way) {
             "call",
             "--target",
             &format!("ipv4:{}", failing.addr),
+            "--service-config",
+            config.to_str().unwrap(),
             "get-point",
             "--name",
             "james",
@@ -716,18 +750,32 @@ async fn failed_call_span(way: Way) {
             "26",
         ],
     );
+    let _ = std::fs::remove_file(&config);
     assert!(!out.status.success(), "{out:?}");
-    let call = eventually("the failed call's span", || {
+    let (call, retry) = eventually("the failed call's span and its retry's", || {
         let spans = receiver.spans();
-        async move { spans.into_iter().find(|s| s.service == "client") }
+        async move {
+            let call = spans
+                .iter()
+                .find(|s| s.service == "client" && s.attr("meshlb.attempt") == "1")?;
+            let retry = spans
+                .iter()
+                .find(|s| s.service == "client" && s.parent == call.span_id)?;
+            Some((call.clone(), retry.clone()))
+        }
     })
     .await;
     assert_eq!(call.kind, SPAN_CLIENT);
     assert_eq!(call.attr("rpc.grpc.status_code"), "14", "{call:?}");
     assert_eq!(call.status, 2, "an error span: {call:?}");
+    assert_eq!(call.attr("meshlb.first_status_code"), "14", "{call:?}");
+    assert_eq!(call.attr("meshlb.attempts"), "2", "{call:?}");
     assert_eq!(
         call.attr("server.port"),
         failing.addr.port().to_string(),
         "{call:?}"
     );
+    assert_eq!(retry.attr("meshlb.attempt"), "2", "{retry:?}");
+    assert_eq!(retry.attr("rpc.grpc.status_code"), "14", "{retry:?}");
+    assert_eq!(retry.status, 2, "the retry failed too: {retry:?}");
 }
