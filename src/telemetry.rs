@@ -203,18 +203,20 @@ where
         .with_context_activation(false)
 }
 
-/// The OTel context a call started now belongs to, as tracing-opentelemetry would find it for a
-/// span opened here: the current `tracing` span's, or OpenTelemetry's current context when there
-/// is no current span. `None` when the current span is one the OTel layer does not record (a
-/// span of the program's own, filtered out): the layer would look further up, to the nearest
-/// ancestor it records, which only it can do.
-pub(crate) fn caller_context() -> Option<opentelemetry::Context> {
+/// The OTel context a call started now belongs to: the current `tracing` span's, when the OTel
+/// layer records it, else OpenTelemetry's current context. Under [`init`]'s layer, which records
+/// only meshlb's spans, a span of the program's own is not recorded, and the call starts a trace
+/// (as the bridge would start it, unless a span of meshlb's were an ancestor of that span: the
+/// bridge would look up to it, which only it can do, and which meshlb's own code never needs).
+pub(crate) fn caller_context() -> opentelemetry::Context {
     let current = tracing::Span::current();
-    if current.is_none() {
-        return Some(opentelemetry::Context::current());
+    if !current.is_none() {
+        let cx = current.context();
+        if cx.has_active_span() {
+            return cx;
+        }
     }
-    let cx = current.context();
-    cx.has_active_span().then_some(cx)
+    opentelemetry::Context::current()
 }
 
 /// meshlb's tracer while its exporter runs, for spans built straight with it rather than through
@@ -385,11 +387,7 @@ pub fn decide_call() -> CallTrace {
     let Some(sampler) = SAMPLER.get().filter(|_| exporting()) else {
         return CallTrace::Spans(None);
     };
-    // A parent hidden from us: the bridge finds it, and the sampler decides when it builds the
-    // span (no trace id is kept for it: it may not be a new trace).
-    let Some(parent) = caller_context() else {
-        return CallTrace::Spans(None);
-    };
+    let parent = caller_context();
     let psc = parent.span().span_context().clone();
     let trace_id = if psc.is_valid() {
         psc.trace_id()

@@ -8,9 +8,8 @@
 //!   its OTel context for the `traceparent`, and closing it, each a pass through every layer of
 //!   the subscriber.
 //! - **Bridged**, otherwise: a `tracing` span, for a subscriber of the user's own (with
-//!   tracing-opentelemetry, or a log of spans); for p2c's choices (`MESHLB_TRACE_P2C`), which
-//!   tower records as `tracing` events on the current span; and for a caller whose current span
-//!   the OTel layer does not record (only the layer can find the ancestor it does record).
+//!   tracing-opentelemetry, or a log of spans), and for p2c's choices (`MESHLB_TRACE_P2C`), which
+//!   tower records as `tracing` events on the current span.
 //!
 //! Both carry the same name, kind, parent, attributes (of the same types), status and events:
 //! the unit test below compares what the two ways export, and `tests/it/tracing.rs` runs its
@@ -65,8 +64,7 @@ impl CallSpan {
     /// The span of a call to `path` (`/package.Service/Method`) through the balancer of `target`
     /// with `policy`. `parent` is the caller's context when [`telemetry::decide_call`] sampled the
     /// call on it: the span is then built directly, as its child. Otherwise it is a `tracing`
-    /// span, a child of the caller's current span (or of the nearest ancestor the OTel layer
-    /// records), and `None` when nothing would record it. The call span is also its first try's
+    /// span, a child of the caller's current span, and `None` when nothing would record it. The call span is also its first try's
     /// client span: a call tried once is one span.
     pub fn call(
         path: &str,
@@ -377,8 +375,9 @@ mod tests {
 
     const PATH: &str = "/userguide.v1.UserGuideService/GetPoint";
 
-    /// A call retried once, with a hedge event, its spans made one way (`direct`) or the other,
-    /// under a subscriber with meshlb's bridge, as they reach an exporter: (call, retry).
+    /// A call retried once, with a hedge event, made inside a `caller` span of the program's,
+    /// its spans made one way (`direct`) or the other, under a subscriber with meshlb's bridge,
+    /// as they reach an exporter: (call, retry). Both are checked to be in the caller's trace.
     fn retried_call(direct: bool) -> (SpanData, SpanData) {
         let kept = Kept::default();
         let provider = SdkTracerProvider::builder()
@@ -388,14 +387,14 @@ mod tests {
         let subscriber =
             tracing_subscriber::registry().with(telemetry::bridge(provider.tracer("meshlb")));
         tracing::subscriber::with_default(subscriber, || {
-            let parent = telemetry::caller_context();
-            assert!(parent.is_some(), "no current span: OTel's current context");
+            let caller = tracing::info_span!("caller");
+            let _in = caller.enter();
             let call = CallSpan::open(
                 direct.then_some(tracer),
                 PATH,
                 "ipv4:10.0.0.1:50051",
                 "p2c",
-                parent,
+                Some(telemetry::caller_context()),
             )
             .expect("recorded");
             assert_eq!(call.bridged().is_none(), direct, "made the way asked for");
@@ -410,13 +409,22 @@ mod tests {
             call.record_attempts(2);
         });
         let spans = std::mem::take(&mut *kept.0.lock().unwrap());
-        assert_eq!(spans.len(), 2, "{spans:#?}");
-        let (call, retry) = match spans[0].parent_span_id == spans[1].span_context.span_id() {
-            true => (spans[1].clone(), spans[0].clone()),
-            false => (spans[0].clone(), spans[1].clone()),
-        };
-        assert_eq!(retry.parent_span_id, call.span_context.span_id());
-        assert_eq!(retry.span_context.trace_id(), call.span_context.trace_id());
+        assert_eq!(spans.len(), 3, "{spans:#?}");
+        let named = |name: &str| spans.iter().find(|s| s.name == name).cloned();
+        let caller = named("caller").expect("the caller's span");
+        let call = spans
+            .iter()
+            .find(|s| s.parent_span_id == caller.span_context.span_id())
+            .cloned()
+            .expect("the call span, a child of the caller's");
+        let retry = spans
+            .iter()
+            .find(|s| s.parent_span_id == call.span_context.span_id())
+            .cloned()
+            .expect("the retry's span, a child of the call's");
+        for span in [&call, &retry] {
+            assert_eq!(span.span_context.trace_id(), caller.span_context.trace_id());
+        }
         (call, retry)
     }
 
