@@ -179,10 +179,12 @@ async fn blackhole_under(callers: usize, n: u32) {
         failures.lock().unwrap(),
         lb.endpoints()
     );
-    // The goal is under 1 s (measured in `meshlb bench --scenarios blackhole`); the test leaves
-    // room for a loaded CI machine running other tests beside it.
+    // Found out by the silence detector (its error, below), before HTTP/2 keepalive could have
+    // (a ping every 10 s, answered within 5 s). How fast is a goal, measured in `meshlb bench
+    // --scenarios blackhole` (under 1 s); a CI machine running other tests beside this one has
+    // taken 2 s.
     assert!(
-        detected < Duration::from_millis(1500),
+        detected < Duration::from_secs(4),
         "the silent replica stayed in rotation for {detected:?}"
     );
     let last_error = lb
