@@ -1,5 +1,6 @@
 //! gRPC wire conventions that both sides use: the `grpc-timeout` header, server pushback, the
-//! canonical names of status codes, and how much caller input a message may repeat. No client or server logic here.
+//! canonical names of status codes, how much caller input a message may repeat, and prost's codec
+//! with buffers of a chosen size. No client or server logic here.
 
 use std::time::Duration;
 use tonic::Code;
@@ -169,6 +170,48 @@ pub fn code_name(code: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// prost's codec with buffers of the size the caller knows it needs, where tonic's default (8 KiB
+/// each way, grown by doubling) is too much for a message that lives long, or too little for a
+/// large one.
+#[derive(Debug)]
+pub(crate) struct SizedCodec<E, D> {
+    encode: tonic::codec::BufferSettings,
+    decode: tonic::codec::BufferSettings,
+    messages: std::marker::PhantomData<fn(E) -> D>,
+}
+
+impl<E, D> SizedCodec<E, D> {
+    pub(crate) fn new(
+        encode: tonic::codec::BufferSettings,
+        decode: tonic::codec::BufferSettings,
+    ) -> Self {
+        SizedCodec {
+            encode,
+            decode,
+            messages: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<E, D> tonic::codec::Codec for SizedCodec<E, D>
+where
+    E: prost::Message + Send + 'static,
+    D: prost::Message + Default + Send + 'static,
+{
+    type Encode = E;
+    type Decode = D;
+    type Encoder = tonic_prost::ProstEncoder<E>;
+    type Decoder = tonic_prost::ProstDecoder<D>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<E, D>::raw_encoder(self.encode)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<E, D>::raw_decoder(self.decode)
     }
 }
 

@@ -216,31 +216,12 @@ async fn watch(
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let path = http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Watch");
     client
-        .server_streaming(tonic::Request::new(request), path, SmallBuffers)
+        .server_streaming(tonic::Request::new(request), path, {
+            // They grow if a message needs more.
+            let small = tonic::codec::BufferSettings::new(WATCH_BUFFER, 32 * 1024);
+            crate::grpc::SizedCodec::new(small, small)
+        })
         .await
-}
-
-/// prost's codec with [`WATCH_BUFFER`]-byte buffers (they grow if a message needs more).
-#[derive(Debug, Clone, Copy)]
-struct SmallBuffers;
-
-impl tonic::codec::Codec for SmallBuffers {
-    type Encode = HealthCheckRequest;
-    type Decode = HealthCheckResponse;
-    type Encoder = tonic_prost::ProstEncoder<HealthCheckRequest>;
-    type Decoder = tonic_prost::ProstDecoder<HealthCheckResponse>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::raw_encoder(
-            tonic::codec::BufferSettings::new(WATCH_BUFFER, 32 * 1024),
-        )
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::raw_decoder(
-            tonic::codec::BufferSettings::new(WATCH_BUFFER, 32 * 1024),
-        )
-    }
 }
 
 async fn watch_once(

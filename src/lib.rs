@@ -26,7 +26,8 @@
 //! - [`health`]: watches each endpoint's grpc.health.v1 status and opens or shuts its gate.
 //! - [`balance`]: the balanced, cloneable service a tonic client runs over (p2c over peak-EWMA,
 //!   failure accrual, latency-outlier ejection, fail-fast, deadlines, retries, hedging).
-//! - [`telemetry`]: logs, OpenTelemetry export and W3C trace-context propagation.
+//! - [`telemetry`]: logs, OpenTelemetry export (over meshlb's own OTLP/gRPC exporter, which
+//!   writes spans straight into the request) and W3C trace-context propagation.
 //! - [`tls`]: certificates and TLS configs for replicas and clients.
 //!
 //! The server and the tools built on it:
@@ -58,6 +59,7 @@ pub mod connection;
 pub mod discovery;
 pub mod grpc;
 pub mod health;
+mod otlp;
 pub mod proto;
 pub mod target;
 pub mod telemetry;

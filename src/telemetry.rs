@@ -3,7 +3,7 @@
 //! request path): bridged from `tracing` by `tracing-opentelemetry`, except the balancer's call
 //! spans, which it builds with the tracer this module keeps ([`direct_tracer`]). The standard
 //! variables work: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
-//! `OTEL_TRACES_SAMPLER_ARG`. W3C Trace Context (`traceparent`, `tracestate`) crosses every hop in
+//! `OTEL_TRACES_SAMPLER_ARG`, and the exporter's (`crate::otlp`, meshlb's own). W3C Trace Context (`traceparent`, `tracestate`) crosses every hop in
 //! gRPC metadata: [`inject`] on the way out ([`inject_span_context`] for a call that is not
 //! sampled and has no span), [`extract`] on the way in.
 //!
@@ -241,10 +241,7 @@ pub(crate) fn p2c_choices() -> bool {
 }
 
 fn exporter_provider(default_service: &str) -> Result<SdkTracerProvider, String> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let exporter = crate::otlp::Exporter::new(crate::otlp::Settings::from_env()?)?;
     let named_by_env = std::env::var_os("OTEL_SERVICE_NAME").is_some()
         || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|attrs| {
             attrs

@@ -122,7 +122,7 @@ pub fn main() -> ExitCode {
         let level = if service == "meshlb-replica" {
             "info"
         } else {
-            "warn,opentelemetry_sdk=off,opentelemetry_otlp=off"
+            "warn,opentelemetry_sdk=off"
         };
         let telemetry = crate::telemetry::init(service, level);
         let result = match cli.command {
