@@ -3,9 +3,10 @@
 //! request path): bridged from `tracing` by `tracing-opentelemetry`, except the balancer's call
 //! spans, which it builds with the tracer this module keeps ([`direct_tracer`]). The standard
 //! variables work: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
-//! `OTEL_TRACES_SAMPLER_ARG`, and the exporter's (`crate::otlp`, meshlb's own). W3C Trace Context (`traceparent`, `tracestate`) crosses every hop in
-//! gRPC metadata: [`inject`] on the way out ([`inject_span_context`] for a call that is not
-//! sampled and has no span), [`extract`] on the way in.
+//! `OTEL_TRACES_SAMPLER_ARG`, and the exporter's (`crate::otlp`, meshlb's own). W3C Trace Context
+//! (`traceparent`, `tracestate`) crosses every hop in gRPC metadata: [`inject`] on the way out
+//! ([`inject_span_context`] for a call that is not sampled and has no span), [`extract`] on the
+//! way in.
 //!
 //! Knows nothing of what is traced; the balancer and the replica open their own spans.
 
@@ -136,7 +137,7 @@ pub fn init(default_service: &str, default_level: &str) -> Telemetry {
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     ]
     .iter()
-    .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+    .any(|v| std::env::var(v).is_ok_and(|v| !v.trim().is_empty()));
     let provider = if endpoint_set {
         match exporter_provider(default_service) {
             Ok(p) => Some(p),
@@ -241,7 +242,11 @@ pub(crate) fn p2c_choices() -> bool {
 }
 
 fn exporter_provider(default_service: &str) -> Result<SdkTracerProvider, String> {
-    let exporter = crate::otlp::Exporter::new(crate::otlp::Settings::from_env()?)?;
+    let settings = crate::otlp::Settings::from_env()?;
+    for warning in &settings.warnings {
+        eprintln!("warning: tracing export: {warning}");
+    }
+    let exporter = crate::otlp::Exporter::new(settings)?;
     let named_by_env = std::env::var_os("OTEL_SERVICE_NAME").is_some()
         || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|attrs| {
             attrs
