@@ -299,7 +299,9 @@ impl CallSpan {
 /// `extra`.
 fn rpc_client<const N: usize>(path: &str, extra: [KeyValue; N]) -> SpanBuilder {
     let (service, method) = telemetry::rpc_names(path);
-    let mut attributes = Vec::with_capacity(3 + N);
+    // Room for what the try records later (server address and port, status, first status), so
+    // the span's list is not grown and copied on the call path.
+    let mut attributes = Vec::with_capacity(3 + N + 4);
     attributes.extend([
         KeyValue::new(RPC_SYSTEM, "grpc"),
         KeyValue::new(RPC_SERVICE, service.to_owned()),
