@@ -49,6 +49,8 @@ pub fn exporting() -> bool {
 #[derive(Debug, Default)]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// How long [`Telemetry::shutdown`] waits for the last export.
+    wait: std::time::Duration,
 }
 
 impl Telemetry {
@@ -60,7 +62,9 @@ impl Telemetry {
     /// Flushes pending spans and stops the exporter.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider {
-            if let Err(error) = provider.shutdown() {
+            // Long enough for the last export to run its course (the SDK's own wait is 5 s,
+            // shorter than an export's timeout): cut short, it would say only "timed out".
+            if let Err(error) = provider.shutdown_with_timeout(self.wait) {
                 tracing::warn!(%error, "could not flush spans");
             }
         }
@@ -69,7 +73,8 @@ impl Telemetry {
 
 /// Exports the spans ended so far and says whether every export of this process reached the
 /// collector: a trace id is worth showing (as a trace UI link) only then. Blocks until the
-/// collector answers or the exporter times out; call it off the async workers.
+/// collector answers, the exporter gives up, or the SDK's own wait (5 s) runs out, whichever is
+/// first; call it off the async workers.
 pub fn flush() -> Result<(), String> {
     let provider = PROVIDER.get().ok_or("spans are not exported")?;
     let flushed = provider.force_flush();
@@ -138,9 +143,13 @@ pub fn init(default_service: &str, default_level: &str) -> Telemetry {
     ]
     .iter()
     .any(|v| std::env::var(v).is_ok_and(|v| !v.trim().is_empty()));
+    let mut wait = std::time::Duration::from_secs(5);
     let provider = if endpoint_set {
         match exporter_provider(default_service) {
-            Ok(p) => Some(p),
+            Ok((p, timeout)) => {
+                wait = timeout + std::time::Duration::from_secs(1);
+                Some(p)
+            }
             Err(error) => {
                 eprintln!("warning: tracing export disabled: {error}");
                 None
@@ -179,7 +188,7 @@ pub fn init(default_service: &str, default_level: &str) -> Telemetry {
         let _ = PROVIDER.set(p.clone());
         let _ = TRACER.set(p.tracer("meshlb"));
     }
-    Telemetry { provider }
+    Telemetry { provider, wait }
 }
 
 /// tracing-opentelemetry's layer as meshlb sets it up, for `tracing` spans exported through
@@ -241,8 +250,12 @@ pub(crate) fn p2c_choices() -> bool {
     })
 }
 
-fn exporter_provider(default_service: &str) -> Result<SdkTracerProvider, String> {
+/// The provider, and how long an export may take.
+fn exporter_provider(
+    default_service: &str,
+) -> Result<(SdkTracerProvider, std::time::Duration), String> {
     let settings = crate::otlp::Settings::from_env()?;
+    let timeout = settings.timeout();
     for warning in &settings.warnings {
         eprintln!("warning: tracing export: {warning}");
     }
@@ -260,12 +273,13 @@ fn exporter_provider(default_service: &str) -> Result<SdkTracerProvider, String>
     // The sampler the environment names (OTEL_TRACES_SAMPLER), kept for `decide_call`.
     let sampler = opentelemetry_sdk::trace::Config::default().sampler;
     let _ = SAMPLER.set(sampler.clone());
-    Ok(SdkTracerProvider::builder()
+    let provider = SdkTracerProvider::builder()
         .with_batch_exporter(Recorded(exporter))
         .with_resource(resource.build())
         .with_sampler(sampler)
         .with_id_generator(DecidedIds::default())
-        .build())
+        .build();
+    Ok((provider, timeout))
 }
 
 /// The propagator's way in: the tests hold [`inject_span_context`] to what it writes.

@@ -229,8 +229,13 @@ async fn client_run(
     config: &BenchConfig,
 ) -> Option<ClientRun> {
     super::client_process(launch, target, config, |cmd| {
+        // Only what the bench sets: an exporter setting of the user's would skew a row.
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OTEL_EXPORTER_OTLP_") {
+                cmd.env_remove(name);
+            }
+        }
         cmd.env("OTEL_SERVICE_NAME", "meshlb-bench-client")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_TRACES_SAMPLER")
             .env_remove("OTEL_TRACES_SAMPLER_ARG");
         match mode {

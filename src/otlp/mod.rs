@@ -9,11 +9,12 @@
 //! the request it sits in.
 //!
 //! It reads the standard variables, the `_TRACES_` one first: `OTEL_EXPORTER_OTLP_ENDPOINT`
-//! (default `http://localhost:4317`; without a scheme it means TLS unless `…_INSECURE` is
-//! `true`), `…_HEADERS` (`key=value,…`, values percent-encoded), `…_TIMEOUT` (milliseconds,
-//! default 10 000, a bound on an export and its retries), `…_COMPRESSION` (`none`; anything else
-//! is warned of and not done) and `…_PROTOCOL` (only `grpc`). There is no TLS: an endpoint that
-//! asks for it is refused rather than sent credentials in the clear. An export that fails with a
+//! (`telemetry::init` exports only when it is set; without a scheme it means TLS unless
+//! `…_INSECURE` is `true`), `…_HEADERS` (`key=value,…`, values percent-encoded), `…_TIMEOUT`
+//! (milliseconds, default 10 000, at most a day, a bound on an export and its retries),
+//! `…_COMPRESSION` (`none`; anything else is warned of and not done) and `…_PROTOCOL` (only
+//! `grpc`). There is no TLS: an endpoint that asks for it is refused rather than sent
+//! credentials in the clear. An export that fails with a
 //! status the OTLP spec calls transient is tried again, at most three more times, within the
 //! timeout.
 //!
@@ -41,6 +42,15 @@ const RETRY_BASE: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// How much of a collector's own words an error repeats.
 const QUOTED: usize = 300;
+
+/// A collector's own words as an error may repeat them: bounded, and on one line with no
+/// terminal escapes (tonic percent-decodes `grpc-message`, so it can hold any character).
+fn quoted(text: &str) -> String {
+    crate::grpc::bounded(text, QUOTED)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
 
 /// Where and how to export, from the environment.
 #[derive(Clone)]
@@ -72,6 +82,11 @@ impl std::fmt::Debug for Settings {
 }
 
 impl Settings {
+    /// How long an export may take, its retries included.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// From the process's `OTEL_EXPORTER_OTLP_*` variables.
     pub(crate) fn from_env() -> Result<Self, String> {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -110,9 +125,15 @@ impl Settings {
         }
         let insecure = get("INSECURE").is_some_and(|(_, v)| v.eq_ignore_ascii_case("true"));
         let endpoint = match get("ENDPOINT") {
-            Some((name, value)) => {
-                endpoint(&value, insecure).map_err(|e| format!("{name}={value}: {e}"))?
-            }
+            Some((name, value)) => endpoint(&value, insecure).map_err(|e| {
+                // Not repeated when it holds credentials.
+                let shown = if value.contains('@') {
+                    "…"
+                } else {
+                    value.as_str()
+                };
+                format!("{name}={shown}: {e}")
+            })?,
             None => http::Uri::from_static(DEFAULT_ENDPOINT),
         };
         let headers = match get("HEADERS") {
@@ -158,6 +179,13 @@ fn endpoint(value: &str, insecure: bool) -> Result<http::Uri, String> {
         }
     };
     let uri: http::Uri = value.parse().map_err(|e| format!("not a URL ({e})"))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        // It would be repeated in every error message; headers are the place for credentials.
+        return Err(
+            "credentials in the URL are not taken: put them in OTEL_EXPORTER_OTLP_HEADERS"
+                .to_owned(),
+        );
+    }
     match uri.scheme_str() {
         Some("http") if uri.host().is_some() => Ok(uri),
         Some("https") => Err(
@@ -181,11 +209,12 @@ fn headers(value: &str, mut warn: impl FnMut(String)) -> MetadataMap {
             warn(format!("pair {} has no '=', left out", n + 1));
             continue;
         };
-        let key = key.trim();
-        let Ok(name) = MetadataKey::from_bytes(key.to_ascii_lowercase().as_bytes()) else {
+        // A key that is not a header name may hold the credential itself ("Authorization:
+        // Basic …="): it is named by its place only.
+        let Ok(name) = MetadataKey::from_bytes(key.trim().to_ascii_lowercase().as_bytes()) else {
             warn(format!(
-                "'{}' is not a header name, left out",
-                crate::grpc::bounded(key, 64)
+                "pair {}: the key is not a header name, left out",
+                n + 1
             ));
             continue;
         };
@@ -319,7 +348,7 @@ async fn send(
         let status = match answered {
             Ok(Ok(response)) => {
                 let partial = response.into_inner().partial_success.unwrap_or_default();
-                let said = crate::grpc::bounded(&partial.error_message, QUOTED);
+                let said = quoted(&partial.error_message);
                 if partial.rejected_spans > 0 {
                     return Err(failed(format!(
                         "the collector rejected {} spans: {said}",
@@ -341,11 +370,7 @@ async fn send(
             }
         };
         let why = crate::health::with_causes(
-            format!(
-                "{}: {}",
-                status.code(),
-                crate::grpc::bounded(status.message(), QUOTED)
-            ),
+            format!("{}: {}", status.code(), quoted(status.message())),
             std::error::Error::source(&status),
         );
         let wait = backoff.next_delay();
@@ -442,11 +467,17 @@ mod tests {
                 "http/protobuf",
                 "over gRPC only",
             ),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "http://u:s3cret@otel:4317",
+                "credentials",
+            ),
         ] {
             let error = settings(&[(var, value)]).expect_err(value);
             assert!(error.starts_with(var), "{error}");
             assert!(error.contains(says), "{error}");
             assert!(!error.contains('\n'), "{error}");
+            assert!(!error.contains("s3cret"), "{error}");
         }
     }
 
@@ -457,7 +488,8 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
             (
                 "OTEL_EXPORTER_OTLP_HEADERS",
-                "authorization Bearer s3cret,x-ok=1,bad key=s3cret,nl=s3%0Acret",
+                "authorization Bearer s3cret,x-ok=1,bad key=s3cret,nl=s3%0Acret,\
+                 Authorization: Basic s3cretdXNlcjpwYXNz=",
             ),
         ])
         .unwrap();
@@ -469,12 +501,13 @@ mod tests {
             "OTEL_EXPORTER_OTLP_TIMEOUT=ten: not a positive number of milliseconds",
             "OTEL_EXPORTER_OTLP_COMPRESSION=gzip: meshlb's exporter does not compress",
             "OTEL_EXPORTER_OTLP_HEADERS: pair 1 has no '='",
-            "'bad key' is not a header name",
+            "pair 3: the key is not a header name",
             "the value of 'nl' cannot be a header",
+            "pair 5: the key is not a header name",
         ] {
             assert!(all.contains(says), "{says} not in:\n{all}");
         }
-        assert_eq!(s.warnings.len(), 5, "{all}");
+        assert_eq!(s.warnings.len(), 6, "{all}");
         assert!(!all.contains("s3"), "{all}");
         let settings_shown = format!("{s:?}");
         assert!(settings_shown.contains("x-ok"), "{settings_shown}");
@@ -623,8 +656,16 @@ mod tests {
         assert_eq!(got.len(), 1);
         let (metadata, request) = &got[0];
         assert_eq!(metadata.get("x-api-key").unwrap(), "s3cret");
-        // The time left, as the collector sees it (tonic writes it in its own unit).
-        assert!(metadata.get("grpc-timeout").is_some(), "{metadata:?}");
+        // The time left, as the collector sees it: no more than the timeout.
+        let left = crate::grpc::timeout(&metadata.clone().into_headers())
+            .expect("a well-formed grpc-timeout")
+            .expect("a grpc-timeout");
+        assert!(
+            left <= Duration::from_secs(4) && left > Duration::ZERO,
+            "{left:?}"
+        );
+        let agent = metadata.get("user-agent").unwrap().to_str().unwrap();
+        assert!(agent.starts_with("meshlb/"), "{agent}");
         let resource = request.resource_spans[0].resource.as_ref().unwrap();
         assert_eq!(resource.attributes[0].key, "service.name");
         let spans: usize = request.resource_spans[0]
@@ -663,5 +704,20 @@ mod tests {
             .expect_err("rejected")
             .to_string();
         assert!(error.contains("rejected 2 spans: too old"), "{error}");
+
+        // Three more tries, no more; and a collector's words on one line, without escapes.
+        let (collector, endpoint) = collector::Collector::start(
+            (0..5)
+                .map(|_| Err(tonic::Status::unavailable("down\nfor \u{1b}[31mgood")))
+                .collect(),
+        )
+        .await;
+        let error = export_to(&endpoint, &[])
+            .await
+            .expect_err("still down")
+            .to_string();
+        assert_eq!(collector.got.lock().unwrap().len(), 1 + RETRIES as usize);
+        assert!(error.contains("down for  [31mgood"), "{error}");
+        assert!(!error.chars().any(char::is_control), "{error:?}");
     }
 }

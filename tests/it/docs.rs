@@ -265,8 +265,12 @@ impl Session {
             .env("PATH", path)
             // The tools' own defaults, as a newcomer gets them: none of the developer's settings.
             .env_remove("RUST_LOG")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OTEL_") {
+                cmd.env_remove(name);
+            }
+        }
         cmd
     }
 

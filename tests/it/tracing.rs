@@ -120,6 +120,12 @@ const SPAN_SERVER: i32 = 2;
 const SPAN_CLIENT: i32 = 3;
 
 fn otel_env(cmd: &mut Command, collector: SocketAddr, service: &str) {
+    // Only what the test sets: an exporter setting of the developer's would change its output.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("OTEL_EXPORTER_OTLP_") {
+            cmd.env_remove(name);
+        }
+    }
     cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"))
         .env("OTEL_SERVICE_NAME", service)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100");
