@@ -495,6 +495,24 @@ pub fn rpc_names(path: &str) -> (&str, &str) {
     trimmed.split_once('/').unwrap_or((trimmed, ""))
 }
 
+/// Spans kept as the SDK ends them, for the unit tests of the modules that make spans.
+#[cfg(test)]
+pub(crate) mod kept {
+    use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+    use std::sync::{Arc, Mutex};
+
+    /// Keeps every span it is given (as a simple exporter: at once, when the span ends).
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct Kept(pub(crate) Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Kept {
+        async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,9 +15,10 @@ use super::deadline::Expires;
 use super::endpoint::{BoxError, EndpointError, ServedBy};
 use super::hedge::{HedgeDelay, LatencyWindow};
 use super::probe;
-use super::retry::{status_of, Try};
+use super::retry::Try;
 use super::span::CallSpan;
 use super::Buffered;
+use crate::answer::Ending;
 use crate::telemetry;
 use futures::future::BoxFuture;
 use std::sync::Arc;
@@ -110,17 +111,18 @@ impl Attempt {
                 }
             }
         };
-        let result: Result<http::Response<Body>, BoxError> =
+        let mut result: Result<http::Response<Body>, BoxError> =
             match span.as_ref().and_then(CallSpan::bridged) {
                 // p2c records its choice on the current span of the balancer's worker.
                 Some(span) if telemetry::p2c_choices() => send.instrument(span.clone()).await,
                 _ => send.await,
             };
-        let code = match &result {
-            Ok(response) => status_of(response),
-            Err(_) => Code::Unavailable,
+        let headers_code = match &result {
+            Ok(response) => crate::answer::code_in(response.headers()),
+            Err(_) => Some(Code::Unavailable),
         };
-        if let Some(span) = &span {
+        let code = headers_code.unwrap_or(Code::Ok);
+        if let Some(span) = span {
             let served_by = match &result {
                 Ok(response) => response.extensions().get::<ServedBy>().map(|s| s.0),
                 Err(error) => error.downcast_ref::<EndpointError>().map(|e| e.addr),
@@ -129,7 +131,14 @@ impl Attempt {
                 span.record_server(addr);
             }
             if own {
-                span.record_status(code);
+                // A try of its own ends with its answer, as the call does.
+                match (&mut result, headers_code) {
+                    (Ok(response), None) => {
+                        let body = std::mem::take(response.body_mut());
+                        *response.body_mut() = Body::new(Ending::new(body, span, None));
+                    }
+                    _ => span.record_status(code),
+                }
             } else if code != Code::Ok {
                 // The call's own status is its last try's, recorded when it ends; a first try
                 // that succeeded was the last (each record passes every layer of the

@@ -16,7 +16,9 @@
 //! `retryPolicy` lists, within the budget; a hedge after `hedgingDelay`. With no policy for the
 //! method, a call is tried once and its body is not copied.
 //!
-//! This module builds the stack ([`stack`]) and wraps each call in its metrics and its trace.
+//! This module builds the stack ([`stack`]) and wraps each call in its metrics and its trace,
+//! both of which end with the last frame of the answer ([`Ending`]): a stream's span covers the
+//! stream, and a status in its trailers is the call's.
 
 use super::attempt::Attempt;
 use super::deadline::{Deadline, DeadlineLayer, Readiness};
@@ -24,15 +26,15 @@ use super::endpoint::BoxError;
 use super::hedge::{Hedge, HedgeConfig, HedgeLayer, LatencyWindow};
 use super::limit::Permit;
 use super::live_config::LiveConfig;
-use super::metrics::MeteredBody;
 use super::registry::Registry;
 use super::replay::{Replay, ReplayLayer};
-use super::retry::{status_of, Attempts, RetryPolicy};
+use super::retry::{Attempts, RetryPolicy};
 use super::service_config::ServiceConfig;
 use super::span::CallSpan;
 use super::throttle::Allowance;
 use super::unavailable::Unavailable;
 use super::Buffered;
+use crate::answer::{self, Ending, Outcome};
 use crate::telemetry::{self, CallTrace};
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,38 +145,40 @@ impl CallConfig {
     }
 }
 
-/// Runs one call to completion of its response headers. A sampled call (or any, when spans are
-/// not exported) has one client span that is also its first try's, carried in the request
-/// ([`CallSpan`]); a retry or a hedge adds a child span of its own (the replica's server
-/// span is a child of the try that reached it). An unsampled call builds no span at all.
+/// Runs one call. A sampled call (or any, when spans are not exported) has one client span that
+/// is also its first try's, carried in the request ([`CallSpan`]); a retry or a hedge adds a
+/// child span of its own (the replica's server span is a child of the try that reached it). An
+/// unsampled call builds no span at all. The call's metrics and span end when its answer does.
 pub(super) async fn run(
     stack: Stack,
     shared: Arc<super::Shared>,
     mut request: http::Request<Body>,
     permit: Option<Permit>,
 ) -> Result<http::Response<Body>, BoxError> {
-    let mut metered = shared
+    let metered = shared
         .metrics
         .as_ref()
         .map(|m| m.call(shared.registry.target(), request.uri().path()));
-    let response = match telemetry::decide_call() {
+    let (response, span) = match telemetry::decide_call() {
         CallTrace::Spans(parent) => traced(stack, &shared, request, permit, parent).await,
         CallTrace::Forward(context) => {
             // Every try forwards the same context, so it goes into the headers once, here, and
             // every copy of the request (retries, hedges, probes) carries it: a request extension
             // would cost an allocation, a map insert and a copy per retry layer's clone.
             telemetry::inject_span_context(&context, request.headers_mut());
-            run_in_span(stack, request, permit).await
+            (run_in_span(stack, request, permit).await, None)
         }
     };
-    let mut response = match metered.take() {
-        None => response,
-        // A trailers-only answer is complete: its status is in its headers.
-        Some(mut call) if Status::from_header_map(response.headers()).is_some() => {
-            call.finish(status_of(&response));
-            response
-        }
-        Some(call) => response.map(|body| Body::new(MeteredBody::new(body, call))),
+    let mut response = match (metered, span) {
+        (None, None) => response,
+        mut outcome => match answer::code_in(response.headers()) {
+            // A trailers-only answer has ended: there is no body to watch.
+            Some(code) => {
+                outcome.finish(code);
+                response
+            }
+            None => response.map(|body| Body::new(Ending::new(body, outcome, None))),
+        },
     };
     // No endpoint was ready: the caller gets the typed reason (tonic finds the status beneath).
     if let Some(unavailable) = response.extensions_mut().remove::<Unavailable>() {
@@ -184,14 +188,14 @@ pub(super) async fn run(
 }
 
 /// The call with its span, handed down in the request (`parent`: the caller's context, when
-/// the call was sampled on it).
+/// the call was sampled on it); the span goes back with the answer, to end with it.
 async fn traced(
     stack: Stack,
     shared: &super::Shared,
     mut request: http::Request<Body>,
     permit: Option<Permit>,
     parent: Option<opentelemetry::Context>,
-) -> http::Response<Body> {
+) -> (http::Response<Body>, Option<CallSpan>) {
     let Some(span) = CallSpan::call(
         request.uri().path(),
         shared.registry.target(),
@@ -201,17 +205,16 @@ async fn traced(
         // meshlb's spans are not recorded (filtered out, or no OTel layer): the caller's own
         // trace, if it has one, still goes on to the replica, written once for every try.
         telemetry::inject(&tracing::Span::current(), request.headers_mut());
-        return run_in_span(stack, request, permit).await;
+        return (run_in_span(stack, request, permit).await, None);
     };
     request.extensions_mut().insert(span.clone());
     let response = run_in_span(stack, request, permit).await;
     span.note_sampled();
-    span.record_status(status_of(&response));
     // Only where there was more than one: each record passes every layer of the subscriber.
     if let Some(Attempts(n @ 2..)) = response.extensions().get::<Attempts>() {
         span.record_attempts(*n);
     }
-    response
+    (response, Some(span))
 }
 
 /// `permit` is the call's share of the balancer's in-flight bound: it ends with the answer.

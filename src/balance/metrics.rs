@@ -14,16 +14,13 @@
 use super::endpoint::EndpointState;
 use super::registry::Registry;
 use super::unavailable::Reason as FailFastReason;
-use bytes::Bytes;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -233,55 +230,10 @@ impl Drop for CallMetrics {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// An answer body that records its call's metrics when it ends, with the code of its
-    /// trailers, or of the error it ends with (a deadline that passed mid-stream, a broken
-    /// connection).
-    pub struct MeteredBody {
-        #[pin]
-        inner: tonic::body::Body,
-        call: CallMetrics,
-    }
-}
-
-impl MeteredBody {
-    /// `inner`, recorded into `call`.
-    pub fn new(inner: tonic::body::Body, call: CallMetrics) -> Self {
-        Self { inner, call }
-    }
-}
-
-impl http_body::Body for MeteredBody {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(trailers) = f.trailers_ref() {
-                    let code =
-                        tonic::Status::from_header_map(trailers).map_or(Code::Ok, |s| s.code());
-                    this.call.finish(code);
-                }
-            }
-            Some(Err(status)) => this.call.finish(status.code()),
-            // The answer broke off without a status, as the replica's metrics count it too.
-            None => this.call.finish(Code::Unknown),
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+/// The call's metrics end with its answer ([`crate::answer::Ending`]).
+impl crate::answer::Outcome for CallMetrics {
+    fn finish(&mut self, code: Code) {
+        CallMetrics::finish(self, code);
     }
 }
 

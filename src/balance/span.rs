@@ -14,7 +14,8 @@
 //! Both carry the same name, kind, parent, attributes (of the same types), status and events:
 //! the unit test below compares what the two ways export, and `tests/it/tracing.rs` runs its
 //! client cases both ways. The span is shared by the layers of the call path, not cloned, and
-//! ends when the last of them lets it go (when the call's response head is back).
+//! ends when the last of them lets it go: the answer's body, which holds it to the answer's end
+//! ([`crate::answer::Ending`]; a stream's span covers the stream).
 //!
 //! Knows the spans' names and attributes (OpenTelemetry's RPC conventions and meshlb's own);
 //! nothing of retries, hedges or policies, which only tell it what happened.
@@ -295,6 +296,14 @@ impl CallSpan {
     }
 }
 
+/// A span ends with its call's answer ([`crate::answer::Ending`]): its status is the answer's
+/// last, and it ends when the answer is let go.
+impl crate::answer::Outcome for CallSpan {
+    fn finish(&mut self, code: Code) {
+        self.record_status(code);
+    }
+}
+
 /// The builder of a client span of a call to `path`: its name, kind and RPC attributes, then
 /// `extra`.
 fn rpc_client<const N: usize>(path: &str, extra: [KeyValue; N]) -> SpanBuilder {
@@ -345,8 +354,9 @@ fn ipv4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::kept::Kept;
     use opentelemetry::trace::TracerProvider as _;
-    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData};
     use tracing_subscriber::layer::SubscriberExt;
 
     #[test]
@@ -361,17 +371,6 @@ mod tests {
             let ip: std::net::Ipv4Addr = ip.parse().unwrap();
             let mut buf = [0; 15];
             assert_eq!(ipv4_text(ip, &mut buf), ip.to_string());
-        }
-    }
-
-    /// Keeps every span it is given.
-    #[derive(Debug, Clone, Default)]
-    struct Kept(Arc<Mutex<Vec<SpanData>>>);
-
-    impl SpanExporter for Kept {
-        async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
-            self.0.lock().unwrap().extend(batch);
-            Ok(())
         }
     }
 

@@ -431,73 +431,15 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for CountedRequest<B> {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// An answer body that finishes its call's metrics when it ends: with the `grpc-status` of
-    /// its trailers, or of its headers for a trailers-only answer.
-    pub struct MeasuredAnswer {
-        #[pin]
-        inner: axum::body::Body,
-        call: GrpcCall,
-        headers_code: Option<tonic::Code>,
-    }
-}
-
-impl MeasuredAnswer {
-    /// `inner`, the body of an answer whose headers said `headers_code` (if they held a status).
-    pub fn new(
-        inner: axum::body::Body,
-        mut call: GrpcCall,
-        headers_code: Option<tonic::Code>,
-    ) -> Self {
-        // A status in the headers: a trailers-only answer, complete already (its empty body
-        // may never be polled).
-        if let Some(code) = headers_code {
-            call.finish(code);
-        }
-        Self {
-            inner,
-            call,
-            headers_code,
-        }
-    }
-}
-
-impl http_body::Body for MeasuredAnswer {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(data) = f.data_ref() {
-                    this.call.sent(data.len());
-                } else if let Some(trailers) = f.trailers_ref() {
-                    let code = tonic::Status::from_header_map(trailers)
-                        .map_or(tonic::Code::Ok, |s| s.code());
-                    this.call.finish(code);
-                }
-            }
-            Some(Err(_)) => this.call.finish(tonic::Code::Internal),
-            // An answer that ended without trailers: its headers carried the status (already
-            // recorded), or it broke off.
-            None => this
-                .call
-                .finish(this.headers_code.unwrap_or(tonic::Code::Unknown)),
-        }
-        Poll::Ready(frame)
+/// The call's metrics end with its answer ([`crate::answer::Ending`]), and count the bytes of its
+/// messages on the way.
+impl crate::answer::Outcome for GrpcCall {
+    fn finish(&mut self, code: tonic::Code) {
+        GrpcCall::finish(self, code);
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+    fn sent(&mut self, len: usize) {
+        GrpcCall::sent(self, len);
     }
 }
 

@@ -3,7 +3,7 @@
 //! plaintext health port, and the drain sequence.
 
 use super::admin::{self, Admin};
-use super::metrics::{CountedRequest, GrpcCall, MeasuredAnswer, ReplicaMetrics, ServingState};
+use super::metrics::{CountedRequest, GrpcCall, ReplicaMetrics, ServingState};
 use super::service::UserGuide;
 use super::{call_limits, conn, rest, shed, Faults, ReplicaConfig, ReplicaError};
 use crate::proto::admin::v1::admin_service_server::AdminServiceServer;
@@ -445,8 +445,8 @@ fn stamped(mut response: Response<Body>, id: HeaderValue) -> Response<Body> {
     response
 }
 
-/// Stamps the answer, records its status on the span, and hands the call's metrics to the body,
-/// which finishes them when the answer ends.
+/// Stamps the answer, and hands the call's metrics and span to its body, which ends them when
+/// the answer ends (a stream's span covers the stream, and takes the status of its trailers).
 fn finish_grpc(
     mut response: Response<Body>,
     span: &tracing::Span,
@@ -454,22 +454,33 @@ fn finish_grpc(
     call: GrpcCall,
 ) -> Response<Body> {
     too_large_is_resource_exhausted(&mut response);
-    let headers_code = tonic::Status::from_header_map(response.headers()).map(|s| s.code());
-    let code = headers_code.unwrap_or(tonic::Code::Ok);
-    let response = response.map(|b| Body::new(MeasuredAnswer::new(b, call, headers_code)));
-    span.record("rpc.grpc.status_code", code as i32);
-    if matches!(
-        code,
-        tonic::Code::Unknown
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Unimplemented
-            | tonic::Code::Internal
-            | tonic::Code::Unavailable
-            | tonic::Code::DataLoss
-    ) {
-        span.record("otel.status_code", "ERROR");
-    }
+    let headers_code = crate::answer::code_in(response.headers());
+    let span = (!span.is_disabled()).then(|| ServerSpan(span.clone()));
+    let response =
+        response.map(|b| Body::new(crate::answer::Ending::new(b, (call, span), headers_code)));
     stamped(response, id)
+}
+
+/// A server span's status, recorded when its call ends.
+struct ServerSpan(tracing::Span);
+
+impl crate::answer::Outcome for ServerSpan {
+    fn finish(&mut self, code: tonic::Code) {
+        self.0.record("rpc.grpc.status_code", code as i32);
+        // OpenTelemetry's RPC conventions: for a server, only these codes are its errors; the
+        // rest are the caller's (a bad argument, a missing entity, a call it cancelled).
+        if matches!(
+            code,
+            tonic::Code::Unknown
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unimplemented
+                | tonic::Code::Internal
+                | tonic::Code::Unavailable
+                | tonic::Code::DataLoss
+        ) {
+            self.0.record("otel.status_code", "ERROR");
+        }
+    }
 }
 
 /// The server span of one gRPC call, continuing the caller's trace. Health checks get none: every
@@ -507,5 +518,100 @@ fn too_large_is_resource_exhausted(response: &mut Response<Body>) {
     });
     if out_of_range && too_large {
         headers.insert("grpc-status", HeaderValue::from_static("8"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::kept::Kept;
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use std::sync::Arc;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// The name, status code and status of each span `kept` was given.
+    fn codes(kept: &Kept) -> Vec<String> {
+        let spans = kept.0.lock().unwrap();
+        spans
+            .iter()
+            .map(|s| {
+                let code = s
+                    .attributes
+                    .iter()
+                    .find(|kv| kv.key.as_str() == "rpc.grpc.status_code")
+                    .map(|kv| kv.value.to_string());
+                format!("{} {code:?} {:?}", s.name, s.status)
+            })
+            .collect()
+    }
+
+    type Frames = tokio::sync::mpsc::UnboundedSender<Result<http_body::Frame<Bytes>, Infallible>>;
+
+    /// A streamed answer of a call to ListUsers, its frames sent through the channel returned,
+    /// finished as the replica finishes one, inside a span exported to `kept`.
+    fn streamed_answer(kept: &Kept) -> (Response<Body>, Frames, SdkTracerProvider) {
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(kept.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(crate::telemetry::bridge(provider.tracer("meshlb")));
+        let (frames, rx) = tokio::sync::mpsc::unbounded_channel();
+        let body = Body::new(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        ));
+        let metrics = ReplicaMetrics::new(Faults::default(), Arc::default());
+        let path = "/userguide.v1.UserGuideService/ListUsers";
+        let response = tracing::subscriber::with_default(subscriber, || {
+            let request = Request::post(path).body(()).unwrap();
+            let id = HeaderValue::from_static("r-1");
+            let span = server_span(&request, &id);
+            finish_grpc(Response::new(body), &span, id, metrics.grpc_call(path))
+        });
+        (response, frames, provider)
+    }
+
+    fn trailers(code: &str) -> http_body::Frame<Bytes> {
+        let mut map = http::HeaderMap::new();
+        map.insert("grpc-status", code.parse().unwrap());
+        http_body::Frame::trailers(map)
+    }
+
+    /// A stream's answer after its first message, its span still open.
+    async fn half_way(kept: &Kept) -> (Body, Frames, SdkTracerProvider) {
+        let (response, frames, provider) = streamed_answer(kept);
+        let mut body = response.into_body();
+        frames
+            .send(Ok(http_body::Frame::data(Bytes::from_static(b"user"))))
+            .unwrap();
+        body.frame().await.unwrap().unwrap();
+        assert!(codes(kept).is_empty(), "still streaming: {:?}", codes(kept));
+        (body, frames, provider)
+    }
+
+    #[tokio::test]
+    async fn a_streams_span_ends_with_its_trailers_and_takes_their_status() {
+        let kept = Kept::default();
+        let (mut body, frames, _provider) = half_way(&kept).await;
+        frames.send(Ok(trailers("15"))).unwrap();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(
+            codes(&kept),
+            [r#"userguide.v1.UserGuideService/ListUsers Some("15") Error { description: "" }"#],
+            "ended with its trailers, an error of the server's"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_caller_lets_go_is_cancelled_and_not_the_servers_error() {
+        let kept = Kept::default();
+        let (body, _frames, _provider) = half_way(&kept).await;
+        drop(body);
+        assert_eq!(
+            codes(&kept),
+            [r#"userguide.v1.UserGuideService/ListUsers Some("1") Unset"#]
+        );
     }
 }

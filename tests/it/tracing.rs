@@ -785,3 +785,149 @@ async fn failed_call_span(way: Way) {
     assert_eq!(retry.attr("rpc.grpc.status_code"), "14", "{retry:?}");
     assert_eq!(retry.status, 2, "the retry failed too: {retry:?}");
 }
+
+/// Keeps the spans the SDK ends, as it ends them (a simple exporter: at once, on that thread).
+#[derive(Debug, Clone, Default)]
+struct Ended(Arc<Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+impl opentelemetry_sdk::trace::SpanExporter for Ended {
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.lock().unwrap().extend(batch);
+        Ok(())
+    }
+}
+
+impl Ended {
+    /// Each ended span of ListUsers: its status code and its span status.
+    fn list_users(&self) -> Vec<String> {
+        let spans = self.0.lock().unwrap();
+        spans
+            .iter()
+            .filter(|s| s.name.ends_with("/ListUsers"))
+            .map(|s| {
+                let code = s
+                    .attributes
+                    .iter()
+                    .find(|kv| kv.key.as_str() == "rpc.grpc.status_code")
+                    .map(|kv| kv.value.to_string());
+                format!("{code:?} {:?}", s.status)
+            })
+            .collect()
+    }
+}
+
+type Frames = tokio::sync::mpsc::UnboundedSender<Result<http_body::Frame<bytes::Bytes>, String>>;
+
+/// A gRPC server whose ListUsers answers are streamed by the test: each call hands the test the
+/// sending end of its body. Everything else (the health watch) is `UNIMPLEMENTED`.
+async fn streaming_server() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Frames>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (calls, answers) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let calls = calls.clone();
+            let service =
+                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let (frames, rx) = tokio::sync::mpsc::unbounded_channel();
+                    let mut response =
+                        http::Response::builder().header("content-type", "application/grpc");
+                    if request.uri().path().ends_with("/ListUsers") {
+                        let _ = calls.send(frames);
+                    } else {
+                        response = response.header("grpc-status", "12");
+                    }
+                    let body = http_body_util::StreamBody::new(
+                        tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                    );
+                    std::future::ready(response.body(body))
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, answers)
+}
+
+/// One ListUsers message, framed as gRPC frames it.
+fn user_message() -> http_body::Frame<bytes::Bytes> {
+    use prost::Message;
+    let message = meshlb::proto::userguide::v1::ListUsersResponse {
+        user: Some(meshlb::proto::userguide::v1::User::default()),
+    }
+    .encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    http_body::Frame::data(framed.into())
+}
+
+fn status_trailers(code: &str) -> http_body::Frame<bytes::Bytes> {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", code.parse().unwrap());
+    http_body::Frame::trailers(trailers)
+}
+
+/// A stream's client span covers the stream: it is still open after the first message, ends
+/// with the trailers and takes their status (or `CANCELLED` when the caller lets the stream go).
+/// Made the bridged way (the process runs no exporter), inside a subscriber of the test's own.
+#[tokio::test]
+async fn a_streams_client_span_ends_with_the_stream_and_takes_its_trailers_status() {
+    use ::tracing::subscriber::set_default;
+    use meshlb::proto::userguide::v1::{
+        user_guide_service_client::UserGuideServiceClient, ListUsersRequest, Point,
+    };
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    let ended = Ended::default();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(ended.clone())
+        .build();
+    // The test's runtime has one thread: the balancer's tasks and the server's run on it too.
+    let _subscriber = set_default(
+        tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test"))),
+    );
+    let (addr, mut calls) = streaming_server().await;
+    let lb = meshlb::Balancer::builder(format!("ipv4:{addr}"))
+        .build()
+        .await
+        .unwrap();
+    let mut client = UserGuideServiceClient::new(lb.clone());
+    let request = || ListUsersRequest {
+        point: Some(Point { value: 1 }),
+    };
+
+    // Failed half-way: the status is in the trailers.
+    let mut stream = client.list_users(request()).await.unwrap().into_inner();
+    let frames = calls.recv().await.expect("the call reached the server");
+    frames.send(Ok(user_message())).unwrap();
+    assert!(stream.message().await.unwrap().is_some(), "a first message");
+    assert_eq!(ended.list_users(), Vec::<String>::new(), "still streaming");
+    frames.send(Ok(status_trailers("15"))).unwrap();
+    let error = stream.message().await.expect_err("the stream failed");
+    assert_eq!(error.code(), tonic::Code::DataLoss);
+    assert_eq!(
+        ended.list_users(),
+        [r#"Some("15") Error { description: "" }"#],
+        "ended with the stream, with its trailers' status"
+    );
+
+    // Let go half-way by the caller.
+    let mut stream = client.list_users(request()).await.unwrap().into_inner();
+    let frames = calls.recv().await.expect("the call reached the server");
+    frames.send(Ok(user_message())).unwrap();
+    assert!(stream.message().await.unwrap().is_some(), "a first message");
+    assert_eq!(ended.list_users().len(), 1, "still streaming");
+    drop(stream);
+    assert_eq!(
+        ended.list_users()[1],
+        r#"Some("1") Error { description: "" }"#
+    );
+}
