@@ -155,7 +155,7 @@ where
             if response.extensions().get::<Attempts>().is_none() {
                 response.extensions_mut().insert(Attempts(1));
             }
-            if Status::from_header_map(response.headers()).is_some() {
+            if response.headers().contains_key(crate::grpc::STATUS_HEADER) {
                 // A trailers-only answer is complete already.
                 return Ok(response);
             }

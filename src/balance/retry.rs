@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
-use tonic::{Code, Status};
+use tonic::Code;
 use tower::retry::RetryLayer;
 
 /// Added to each response: how many tries it took (1 = no retry).
@@ -112,7 +112,7 @@ pub(super) fn code_of(result: &Result<http::Response<Body>, BoxError>) -> Option
 /// The status a response carries in its headers (a trailers-only answer); OK otherwise, since a
 /// streaming answer's final status comes later, in its trailers.
 pub(super) fn status_of(response: &http::Response<Body>) -> Code {
-    Status::from_header_map(response.headers()).map_or(Code::Ok, |s| s.code())
+    crate::answer::code_in(response.headers()).unwrap_or(Code::Ok)
 }
 
 /// A random backoff below the policy's bound for try number `attempt`.
@@ -203,6 +203,7 @@ impl tower::retry::Policy<http::Request<Body>, http::Response<Body>, BoxError> f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Status;
     use crate::balance::probe::Duplicable;
     use crate::balance::service_config::ServiceConfig;
     use crate::balance::testing::{answered, kept_request};
