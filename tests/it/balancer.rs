@@ -38,6 +38,12 @@ async fn spreads_calls_over_three_replicas() {
     let replicas = three(Default::default()).await;
     let lb = crate::support::userguide(target(&replicas))
         .health_service(SERVICE)
+        // Equal replicas: a debug build's scheduling noise on a loaded machine may make one look
+        // slow for a moment, and ejecting it is the detector's job, not what this test is about.
+        .outlier(meshlb::balance::OutlierConfig {
+            enabled: false,
+            ..Default::default()
+        })
         .build()
         .await
         .unwrap();
