@@ -72,9 +72,11 @@ impl ErrorCode for axum::Error {
     }
 }
 
-/// The code in a `grpc-status` header (`None` without one, as in a stream's first headers).
-/// Only the code: tonic's `Status::from_header_map` also decodes the message and copies the
-/// whole map, about 2k instructions on every call that reads its trailers.
+/// The code in a `grpc-status` header (`None` without one, as in a stream's first headers), as
+/// the server sent it. Only the code: tonic's `Status::from_header_map` also decodes the message
+/// and copies the whole map (about 2k instructions on every call that reads its trailers), turns
+/// a message that is not UTF-8 into `UNKNOWN` (the code here stays the server's, as grpc-go
+/// reads it), and panics on a `grpc-status-details-bin` that is not base64 (never read here).
 pub fn code_in(headers: &http::HeaderMap) -> Option<Code> {
     headers
         .get(crate::grpc::STATUS_HEADER)
@@ -152,9 +154,13 @@ where
 }
 
 impl<B, O: Outcome> Drop for Ending<B, O> {
-    /// Let go before it ended: the caller gave up on the call.
+    /// Let go before it ended: the caller gave up on the call. The outcome is told now but let
+    /// go after the body it wraps (fields drop after this), so a span of a try inside ends
+    /// before the call's span around it.
     fn drop(&mut self) {
-        self.end(Code::Cancelled);
+        if let Some(outcome) = &mut self.outcome {
+            outcome.finish(Code::Cancelled);
+        }
     }
 }
 
@@ -218,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn the_code_is_what_tonic_reads() {
+    fn the_code_is_what_tonic_reads_but_a_bad_message_does_not_change_it() {
         for value in ["0", "4", "14", "16", "17", "99", "", "x", "1 "] {
             let mut map = http::HeaderMap::new();
             map.insert("grpc-status", value.parse().unwrap());
@@ -227,6 +233,44 @@ mod tests {
             assert_eq!(code_in(&map), tonic, "grpc-status {value:?}");
         }
         assert_eq!(code_in(&http::HeaderMap::new()), None);
+        let mut map = http::HeaderMap::new();
+        map.insert("grpc-status", "14".parse().unwrap());
+        map.insert("grpc-message", "%FF".parse().unwrap());
+        assert_eq!(
+            tonic::Status::from_header_map(&map).map(|s| s.code()),
+            Some(Code::Unknown),
+            "tonic's reading"
+        );
+        assert_eq!(code_in(&map), Some(Code::Unavailable), "the server's code");
+    }
+
+    #[tokio::test]
+    async fn an_inner_answer_let_go_is_told_before_the_outer_outcome_is_let_go() {
+        /// Says when it is let go.
+        struct Goes(&'static str, Told);
+        impl Outcome for Goes {
+            fn finish(&mut self, code: Code) {
+                self.1
+                     .0
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} {code:?}", self.0));
+            }
+        }
+        impl Drop for Goes {
+            fn drop(&mut self) {
+                self.1 .0.lock().unwrap().push(format!("{} gone", self.0));
+            }
+        }
+        let told = Told::default();
+        let inner = Ending::new(body(vec![Ok(data(1))]), Goes("try", told.clone()), None);
+        let outer = Ending::new(inner, Goes("call", told.clone()), None);
+        drop(outer);
+        assert_eq!(
+            told.said(),
+            ["call Cancelled", "try Cancelled", "try gone", "call gone"],
+            "the try's span ends inside the call's"
+        );
     }
 
     #[tokio::test]

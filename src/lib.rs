@@ -40,8 +40,7 @@
 //! - [`bench`](mod@bench): contenders compared scenario by scenario; [`chaos`]: faults for a
 //!   local fleet.
 //! - [`cli`]: the `meshlb` commands; the binary is a thin shell over it.
-//! - [`proto`]: generated code; [`grpc`]: wire conventions both sides share; [`answer`]: how a
-//!   call ends, read from its answer, on both sides.
+//! - [`proto`]: generated code; [`grpc`]: wire conventions both sides share.
 
 //! # Features
 //! - default (`tools`): everything, the `meshlb` binary included.
@@ -54,7 +53,7 @@
 #![warn(missing_docs)]
 
 // The client library: always built.
-pub mod answer;
+pub(crate) mod answer;
 pub mod backoff;
 pub mod balance;
 pub mod connection;

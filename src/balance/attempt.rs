@@ -18,7 +18,7 @@ use super::probe;
 use super::retry::Try;
 use super::span::CallSpan;
 use super::Buffered;
-use crate::answer::Ending;
+use crate::answer::{Ending, Outcome};
 use crate::telemetry;
 use futures::future::BoxFuture;
 use std::sync::Arc;
@@ -77,7 +77,8 @@ impl Attempt {
             number: 1,
             hedge: false,
         });
-        if let Some(Expires(expires)) = request.extensions().get::<Expires>().copied() {
+        let expires = request.extensions().get::<Expires>().map(|e| e.0);
+        if let Some(expires) = expires {
             let left = expires.saturating_duration_since(tokio::time::Instant::now());
             request.headers_mut().insert(
                 crate::grpc::TIMEOUT_HEADER,
@@ -135,7 +136,8 @@ impl Attempt {
                 match (&mut result, headers_code) {
                     (Ok(response), None) => {
                         let body = std::mem::take(response.body_mut());
-                        *response.body_mut() = Body::new(Ending::new(body, span, None));
+                        let own = OwnTry { span, expires };
+                        *response.body_mut() = Body::new(Ending::new(body, own, None));
                     }
                     _ => span.record_status(code),
                 }
@@ -150,5 +152,81 @@ impl Attempt {
             window.record(started.elapsed(), *quantile);
         }
         result
+    }
+}
+
+/// The span of a retry or a hedge, which ends with its answer. The deadline layer above lets go
+/// of a try's answer when the call's deadline passes: that try ended by the deadline (as the
+/// call's span says), not by the caller.
+struct OwnTry {
+    span: CallSpan,
+    expires: Option<tokio::time::Instant>,
+}
+
+impl Outcome for OwnTry {
+    fn finish(&mut self, code: Code) {
+        let past = self
+            .expires
+            .is_some_and(|expires| tokio::time::Instant::now() >= expires);
+        self.span.record_status(match code {
+            Code::Cancelled if past => Code::DeadlineExceeded,
+            code => code,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::kept::Kept;
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    const PATH: &str = "/userguide.v1.UserGuideService/ListUsers";
+
+    /// The status code a retry's span records when its answer is let go (`finish(Cancelled)`)
+    /// with the call's deadline `past` or not.
+    fn let_go_code(past: bool) -> String {
+        let kept = Kept::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(kept.clone())
+            .build();
+        let subscriber =
+            tracing_subscriber::registry().with(telemetry::bridge(provider.tracer("meshlb")));
+        tracing::subscriber::with_default(subscriber, || {
+            let call = CallSpan::call(PATH, "t", "p2c", None).expect("recorded");
+            let now = tokio::time::Instant::now();
+            let expires = if past {
+                now.checked_sub(std::time::Duration::from_millis(1))
+            } else {
+                now.checked_add(std::time::Duration::from_secs(60))
+            };
+            let mut own = OwnTry {
+                span: call.attempt(PATH, 2, false),
+                expires,
+            };
+            own.finish(Code::Cancelled);
+        });
+        let spans = kept.0.lock().unwrap();
+        let retry = spans
+            .iter()
+            .find(|s| {
+                s.attributes
+                    .iter()
+                    .any(|kv| kv.key.as_str() == "meshlb.hedge")
+            })
+            .expect("the retry's span ended");
+        retry
+            .attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == "rpc.grpc.status_code")
+            .map(|kv| kv.value.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_try_let_go_past_the_deadline_ended_by_it_before_it_by_the_caller() {
+        assert_eq!(let_go_code(true), "4", "DEADLINE_EXCEEDED");
+        assert_eq!(let_go_code(false), "1", "CANCELLED");
     }
 }

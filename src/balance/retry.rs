@@ -203,10 +203,10 @@ impl tower::retry::Policy<http::Request<Body>, http::Response<Body>, BoxError> f
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::Status;
     use crate::balance::probe::Duplicable;
     use crate::balance::service_config::ServiceConfig;
     use crate::balance::testing::{answered, kept_request};
+    use tonic::Status;
     use tower::retry::budget::TpsBudget;
     use tower::{Layer, ServiceExt};
     use tower_test::mock;
