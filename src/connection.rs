@@ -342,6 +342,19 @@ async fn connect(addr: SocketAddr, settings: &Settings) -> Result<Handshake, Con
     }
 }
 
+/// An address that refuses connections, for tests: a socket bound to it and never listening.
+/// While the socket is held, no other socket is given its port (a port bound and then freed
+/// may be given to another test's server at once, which would then take the connections).
+#[cfg(test)]
+pub(crate) fn refusing_addr() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("a free port");
+    let addr = socket.local_addr().expect("its address");
+    (socket, addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,10 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_failed_attempt_is_reported_once_then_the_next_is_awaited() {
-        // A port nobody listens on: bind one, then free it.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
+        let (_reserved, addr) = refusing_addr();
         let mut c = Connection::spawn(addr, settings());
         let first = outcome(&mut c).await.expect_err("refused");
         assert!(first.starts_with("tcp connect error: "), "{first}");

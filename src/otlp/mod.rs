@@ -526,11 +526,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_export_nobody_answers_fails_saying_where_it_went() {
-        // A port nobody listens on: bind it, then free it.
-        let nobody = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let (_reserved, nobody) = crate::connection::refusing_addr();
         let endpoint = format!("http://{nobody}");
         let settings = settings(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),

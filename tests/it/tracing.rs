@@ -372,18 +372,35 @@ async fn retry_spans(way: Way) {
         .attr("meshlb.target")
         .contains(&healthy.addr.port().to_string()));
     // With two ready endpoints (and MESHLB_TRACE_P2C=1), tower's p2c records its choice on the
-    // span of the try it routed.
+    // span of the try it routed. Two healthy replicas of their own: of the two above, either
+    // may be the only one ready for every call (the failing one is soon ejected, and under load
+    // it may be ready before the healthy one).
     if way == Way::Direct {
         return;
     }
-    let p2c_events: Vec<_> = receiver
-        .spans()
-        .into_iter()
-        .filter(|s| s.service == "client" && s.kind == SPAN_CLIENT)
-        .flat_map(|s| s.events)
-        .filter(|(name, _)| name == "p2c")
-        .collect();
-    assert!(!p2c_events.is_empty(), "no p2c decision recorded");
+    let other = replica(collector, "healthy", &["--id", "good-2"]);
+    let target = format!("ipv4:{},{}", healthy.addr, other.addr);
+    // Enough calls to outlast the client's connecting to the second replica.
+    let out = meshlb(
+        collector,
+        way,
+        &["client", "--target", &target, "--requests", "200"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let p2c_events = eventually("a p2c decision on a span", || {
+        let spans = receiver.spans();
+        let target = target.clone();
+        async move {
+            let events: Vec<_> = spans
+                .into_iter()
+                .filter(|s| s.service == "client" && s.attr("meshlb.target") == target)
+                .flat_map(|s| s.events)
+                .filter(|(name, _)| name == "p2c")
+                .collect();
+            (!events.is_empty()).then_some(events)
+        }
+    })
+    .await;
     let (_, attrs) = &p2c_events[0];
     for key in ["a.load", "b.load", "chosen"] {
         assert!(attrs.contains_key(key), "{key} missing in {attrs:?}");
@@ -426,11 +443,11 @@ async fn a_foreign_traceparent_is_continued() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_trace_link_when_the_collector_never_got_the_spans() {
-    // A collector address nobody listens on: bind a port, then free it.
-    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A collector address nobody listens on, held for the whole test: a port bound and freed
+    // could be given at once to another test's collector, which would then get these spans.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let nobody = reserved.local_addr().unwrap();
     let server = replica_plain("lonely");
     let target = format!("ipv4:{}", server.addr);
     // The tools' own log level (no RUST_LOG): the exporter's raw errors stay out of the output.
@@ -610,7 +627,9 @@ async fn an_unsampled_call_stays_unsampled_on_every_try() {
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
     };
     let both = format!("ipv4:{},{}", failing.addr, healthy.addr);
-    let report = client("always_off", both, "20");
+    // Enough calls to outlast the client's connecting to the failing replica (it starts
+    // calling once one replica is ready; 20 calls were over before the other joined, under load).
+    let report = client("always_off", both, "200");
     assert!(report["retries"].as_u64().unwrap() > 0, "{report}");
     assert!(report["ok"].as_u64().unwrap() > 0, "{report}");
     // Then one sampled call to each replica: each exports its spans in the order they end, so
