@@ -297,6 +297,9 @@ async fn retry_spans(way: Way) {
     let failing = replica(collector, "failing", &["--id", "bad", "--fail-rate", "1"]);
     let healthy = replica(collector, "healthy", &["--id", "good"]);
     let target = format!("ipv4:{},{}", failing.addr, healthy.addr);
+    // Round-robin, one call at a time: a try that failed on the failing replica is retried on
+    // the healthy one. Enough calls to outlast the client's connecting to both. (p2c may send the retry to the failing replica again, whose failures are
+    // fast and look cheap, until the call runs out of tries; its event is checked below.)
     let out = meshlb(
         collector,
         way,
@@ -305,9 +308,11 @@ async fn retry_spans(way: Way) {
             "--target",
             &target,
             "--requests",
-            "20",
+            "200",
             "--concurrency",
             "1",
+            "--policy",
+            "round-robin",
             "--format",
             "json",
         ],
@@ -326,9 +331,7 @@ async fn retry_spans(way: Way) {
     .await;
 
     // A retried call: its first try is the call's own span, and each retry a child span of it;
-    // the first failed on the failing replica, and the last answered from the healthy one. (A
-    // retry may land on the failing replica again before that: tower's p2c takes no hint to
-    // avoid it.)
+    // the first failed on the failing replica, and the last answered from the healthy one.
     let (first, last) = eventually("a retried call's attempts", || {
         let spans = receiver.spans();
         let (bad, good) = (
