@@ -71,6 +71,7 @@ async fn slow_replica_gets_a_small_share_and_recovers_when_fixed() {
         .build()
         .await
         .unwrap();
+    all_ready(&rr, 3).await;
     let baseline = drive(&rr, 150, 6).await;
     assert!(baseline.errors.is_empty());
     assert!(baseline.share(&slow.id) > 0.25, "{:?}", baseline.by_replica);
@@ -113,9 +114,16 @@ async fn p2c_by_its_latency_estimate_alone_keeps_calls_off_a_slow_replica() {
             enabled: false,
             ..Default::default()
         })
+        // A short decay: one scheduling stall of a fast replica in a debug build would otherwise
+        // hold its peak above the slow one's for the rest of the test.
+        .ewma(EwmaConfig {
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(1),
+        })
         .build()
         .await
         .unwrap();
+    all_ready(&lb, 3).await;
     let tally = drive(&lb, 300, 6).await;
     assert!(tally.errors.is_empty(), "{:?}", tally.errors);
     assert!(
@@ -160,6 +168,15 @@ async fn not_serving_replica_gets_no_calls_until_it_serves_again() {
 /// Whether every endpoint the balancer knows is in `state`.
 fn all_in(lb: &Balancer, state: EndpointState) -> bool {
     lb.endpoints().iter().all(|e| e.state == state)
+}
+
+/// Waits until `lb` knows `n` endpoints and all are ready: a balancer calls as soon as one is,
+/// and a test that needs them all must not race the others' connecting.
+async fn all_ready(lb: &Balancer, n: usize) {
+    eventually("every endpoint is ready", || async {
+        (lb.endpoints().len() == n && all_in(lb, EndpointState::Ready)).then_some(())
+    })
+    .await;
 }
 
 /// Runs calls in the background, `concurrency` at a time, until stopped; returns the tally.
@@ -483,6 +500,7 @@ async fn a_hedging_policy_hedges_and_a_fast_non_fatal_failure_hedges_at_once() {
         Policy::RoundRobin,
         "the config chose the policy"
     );
+    all_ready(&lb, 3).await;
     let tally = drive(&lb, 60, 1).await;
     // Every other call goes to the failing replica: it fails at once with a non-fatal
     // UNAVAILABLE, before the hedging delay, and is hedged then, to the next replica in turn (the
@@ -516,6 +534,7 @@ async fn your_own_discovery_stream_adds_and_removes_endpoints() {
         .build()
         .await
         .unwrap();
+    all_ready(&lb, 2).await;
     let tally = drive(&lb, 60, 3).await;
     assert!(tally.errors.is_empty(), "{:?}", tally.errors);
     assert!(tally.of(&replicas[0].id) > 0 && tally.of(&replicas[1].id) > 0);

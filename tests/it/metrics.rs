@@ -305,7 +305,9 @@ fn the_clients_metrics_listener_serves_during_load_and_agrees_with_its_report() 
         if client.try_wait().unwrap().is_some() {
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Often: the last scrape must come within 60 calls (200 ms) of the load's end, on a
+        // loaded machine where a scrape itself can take a while.
+        std::thread::sleep(Duration::from_millis(10));
     }
     let out = client.wait_with_output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -314,7 +316,7 @@ fn the_clients_metrics_listener_serves_during_load_and_agrees_with_its_report() 
     assert_eq!(out.status.code(), Some(if failed > 0 { 1 } else { 0 }));
     let calls = report["ok"].as_f64().unwrap();
     let counted = value(&last, "grpc_client_handled_total", &[("grpc_code", "OK")]);
-    // The last scrape is at most ~100 ms before the end, at 300 calls/s.
+    // The last scrape is a few ms before the end, at 300 calls/s.
     assert!(
         counted <= calls && counted >= calls - 60.0,
         "scraped {counted}, reported {calls}"

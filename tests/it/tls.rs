@@ -85,16 +85,19 @@ async fn mtls_through_the_balancer_across_three_replicas() {
     let paths = certs("mtls");
     let replicas = tls_replicas(&paths, true).await;
     let lb = lb(target(&replicas), Some(client(&paths, true, None))).await;
+    // The health gate runs over the same TLS connections: every endpoint is ready (waited for,
+    // since the balancer calls once one is, and a debug build's handshakes are slow).
+    crate::support::eventually("every endpoint is ready", || async {
+        let endpoints = lb.endpoints();
+        (endpoints.len() == 3 && endpoints.iter().all(|e| e.state == EndpointState::Ready))
+            .then_some(())
+    })
+    .await;
     let tally = drive(&lb, 150, 6).await;
     assert!(tally.errors.is_empty(), "{:?}", tally.errors);
     for r in &replicas {
         assert!(tally.of(&r.id) > 0, "{:?}", tally.by_replica);
     }
-    // The health gate runs over the same TLS connections.
-    assert!(lb
-        .endpoints()
-        .iter()
-        .all(|e| e.state == EndpointState::Ready));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +151,9 @@ async fn wrong_peers_are_refused_with_a_reason() {
 async fn a_tls_replica_answers_health_in_plaintext_on_its_health_port() {
     use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
     let paths = certs("health");
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A free port on an address no other test binds: freed here, it cannot be taken by another
+    // test's server before the replica binds it.
+    let probe = std::net::TcpListener::bind("127.0.0.97:0").unwrap();
     let health_addr = probe.local_addr().unwrap();
     drop(probe);
     let mut config = ReplicaConfig::new("tls-health", users());

@@ -678,7 +678,9 @@ async fn hedge_spans(way: Way) {
     // Both slow, so that every call outlasts the hedging delay whichever replica it reaches.
     let a = replica(collector, "slow-a", &["--id", "a", "--latency", "100ms"]);
     let b = replica(collector, "slow-b", &["--id", "b", "--latency", "100ms"]);
-    let config = std::env::temp_dir().join(format!("meshlb-hedge-{}.json", std::process::id()));
+    // A file of each way's own: both ways' tests run at once, and each removes its file.
+    let config =
+        std::env::temp_dir().join(format!("meshlb-hedge-{way:?}-{}.json", std::process::id()));
     std::fs::write(
         &config,
         r#"{"methodConfig": [{"name": [{"service": "userguide.v1.UserGuideService"}],
