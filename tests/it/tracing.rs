@@ -26,6 +26,9 @@ struct Span {
     events: Vec<(String, HashMap<String, String>)>,
     /// OTLP's status code: 0 unset, 1 ok, 2 error.
     status: i32,
+    /// When it started and ended, in nanoseconds since the epoch.
+    start: u64,
+    end: u64,
 }
 
 impl Span {
@@ -90,6 +93,8 @@ impl TraceService for Receiver {
                         })
                         .collect(),
                     status: span.status.as_ref().map_or(0, |s| s.code),
+                    start: span.start_time_unix_nano,
+                    end: span.end_time_unix_nano,
                 });
             }
         }
@@ -280,6 +285,54 @@ async fn one_trace_across_hops(way: Way) {
         back.addr.port().to_string()
     );
     assert_eq!(back_server.attr("meshlb.replica_id"), "back-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streams_spans_hold_its_trailers_status_and_nest() {
+    stream_spans(Way::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streams_spans_hold_its_trailers_status_and_nest_bridged() {
+    stream_spans(Way::Bridged).await;
+}
+
+/// A server-streaming call's spans on both sides end with the stream: each is exported, with the
+/// status of the trailers, and the replica's lies within the client's.
+async fn stream_spans(way: Way) {
+    let (receiver, collector) = Receiver::start().await;
+    let server = replica(collector, "streamer", &["--id", "s-1"]);
+    let target = format!("ipv4:{}", server.addr);
+    let out = meshlb(
+        collector,
+        way,
+        &["call", "--target", &target, "list-users", "--points", "0"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let method = "userguide.v1.UserGuideService/ListUsers";
+    let (client, server) = eventually("both sides' spans of the stream", || {
+        let spans = receiver.spans();
+        async move {
+            let of = |service: &str, kind: i32| {
+                spans
+                    .iter()
+                    .find(|s| s.service == service && s.name == method && s.kind == kind)
+                    .cloned()
+            };
+            Some((of("client", SPAN_CLIENT)?, of("streamer", SPAN_SERVER)?))
+        }
+    })
+    .await;
+    assert_eq!(server.parent, client.span_id, "{server:?}");
+    for span in [&client, &server] {
+        assert_eq!(span.attr("rpc.grpc.status_code"), "0", "{span:?}");
+        assert_eq!(span.status, 0, "{span:?}");
+        assert!(span.start <= span.end, "{span:?}");
+    }
+    assert!(
+        client.start <= server.start && server.end <= client.end,
+        "the replica's span lies within the client's: {client:?} {server:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
