@@ -385,7 +385,7 @@ impl ByContentType {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<axum::BoxError>,
     {
-        let span = server_span(&req, &id);
+        let (span, unsampled) = server_span(&req, &id);
         let path = req.uri().path();
         let metered = self.metrics.grpc_call(path);
         let bounds = match call_limits::bounds_of(path, req.headers(), self.max_call_duration) {
@@ -416,6 +416,13 @@ impl ByContentType {
         let start = tokio::time::Instant::now();
         Box::pin(async move {
             let call = router.oneshot(req).instrument(span.clone());
+            let call = match unsampled {
+                None => futures::future::Either::Left(call),
+                Some(caller) => {
+                    use opentelemetry::context::FutureExt as _;
+                    futures::future::Either::Right(call.with_context(caller))
+                }
+            };
             // The call's limit bounds the handler, as tonic's own server does: past it, the caller
             // has given up (or the replica has) and the work is wasted.
             let response = match bounds.headers {
@@ -483,13 +490,27 @@ impl crate::answer::Outcome for ServerSpan {
     }
 }
 
-/// The server span of one gRPC call, continuing the caller's trace. Health checks get none: every
-/// client watches every replica, and those spans would bury the calls.
-fn server_span<B>(req: &Request<B>, id: &HeaderValue) -> tracing::Span {
+/// The server span of one gRPC call, continuing the caller's trace; and, for a call that is not
+/// sampled, no span but the caller's context, to serve the call under (a call it makes upstream
+/// goes on in the same trace, unsampled). Health checks get neither: every client watches every
+/// replica, and those spans would bury the calls.
+fn server_span<B>(
+    req: &Request<B>,
+    id: &HeaderValue,
+) -> (tracing::Span, Option<opentelemetry::Context>) {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     let path = req.uri().path();
     if path.starts_with("/grpc.health.v1.Health/") {
-        return tracing::Span::none();
+        return (tracing::Span::none(), None);
     }
+    let decided = match crate::telemetry::decide_served(req.headers()) {
+        crate::telemetry::CallTrace::Forward(caller) => {
+            let cx = opentelemetry::Context::new().with_remote_span_context(caller);
+            return (tracing::Span::none(), Some(cx));
+        }
+        crate::telemetry::CallTrace::Spans(decided) => decided,
+    };
     let (service, method) = crate::telemetry::rpc_names(path);
     let span = tracing::info_span!(
         target: crate::telemetry::RPC_SPANS,
@@ -503,8 +524,22 @@ fn server_span<B>(req: &Request<B>, id: &HeaderValue) -> tracing::Span {
         rpc.grpc.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    crate::telemetry::extract(&span, req.headers());
-    span
+    match decided {
+        // Sampled: the caller's context is read already. A new trace's OTel span is built now,
+        // in the poll that decided, so that it takes the id the decision was made on (built
+        // early, it costs about 2k instructions more: its fields are then recorded one by one).
+        Some(parent) if !span.is_disabled() => {
+            if parent.has_active_span() {
+                let _ = span.set_parent(parent);
+            } else {
+                let _ = span.context();
+            }
+        }
+        Some(_) => {}
+        // Not decided here (a subscriber of the program's own): the span reads the caller.
+        None => crate::telemetry::extract(&span, req.headers()),
+    }
+    (span, None)
 }
 
 /// tonic answers an oversized message with OUT_OF_RANGE; the gRPC spec says RESOURCE_EXHAUSTED,
@@ -567,7 +602,7 @@ mod tests {
         let response = tracing::subscriber::with_default(subscriber, || {
             let request = Request::post(path).body(()).unwrap();
             let id = HeaderValue::from_static("r-1");
-            let span = server_span(&request, &id);
+            let (span, _) = server_span(&request, &id);
             finish_grpc(Response::new(body), &span, id, metrics.grpc_call(path))
         });
         (response, frames, provider)

@@ -465,23 +465,11 @@ async fn retry_spans(way: Way) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_traceparent_is_continued() {
-    use meshlb::proto::userguide::v1::user_guide_service_client::UserGuideServiceClient;
     let (receiver, collector) = Receiver::start().await;
     let r = replica(collector, "lone", &["--id", "lone-1"]);
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", r.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
-    let mut request = tonic::Request::new(crate::support::get_point_request());
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace_id}-{parent}-01").parse().unwrap(),
-    );
-    UserGuideServiceClient::new(channel)
-        .get_point(request)
+    get_point_in(r.addr, &format!("00-{trace_id}-{parent}-01"))
         .await
         .unwrap();
     let server = eventually("the replica's server span", || {
@@ -495,6 +483,172 @@ async fn a_foreign_traceparent_is_continued() {
     .await;
     assert_eq!(server.trace_id, trace_id);
     assert_eq!(server.parent, parent);
+}
+
+/// One `GetPoint` to `addr` over a channel of its own, in the trace `traceparent` names.
+async fn get_point_in(
+    addr: SocketAddr,
+    traceparent: &str,
+) -> Result<tonic::Response<meshlb::proto::userguide::v1::GetPointResponse>, tonic::Status> {
+    use meshlb::proto::userguide::v1::user_guide_service_client::UserGuideServiceClient;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(crate::support::get_point_request());
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().unwrap());
+    UserGuideServiceClient::new(channel)
+        .get_point(request)
+        .await
+}
+
+/// A gRPC server that hands the test the `traceparent` of each call other than a health check,
+/// and answers it `NOT_FOUND` (health checks: `UNIMPLEMENTED`, which counts as serving).
+async fn traceparent_recorder() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (seen, recorded) = tokio::sync::mpsc::unbounded_channel();
+    let addr = h2_server(move |request| {
+        let health = request.uri().path().starts_with("/grpc.health.v1.");
+        if !health {
+            let traceparent = request
+                .headers()
+                .get("traceparent")
+                .map(|v| v.to_str().unwrap_or("not ASCII").to_owned());
+            let _ = seen.send(traceparent.unwrap_or_default());
+        }
+        http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", if health { "12" } else { "5" })
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+    })
+    .await;
+    (addr, recorded)
+}
+
+/// A replica that exports decides on the caller's context before it builds a span: a call its
+/// caller did not sample gets none, and goes on upstream with the caller's own span as parent
+/// (a span built and dropped would have put its own id there). A sampled call through the same
+/// replica is exported, with the replica's span as the next hop's parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsampled_call_passes_a_replica_that_builds_no_span_for_it() {
+    let (receiver, collector) = Receiver::start().await;
+    let (back, mut upstream) = traceparent_recorder().await;
+    let front = replica(
+        collector,
+        "front",
+        &["--id", "front-1", "--upstream", &format!("ipv4:{back}")],
+    );
+    let caller = "00f067aa0ba902b7";
+    let mut forwarded = Vec::new();
+    for (trace_id, flags) in [
+        ("4bf92f3577b34da6a3ce929d0e0e4736", "00"),
+        ("5ce0a2f3577b34da6a3ce929d0e0e473", "01"),
+    ] {
+        let answer = get_point_in(front.addr, &format!("00-{trace_id}-{caller}-{flags}")).await;
+        assert_eq!(
+            answer.unwrap_err().code(),
+            tonic::Code::NotFound,
+            "the upstream's answer"
+        );
+        let seen = tokio::time::timeout(std::time::Duration::from_secs(10), upstream.recv())
+            .await
+            .expect("the upstream saw no call")
+            .unwrap();
+        forwarded.push(seen);
+    }
+    assert_eq!(
+        forwarded[0], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        "an unsampled call goes on in its trace, unsampled, from the caller's span"
+    );
+    let sampled: Vec<&str> = forwarded[1].split('-').collect();
+    assert_eq!(sampled[1], "5ce0a2f3577b34da6a3ce929d0e0e473");
+    assert_ne!(
+        sampled[2], caller,
+        "a sampled call goes on from the front's spans"
+    );
+    assert_eq!(sampled[3], "01");
+    let spans = eventually("the sampled call's server span", || {
+        let spans = receiver.spans();
+        async move {
+            spans
+                .iter()
+                .any(|s| s.service == "front" && s.kind == SPAN_SERVER)
+                .then_some(spans)
+        }
+    })
+    .await;
+    let served: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.service == "front" && s.kind == SPAN_SERVER)
+        .collect();
+    assert_eq!(served.len(), 1, "{served:?}");
+    assert_eq!(served[0].trace_id, "5ce0a2f3577b34da6a3ce929d0e0e473");
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.trace_id != "4bf92f3577b34da6a3ce929d0e0e4736"),
+        "the unsampled call was exported: {spans:?}"
+    );
+}
+
+/// A replica that starts traces (its callers send none) decides on the trace id its span then
+/// takes: at a ratio of 50 %, about half of the calls are exported, each its own trace (a
+/// second decision by the exporter on another id would leave about a quarter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_starts_traces_samples_them_once() {
+    let (receiver, collector) = Receiver::start().await;
+    let r = Process::spawn_with("127.0.0.1:0", &["--id", "root-1"], |cmd| {
+        otel_env(cmd, collector, "root");
+        cmd.env("OTEL_TRACES_SAMPLER", "traceidratio")
+            .env("OTEL_TRACES_SAMPLER_ARG", "0.5");
+    });
+    // The client exports nothing, so it sends no `traceparent`.
+    let out = Command::new(env!("CARGO_BIN_EXE_meshlb"))
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .args(["client", "--target", &format!("ipv4:{}", r.addr)])
+        .args(["--requests", "200", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served = |spans: &[Span]| -> Vec<Span> {
+        spans
+            .iter()
+            .filter(|s| s.service == "root" && s.kind == SPAN_SERVER)
+            .cloned()
+            .collect()
+    };
+    // The spans come in batches every 100 ms; the count is read once it has stopped growing.
+    let mut last = usize::MAX;
+    let spans = eventually("the replica's exports to settle", || {
+        let now = served(&receiver.spans());
+        let settled = now.len() == last && !now.is_empty();
+        last = now.len();
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            settled.then_some(now)
+        }
+    })
+    .await;
+    // 100 expected, a standard deviation of 7.
+    assert!(
+        (65..=135).contains(&spans.len()),
+        "{} of 200 root calls exported",
+        spans.len()
+    );
+    let traces: std::collections::HashSet<&str> =
+        spans.iter().map(|s| s.trace_id.as_str()).collect();
+    assert_eq!(traces.len(), spans.len(), "two calls shared a trace");
+    assert!(
+        spans.iter().all(|s| s.parent.is_empty()),
+        "a root with a parent"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -901,35 +1055,50 @@ type Frames = tokio::sync::mpsc::UnboundedSender<Result<http_body::Frame<bytes::
 /// A gRPC server whose ListUsers answers are streamed by the test: each call hands the test the
 /// sending end of its body. Everything else (the health watch) is `UNIMPLEMENTED`.
 async fn streaming_server() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Frames>) {
+    let (calls, answers) = tokio::sync::mpsc::unbounded_channel();
+    let addr = h2_server(move |request| {
+        let (frames, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut response = http::Response::builder().header("content-type", "application/grpc");
+        if request.uri().path().ends_with("/ListUsers") {
+            let _ = calls.send(frames);
+        } else {
+            response = response.header("grpc-status", "12");
+        }
+        let body = http_body_util::StreamBody::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        );
+        response.body(body)
+    })
+    .await;
+    (addr, answers)
+}
+
+/// An HTTP/2 server on a port of its own that gives each request the response `answer` makes.
+async fn h2_server<B>(
+    answer: impl Fn(http::Request<hyper::body::Incoming>) -> http::Result<http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+) -> SocketAddr
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (calls, answers) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let calls = calls.clone();
+            let answer = answer.clone();
             let service =
-                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                    let (frames, rx) = tokio::sync::mpsc::unbounded_channel();
-                    let mut response =
-                        http::Response::builder().header("content-type", "application/grpc");
-                    if request.uri().path().ends_with("/ListUsers") {
-                        let _ = calls.send(frames);
-                    } else {
-                        response = response.header("grpc-status", "12");
-                    }
-                    let body = http_body_util::StreamBody::new(
-                        tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
-                    );
-                    std::future::ready(response.body(body))
-                });
+                hyper::service::service_fn(move |request| std::future::ready(answer(request)));
             tokio::spawn(
                 hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service),
             );
         }
     });
-    (addr, answers)
+    addr
 }
 
 /// One ListUsers message, framed as gRPC frames it.
