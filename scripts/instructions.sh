@@ -9,9 +9,10 @@
 # Three replicas with no injected latency (`meshlb up`), the OTLP receiver of
 # examples/otlp_sink.rs in a process of its own, and the client under valgrind against them.
 # The client's instructions include its exporter thread, not the replicas' or the receiver's.
-# Then the same three clients, outside valgrind, against one replica inside it that exports
-# nothing (as the bench's replicas): what the caller's tracing costs the replica (reading the
-# `traceparent` it is sent), start-up and drain included.
+# Then the same three clients, outside valgrind, against one replica inside it: one that exports
+# nothing (as the bench's replicas), then one that exports to the same receiver (parent-based,
+# the default: it samples what its caller sampled, and every call of a caller that sends no
+# `traceparent`). What the caller's tracing costs the replica, start-up and drain included.
 set -euo pipefail
 calls=${1:-5000}
 cd "$(dirname "$0")/.."
@@ -71,9 +72,10 @@ for row in "tracing off:$off" "1 % sampled:$pct" "every call sampled:$every"; do
             name, n / calls / 1000, (n - off) / calls / 1000, off / n }'
 done
 
-# One run against a replica of its own under callgrind; prints the replica's instructions.
+# One run against a replica of its own under callgrind, in the environment `$replica_env`
+# sets; prints the replica's instructions.
 replica_count() {
-    env -u OTEL_EXPORTER_OTLP_ENDPOINT valgrind --tool=callgrind \
+    env $replica_env valgrind --tool=callgrind \
         --callgrind-out-file="$work/replica.cg.out" \
         "$meshlb" replica --listen 127.0.0.1:0 --drain-grace 0s --id counted \
         > "$work/replica.out" 2> "$work/replica.err" &
@@ -92,13 +94,19 @@ replica_count() {
     sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$work/replica.err"
 }
 
-off=$(replica_count -u OTEL_EXPORTER_OTLP_ENDPOINT)
-pct=$(replica_count OTEL_EXPORTER_OTLP_ENDPOINT="http://$sink" OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG=0.01)
-every=$(replica_count OTEL_EXPORTER_OTLP_ENDPOINT="http://$sink" OTEL_TRACES_SAMPLER=always_on)
+replica_rows() {
+    local off pct every
+    off=$(replica_count -u OTEL_EXPORTER_OTLP_ENDPOINT)
+    pct=$(replica_count OTEL_EXPORTER_OTLP_ENDPOINT="http://$sink" OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG=0.01)
+    every=$(replica_count OTEL_EXPORTER_OTLP_ENDPOINT="http://$sink" OTEL_TRACES_SAMPLER=always_on)
+    for row in "tracing off:$off" "1 % sampled:$pct" "every call sampled:$every"; do
+        name=${row%%:*}; n=${row##*:}
+        awk -v name="$name" -v n="$n" -v off="$off" -v calls="$calls" 'BEGIN {
+            printf "  %-20s %7.1fk  (%+.1fk)\n", name, n / calls / 1000, (n - off) / calls / 1000 }'
+    done
+}
 
 echo "one replica that exports nothing, instructions per call, as the client traces:"
-for row in "tracing off:$off" "1 % sampled:$pct" "every call sampled:$every"; do
-    name=${row%%:*}; n=${row##*:}
-    awk -v name="$name" -v n="$n" -v off="$off" -v calls="$calls" 'BEGIN {
-        printf "  %-20s %7.1fk  (%+.1fk)\n", name, n / calls / 1000, (n - off) / calls / 1000 }'
-done
+replica_env="-u OTEL_EXPORTER_OTLP_ENDPOINT" replica_rows
+echo "one replica that exports, instructions per call, as the client traces:"
+replica_env="OTEL_EXPORTER_OTLP_ENDPOINT=http://$sink" replica_rows
