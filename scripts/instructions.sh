@@ -85,10 +85,11 @@ replica_count() {
         [ -n "$addr" ] && break
         sleep 0.1
     done
-    [ -n "$addr" ] || { echo "the replica did not start:" >&2; cat "$work/replica.err" >&2; exit 1; }
+    # `exit` here leaves only the `$(...)` this runs in, whose trap is not the script's.
+    [ -n "$addr" ] || { echo "the replica did not start:" >&2; cat "$work/replica.err" >&2; kill "$replica"; exit 1; }
     env "$@" "$meshlb" client --target "$addr" --requests "$calls" --format json \
         > "$work/client.json" 2> "$work/client.err" \
-        || { echo "the client failed:" >&2; cat "$work/client.err" >&2; exit 1; }
+        || { echo "the client failed:" >&2; cat "$work/client.err" >&2; kill "$replica"; exit 1; }
     kill -TERM "$replica"
     wait "$replica" || true
     sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$work/replica.err"

@@ -10,8 +10,9 @@
 //!
 //! Knows nothing of what is traced; the balancer and the replica open their own spans.
 
+use opentelemetry::propagation::Extractor;
 #[cfg(test)]
-use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::propagation::Injector;
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };
@@ -197,8 +198,9 @@ fn subscriber(
         Some(_) => std::cmp::max(LevelFilter::INFO, choices),
         None => LevelFilter::OFF,
     };
-    let only_the_choice = filter_fn(|meta| {
-        !meta.target().starts_with("tower::") || meta.fields().field("chosen").is_some()
+    let only_the_choice = filter_fn(move |meta| {
+        *meta.level() <= most
+            && (!meta.target().starts_with("tower::") || meta.fields().field("chosen").is_some())
     })
     .with_max_level_hint(most);
     // Filtered even when absent: a bare `None` layer counts as wanting every span, and the
@@ -316,11 +318,10 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
-/// The propagator's way out: the tests hold [`extract_span_context`] to what it reads.
-#[cfg(test)]
+/// The global propagator's way in ([`extract`]); the tests also hold [`extract_span_context`]
+/// to what the SDK's W3C propagator reads through it.
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
-#[cfg(test)]
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(|v| v.to_str().ok())
@@ -342,14 +343,19 @@ pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
     }
 }
 
-/// Makes `span` continue the trace named in incoming request headers, if any. A disabled span
-/// (nothing exported, nothing logged) has no parent to take: the headers are not parsed.
+/// Makes `span` continue the trace named in incoming request headers, if any, as the global
+/// propagator reads them: a program with a subscriber of its own may have installed another
+/// (B3, or baggage beside W3C). A disabled span (nothing exported, nothing logged) has no
+/// parent to take: the headers are not parsed. Where meshlb's own exporter runs, a server
+/// decides first ([`decide_served`], with [`extract_span_context`]).
 pub fn extract(span: &tracing::Span, headers: &http::HeaderMap) {
     if span.is_disabled() {
         return;
     }
-    if let Some(sc) = extract_span_context(headers) {
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
     }
 }
 
@@ -443,6 +449,13 @@ thread_local! {
     static NEXT_TRACE_ID: std::cell::Cell<Option<TraceId>> = const { std::cell::Cell::new(None) };
 }
 
+/// Lets go of the trace id [`decide_call`] or [`decide_served`] kept for a span that was then not
+/// built (a subscriber that disabled it): the next new trace on this thread must not take it.
+#[cfg(feature = "server")]
+pub(crate) fn forget_decided_trace_id() {
+    NEXT_TRACE_ID.with(std::cell::Cell::take);
+}
+
 /// Random ids, except that a new trace started right after [`decide_call`] sampled it gets the
 /// trace id the decision was made on: the exporter's sampler then decides the same way.
 #[derive(Debug, Default)]
@@ -486,7 +499,7 @@ pub fn decide_call() -> CallTrace {
 
 /// [`decide_call`] for a call served: on the caller's context in the request's headers, so a
 /// server builds no span for a call its caller did not sample (a replica that exports spent
-/// about 13k instructions on the span of each call it then dropped). `Spans` carries the
+/// about 11k instructions on the span of each call it then dropped). `Spans` carries the
 /// caller's context (or an empty one) only when a span is to be built; a `Forward` is the
 /// caller's context, to make current while the call is served, so that the calls it makes
 /// go on unsampled in the same trace.
@@ -767,11 +780,67 @@ mod tests {
             "00-1-2-1",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b70-01",
             "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "A0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
         ] {
             headers.insert("traceparent", loose.parse().unwrap());
             assert!(propagator_reads(&headers).is_some(), "{loose}");
             assert_eq!(extract_span_context(&headers), None, "{loose}");
         }
+    }
+
+    #[test]
+    fn a_call_is_decided_on_its_callers_context() {
+        use opentelemetry_sdk::trace::Sampler;
+        let follow = Sampler::ParentBased(Box::new(Sampler::AlwaysOn));
+        let caller = |flags| {
+            let sc = SpanContext::new(
+                TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736_u128),
+                SpanId::from(0x00f0_67aa_0ba9_02b7_u64),
+                flags,
+                true,
+                TraceState::from_key_value([("vendor", "x1")]).unwrap(),
+            );
+            (
+                opentelemetry::Context::new().with_remote_span_context(sc.clone()),
+                sc,
+            )
+        };
+        // Unsampled caller: no span; the caller's own context goes on, unsampled.
+        let (cx, sc) = caller(TraceFlags::default());
+        match decide(&follow, cx, "grpc.server") {
+            CallTrace::Forward(forward) => {
+                assert_eq!(forward.trace_id(), sc.trace_id());
+                assert_eq!(forward.span_id(), sc.span_id());
+                assert!(!forward.is_sampled());
+                assert_eq!(forward.trace_state().header(), "vendor=x1");
+            }
+            other => panic!("an unsampled caller's call was decided {other:?}"),
+        }
+        assert_eq!(NEXT_TRACE_ID.with(std::cell::Cell::take), None);
+        // Sampled caller: spans under the caller's context, and no new trace id kept.
+        let (cx, sc) = caller(TraceFlags::SAMPLED);
+        match decide(&follow, cx, "grpc.server") {
+            CallTrace::Spans(Some(parent)) => assert_eq!(*parent.span().span_context(), sc),
+            other => panic!("a sampled caller's call was decided {other:?}"),
+        }
+        assert_eq!(NEXT_TRACE_ID.with(std::cell::Cell::take), None);
+        // No caller: a new trace, whose id the span must then take; or, not sampled, a new
+        // context to forward, unsampled.
+        match decide(&follow, opentelemetry::Context::new(), "grpc.server") {
+            CallTrace::Spans(Some(parent)) => assert!(!parent.has_active_span()),
+            other => panic!("a new trace was decided {other:?}"),
+        }
+        assert!(NEXT_TRACE_ID.with(std::cell::Cell::take).is_some());
+        match decide(
+            &Sampler::AlwaysOff,
+            opentelemetry::Context::new(),
+            "grpc.server",
+        ) {
+            CallTrace::Forward(forward) => assert!(forward.is_valid() && !forward.is_sampled()),
+            other => panic!("an unsampled new trace was decided {other:?}"),
+        }
+        assert_eq!(NEXT_TRACE_ID.with(std::cell::Cell::take), None);
     }
 
     #[test]

@@ -535,7 +535,7 @@ fn server_span<B>(
                 let _ = span.context();
             }
         }
-        Some(_) => {}
+        Some(_) => crate::telemetry::forget_decided_trace_id(),
         // Not decided here (a subscriber of the program's own): the span reads the caller.
         None => crate::telemetry::extract(&span, req.headers()),
     }

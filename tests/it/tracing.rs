@@ -131,7 +131,10 @@ fn otel_env(cmd: &mut Command, collector: SocketAddr, service: &str) {
             cmd.env_remove(name);
         }
     }
-    cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"))
+    // A sampler of the developer's would change what is exported; each test sets its own.
+    cmd.env_remove("OTEL_TRACES_SAMPLER")
+        .env_remove("OTEL_TRACES_SAMPLER_ARG")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"))
         .env("OTEL_SERVICE_NAME", service)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100");
 }
@@ -599,11 +602,15 @@ async fn an_unsampled_call_passes_a_replica_that_builds_no_span_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_starts_traces_samples_them_once() {
     let (receiver, collector) = Receiver::start().await;
-    let r = Process::spawn_with("127.0.0.1:0", &["--id", "root-1"], |cmd| {
-        otel_env(cmd, collector, "root");
-        cmd.env("OTEL_TRACES_SAMPLER", "traceidratio")
-            .env("OTEL_TRACES_SAMPLER_ARG", "0.5");
-    });
+    let mut r = Process::spawn_with(
+        "127.0.0.1:0",
+        &["--id", "root-1", "--drain-grace", "0s"],
+        |cmd| {
+            otel_env(cmd, collector, "root");
+            cmd.env("OTEL_TRACES_SAMPLER", "traceidratio")
+                .env("OTEL_TRACES_SAMPLER_ARG", "0.5");
+        },
+    );
     // The client exports nothing, so it sends no `traceparent`.
     let out = Command::new(env!("CARGO_BIN_EXE_meshlb"))
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -617,25 +624,14 @@ async fn a_replica_that_starts_traces_samples_them_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let served = |spans: &[Span]| -> Vec<Span> {
-        spans
-            .iter()
-            .filter(|s| s.service == "root" && s.kind == SPAN_SERVER)
-            .cloned()
-            .collect()
-    };
-    // The spans come in batches every 100 ms; the count is read once it has stopped growing.
-    let mut last = usize::MAX;
-    let spans = eventually("the replica's exports to settle", || {
-        let now = served(&receiver.spans());
-        let settled = now.len() == last && !now.is_empty();
-        last = now.len();
-        async move {
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            settled.then_some(now)
-        }
-    })
-    .await;
+    // A replica that stops flushes its spans first: once it has exited, the receiver has them.
+    r.signal(libc::SIGTERM);
+    assert_eq!(r.wait_exit().await, Some(0), "the replica's exit");
+    let spans: Vec<Span> = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| s.service == "root" && s.kind == SPAN_SERVER)
+        .collect();
     // 100 expected, a standard deviation of 7.
     assert!(
         (65..=135).contains(&spans.len()),
