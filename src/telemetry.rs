@@ -5,8 +5,9 @@
 //! variables work: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
 //! `OTEL_TRACES_SAMPLER_ARG`, and the exporter's (`crate::otlp`, meshlb's own). W3C Trace Context
 //! (`traceparent`, `tracestate`) crosses every hop in gRPC metadata: [`inject`] on the way out
-//! ([`inject_span_context`] for a call that is not sampled and has no span), [`extract`] on the
-//! way in.
+//! ([`inject_span_context`] for a call that is not sampled and has no span); on the way in,
+//! [`decide_served`] where meshlb's exporter runs (no span for a call that is not sampled),
+//! else [`extract`] through the global propagator.
 //!
 //! Knows nothing of what is traced; the balancer and the replica open their own spans.
 
