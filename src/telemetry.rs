@@ -1,7 +1,7 @@
 //! Logs and traces. `tracing` to stderr (filtered by `RUST_LOG`), and, when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, meshlb's spans exported over OTLP/gRPC (batched, off the
 //! request path): bridged from `tracing` by `tracing-opentelemetry`, except the balancer's call
-//! spans, which it builds with the tracer this module keeps ([`direct_tracer`]). The standard
+//! spans, which it builds with the tracer this module keeps (`direct_tracer`). The standard
 //! variables work: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
 //! `OTEL_TRACES_SAMPLER_ARG`, and the exporter's (`crate::otlp`, meshlb's own). W3C Trace Context
 //! (`traceparent`, `tracestate`) crosses every hop in gRPC metadata: [`inject`] on the way out
@@ -361,7 +361,7 @@ pub fn extract(span: &tracing::Span, headers: &http::HeaderMap) {
 }
 
 /// The caller's W3C trace context in incoming headers: `traceparent` read as the spec says
-/// ([`parse_traceparent`]), with `tracestate` when it is well formed. The inverse of
+/// (`parse_traceparent`), with `tracestate` when it is well formed. The inverse of
 /// [`inject_span_context`], and for the same reason: through the global propagator, a replica
 /// spent about 2.4k instructions per call (a lock, a `Vec` of parts, `from_str_radix`) reading
 /// 55 bytes.

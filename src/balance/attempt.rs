@@ -7,7 +7,7 @@
 //! Which span the try reports to: none for an unsampled call (it only forwards the trace
 //! context, not sampled), the call's own span for its first try (a call tried once is one
 //! span), a span of its own for a retry or a hedge ([`Try`]). The call's span comes in the
-//! request ([`CallSpan`]), not as the current span.
+//! request (`CallSpan`), not as the current span.
 //!
 //! Knows requests, spans and the latency window hedging reads; nothing of policies.
 

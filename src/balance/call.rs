@@ -16,8 +16,8 @@
 //! `retryPolicy` lists, within the budget; a hedge after `hedgingDelay`. With no policy for the
 //! method, a call is tried once and its body is not copied.
 //!
-//! This module builds the stack ([`stack`]) and wraps each call in its metrics and its trace,
-//! both of which end with the last frame of the answer ([`Ending`]): a stream's span covers the
+//! This module builds the stack (`stack`) and wraps each call in its metrics and its trace,
+//! both of which end with the last frame of the answer (`Ending`): a stream's span covers the
 //! stream, and a status in its trailers is the call's.
 
 use super::attempt::Attempt;

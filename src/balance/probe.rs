@@ -1,6 +1,6 @@
 //! Probes that never cost a caller. When failure accrual or outlier ejection lets an ejected
 //! endpoint take one call to judge it by, the call it is handed is, if it may be duplicated (its
-//! method has a retry or hedging policy, so its request is kept: [`Duplicable`]), copied: the copy
+//! method has a retry or hedging policy, so its request is kept: `Duplicable`), copied: the copy
 //! goes to the endpoint as the probe and runs to its end on its own task, and the caller's own
 //! request comes back ([`Detached`]) to be sent elsewhere at once. A call that may not be
 //! duplicated is never a probe: the balancer sends a call of its own instead ([`ProbeCall`]: a

@@ -7,7 +7,7 @@
 //!
 //! As a tower layer ([`ReplayLayer`]), it reads the body of a call that its method's policy may
 //! send more than once, and hands the request down with the body kept in its extensions
-//! ([`Duplicable`]), which is what the retry and hedge layers copy it from ([`copy`]). A call
+//! (`Duplicable`), which is what the retry and hedge layers copy it from ([`copy`]). A call
 //! that will be sent once passes through untouched: its body is not copied.
 //!
 //! Knows HTTP bodies and which methods have a policy; nothing of endpoints or of how tries go.
@@ -115,7 +115,7 @@ where
     }
 }
 
-/// A copy of `request`, extensions and all, when its body was kept ([`Duplicable`]).
+/// A copy of `request`, extensions and all, when its body was kept (`Duplicable`).
 pub fn copy(request: &http::Request<Body>) -> Option<http::Request<Body>> {
     let Duplicable(body) = request.extensions().get::<Duplicable>()?;
     let mut copy = http::Request::new(Body::new(Full::new(body.clone())));
