@@ -186,18 +186,17 @@ fn subscriber(
     } else {
         LevelFilter::OFF
     };
-    let ours = match tracer {
-        Some(_) => Targets::new()
-            .with_target("meshlb", LevelFilter::INFO)
-            .with_target("tower::balance::p2c", choices),
-        None => Targets::new(),
-    };
-    // The hint is what lets `tracing`'s macros skip a level nobody records with one compare: a
-    // filter without one makes every `debug!` and `trace!` in h2, hyper and tower ask the
-    // subscriber (about 1.2k instructions per call of the client).
-    let most = match tracer {
-        Some(_) => std::cmp::max(LevelFilter::INFO, choices),
-        None => LevelFilter::OFF,
+    // `most` is the hint that lets `tracing`'s macros skip a level nobody records with one
+    // compare: a filter without one makes every `debug!` and `trace!` in h2, hyper and tower ask
+    // the subscriber (about 1.2k instructions per call of the client).
+    let (ours, most) = match tracer {
+        Some(_) => (
+            Targets::new()
+                .with_target("meshlb", LevelFilter::INFO)
+                .with_target("tower::balance::p2c", choices),
+            std::cmp::max(LevelFilter::INFO, choices),
+        ),
+        None => (Targets::new(), LevelFilter::OFF),
     };
     let only_the_choice = filter_fn(move |meta| {
         *meta.level() <= most
