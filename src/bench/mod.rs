@@ -546,7 +546,11 @@ async fn measure_on<T: Transport>(
     };
     let (_never, cancel) = warm_up(transport, &spec(config.warmup)).await;
 
-    let recorder = Recorder::default();
+    let recorder = if kind == ScenarioKind::Degrade {
+        Recorder::windowed()
+    } else {
+        Recorder::default()
+    };
     let degrade = if kind == ScenarioKind::Degrade {
         let slow = slow_admin
             .cloned()

@@ -392,7 +392,11 @@ pub async fn drive(lb: &Balancer, spec: &LoadSpec, watch: bool, progress: bool) 
             let _ = cancel_tx.send(true);
         }
     });
-    let recorder = Recorder::default();
+    let recorder = if watch {
+        Recorder::windowed()
+    } else {
+        Recorder::default()
+    };
     let started = tokio::time::Instant::now();
     let cpu_before = crate::bench::cpu_time();
     let bar = (progress && !watch && std::io::stdout().is_terminal()).then(|| progress_bar(spec));
