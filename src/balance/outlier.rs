@@ -91,8 +91,11 @@ fn judge(
             (samples >= config.min_samples).then(|| (e.clone(), ewma))
         })
         .collect();
-    let judged: HashSet<SocketAddr> = in_rotation.iter().map(|(e, _)| e.addr()).collect();
-    above_since.retain(|addr, _| judged.contains(addr));
+    // Usually no endpoint is above the threshold: then a tick hashes nothing.
+    if !above_since.is_empty() {
+        let judged: HashSet<SocketAddr> = in_rotation.iter().map(|(e, _)| e.addr()).collect();
+        above_since.retain(|addr, _| judged.contains(addr));
+    }
     if in_rotation.len() < 2 {
         return Vec::new();
     }
@@ -117,7 +120,9 @@ fn judge(
         let own = sorted.partition_point(|l| l < latency);
         let threshold = config.threshold(median_of(&sorted, Some(own)));
         if *latency <= threshold {
-            above_since.remove(&endpoint.addr());
+            if !above_since.is_empty() {
+                above_since.remove(&endpoint.addr());
+            }
             continue;
         }
         let since = *above_since.entry(endpoint.addr()).or_insert(now);

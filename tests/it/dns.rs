@@ -4,17 +4,26 @@ use crate::dns_server::{DnsServer, Mode};
 use crate::support::{drive, eventually, Replica};
 use meshlb::discovery::DnsConfig;
 use meshlb::replica::ReplicaConfig;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 use tonic::Code;
 
 /// Two replicas on one port, on 127.0.0.2 and 127.0.0.3, like two pods of a headless Service.
 async fn pods() -> (Replica, Replica, u16) {
-    let first = Replica::start("127.0.0.2", "pod-a", Default::default()).await;
+    let mut listeners = crate::support::one_port(&[A.into(), B.into()])
+        .await
+        .into_iter();
+    let (Some(a), Some(b)) = (listeners.next(), listeners.next()) else {
+        panic!("one_port gives a listener per address");
+    };
+    let config = |id: &str, grace| {
+        let mut config = ReplicaConfig::new(id, crate::support::users());
+        config.drain_grace = Duration::from_millis(grace);
+        config
+    };
+    let first = Replica::serve(a, config("pod-a", 200)).await;
+    let second = Replica::serve(b, config("pod-b", 100)).await;
     let port = first.addr.port();
-    let mut config = ReplicaConfig::new("pod-b", crate::support::users());
-    config.drain_grace = Duration::from_millis(100);
-    let second = Replica::start_on(SocketAddr::from(([127, 0, 0, 3], port)), config).await;
     (first, second, port)
 }
 
@@ -132,17 +141,25 @@ async fn rolling_restart_under_load_fails_no_call() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let first = Replica::start("127.0.0.2", "old-2", Default::default()).await;
-    let port = first.addr.port();
-    let start_pod = |ip: [u8; 4], id: String| async move {
-        let mut config = ReplicaConfig::new(id, crate::support::users());
-        config.drain_grace = Duration::from_millis(1500);
-        Replica::start_on(SocketAddr::from((ip, port)), config).await
+    // Three old pods on 127.0.0.2-4 and their replacements on .5-.7, all on one port, held
+    // from the start so that no other test takes it at an address before its pod starts.
+    let ips: Vec<std::net::IpAddr> = (2..=7)
+        .map(|l| Ipv4Addr::new(127, 0, 0, l).into())
+        .collect();
+    let mut listeners = crate::support::one_port(&ips).await.into_iter();
+    let mut start_pod = move |id: String| {
+        let listener = listeners.next();
+        async move {
+            let mut config = ReplicaConfig::new(id, crate::support::users());
+            config.drain_grace = Duration::from_millis(1500);
+            Replica::serve(listener.expect("a listener per pod"), config).await
+        }
     };
-    let mut old = vec![first];
-    for last in [3u8, 4] {
-        old.push(start_pod([127, 0, 0, last], format!("old-{last}")).await);
+    let mut old = Vec::new();
+    for last in [2u8, 3, 4] {
+        old.push(start_pod(format!("old-{last}")).await);
     }
+    let port = old[0].addr.port();
     let mut records: Vec<Ipv4Addr> = (2..=4).map(|l| Ipv4Addr::new(127, 0, 0, l)).collect();
     let dns = DnsServer::start(Mode::Records(records.clone())).await;
     let lb = crate::support::userguide(format!(
@@ -180,7 +197,7 @@ async fn rolling_restart_under_load_fails_no_call() {
         // Surge: the replacement starts, turns ready and enters DNS...
         let last = 5 + i as u8;
         let id = format!("new-{last}");
-        let replacement = start_pod([127, 0, 0, last], id.clone()).await;
+        let replacement = start_pod(id.clone()).await;
         records.push(Ipv4Addr::new(127, 0, 0, last));
         dns.set(Mode::Records(records.clone()));
         eventually("the replacement is discovered and ready", || async {

@@ -36,6 +36,29 @@ where
     }
 }
 
+/// Listeners on one port, one at each of `ips`, as the pods of a headless Service share one.
+/// A port the kernel found free at the first address may be taken at another by a test running
+/// beside this one: such a port is given back and another tried.
+pub async fn one_port(ips: &[std::net::IpAddr]) -> Vec<tokio::net::TcpListener> {
+    for _ in 0..50 {
+        let first = tokio::net::TcpListener::bind((ips[0], 0))
+            .await
+            .expect("bind loopback");
+        let port = first.local_addr().unwrap().port();
+        let mut all = vec![first];
+        for ip in &ips[1..] {
+            match tokio::net::TcpListener::bind((*ip, port)).await {
+                Ok(listener) => all.push(listener),
+                Err(_) => break,
+            }
+        }
+        if all.len() == ips.len() {
+            return all;
+        }
+    }
+    panic!("no port free at every one of {ips:?} in 50 tries");
+}
+
 /// A replica running in this process.
 pub struct Replica {
     pub addr: SocketAddr,
@@ -65,6 +88,11 @@ impl Replica {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind loopback");
+        Self::serve(listener, config).await
+    }
+
+    /// A replica serving on `listener` (one of [`one_port`]'s, say).
+    pub async fn serve(listener: tokio::net::TcpListener, config: ReplicaConfig) -> Self {
         let addr = listener.local_addr().unwrap();
         let admin = tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0))
             .await
