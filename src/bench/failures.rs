@@ -222,7 +222,7 @@ async fn cut_run<T: Transport>(
         rate: None,
         call: CallKind::GetPoint.into(),
     };
-    let recorder = Recorder::default();
+    let (recorder, window) = Recorder::with_window();
     let (_never, cancel) = tokio::sync::watch::channel(false);
     let silent = fleet.members[2].addr;
     let cut_at = config.duration / 4;
@@ -233,7 +233,7 @@ async fn cut_run<T: Transport>(
         _ = &mut load => anyhow::bail!("the load ended before the cut"),
         () = tokio::time::sleep(cut_at) => {}
     }
-    recorder.take_window();
+    window.take();
     let after_cut = Instant::now();
     if cut {
         fleet.members[2].blackhole(true)?;
@@ -254,7 +254,7 @@ async fn cut_run<T: Transport>(
     };
     tokio::select! {
         recorder = &mut load => {
-            let window = recorder.take_window();
+            let window = window.take();
             let total = recorder.total();
             let seconds = started.elapsed().saturating_sub(cut_at).as_secs_f64();
             let answered = window.total.ok_count() as f64;

@@ -546,10 +546,11 @@ async fn measure_on<T: Transport>(
     };
     let (_never, cancel) = warm_up(transport, &spec(config.warmup)).await;
 
-    let recorder = if kind == ScenarioKind::Degrade {
-        Recorder::windowed()
+    let (recorder, window) = if kind == ScenarioKind::Degrade {
+        let (recorder, window) = Recorder::with_window();
+        (recorder, Some(window))
     } else {
-        Recorder::default()
+        (Recorder::default(), None)
     };
     let degrade = if kind == ScenarioKind::Degrade {
         let slow = slow_admin
@@ -559,9 +560,8 @@ async fn measure_on<T: Transport>(
     } else {
         None
     };
-    let degrade = degrade.map(|slow| {
+    let degrade = degrade.zip(window).map(|(slow, window)| {
         let d = config.duration;
-        let recorder = recorder.clone();
         tokio::spawn(async move {
             // 100 ms windows, and the slow replica's knob turned at 1/3 and back at 2/3.
             let mut windows = Vec::new();
@@ -571,7 +571,7 @@ async fn measure_on<T: Transport>(
             loop {
                 tick.tick().await;
                 let t = start.elapsed();
-                windows.push((t, recorder.take_window()));
+                windows.push((t, window.take()));
                 if !turned.0 && t >= d / 3 {
                     turned.0 = true;
                     // A fault change that fails would make this row measure a uniform fleet.

@@ -4,7 +4,7 @@
 use super::method::{CallChoice, MethodArgs};
 use super::UsageError;
 use crate::dynamic::invoke::Kind;
-use crate::load::{self, CallKind, LoadSpec, Recorder, Stop, Workload};
+use crate::load::{self, CallKind, LoadSpec, Recorder, Stop, Window, Workload};
 use crate::report::{self, Report};
 use crate::{Balancer, Policy};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -392,10 +392,11 @@ pub async fn drive(lb: &Balancer, spec: &LoadSpec, watch: bool, progress: bool) 
             let _ = cancel_tx.send(true);
         }
     });
-    let recorder = if watch {
-        Recorder::windowed()
+    let (recorder, window) = if watch {
+        let (recorder, window) = Recorder::with_window();
+        (recorder, Some(window))
     } else {
-        Recorder::default()
+        (Recorder::default(), None)
     };
     let started = tokio::time::Instant::now();
     let cpu_before = crate::bench::cpu_time();
@@ -412,10 +413,10 @@ pub async fn drive(lb: &Balancer, spec: &LoadSpec, watch: bool, progress: bool) 
             let mut retries_before = lb.retries();
             loop {
                 tick.tick().await;
-                if watch {
+                if let Some(window) = &window {
                     let retries = lb.retries();
                     let frame =
-                        live_frame(&lb, &recorder, started.elapsed(), retries - retries_before);
+                        live_frame(&lb, window, started.elapsed(), retries - retries_before);
                     retries_before = retries;
                     print!("{frame}");
                 } else if let Some(bar) = &bar {
@@ -464,8 +465,8 @@ fn progress_bar(spec: &LoadSpec) -> ProgressBar {
 
 /// One frame of the live view: the last second's distribution (and its retries) and every
 /// endpoint's state.
-fn live_frame(lb: &Balancer, recorder: &Recorder, elapsed: Duration, retries: u64) -> String {
-    let window = recorder.take_window();
+fn live_frame(lb: &Balancer, window: &Window, elapsed: Duration, retries: u64) -> String {
+    let window = window.take();
     let second = Report::new(
         lb.target(),
         &lb.policy().to_string(),

@@ -83,7 +83,7 @@ impl Replica {
         Self::start_on(format!("{ip}:0").parse().unwrap(), config).await
     }
 
-    /// Starts on exactly `addr` (to give several replicas one port on distinct IPs, like pods).
+    /// Starts on exactly `addr` (for several replicas on one port, [`one_port`] is safer).
     pub async fn start_on(addr: SocketAddr, config: ReplicaConfig) -> Self {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
