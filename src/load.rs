@@ -328,6 +328,16 @@ impl Recorder {
         (recorder.clone(), Window(recorder))
     }
 
+    /// [`Recorder::with_window`] if `keep`, else a recorder without one.
+    pub fn with_window_if(keep: bool) -> (Self, Option<Window>) {
+        if keep {
+            let (recorder, window) = Self::with_window();
+            (recorder, Some(window))
+        } else {
+            (Self::default(), None)
+        }
+    }
+
     fn record(&self, outcome: &CallOutcome, latency: Duration) {
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         guard.0.record(outcome, latency);

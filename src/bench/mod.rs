@@ -546,12 +546,6 @@ async fn measure_on<T: Transport>(
     };
     let (_never, cancel) = warm_up(transport, &spec(config.warmup)).await;
 
-    let (recorder, window) = if kind == ScenarioKind::Degrade {
-        let (recorder, window) = Recorder::with_window();
-        (recorder, Some(window))
-    } else {
-        (Recorder::default(), None)
-    };
     let degrade = if kind == ScenarioKind::Degrade {
         let slow = slow_admin
             .cloned()
@@ -560,6 +554,7 @@ async fn measure_on<T: Transport>(
     } else {
         None
     };
+    let (recorder, window) = Recorder::with_window_if(degrade.is_some());
     let degrade = degrade.zip(window).map(|(slow, window)| {
         let d = config.duration;
         tokio::spawn(async move {

@@ -392,12 +392,7 @@ pub async fn drive(lb: &Balancer, spec: &LoadSpec, watch: bool, progress: bool) 
             let _ = cancel_tx.send(true);
         }
     });
-    let (recorder, window) = if watch {
-        let (recorder, window) = Recorder::with_window();
-        (recorder, Some(window))
-    } else {
-        (Recorder::default(), None)
-    };
+    let (recorder, window) = Recorder::with_window_if(watch);
     let started = tokio::time::Instant::now();
     let cpu_before = crate::bench::cpu_time();
     let bar = (progress && !watch && std::io::stdout().is_terminal()).then(|| progress_bar(spec));

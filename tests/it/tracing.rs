@@ -102,6 +102,21 @@ impl TraceService for Receiver {
     }
 }
 
+/// `service`'s server spans, once the receiver has one.
+async fn server_spans(receiver: &Receiver, service: &str) -> Vec<Span> {
+    eventually(&format!("{service}'s server span"), || {
+        let spans = receiver.spans();
+        async move {
+            let served: Vec<Span> = spans
+                .into_iter()
+                .filter(|s| s.service == service && s.kind == SPAN_SERVER)
+                .collect();
+            (!served.is_empty()).then_some(served)
+        }
+    })
+    .await
+}
+
 impl Receiver {
     async fn start() -> (Self, SocketAddr) {
         let receiver = Receiver::default();
@@ -475,15 +490,7 @@ async fn a_foreign_traceparent_is_continued() {
     get_point_in(r.addr, &format!("00-{trace_id}-{parent}-01"))
         .await
         .unwrap();
-    let server = eventually("the replica's server span", || {
-        let spans = receiver.spans();
-        async move {
-            spans
-                .into_iter()
-                .find(|s| s.service == "lone" && s.kind == SPAN_SERVER)
-        }
-    })
-    .await;
+    let server = server_spans(&receiver, "lone").await.remove(0);
     assert_eq!(server.trace_id, trace_id);
     assert_eq!(server.parent, parent);
 }
@@ -572,22 +579,10 @@ async fn an_unsampled_call_passes_a_replica_that_builds_no_span_for_it() {
         "a sampled call goes on from the front's spans"
     );
     assert_eq!(sampled[3], "01");
-    let spans = eventually("the sampled call's server span", || {
-        let spans = receiver.spans();
-        async move {
-            spans
-                .iter()
-                .any(|s| s.service == "front" && s.kind == SPAN_SERVER)
-                .then_some(spans)
-        }
-    })
-    .await;
-    let served: Vec<&Span> = spans
-        .iter()
-        .filter(|s| s.service == "front" && s.kind == SPAN_SERVER)
-        .collect();
+    let served = server_spans(&receiver, "front").await;
     assert_eq!(served.len(), 1, "{served:?}");
     assert_eq!(served[0].trace_id, "5ce0a2f3577b34da6a3ce929d0e0e473");
+    let spans = receiver.spans();
     assert!(
         spans
             .iter()
