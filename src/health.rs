@@ -53,7 +53,8 @@ pub struct Gate {
     waker: AtomicWaker,
     recheck: Notify,
     last_error: std::sync::Mutex<Option<String>>,
-    /// Told whenever the endpoint turns `SERVING` (the balancer's wait for a ready endpoint).
+    /// Told whenever the endpoint turns `SERVING` or `NOT_SERVING`, or fails to connect or to
+    /// answer (the balancer's waits for a ready endpoint, and for every endpoint's first word).
     observer: Option<Arc<Notify>>,
 }
 
@@ -63,7 +64,8 @@ impl Gate {
         Arc::new(Self::default())
     }
 
-    /// A shut gate that tells every waiter of `observer` when it opens.
+    /// A shut gate that tells every waiter of `observer` when it opens, when the endpoint says it
+    /// is not serving, and when it fails.
     pub fn observed(observer: Arc<Notify>) -> Arc<Self> {
         Arc::new(Self {
             observer: Some(observer),
@@ -91,7 +93,17 @@ impl Gate {
     }
 
     fn set_error(&self, error: Option<String>) {
+        let failed = error.is_some();
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+        if failed {
+            self.tell_observer();
+        }
+    }
+
+    fn tell_observer(&self) {
+        if let Some(observer) = &self.observer {
+            observer.notify_waiters();
+        }
     }
 
     /// Records a new health and wakes the reader if it changed.
@@ -99,8 +111,8 @@ impl Gate {
         let v = health as u8;
         if self.health.swap(v, Ordering::AcqRel) != v {
             self.waker.wake();
-            if let (Health::Serving, Some(observer)) = (health, &self.observer) {
-                observer.notify_waiters();
+            if health != Health::Connecting {
+                self.tell_observer();
             }
         }
     }

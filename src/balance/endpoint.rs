@@ -203,6 +203,13 @@ impl Shared {
         self.gate.in_rotation()
     }
 
+    /// Whether it has had its first word: it answered its health watch (serving or not), or
+    /// failed to connect or to answer at least once.
+    pub fn settled(&self) -> bool {
+        let health = self.gate.health();
+        health.health() != Health::Connecting || health.last_error().is_some()
+    }
+
     /// Asks accrual to eject the endpoint as a latency outlier (unless it is already out or being
     /// probed); its probe is to answer within `threshold`, the fleet's.
     pub fn eject_for_latency(&self, threshold: Duration) {

@@ -691,6 +691,16 @@ impl Balancer {
             .await
             .is_ok()
     }
+
+    /// Waits until every discovered endpoint has had its first word (it came into rotation, said
+    /// it is not serving, or failed to connect or to answer at least once), or `timeout` passes;
+    /// says which. A load that starts when the first endpoint is ready sends its first calls to
+    /// the few that connected first, and pays for connecting the rest while it is measured.
+    pub async fn wait_settled(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.shared.registry.until_settled())
+            .await
+            .is_ok()
+    }
 }
 
 impl Service<http::Request<Body>> for Balancer {

@@ -285,15 +285,32 @@ impl Registry {
 
     /// Returns once some endpoint is ready: woken by the gates, not by polling.
     pub async fn until_ready(&self) {
+        self.until(Self::any_ready).await
+    }
+
+    /// Whether every endpoint has had its first word (in rotation, not serving, or failed at
+    /// least once); not while none is known.
+    pub fn all_settled(&self) -> bool {
+        let endpoints = self.lock();
+        !endpoints.is_empty() && endpoints.values().all(|e| e.shared.settled())
+    }
+
+    /// Returns once every endpoint has had its first word ([`Registry::all_settled`]).
+    pub async fn until_settled(&self) {
+        self.until(Self::all_settled).await
+    }
+
+    /// Returns once `done`, looked at again each time a gate tells of a change.
+    async fn until(&self, done: impl Fn(&Self) -> bool) {
         loop {
-            // Enabled before the look, so a gate opening between the look and the wait is heard.
-            let opened = self.rotation.notified();
-            tokio::pin!(opened);
-            opened.as_mut().enable();
-            if self.any_ready() {
+            // Enabled before the look, so a gate changing between the look and the wait is heard.
+            let told = self.rotation.notified();
+            tokio::pin!(told);
+            told.as_mut().enable();
+            if done(self) {
                 return;
             }
-            opened.await;
+            told.await;
         }
     }
 
@@ -552,7 +569,13 @@ mod tests {
     /// A registry for "t" with one endpoint, not yet serving: its shared state and health.
     fn one_endpoint() -> (Arc<Registry>, Arc<Shared>, Arc<health::Gate>) {
         let registry = Registry::new("t".into());
-        let addr = SocketAddr::from(([127, 0, 0, 1], 1));
+        let (shared, health) = add_endpoint(&registry, 1);
+        (registry, shared, health)
+    }
+
+    /// Adds an endpoint at 127.0.0.1:`port`, not yet serving: its shared state and health.
+    fn add_endpoint(registry: &Registry, port: u16) -> (Arc<Shared>, Arc<health::Gate>) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let health = registry.health_signal();
         let shared = Shared::new(
             addr,
@@ -562,7 +585,7 @@ mod tests {
         );
         let channel = connect(addr, &ConnectConfig::default());
         registry.insert(addr, shared.clone(), channel, tokio::spawn(async {}));
-        (registry, shared, health)
+        (shared, health)
     }
 
     /// The wait for a ready endpoint is woken by the gate that opens, at that instant (on a paused
@@ -597,6 +620,36 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         crate::balance::testing::settle().await;
         assert!(waiting.is_finished(), "woken by the ejection's end");
+    }
+
+    /// The wait for every endpoint's first word ends when the last one says something: serving,
+    /// not serving, or a failure. One endpoint in rotation is not enough, and nothing is polled.
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_every_endpoint_ends_at_the_last_ones_first_word() {
+        let (registry, _, first) = one_endpoint();
+        let (_, second) = add_endpoint(&registry, 2);
+        let (_, third) = add_endpoint(&registry, 3);
+        let start = tokio::time::Instant::now();
+        let waiting = tokio::spawn({
+            let registry = registry.clone();
+            async move { registry.until_settled().await }
+        });
+        first.set(health::Health::Serving);
+        crate::balance::testing::settle().await;
+        assert!(registry.any_ready());
+        assert!(!waiting.is_finished(), "two have not answered yet");
+        second.set(health::Health::NotServing);
+        crate::balance::testing::settle().await;
+        assert!(!waiting.is_finished(), "one has not answered yet");
+        third.shut("connection refused".into());
+        crate::balance::testing::settle().await;
+        assert!(waiting.is_finished(), "woken by the failure");
+        assert_eq!(tokio::time::Instant::now(), start, "no time passed");
+        assert!(registry.all_settled());
+        assert!(
+            !Registry::new("none".into()).all_settled(),
+            "none known yet"
+        );
     }
 
     /// An endpoint on probation is in rotation for its probe only: a caller left with nothing

@@ -179,6 +179,38 @@ async fn all_ready(lb: &Balancer, n: usize) {
     .await;
 }
 
+/// `wait_settled` returns once every endpoint has had its first word: the live ones in
+/// rotation, the dead one with its failure, not at the first ready one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_for_every_endpoint_hears_the_live_ones_and_the_dead_one() {
+    let replicas = fleet("settle", [FaultConfig::default(), FaultConfig::default()]).await;
+    // A port nobody listens on: its connections are refused.
+    let dead = std::net::TcpListener::bind("127.0.0.9:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
+    addrs.push(dead);
+    let lb = crate::support::userguide(ipv4_target(&addrs))
+        .health_service(SERVICE)
+        .build()
+        .await
+        .unwrap();
+    assert!(
+        lb.wait_settled(Duration::from_secs(20)).await,
+        "{:?}",
+        lb.endpoints()
+    );
+    let endpoints = lb.endpoints();
+    assert_eq!(endpoints.len(), 3);
+    for replica in &replicas {
+        assert_eq!(state_of(&lb, replica.addr), Some(EndpointState::Ready));
+    }
+    let refused = endpoints.iter().find(|e| e.addr == dead).unwrap();
+    assert_eq!(refused.state, EndpointState::Connecting);
+    assert!(refused.last_error.is_some(), "{refused:?}");
+}
+
 /// Runs calls in the background, `concurrency` at a time, until stopped; returns the tally.
 fn background_load(
     lb: Balancer,
