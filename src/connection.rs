@@ -1,25 +1,29 @@
-//! One HTTP/2 connection to one endpoint, driven directly with hyper's client.
+//! One HTTP/2 connection to one endpoint, driven directly with h2.
 //!
-//! tonic's `Channel` puts a buffer task in front of each connection, so a balanced call would
-//! cross two queues (the balancer's and the channel's) and several boxed layers before hyper's
-//! own. Here a call goes straight to hyper's `SendRequest`. One task per endpoint connects (TCP
-//! with `TCP_NODELAY`, then TLS when configured, then the HTTP/2 handshake), drives the connection
-//! until it ends, and connects again after a jittered backoff, for as long as anyone holds a
-//! [`Connection`]. Handles are cheap clones over that one connection: the balancer's endpoint,
-//! the health watch and the silence detector's probes share it, so what health sees is what
-//! calls get.
+//! tonic's `Channel` puts a buffer task in front of each connection, and hyper's HTTP/2 client
+//! hands each request to its connection task over a channel, then spawns a task per call to
+//! wait for the answer (and another to send the body when h2 has no room for it yet): a call
+//! crossed a queue and two task hand-offs before h2 saw it. Here the caller opens the stream on
+//! h2's `SendRequest` itself, writes a body that is ready at once in the same poll, and awaits
+//! the answer itself; only a body still streaming when the answer comes is left to a task of
+//! its own. One task per endpoint connects (TCP with `TCP_NODELAY`, then TLS when configured,
+//! then the HTTP/2 handshake), drives the connection and its keepalive pings until it ends, and
+//! connects again after a jittered backoff, for as long as anyone holds a [`Connection`].
+//! Handles are cheap clones over that one connection: the balancer's endpoint, the health watch
+//! and the silence detector's probes share it, so what health sees is what calls get.
 //!
-//! Readiness: a handle is ready while the connection is up, `Pending` while it is being made,
-//! and an error once per failed attempt (then `Pending` until the next attempt's outcome, so a
-//! caller that looks again during the backoff waits for the next try instead of failing at
-//! once). The caller decides what a failure means; this module knows nothing of health, accrual
-//! or balancing.
+//! Readiness: a handle is ready while the connection is up and may open a stream, `Pending`
+//! while it is being made (or while the peer's stream limit is reached), and an error once per
+//! failed attempt (then `Pending` until the next attempt's outcome, so a caller that looks again
+//! during the backoff waits for the next try instead of failing at once). The caller decides
+//! what a failure means; this module knows nothing of health, accrual or balancing.
 
 use crate::backoff::Backoff;
 use crate::tls::Connector;
+use bytes::Bytes;
+use h2::client::SendRequest;
 use http::uri::{Authority, Scheme};
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http_body::{Body as _, Frame};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -55,9 +59,22 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// attempt, so a peer that accepts and at once closes is not reconnected to in a tight loop.
 const HEALTHY_LIFETIME: Duration = Duration::from_secs(1);
 
+/// Flow-control windows as hyper's HTTP/2 client sets them (h2's own are 64 KiB): a stream of
+/// answers is not held up waiting for window updates.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// How much of a request body h2 may hold for one stream before the body waits for room.
+const SEND_BUFFER: usize = 1024 * 1024;
+
 /// `meshlb/VERSION`, sent unless the caller set its own (gRPC's spec asks clients to send one).
 const USER_AGENT: http::HeaderValue =
     http::HeaderValue::from_static(concat!("meshlb/", env!("CARGO_PKG_VERSION")));
+
+/// A call whose stream could not be opened: the connection had just ended or been told to go
+/// away. Nothing was sent, so nothing was processed.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection closed before the call was sent: {0}")]
+pub struct NotSent(#[from] h2::Error);
 
 /// Why there is no connection right now.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +88,7 @@ pub struct ConnectError {
 #[derive(Clone)]
 enum Current {
     Connecting,
-    Up(SendRequest<Body>),
+    Up(SendRequest<Bytes>),
     /// The last attempt failed; the number tells attempts apart (from 1).
     Failed(Arc<ConnectError>, u64),
 }
@@ -97,7 +114,7 @@ impl Slot {
 pub struct Connection {
     slot: Arc<Slot>,
     /// This handle's copy of the sender, so that a ready connection costs no lock.
-    send: Option<SendRequest<Body>>,
+    send: Option<SendRequest<Bytes>>,
     /// The failed attempt this handle last reported, so each is reported once.
     reported: u64,
     scheme: Scheme,
@@ -142,8 +159,7 @@ impl Connection {
     pub fn send(
         &mut self,
         request: http::Request<Body>,
-    ) -> impl Future<Output = Result<http::Response<hyper::body::Incoming>, BoxError>> + Send + 'static
-    {
+    ) -> impl Future<Output = Result<http::Response<Incoming>, BoxError>> + Send + 'static {
         let (mut parts, body) = request.into_parts();
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
         uri.scheme = Some(self.scheme.clone());
@@ -155,55 +171,233 @@ impl Connection {
         if !parts.headers.contains_key(http::header::USER_AGENT) {
             parts.headers.insert(http::header::USER_AGENT, USER_AGENT);
         }
-        let request = http::Request::from_parts(parts, body);
-        let sent = self.send.as_mut().map(|send| send.send_request(request));
+        strip_connection_headers(&mut parts.headers);
+        let end = body.is_end_stream();
+        // The stream is opened here, in the caller's poll: no hand-off to the connection's task.
+        let opened = match self.send.as_mut() {
+            Some(send) => send
+                .send_request(http::Request::from_parts(parts, ()), end)
+                .map_err(|error| BoxError::from(NotSent::from(error))),
+            None => Err(BoxError::from("called before the connection was ready")),
+        };
         async move {
-            match sent {
-                Some(response) => response.await.map_err(BoxError::from),
-                None => Err(BoxError::from("called before the connection was ready")),
+            let (answer, stream) = opened?;
+            let mut answer = std::pin::pin!(answer);
+            let mut pipe = (!end).then(|| Pipe::new(body, stream));
+            // The body is sent while the answer is awaited, in the same task: a unary call's one
+            // message goes out in the first poll.
+            let response = std::future::poll_fn(|cx| {
+                if let Some(sending) = &mut pipe {
+                    if Pin::new(&mut *sending).poll(cx).is_ready() {
+                        pipe = None;
+                    }
+                }
+                answer.as_mut().poll(cx)
+            })
+            .await?;
+            if let Some(rest) = pipe {
+                // Answered before its body was all sent (a stream of requests the server answers
+                // early): the rest goes on, on its own task.
+                tokio::spawn(rest);
             }
+            Ok(response.map(Incoming::new))
         }
     }
 
     fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         let mut state = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
         match &state.0 {
-            Current::Up(send) if !send.is_closed() => {
-                self.send = Some(send.clone());
-                Poll::Ready(Ok(()))
+            Current::Up(send) => {
+                let mut send = send.clone();
+                match send.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.send = Some(send);
+                        return Poll::Ready(Ok(()));
+                    }
+                    // At the peer's limit of streams: h2 wakes this task when one ends.
+                    Poll::Pending => {
+                        self.send = Some(send);
+                        return Poll::Pending;
+                    }
+                    // Ended (or told to go away): the task is making the next one.
+                    Poll::Ready(Err(_)) => {}
+                }
             }
             Current::Failed(error, attempt) if *attempt != self.reported => {
                 self.reported = *attempt;
-                Poll::Ready(Err(Box::new(Shared(error.clone()))))
+                return Poll::Ready(Err(Box::new(Shared(error.clone()))));
             }
-            Current::Up(_) | Current::Connecting | Current::Failed(..) => {
-                if !state.1.iter().any(|w| w.will_wake(cx.waker())) {
-                    state.1.push(cx.waker().clone());
-                }
-                Poll::Pending
-            }
+            Current::Connecting | Current::Failed(..) => {}
         }
+        if !state.1.iter().any(|w| w.will_wake(cx.waker())) {
+            state.1.push(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
 impl Service<http::Request<Body>> for Connection {
-    type Response = http::Response<hyper::body::Incoming>;
+    type Response = http::Response<Incoming>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        if let Some(send) = &self.send {
-            if !send.is_closed() {
-                return Poll::Ready(Ok(()));
+        if let Some(send) = &mut self.send {
+            match send.poll_ready(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+                // That connection ended; the task is making the next one.
+                Poll::Ready(Err(_)) => self.send = None,
             }
-            // That connection ended; the task is making the next one.
-            self.send = None;
         }
         self.poll_slot(cx)
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         Box::pin(self.send(request))
+    }
+}
+
+/// Leaves out what HTTP/2 forbids in a request (RFC 9113, 8.2.2), as hyper's client did: h2
+/// refuses the whole request for one of them, and a caller's stray `Connection` header is no
+/// reason for a call to fail.
+fn strip_connection_headers(headers: &mut http::HeaderMap) {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    if let Some(listed) = headers.remove(CONNECTION) {
+        // The names it lists are this connection's own, too.
+        for name in listed.to_str().unwrap_or_default().split(',') {
+            headers.remove(name.trim());
+        }
+    }
+    for name in [TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+    if headers.get(TE).is_some_and(|te| te != "trailers") {
+        headers.remove(TE);
+    }
+}
+
+/// Sends a request body on its stream: each frame as the body yields it, waiting for room in
+/// h2's buffer before all but the first (h2 takes a frame beyond the window and holds it until
+/// the peer opens the window; a unary call's message is one frame, sent at once).
+struct Pipe {
+    body: Body,
+    stream: h2::SendStream<Bytes>,
+    first: bool,
+}
+
+impl Pipe {
+    fn new(body: Body, stream: h2::SendStream<Bytes>) -> Self {
+        Self {
+            body,
+            stream,
+            first: true,
+        }
+    }
+
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        loop {
+            if !self.first {
+                while self.stream.capacity() == 0 {
+                    self.stream.reserve_capacity(1);
+                    if self.stream.capacity() > 0 {
+                        break;
+                    }
+                    match std::task::ready!(self.stream.poll_capacity(cx)) {
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => return Poll::Ready(Err(error.into())),
+                        None => return Poll::Ready(Err("the stream closed".into())),
+                    }
+                }
+            }
+            match std::task::ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    self.first = false;
+                    match frame.into_data() {
+                        Ok(data) => {
+                            let end = self.body.is_end_stream();
+                            self.stream.send_data(data, end)?;
+                            if end {
+                                return Poll::Ready(Ok(()));
+                            }
+                        }
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                self.stream.send_trailers(trailers)?;
+                                return Poll::Ready(Ok(()));
+                            }
+                        }
+                    }
+                }
+                Some(Err(error)) => {
+                    self.stream.send_reset(h2::Reason::INTERNAL_ERROR);
+                    return Poll::Ready(Err(error.into()));
+                }
+                None => {
+                    self.stream.send_data(Bytes::new(), true)?;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+impl Future for Pipe {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // A body that fails has reset its stream; one the peer reset is answered already.
+        self.poll_send(cx).map(|_| ())
+    }
+}
+
+/// An answer's body as h2 delivers it: data, then trailers. Each chunk read gives its bytes
+/// back to the flow-control window, so the peer may send more.
+#[derive(Debug)]
+pub struct Incoming {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl Incoming {
+    fn new(recv: h2::RecvStream) -> Self {
+        Self {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl http_body::Body for Incoming {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => self.data_done = true,
+            }
+        }
+        match std::task::ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(error) => Poll::Ready(Some(Err(error))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
     }
 }
 
@@ -241,13 +435,16 @@ async fn drive(slot: Weak<Slot>, addr: SocketAddr, settings: Settings) {
             });
         let Some(live) = slot.upgrade() else { return };
         let failure = match outcome {
-            Ok((send, connection)) => {
+            Ok((send, ping, connection)) => {
                 live.set(Current::Up(send));
                 // Hold no strong reference while the connection runs: dropping the last handle
                 // drops the last sender, which ends the connection.
                 drop(live);
                 let started = tokio::time::Instant::now();
-                let ended = connection.await;
+                let ended: Result<(), BoxError> = tokio::select! {
+                    ended = connection => ended.map_err(BoxError::from),
+                    unanswered = keepalive(ping, &settings) => Err(unanswered),
+                };
                 if let Err(error) = &ended {
                     tracing::debug!(%addr, %error, "connection ended");
                 }
@@ -258,7 +455,7 @@ async fn drive(slot: Weak<Slot>, addr: SocketAddr, settings: Settings) {
                     continue;
                 }
                 // Closed right after it was made (a server that speaks no HTTP/2, or refuses
-                // this client): a failed attempt, with the reason when hyper has one.
+                // this client): a failed attempt, with the reason when h2 has one.
                 ConnectError {
                     what: "connection closed right after the handshake",
                     source: match ended {
@@ -284,26 +481,34 @@ async fn drive(slot: Weak<Slot>, addr: SocketAddr, settings: Settings) {
     }
 }
 
-/// Spawns hyper's per-call tasks (the one that waits for an answer, the one that sends a body)
-/// boxed. hyper's future type for them is an enum whose largest variant is the whole connection,
-/// several kilobytes: spawned as it is, every call would copy that into the task several times
-/// and allocate a task of that size (tonic's executor boxes them too).
-#[derive(Clone, Copy)]
-struct Boxed;
-
-impl<F> hyper::rt::Executor<F> for Boxed
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, future: F) {
-        tokio::spawn(Box::pin(future));
+/// Pings the peer every `keepalive_interval` and returns when a ping goes unanswered for
+/// `keepalive_timeout`: the connection is then dropped, and every call on it fails (a peer
+/// frozen, or a link gone silent, answers nothing else either).
+async fn keepalive(ping: Option<h2::PingPong>, settings: &Settings) -> BoxError {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(settings.keepalive_interval).await;
+        let pong = ping.ping(h2::Ping::opaque());
+        match tokio::time::timeout(settings.keepalive_timeout, pong).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return error.into(),
+            Err(_) => {
+                return format!(
+                    "keepalive ping unanswered within {:?}",
+                    settings.keepalive_timeout
+                )
+                .into()
+            }
+        }
     }
 }
 
 type Handshake = (
-    SendRequest<Body>,
-    Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>,
+    SendRequest<Bytes>,
+    Option<h2::PingPong>,
+    Pin<Box<dyn Future<Output = Result<(), h2::Error>> + Send>>,
 );
 
 async fn connect(addr: SocketAddr, settings: &Settings) -> Result<Handshake, ConnectError> {
@@ -312,14 +517,14 @@ async fn connect(addr: SocketAddr, settings: &Settings) -> Result<Handshake, Con
         .await
         .map_err(fail("tcp connect error"))?;
     tcp.set_nodelay(true).map_err(fail("tcp connect error"))?;
-    let mut http2 = hyper::client::conn::http2::Builder::new(Boxed);
+    let mut http2 = h2::client::Builder::new();
     http2
-        .timer(TokioTimer::new())
-        .keep_alive_interval(settings.keepalive_interval)
-        .keep_alive_timeout(settings.keepalive_timeout)
-        .keep_alive_while_idle(true)
-        .max_header_list_size(settings.max_header_list_size);
-    let h2_error = |e: hyper::Error| ConnectError {
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_header_list_size(settings.max_header_list_size)
+        .enable_push(false);
+    let h2_error = |e: h2::Error| ConnectError {
         what: "http2 handshake error",
         source: std::io::Error::other(e),
     };
@@ -329,15 +534,12 @@ async fn connect(addr: SocketAddr, settings: &Settings) -> Result<Handshake, Con
                 .connect(addr, tcp)
                 .await
                 .map_err(fail("tls handshake error"))?;
-            let (send, conn) = http2
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(h2_error)?;
-            Ok((send, Box::pin(conn)))
+            let (send, mut conn) = http2.handshake(stream).await.map_err(h2_error)?;
+            Ok((send, conn.ping_pong(), Box::pin(conn)))
         }
         None => {
-            let (send, conn) = http2.handshake(TokioIo::new(tcp)).await.map_err(h2_error)?;
-            Ok((send, Box::pin(conn)))
+            let (send, mut conn) = http2.handshake(tcp).await.map_err(h2_error)?;
+            Ok((send, conn.ping_pong(), Box::pin(conn)))
         }
     }
 }

@@ -21,7 +21,7 @@
 //! The library, stage by stage:
 //! - [`target`]: parses gRPC-style target strings (`dns:///host:port`, `ipv4:a:p,b:p`).
 //! - [`discovery`]: turns a target into a stream of endpoint insertions and removals, on its own task.
-//! - [`connection`]: one HTTP/2 connection per endpoint, driven with hyper and remade after a
+//! - [`connection`]: one HTTP/2 connection per endpoint, driven with h2 and remade after a
 //!   [`backoff`] when it ends.
 //! - [`health`]: watches each endpoint's grpc.health.v1 status and opens or shuts its gate.
 //! - [`balance`]: the balanced, cloneable service a tonic client runs over (p2c over peak-EWMA,

@@ -28,12 +28,7 @@ pub const MAX_HEADER_LIST_SIZE: u32 = 16 << 20;
 pub fn blame(error: &(dyn Error + 'static)) -> Blame {
     let mut next: Option<&(dyn Error + 'static)> = Some(error);
     while let Some(e) = next {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return blame_h2(h2);
-        }
-        if e.downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_canceled)
-        {
+        if e.is::<crate::connection::NotSent>() {
             // The request never left: the connection closed (a graceful GOAWAY, or a close the
             // call raced) before it was sent. Nothing was processed, so it may go elsewhere, and
             // the closing is the connection's own business, not a failure of the endpoint.
@@ -41,6 +36,9 @@ pub fn blame(error: &(dyn Error + 'static)) -> Blame {
                 Code::Unavailable,
                 "the connection closed before the call was sent; the call was not processed".into(),
             );
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return blame_h2(h2);
         }
         next = e.source();
     }
@@ -94,6 +92,19 @@ mod tests {
         let reason: h2::Error = h2::Reason::INTERNAL_ERROR.into();
         assert!(!reason.is_reset());
         assert_eq!(blame(&reason), Blame::Endpoint);
+    }
+
+    #[test]
+    fn a_call_whose_stream_never_opened_may_go_elsewhere() {
+        let closed: h2::Error = h2::Reason::INTERNAL_ERROR.into();
+        let error: Box<dyn Error + Send + Sync> =
+            Box::new(crate::connection::NotSent::from(closed));
+        match blame(&*error) {
+            Blame::Call(Code::Unavailable, message) => {
+                assert!(message.contains("not processed"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

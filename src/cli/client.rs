@@ -275,23 +275,47 @@ pub fn balancer(
         .map_err(|e| UsageError(e.to_string()).into())
 }
 
-/// The balancer's metrics, served at `addr` until the process exits.
-async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<crate::balance::Metrics> {
-    use anyhow::Context as _;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = crate::balance::Metrics::register(&mut registry);
-    registry.register_collector(Box::new(crate::metrics::ProcessCollector));
-    eprintln!("metrics on {}", listener.local_addr()?);
-    let registry = std::sync::Arc::new(registry);
-    tokio::spawn(crate::metrics::serve(
-        listener,
-        move || crate::metrics::encode(&registry),
-        std::future::pending(),
-    ));
-    Ok(metrics)
+/// The balancer's metrics, served while the load runs.
+struct MetricsListener {
+    metrics: crate::balance::Metrics,
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsListener {
+    /// Listens at `addr`.
+    async fn start(addr: std::net::SocketAddr) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = crate::balance::Metrics::register(&mut registry);
+        registry.register_collector(Box::new(crate::metrics::ProcessCollector));
+        eprintln!("metrics on {}", listener.local_addr()?);
+        let registry = std::sync::Arc::new(registry);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let served = tokio::spawn(crate::metrics::serve(
+            listener,
+            move || crate::metrics::encode(&registry),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Self {
+            metrics,
+            stop,
+            served,
+        })
+    }
+
+    /// Stops listening, before the balancer goes: a scrape after the report would find the
+    /// run's counters with no endpoint left to count them by.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        // A scraper that keeps its connection open must not hold the client's exit for long.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.served).await;
+    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -314,7 +338,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         CallChoice::UserGuide(_) => None,
     };
     let metrics = match args.metrics_listen {
-        Some(addr) => Some(serve_metrics(addr).await?),
+        Some(addr) => Some(MetricsListener::start(addr).await?),
         None => None,
     };
     let lb = balancer(
@@ -323,7 +347,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.timeout,
         health,
         &args.tls,
-        metrics.as_ref(),
+        metrics.as_ref().map(|m| &m.metrics),
         &args.service_config,
     )?;
     // Warm-up (every endpoint's connection and first health answer, the schema) stays out of
@@ -380,6 +404,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Format::Json => println!("{}", serde_json::to_string(&report)?),
+    }
+    if let Some(listener) = metrics {
+        listener.stop().await;
     }
     Ok(if report.ok == report.calls {
         ExitCode::SUCCESS

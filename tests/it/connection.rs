@@ -109,3 +109,30 @@ async fn one_connection_per_endpoint_remade_when_cut_and_closed_with_the_balance
     .await;
     assert_eq!(relay.accepted.load(Ordering::SeqCst), 2, "no reconnect");
 }
+
+/// A header HTTP/2 forbids (RFC 9113, 8.2.2) is left out of the call, not a reason to fail it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_specific_headers_are_left_out_not_a_failed_call() {
+    use meshlb::proto::userguide::v1::user_guide_service_client::UserGuideServiceClient;
+    let replica = Replica::start("127.0.0.2", "h1", Default::default()).await;
+    let lb = userguide(format!("ipv4:{}", replica.addr))
+        .build()
+        .await
+        .unwrap();
+    assert!(lb.wait_ready(std::time::Duration::from_secs(10)).await);
+    let mut request = tonic::Request::new(crate::support::get_point_request());
+    for (name, value) in [
+        ("connection", "close, x-hop"),
+        ("x-hop", "1"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+        ("transfer-encoding", "chunked"),
+        ("upgrade", "h2c"),
+    ] {
+        request.metadata_mut().insert(name, value.parse().unwrap());
+    }
+    let answer = UserGuideServiceClient::new(lb.clone())
+        .get_point(request)
+        .await;
+    assert!(answer.is_ok(), "{answer:?}");
+}
