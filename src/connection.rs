@@ -88,7 +88,9 @@ pub struct ConnectError {
 #[derive(Clone)]
 enum Current {
     Connecting,
-    Up(SendRequest<Bytes>),
+    /// Up; the `Notify` tells the connection's task that a handle found it unusable for new
+    /// streams (told to go away, or out of stream ids) while it still runs.
+    Up(SendRequest<Bytes>, Arc<tokio::sync::Notify>),
     /// The last attempt failed; the number tells attempts apart (from 1).
     Failed(Arc<ConnectError>, u64),
 }
@@ -175,17 +177,27 @@ impl Connection {
         let end = body.is_end_stream();
         // The stream is opened here, in the caller's poll: no hand-off to the connection's task.
         let opened = match self.send.as_mut() {
-            Some(send) => send
-                .send_request(http::Request::from_parts(parts, ()), end)
-                .map_err(|error| BoxError::from(NotSent::from(error))),
+            Some(send) => match send.send_request(http::Request::from_parts(parts, ()), end) {
+                // At the peer's limit of streams, the new one waits to open, and h2 keeps one
+                // waker per stream: the call's own task must be the one that waits (its body
+                // waits on the same waker), not the next poll_ready of this handle, from
+                // whichever task polls the endpoint. So the sender that opened it goes with the
+                // call, and the handle keeps a fresh one.
+                Ok((answer, stream)) => Ok((answer, stream, std::mem::replace(send, send.clone()))),
+                Err(error) => Err(BoxError::from(NotSent::from(error))),
+            },
             None => Err(BoxError::from("called before the connection was ready")),
         };
         async move {
-            let (answer, stream) = opened?;
+            let (answer, stream, mut opener) = opened?;
+            // Ready at once unless the stream waits to open. An error is the connection's, and
+            // the answer reports it for this stream (which may have been sent already).
+            let _ = std::future::poll_fn(|cx| opener.poll_ready(cx)).await;
+            drop(opener);
             let mut answer = std::pin::pin!(answer);
             let mut pipe = (!end).then(|| Pipe::new(body, stream));
             // The body is sent while the answer is awaited, in the same task: a unary call's one
-            // message goes out in the first poll.
+            // message and its end go out in the first poll.
             let response = std::future::poll_fn(|cx| {
                 if let Some(sending) = &mut pipe {
                     if Pin::new(&mut *sending).poll(cx).is_ready() {
@@ -197,7 +209,8 @@ impl Connection {
             .await?;
             if let Some(rest) = pipe {
                 // Answered before its body was all sent (a stream of requests the server answers
-                // early): the rest goes on, on its own task.
+                // early): the rest goes on, on its own task, until the body ends or the stream
+                // is reset.
                 tokio::spawn(rest);
             }
             Ok(response.map(Incoming::new))
@@ -207,20 +220,20 @@ impl Connection {
     fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         let mut state = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
         match &state.0 {
-            Current::Up(send) => {
+            Current::Up(send, unusable) => {
                 let mut send = send.clone();
                 match send.poll_ready(cx) {
                     Poll::Ready(Ok(())) => {
                         self.send = Some(send);
                         return Poll::Ready(Ok(()));
                     }
-                    // At the peer's limit of streams: h2 wakes this task when one ends.
                     Poll::Pending => {
                         self.send = Some(send);
                         return Poll::Pending;
                     }
-                    // Ended (or told to go away): the task is making the next one.
-                    Poll::Ready(Err(_)) => {}
+                    // Ended, told to go away, or out of stream ids: the connection's task makes
+                    // the next one (the calls still on this one finish there).
+                    Poll::Ready(Err(_)) => unusable.notify_one(),
                 }
             }
             Current::Failed(error, attempt) if *attempt != self.reported => {
@@ -280,12 +293,16 @@ fn strip_connection_headers(headers: &mut http::HeaderMap) {
     }
 }
 
-/// Sends a request body on its stream: each frame as the body yields it, waiting for room in
-/// h2's buffer before all but the first (h2 takes a frame beyond the window and holds it until
-/// the peer opens the window; a unary call's message is one frame, sent at once).
+/// Sends a request body on its stream, each frame as the body yields it. A frame is taken
+/// before room is asked for it (room held for a body that is idle would starve the
+/// connection's other streams), and the first frame and the end need none: h2 holds a frame
+/// beyond the window until the peer opens it, so a unary call's message and its end go out at
+/// once. A stream the peer resets, or a connection that ends, stops it.
 struct Pipe {
     body: Body,
     stream: h2::SendStream<Bytes>,
+    /// A frame taken from the body, waiting for room.
+    held: Option<Bytes>,
     first: bool,
 }
 
@@ -294,46 +311,64 @@ impl Pipe {
         Self {
             body,
             stream,
+            held: None,
             first: true,
         }
     }
 
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
-            if !self.first {
-                while self.stream.capacity() == 0 {
-                    self.stream.reserve_capacity(1);
-                    if self.stream.capacity() > 0 {
-                        break;
-                    }
-                    match std::task::ready!(self.stream.poll_capacity(cx)) {
-                        Some(Ok(_)) => {}
-                        Some(Err(error)) => return Poll::Ready(Err(error.into())),
-                        None => return Poll::Ready(Err("the stream closed".into())),
+            if let Poll::Ready(reset) = self.stream.poll_reset(cx) {
+                return Poll::Ready(Err(match reset {
+                    Ok(reason) => format!("the server reset the stream ({reason:?})").into(),
+                    Err(error) => error.into(),
+                }));
+            }
+            if let Some(data) = self.held.take() {
+                if self.stream.capacity() < data.len() {
+                    self.stream.reserve_capacity(data.len());
+                }
+                if self.stream.capacity() == 0 {
+                    match self.stream.poll_capacity(cx) {
+                        Poll::Pending => {
+                            self.held = Some(data);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Some(Ok(_))) => {
+                            self.held = Some(data);
+                            continue;
+                        }
+                        Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(error.into())),
+                        Poll::Ready(None) => return Poll::Ready(Err("the stream closed".into())),
                     }
                 }
+                self.stream.send_data(data, false)?;
+                continue;
             }
             match std::task::ready!(Pin::new(&mut self.body).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    self.first = false;
-                    match frame.into_data() {
-                        Ok(data) => {
-                            let end = self.body.is_end_stream();
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let end = self.body.is_end_stream();
+                        if std::mem::take(&mut self.first) || end {
                             self.stream.send_data(data, end)?;
                             if end {
                                 return Poll::Ready(Ok(()));
                             }
-                        }
-                        Err(frame) => {
-                            if let Ok(trailers) = frame.into_trailers() {
-                                self.stream.send_trailers(trailers)?;
-                                return Poll::Ready(Ok(()));
-                            }
+                        } else {
+                            self.held = Some(data);
                         }
                     }
-                }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.stream.send_trailers(trailers)?;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                },
                 Some(Err(error)) => {
-                    self.stream.send_reset(h2::Reason::INTERNAL_ERROR);
+                    // A body cancelled by its writer resets the stream as cancelled, not as an
+                    // error of the answer.
+                    self.stream.send_reset(reset_reason(&error));
                     return Poll::Ready(Err(error.into()));
                 }
                 None => {
@@ -343,6 +378,19 @@ impl Pipe {
             }
         }
     }
+}
+
+/// The HTTP/2 reason an error carries in its chain (a writer's cancellation is `CANCEL`), or
+/// `INTERNAL_ERROR`.
+fn reset_reason(error: &(dyn std::error::Error + 'static)) -> h2::Reason {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(reason) = e.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        next = e.source();
+    }
+    h2::Reason::INTERNAL_ERROR
 }
 
 impl Future for Pipe {
@@ -435,15 +483,34 @@ async fn drive(slot: Weak<Slot>, addr: SocketAddr, settings: Settings) {
             });
         let Some(live) = slot.upgrade() else { return };
         let failure = match outcome {
-            Ok((send, ping, connection)) => {
-                live.set(Current::Up(send));
+            Ok((send, ping, mut connection)) => {
+                let unusable = Arc::new(tokio::sync::Notify::new());
+                live.set(Current::Up(send, unusable.clone()));
                 // Hold no strong reference while the connection runs: dropping the last handle
                 // drops the last sender, which ends the connection.
                 drop(live);
                 let started = tokio::time::Instant::now();
+                let mut pings = Box::pin(keepalive(
+                    ping,
+                    settings.keepalive_interval,
+                    settings.keepalive_timeout,
+                ));
                 let ended: Result<(), BoxError> = tokio::select! {
-                    ended = connection => ended.map_err(BoxError::from),
-                    unanswered = keepalive(ping, &settings) => Err(unanswered),
+                    ended = &mut connection => ended.map_err(BoxError::from),
+                    unanswered = &mut pings => Err(unanswered),
+                    () = unusable.notified() => {
+                        // Told to go away (a server draining, or one with a maximum connection
+                        // age), or out of stream ids: it takes no new calls, but may carry its
+                        // own until they end, which a health watch never does. The next
+                        // connection is made now; this one goes on, pinged, on its own task.
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = connection => {}
+                                _ = pings => {}
+                            }
+                        });
+                        Ok(())
+                    }
                 };
                 if let Err(error) = &ended {
                     tracing::debug!(%addr, %error, "connection ended");
@@ -484,23 +551,17 @@ async fn drive(slot: Weak<Slot>, addr: SocketAddr, settings: Settings) {
 /// Pings the peer every `keepalive_interval` and returns when a ping goes unanswered for
 /// `keepalive_timeout`: the connection is then dropped, and every call on it fails (a peer
 /// frozen, or a link gone silent, answers nothing else either).
-async fn keepalive(ping: Option<h2::PingPong>, settings: &Settings) -> BoxError {
+async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) -> BoxError {
     let Some(mut ping) = ping else {
         return std::future::pending().await;
     };
     loop {
-        tokio::time::sleep(settings.keepalive_interval).await;
+        tokio::time::sleep(interval).await;
         let pong = ping.ping(h2::Ping::opaque());
-        match tokio::time::timeout(settings.keepalive_timeout, pong).await {
+        match tokio::time::timeout(timeout, pong).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => return error.into(),
-            Err(_) => {
-                return format!(
-                    "keepalive ping unanswered within {:?}",
-                    settings.keepalive_timeout
-                )
-                .into()
-            }
+            Err(_) => return format!("keepalive ping unanswered within {timeout:?}").into(),
         }
     }
 }

@@ -314,7 +314,13 @@ impl MetricsListener {
     async fn stop(self) {
         let _ = self.stop.send(());
         // A scraper that keeps its connection open must not hold the client's exit for long.
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.served).await;
+        let mut served = self.served;
+        if tokio::time::timeout(Duration::from_secs(1), &mut served)
+            .await
+            .is_err()
+        {
+            served.abort();
+        }
     }
 }
 

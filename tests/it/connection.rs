@@ -136,3 +136,109 @@ async fn connection_specific_headers_are_left_out_not_a_failed_call() {
         .await;
     assert!(answer.is_ok(), "{answer:?}");
 }
+
+/// A UserGuide server over HTTP/2 only (health says SERVING, GetPoint answers after `latency`)
+/// that takes at most `streams` streams at once per connection. Each connection it accepts is
+/// sent to `accepted` with a handle that tells the connection to go away (GOAWAY, then it
+/// carries the streams it has to their end).
+async fn h2_server(
+    streams: u32,
+    latency: std::time::Duration,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    health
+        .set_service_status(
+            meshlb::proto::USERGUIDE_SERVICE,
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+    let faults = meshlb::replica::Faults::new(meshlb::replica::FaultConfig {
+        latency,
+        ..Default::default()
+    });
+    let guide = meshlb::replica::UserGuide::new(crate::support::users(), faults);
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(
+            meshlb::proto::userguide::v1::user_guide_service_server::UserGuideServiceServer::new(
+                guide,
+            ),
+        )
+        .prepare()
+        .into_axum_router();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted, connections) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (go_away, told) = tokio::sync::oneshot::channel::<()>();
+            let _ = accepted.send(go_away);
+            let service = hyper_util::service::TowerToHyperService::new(routes.clone());
+            tokio::spawn(async move {
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_concurrent_streams(streams)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    Ok(()) = told => connection.as_mut().graceful_shutdown(),
+                }
+                let _ = connection.await;
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// At the server's limit of two streams per connection (one is the health watch's), calls wait
+/// their turn and all end, none waits out its deadline (h2 keeps one waker per stream: the call
+/// that waits for its stream to open must be the one it wakes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_servers_stream_limit_every_call_ends_in_its_turn() {
+    let (addr, _connections) = h2_server(2, std::time::Duration::from_millis(5)).await;
+    let lb = userguide(format!("ipv4:{addr}"))
+        .health_service(meshlb::proto::USERGUIDE_SERVICE)
+        .timeout(std::time::Duration::from_secs(20))
+        .build()
+        .await
+        .unwrap();
+    assert!(lb.wait_ready(std::time::Duration::from_secs(10)).await);
+    let tally = tokio::time::timeout(std::time::Duration::from_secs(60), drive(&lb, 400, 32))
+        .await
+        .expect("every call ends");
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(tally.ok(), 400);
+}
+
+/// A server that says GOAWAY but keeps the connection for a stream that has not ended (a
+/// health watch never does): new calls go over a new connection at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn told_to_go_away_new_calls_take_a_new_connection_while_the_old_one_lingers() {
+    let (addr, mut connections) = h2_server(100, std::time::Duration::ZERO).await;
+    let lb = userguide(format!("ipv4:{addr}"))
+        .health_service(meshlb::proto::USERGUIDE_SERVICE)
+        .build()
+        .await
+        .unwrap();
+    assert!(lb.wait_ready(std::time::Duration::from_secs(10)).await);
+    assert!(drive(&lb, 20, 4).await.errors.is_empty());
+    let first = connections.recv().await.expect("a first connection");
+    // The health watch's stream stays open on it, so it lingers after the GOAWAY.
+    first.send(()).unwrap();
+    let connections = Arc::new(Mutex::new(connections));
+    eventually("calls succeed over a second connection", || {
+        let (lb, connections) = (lb.clone(), connections.clone());
+        async move {
+            let tally = drive(&lb, 20, 4).await;
+            let second = connections.lock().unwrap().try_recv().is_ok();
+            (tally.errors.is_empty() && second).then_some(())
+        }
+    })
+    .await;
+}
