@@ -149,29 +149,11 @@ async fn h2_server(
     tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    health
-        .set_service_status(
-            meshlb::proto::USERGUIDE_SERVICE,
-            tonic_health::ServingStatus::Serving,
-        )
-        .await;
     let faults = meshlb::replica::Faults::new(meshlb::replica::FaultConfig {
         latency,
         ..Default::default()
     });
-    let guide = meshlb::replica::UserGuide::new(crate::support::users(), faults);
-    let routes = tonic::service::Routes::new(health_service)
-        .add_service(
-            meshlb::proto::userguide::v1::user_guide_service_server::UserGuideServiceServer::new(
-                guide,
-            ),
-        )
-        .prepare()
-        .into_axum_router();
+    let routes = crate::support::userguide_routes(faults).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (accepted, connections) = tokio::sync::mpsc::unbounded_channel();

@@ -394,3 +394,23 @@ pub fn lines_until_try(child: &mut Child) -> Vec<String> {
     std::thread::spawn(move || lines.for_each(drop));
     seen
 }
+
+/// The UserGuide service with `faults`, beside a health service that says SERVING for the
+/// server and for UserGuide, as one router: for tests that serve it over hyper themselves.
+pub async fn userguide_routes(faults: meshlb::replica::Faults) -> axum::Router {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for service in ["", meshlb::proto::USERGUIDE_SERVICE] {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let guide = meshlb::replica::UserGuide::new(users(), faults);
+    tonic::service::Routes::new(health_service)
+        .add_service(
+            meshlb::proto::userguide::v1::user_guide_service_server::UserGuideServiceServer::new(
+                guide,
+            ),
+        )
+        .prepare()
+        .into_axum_router()
+}

@@ -14,20 +14,7 @@ async fn poisonable() -> SocketAddr {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto;
     use tower::ServiceExt;
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let users = crate::support::users();
-    let guide = meshlb::replica::UserGuide::new(users, meshlb::replica::Faults::default());
-    let routes = tonic::service::Routes::new(health_service)
-        .add_service(
-            meshlb::proto::userguide::v1::user_guide_service_server::UserGuideServiceServer::new(
-                guide,
-            ),
-        )
-        .prepare()
-        .into_axum_router();
+    let routes = crate::support::userguide_routes(meshlb::replica::Faults::default()).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
