@@ -178,22 +178,28 @@ impl Connection {
         // The stream is opened here, in the caller's poll: no hand-off to the connection's task.
         let opened = match self.send.as_mut() {
             Some(send) => match send.send_request(http::Request::from_parts(parts, ()), end) {
-                // At the peer's limit of streams, the new one waits to open, and h2 keeps one
-                // waker per stream: the call's own task must be the one that waits (its body
-                // waits on the same waker), not the next poll_ready of this handle, from
-                // whichever task polls the endpoint. So the sender that opened it goes with the
-                // call, and the handle keeps a fresh one.
-                Ok((answer, stream)) => Ok((answer, stream, std::mem::replace(send, send.clone()))),
+                Ok((answer, stream)) => {
+                    // At the peer's limit of streams, the new one waits to open, and h2 keeps
+                    // one waker per stream: the call's own task must be the one that waits
+                    // (its body waits on the same waker), not the next poll_ready of this
+                    // handle, from whichever task polls the endpoint. So the sender that opened
+                    // it goes with the call, and the handle keeps a fresh one. (Looked at with
+                    // a waker that does nothing: the call's first poll registers its own.)
+                    let mut look = Context::from_waker(Waker::noop());
+                    let waits = send.poll_ready(&mut look).is_pending();
+                    let opener = waits.then(|| std::mem::replace(send, send.clone()));
+                    Ok((answer, stream, opener))
+                }
                 Err(error) => Err(BoxError::from(NotSent::from(error))),
             },
             None => Err(BoxError::from("called before the connection was ready")),
         };
         async move {
-            let (answer, stream, mut opener) = opened?;
-            // Ready at once unless the stream waits to open. An error is the connection's, and
-            // the answer reports it for this stream (which may have been sent already).
-            let _ = std::future::poll_fn(|cx| opener.poll_ready(cx)).await;
-            drop(opener);
+            let (answer, stream, opener) = opened?;
+            if let Some(mut opener) = opener {
+                // An error is the connection's, and the answer reports it for this stream.
+                let _ = std::future::poll_fn(|cx| opener.poll_ready(cx)).await;
+            }
             let mut answer = std::pin::pin!(answer);
             let mut pipe = (!end).then(|| Pipe::new(body, stream));
             // The body is sent while the answer is awaited, in the same task: a unary call's one
@@ -318,12 +324,6 @@ impl Pipe {
 
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
-            if let Poll::Ready(reset) = self.stream.poll_reset(cx) {
-                return Poll::Ready(Err(match reset {
-                    Ok(reason) => format!("the server reset the stream ({reason:?})").into(),
-                    Err(error) => error.into(),
-                }));
-            }
             if let Some(data) = self.held.take() {
                 if self.stream.capacity() < data.len() {
                     self.stream.reserve_capacity(data.len());
@@ -332,7 +332,7 @@ impl Pipe {
                     match self.stream.poll_capacity(cx) {
                         Poll::Pending => {
                             self.held = Some(data);
-                            return Poll::Pending;
+                            return self.poll_reset(cx);
                         }
                         Poll::Ready(Some(Ok(_))) => {
                             self.held = Some(data);
@@ -345,7 +345,10 @@ impl Pipe {
                 self.stream.send_data(data, false)?;
                 continue;
             }
-            match std::task::ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) else {
+                return self.poll_reset(cx);
+            };
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let end = self.body.is_end_stream();
@@ -376,6 +379,22 @@ impl Pipe {
                     return Poll::Ready(Ok(()));
                 }
             }
+        }
+    }
+}
+
+impl Pipe {
+    /// While the pipe waits (for the body, or for room): a stream the peer reset, or a
+    /// connection that ended, ends it, rather than leaving it to wait for a body that may never
+    /// go on.
+    fn poll_reset(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self.stream.poll_reset(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(reason)) => Poll::Ready(Err(format!(
+                "the server reset the stream ({reason:?})"
+            )
+            .into())),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error.into())),
         }
     }
 }
