@@ -12,9 +12,9 @@
 //! Handles are cheap clones over that one connection: the balancer's endpoint, the health watch
 //! and the silence detector's probes share it, so what health sees is what calls get.
 //!
-//! Readiness: a handle is ready while the connection is up and may open a stream, `Pending`
-//! while it is being made (or while the peer's stream limit is reached), and an error once per
-//! failed attempt (then `Pending` until the next attempt's outcome, so a caller that looks again
+//! Readiness: a handle is ready while the connection is up and may open a stream (at the peer's
+//! stream limit too: the call then waits in h2 for its stream to open), `Pending` while it is
+//! being made, and an error once per failed attempt (then `Pending` until the next attempt's outcome, so a caller that looks again
 //! during the backoff waits for the next try instead of failing at once). The caller decides
 //! what a failure means; this module knows nothing of health, accrual or balancing.
 
@@ -381,9 +381,7 @@ impl Pipe {
             }
         }
     }
-}
 
-impl Pipe {
     /// While the pipe waits (for the body, or for room): a stream the peer reset, or a
     /// connection that ended, ends it, rather than leaving it to wait for a body that may never
     /// go on.
@@ -567,8 +565,8 @@ async fn drive(slot: Weak<Slot>, addr: SocketAddr, settings: Settings) {
     }
 }
 
-/// Pings the peer every `keepalive_interval` and returns when a ping goes unanswered for
-/// `keepalive_timeout`: the connection is then dropped, and every call on it fails (a peer
+/// Pings the peer every `interval` and returns when a ping goes unanswered for `timeout`: the
+/// connection is then dropped, and every call on it fails (a peer
 /// frozen, or a link gone silent, answers nothing else either).
 async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) -> BoxError {
     let Some(mut ping) = ping else {

@@ -73,11 +73,6 @@ impl Gate {
         })
     }
 
-    /// Who is told when it opens.
-    pub fn observer(&self) -> Option<&Arc<Notify>> {
-        self.observer.as_ref()
-    }
-
     /// The current health.
     pub fn health(&self) -> Health {
         Health::from_u8(self.health.load(Ordering::Acquire))
@@ -100,7 +95,9 @@ impl Gate {
         }
     }
 
-    fn tell_observer(&self) {
+    /// Tells the observer, if any, that something it may wait for changed (also the end of an
+    /// ejection, which the balancer's gate decides).
+    pub fn tell_observer(&self) {
         if let Some(observer) = &self.observer {
             observer.notify_waiters();
         }

@@ -168,9 +168,7 @@ impl Gate {
             self.waker.wake();
         }
         if matches!(before, Ejection::Out(_)) && !matches!(ejection, Ejection::Out(_)) {
-            if let Some(observer) = self.health.observer() {
-                observer.notify_waiters();
-            }
+            self.health.tell_observer();
         }
     }
 }
